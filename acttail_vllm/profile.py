@@ -1,0 +1,212 @@
+"""The ActTail profile: per-projection alpha and sparsity of one model, as a validated JSON file.
+
+Also home of the model fingerprint, which ties a profile to the weights it was computed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal, Mapping, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from acttail_vllm.allocation import weighted_mean
+
+SCHEMA_VERSION = 1
+#: The seven linear projections of a Llama-family decoder layer, in Hugging Face naming.
+PROJECTION_NAMES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+#: Values of W[0, :FINGERPRINT_ROW_VALUES] of each projection enter the fingerprint.
+FINGERPRINT_ROW_VALUES = 16
+#: Stored achieved sparsity may differ this much from the recomputed weighted mean (JSON rounding).
+RECOMPUTE_TOLERANCE = 1e-6
+#: Achieved sparsity may differ this much from the target.
+TARGET_TOLERANCE = 1e-3
+
+
+class ProfileError(ValueError):
+    """A profile file that cannot be used; the message says what is wrong and what to do."""
+
+
+def model_fingerprint(
+    architecture: str,
+    samples: Mapping[tuple[int, str], tuple[int, int, torch.Tensor | Sequence[float]]],
+) -> str:
+    """sha256 over the architecture and, per (layer, projection), its shape and W[0, :16].
+
+    ``samples`` maps (layer, proj_name) -> (out_features, in_features, first_row) with weights in
+    Hugging Face (out, in) layout. Values are rounded through bfloat16 first, so one checkpoint
+    served as bf16, fp16 or fp32 gives one fingerprint.
+    """
+    digest = hashlib.sha256(architecture.encode())
+    for layer, proj in sorted(samples):
+        out_features, in_features, first_row = samples[(layer, proj)]
+        row = torch.as_tensor(first_row).detach().reshape(-1)[:FINGERPRINT_ROW_VALUES]
+        bits = row.to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16)
+        digest.update(f"|{layer}.{proj}:{out_features}x{in_features}:".encode())
+        digest.update(bits.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _short(fingerprint: str) -> str:
+    return f"{fingerprint[:12]}..."
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelInfo(_Strict):
+    name: str
+    architecture: str
+    num_layers: int = Field(gt=0)
+    fingerprint: str = Field(min_length=1)
+
+
+class ProjectionProfile(_Strict):
+    alpha: float = Field(allow_inf_nan=False)
+    sparsity: float = Field(ge=0.0, lt=1.0)
+    in_features: int = Field(gt=0)
+    out_features: int = Field(gt=0)
+
+    @property
+    def param_count(self) -> int:
+        return self.in_features * self.out_features
+
+
+class LayerProfile(_Strict):
+    index: int = Field(ge=0)
+    projections: dict[str, ProjectionProfile]
+
+    @model_validator(mode="after")
+    def _all_projections(self) -> "LayerProfile":
+        for name in PROJECTION_NAMES:
+            if name not in self.projections:
+                raise ValueError(f"layer {self.index} is missing projection {name!r}")
+        unknown = sorted(set(self.projections) - set(PROJECTION_NAMES))
+        if unknown:
+            raise ValueError(
+                f"layer {self.index} has unknown projection(s) {', '.join(unknown)}: "
+                f"expected {', '.join(PROJECTION_NAMES)}"
+            )
+        return self
+
+
+class Profile(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    tool_version: str
+    model: ModelInfo
+    method: Literal["acttail", "uniform"]
+    estimator: str
+    eps: float = Field(ge=0.0)
+    s_max: float = Field(gt=0.0, lt=1.0)
+    target_sparsity: float = Field(ge=0.0, lt=1.0)
+    achieved_sparsity: float = Field(ge=0.0, lt=1.0)
+    layers: list[LayerProfile]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Profile":
+        indices = [layer.index for layer in self.layers]
+        if indices != list(range(self.model.num_layers)):
+            raise ValueError(
+                f"layers must be indexed 0..{self.model.num_layers - 1} in order (model.num_layers), "
+                f"found indices {indices}"
+            )
+        projections = [p for layer in self.layers for p in layer.projections.values()]
+        recomputed = weighted_mean([p.sparsity for p in projections], [p.param_count for p in projections])
+        if abs(recomputed - self.achieved_sparsity) > RECOMPUTE_TOLERANCE:
+            raise ValueError(
+                f"achieved_sparsity {self.achieved_sparsity} does not match the parameter-weighted "
+                f"mean of the projection sparsities, {recomputed:.6f}"
+            )
+        if abs(self.achieved_sparsity - self.target_sparsity) > TARGET_TOLERANCE:
+            raise ValueError(
+                f"achieved_sparsity {self.achieved_sparsity} is off target_sparsity "
+                f"{self.target_sparsity} by more than {TARGET_TOLERANCE}"
+            )
+        return self
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        expected_fingerprint: str | None = None,
+        *,
+        model_name: str | None = None,
+    ) -> "Profile":
+        """Read and validate ``path``; with ``expected_fingerprint``, also check it is this model's.
+
+        ``model_name`` only names the current model in the mismatch message.
+        """
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except OSError as exc:
+            raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ProfileError(f"profile {path} is not valid JSON ({exc}): rebuild it with `acttail profile`") from None
+        if not isinstance(raw, dict):
+            raise ProfileError(f"profile {path} holds a JSON {type(raw).__name__}, not an object")
+        found = raw.get("schema_version")
+        if found != SCHEMA_VERSION:
+            raise ProfileError(
+                f"profile {path} has schema_version {found!r}; this acttail supports version "
+                f"{SCHEMA_VERSION}: rebuild it with `acttail profile`"
+            )
+        try:
+            profile = cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'profile'}: {err['msg'].removeprefix('Value error, ')}"
+                for err in exc.errors()
+            )
+            raise ProfileError(f"profile {path} is invalid: {problems}") from None
+        if expected_fingerprint is not None and profile.model.fingerprint != expected_fingerprint:
+            raise ProfileError(
+                f"profile {path} was made for model {profile.model.name} (fingerprint "
+                f"{_short(profile.model.fingerprint)}), this model is {model_name or 'a different one'} "
+                f"({_short(expected_fingerprint)}): build one with `acttail profile`"
+            )
+        return profile
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the profile as JSON; atomic, so a reader never sees half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def sparsity(self, layer_index: int, proj_name: str) -> float:
+        """Sparsity of one projection; KeyError naming what is missing."""
+        if not 0 <= layer_index < len(self.layers):
+            raise KeyError(f"layer {layer_index} is not in this profile (it has {len(self.layers)} layers)")
+        try:
+            return self.layers[layer_index].projections[proj_name].sparsity
+        except KeyError:
+            raise KeyError(f"unknown projection {proj_name!r}: expected one of {', '.join(PROJECTION_NAMES)}") from None
+
+    def content_hash(self) -> str:
+        """Short sha256 of the canonical JSON (sorted keys, no whitespace)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,186 @@
+"""Build an ActTail profile from a model's weights: alpha per projection, then budgets.
+
+``profile_from_weights`` takes any stream of (layer, proj_name, weight) with weights in Hugging Face
+(out, in) layout on any device; the vLLM plugin's loader hook feeds it views of loaded weights, the
+CLI feeds it tensors read from files (``profile_model``).
+
+Defaults (the one place they are set):
+
+- ``DEFAULT_METHOD = "acttail"``.
+- ``DEFAULT_ESTIMATOR = "hill"``: on SmolLM2 the KS-selected xmin of ``ww`` often lands on a tiny
+  tail and gives outliers (alpha 10-22 next to typical 2-6), which min-max normalisation turns into
+  near-uniform budgets for everything else; ``hill`` stays within 1.4-4.2. AlphaPruning also found
+  its ``alpha_mid`` (Hill) metric best.
+- ``DEFAULT_EPS = 0.2``: AlphaPruning's range is 0.1-0.3; to be tuned.
+- ``DEFAULT_S_MAX = 0.95``.
+- ``DEFAULT_EIGEN_DTYPE = torch.float64``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Iterator
+
+import torch
+
+from acttail_vllm import __version__
+from acttail_vllm.allocation import allocate, check_allocation_args, weighted_mean
+from acttail_vllm.esd import gram_eigenvalues, get_estimator
+from acttail_vllm.profile import (
+    FINGERPRINT_ROW_VALUES,
+    PROJECTION_NAMES,
+    LayerProfile,
+    ModelInfo,
+    Profile,
+    ProjectionProfile,
+    model_fingerprint,
+)
+from acttail_vllm.weights import open_model
+
+DEFAULT_METHOD = "acttail"
+DEFAULT_ESTIMATOR = "hill"
+DEFAULT_EPS = 0.2
+DEFAULT_S_MAX = 0.95
+DEFAULT_EIGEN_DTYPE = torch.float64
+#: Keys of ``stage_seconds``: waiting on the weight stream, eigenvalues, tail fit, rest.
+STAGES: tuple[str, ...] = ("read", "eigenvalues", "fit", "fingerprint", "allocate")
+
+WeightStream = Iterable[tuple[int, str, torch.Tensor]]
+
+
+def _timed(stage_seconds: dict[str, float] | None, stage: str, fn, *args):
+    """Run fn(*args); with a ``stage_seconds`` dict, add its wall time (GPU work included) there."""
+    if stage_seconds is None:
+        return fn(*args)
+    start = time.perf_counter()
+    result = fn(*args)
+    if isinstance(result, torch.Tensor) and result.is_cuda:
+        torch.cuda.synchronize(result.device)
+    stage_seconds[stage] = stage_seconds.get(stage, 0.0) + time.perf_counter() - start
+    return result
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="alpha per projection", unit="proj", disable=not enabled)
+
+
+def profile_from_weights(
+    model_name: str,
+    architecture: str,
+    num_layers: int,
+    weights: WeightStream,
+    *,
+    target: float,
+    method: str = DEFAULT_METHOD,
+    estimator: str = DEFAULT_ESTIMATOR,
+    eps: float = DEFAULT_EPS,
+    s_max: float = DEFAULT_S_MAX,
+    eigen_dtype: torch.dtype = DEFAULT_EIGEN_DTYPE,
+    progress: bool = False,
+    stage_seconds: dict[str, float] | None = None,
+) -> Profile:
+    """Profile a model from its projection weights.
+
+    ``weights`` must yield every (layer, proj_name) of ``num_layers`` layers x PROJECTION_NAMES once,
+    in any order. Alpha is computed on each tensor's own device in ``eigen_dtype``. If given,
+    ``stage_seconds`` receives seconds per entry of ``STAGES``.
+    """
+    check_allocation_args(target, method, eps, s_max)
+    fit = get_estimator(estimator)
+    alphas: dict[tuple[int, str], float] = {}
+    samples: dict[tuple[int, str], tuple[int, int, torch.Tensor]] = {}
+    stream: Iterator = iter(weights)
+    with _progress(num_layers * len(PROJECTION_NAMES), progress) as bar:
+        while (item := _timed(stage_seconds, "read", next, stream, None)) is not None:
+            layer, proj, weight = item
+            key = (layer, proj)
+            if proj not in PROJECTION_NAMES:
+                raise ValueError(f"unknown projection {proj!r} in layer {layer}: expected one of {', '.join(PROJECTION_NAMES)}")
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"layer index {layer} ({proj}) is outside 0..{num_layers - 1}")
+            if key in alphas:
+                raise ValueError(f"layer {layer} {proj} was given twice")
+            if weight.ndim != 2:
+                raise ValueError(f"layer {layer} {proj}: expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+            evals = _timed(stage_seconds, "eigenvalues", gram_eigenvalues, weight, eigen_dtype)
+            try:
+                alphas[key] = _timed(stage_seconds, "fit", fit, evals)
+            except ValueError as exc:
+                raise ValueError(f"layer {layer} {proj}: {exc}") from None
+            first_row = _timed(stage_seconds, "fingerprint", lambda: weight[0, :FINGERPRINT_ROW_VALUES].to("cpu"))
+            samples[key] = (weight.shape[0], weight.shape[1], first_row)
+            bar.update()
+
+    expected = [(layer, proj) for layer in range(num_layers) for proj in PROJECTION_NAMES]
+    missing = [f"layer {layer} {proj}" for layer, proj in expected if (layer, proj) not in alphas]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"no weights were given for {shown}")
+
+    fingerprint = _timed(stage_seconds, "fingerprint", model_fingerprint, architecture, samples)
+    counts = [samples[key][0] * samples[key][1] for key in expected]
+    sparsities = _timed(stage_seconds, "allocate", allocate, [alphas[key] for key in expected], counts, target, method, eps, s_max)
+    by_key = dict(zip(expected, sparsities))
+    layers = [
+        LayerProfile(
+            index=layer,
+            projections={
+                proj: ProjectionProfile(
+                    alpha=alphas[(layer, proj)],
+                    sparsity=by_key[(layer, proj)],
+                    out_features=samples[(layer, proj)][0],
+                    in_features=samples[(layer, proj)][1],
+                )
+                for proj in PROJECTION_NAMES
+            },
+        )
+        for layer in range(num_layers)
+    ]
+    return Profile(
+        tool_version=__version__,
+        model=ModelInfo(name=model_name, architecture=architecture, num_layers=num_layers, fingerprint=fingerprint),
+        method=method,
+        estimator=estimator,
+        eps=eps,
+        s_max=s_max,
+        target_sparsity=target,
+        achieved_sparsity=weighted_mean(sparsities, counts),
+        layers=layers,
+    )
+
+
+def profile_model(
+    model: str,
+    *,
+    target: float,
+    method: str = DEFAULT_METHOD,
+    estimator: str = DEFAULT_ESTIMATOR,
+    eps: float = DEFAULT_EPS,
+    s_max: float = DEFAULT_S_MAX,
+    device: str | torch.device = "cpu",
+    eigen_dtype: torch.dtype = DEFAULT_EIGEN_DTYPE,
+    progress: bool = False,
+    stage_seconds: dict[str, float] | None = None,
+) -> Profile:
+    """Profile a model directory, GGUF file or hub id (see ``weights.open_model``) on ``device``."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but CUDA is not available here: use the CPU")
+    source = open_model(model)
+    on_device = ((layer, proj, w.to(device)) for layer, proj, w in source.projections())
+    return profile_from_weights(
+        source.name,
+        source.architecture,
+        source.num_layers,
+        on_device,
+        target=target,
+        method=method,
+        estimator=estimator,
+        eps=eps,
+        s_max=s_max,
+        eigen_dtype=eigen_dtype,
+        progress=progress,
+        stage_seconds=stage_seconds,
+    )

@@ -1,0 +1,152 @@
+"""What the ActTail quantization method is asked to do, and where its budgets come from.
+
+Pure pydantic + environment logic, no vLLM import, so every rule here is testable on its own.
+Budget sources, highest precedence first (the chosen one is logged at startup):
+
+1. vLLM's own configuration surface: ``--hf-overrides`` carrying a ``quantization_config`` dict
+   (``{"quant_method": "acttail", "profile": ..., "sparsity": ...}``) or a
+   ``quantization_config_file`` pointing at a profile JSON.
+2. Environment variables ``ACTTAIL_PROFILE`` (a profile JSON) or ``ACTTAIL_SPARSITY`` (a target).
+3. A profile file named ``acttail_profile.json`` inside the model directory.
+4. The model-loader hook: budgets computed from the loaded weights at the target sparsity
+   (``DEFAULT_SERVE_SPARSITY`` unless given), cached by model fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from acttail_vllm.models import cache_root
+from acttail_vllm.profiler import DEFAULT_EPS, DEFAULT_ESTIMATOR, DEFAULT_METHOD, DEFAULT_S_MAX
+
+#: Target used by the loader hook when nothing else names one: conservative, since quality
+#: drops quickly past ~70% on small models (see the README's quality table).
+DEFAULT_SERVE_SPARSITY = 0.5
+MODEL_DIR_PROFILE_NAME = "acttail_profile.json"
+ENV_PROFILE = "ACTTAIL_PROFILE"
+ENV_SPARSITY = "ACTTAIL_SPARSITY"
+
+
+class SettingsError(ValueError):
+    """Invalid ActTail settings; the message says what is wrong and how to fix it."""
+
+
+class SparsityPolicy(str, Enum):
+    #: every token's inputs are sparsified, prefill included (what the paper evaluates)
+    ALL = "all"
+    #: only decode tokens (requests generating one token this step); prefill stays dense
+    DECODE = "decode"
+
+
+class ActTailSettings(BaseModel):
+    """Options of the ``acttail`` method, as given in a ``quantization_config`` dict."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quant_method: Literal["acttail"] = "acttail"
+    profile: Path | None = None
+    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
+    method: Literal["acttail", "uniform"] = DEFAULT_METHOD
+    estimator: str = DEFAULT_ESTIMATOR
+    eps: float = Field(default=DEFAULT_EPS, ge=0.0)
+    s_max: float = Field(default=DEFAULT_S_MAX, gt=0.0, lt=1.0)
+    policy: SparsityPolicy = SparsityPolicy.ALL
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ActTailSettings":
+        if self.profile is not None and self.sparsity is not None:
+            raise ValueError(
+                "give either 'profile' or 'sparsity', not both: a profile already fixes every "
+                "projection's sparsity"
+            )
+        return self
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], origin: str) -> "ActTailSettings":
+        """Validate ``raw``; errors name ``origin`` (where the values came from)."""
+        try:
+            return cls.model_validate(dict(raw))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise SettingsError(f"invalid ActTail settings from {origin}: {problems}") from None
+
+
+class BudgetSource(BaseModel):
+    """The resolved answer to "where do this server's budgets come from"."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["profile", "loader_hook"]
+    origin: str
+    settings: ActTailSettings
+
+    def describe(self) -> str:
+        s = self.settings
+        if self.kind == "profile":
+            return f"profile {s.profile} (from {self.origin})"
+        return (
+            f"loader hook: {s.method} budgets at target sparsity {s.sparsity} computed from the "
+            f"loaded weights (estimator {s.estimator}, eps {s.eps}; target from {self.origin})"
+        )
+
+
+def _env_settings(env: Mapping[str, str]) -> tuple[dict[str, Any], str] | None:
+    raw: dict[str, Any] = {}
+    if env.get(ENV_PROFILE):
+        raw["profile"] = env[ENV_PROFILE]
+    if env.get(ENV_SPARSITY):
+        try:
+            raw["sparsity"] = float(env[ENV_SPARSITY])
+        except ValueError:
+            raise SettingsError(
+                f"{ENV_SPARSITY}={env[ENV_SPARSITY]!r} is not a number: set a sparsity in [0, 1), "
+                "e.g. 0.5"
+            ) from None
+    if not raw:
+        return None
+    return raw, " and ".join(f"env {k}" for k in (ENV_PROFILE, ENV_SPARSITY) if env.get(k))
+
+
+def resolve_budget_source(
+    explicit: Mapping[str, Any] | None,
+    model_dir: str | os.PathLike[str] | None,
+    env: Mapping[str, str] = os.environ,
+) -> BudgetSource:
+    """Pick the budget source by the documented precedence and validate it."""
+    if explicit is not None and ({"profile", "sparsity"} & set(explicit)):
+        settings = ActTailSettings.parse(explicit, "vLLM quantization_config")
+        origin = "vLLM quantization_config"
+    else:
+        base = dict(explicit or {})
+        from_env = _env_settings(env)
+        model_profile = Path(model_dir) / MODEL_DIR_PROFILE_NAME if model_dir else None
+        if from_env is not None:
+            origin = from_env[1]
+            settings = ActTailSettings.parse({**base, **from_env[0]}, origin)
+        elif model_profile is not None and model_profile.is_file():
+            origin = "the model directory"
+            settings = ActTailSettings.parse({**base, "profile": model_profile}, origin)
+        else:
+            origin = "the default target"
+            settings = ActTailSettings.parse({**base, "sparsity": DEFAULT_SERVE_SPARSITY}, origin)
+    if settings.profile is not None:
+        if not settings.profile.is_file():
+            raise SettingsError(
+                f"ActTail profile {settings.profile} (from {origin}) does not exist: build one with "
+                "`acttail profile MODEL --sparsity S -o FILE` or fix the path"
+            )
+        return BudgetSource(kind="profile", origin=origin, settings=settings)
+    return BudgetSource(kind="loader_hook", origin=origin, settings=settings)
+
+
+def profile_cache_dir() -> Path:
+    """Where the loader hook keeps the profiles it builds (keyed by model fingerprint)."""
+    return cache_root() / "profiles"

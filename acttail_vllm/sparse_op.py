@@ -1,0 +1,111 @@
+"""The ``acttail::sparse_linear`` custom op: the one dispatch seam between vLLM and the kernels.
+
+Registered the way vLLM registers its own quantization kernels (``direct_register_custom_op`` with a
+fake implementation), so torch.compile treats it as opaque and CUDA graphs capture what it launches.
+CUDA runs the Triton kernels of ``acttail_kernels``; every other device runs the exact PyTorch
+reference (TopK mask, then a dense GEMM on the sparsified input).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import Library
+
+from acttail_kernels import reference
+from acttail_vllm.stats import STAT_DENSE_TOKENS, STAT_SPARSE_TOKENS
+
+_LIB = Library("acttail", "FRAGMENT")  # noqa: TID251 -- the op's lifetime is this module's
+
+
+def decode_token_mask(num_tokens: int, device: torch.device) -> torch.Tensor | None:
+    """True for tokens of requests that process one token this step (decode), from vLLM's
+    attention metadata; None when there is no metadata (profiling or dummy runs)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):  # dual-batch overlap: not supported with policy=decode
+        raise RuntimeError("ActTail policy=decode does not support dual-batch overlap")
+    if not metadata:
+        return None
+    query_start_loc = next(iter(metadata.values())).query_start_loc.to(device)
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    per_token_len = torch.repeat_interleave(query_lens, query_lens)
+    mask = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    n = min(num_tokens, per_token_len.numel())
+    mask[:n] = per_token_len[:n] == 1
+    return mask
+
+
+def _sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seg_bounds: list[int],
+    seg_keep: list[int],
+    stats: torch.Tensor,
+    decode_only: bool,
+) -> torch.Tensor:
+    """``weight`` is [N, K] on CPU and the kernel layout [K, N] (``prepare_weight``) on CUDA.
+
+    ``stats`` (int64) accumulates, per output segment, the input channels kept, then the tokens
+    that went through the sparse kernel and the tokens that went through the dense fallback.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = x2.shape[0]
+    sparse_rows = decode_token_mask(rows, x2.device) if decode_only else None
+    if x2.is_cuda:
+        import acttail_kernels
+
+        y = acttail_kernels.sparse_linear(x2, weight, bias, seg_bounds, seg_keep)
+        if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
+            y = torch.where(sparse_rows[:, None], y, torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight)
+        used_kernel = acttail_kernels.uses_sparse_kernel(rows, weight.shape[1], weight.shape[0])
+        seg_kept = torch.tensor(seg_keep, device=x2.device) * rows
+    else:
+        masks = [reference.topk_mask(x2, keep) for keep in seg_keep]
+        if sparse_rows is not None:
+            masks = [m | ~sparse_rows[:, None] for m in masks]
+        y = torch.cat(
+            [
+                torch.nn.functional.linear(
+                    x2 * m, weight[lo:hi], None if bias is None else bias[lo:hi]
+                )
+                for m, lo, hi in zip(masks, seg_bounds[:-1], seg_bounds[1:])
+            ],
+            dim=1,
+        )
+        used_kernel = False
+        seg_kept = torch.stack([m.sum() for m in masks])
+    n_seg = len(seg_keep)
+    stats[:n_seg] += seg_kept
+    stats[n_seg + (STAT_SPARSE_TOKENS if used_kernel else STAT_DENSE_TOKENS)] += rows
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _sparse_linear_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seg_bounds: list[int],
+    seg_keep: list[int],
+    stats: torch.Tensor,
+    decode_only: bool,
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], seg_bounds[-1]))
+
+
+def register_sparse_linear_op() -> None:
+    """Define ``torch.ops.acttail.sparse_linear`` once per process."""
+    if hasattr(torch.ops.acttail, "sparse_linear"):
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op(
+        op_name="sparse_linear",
+        op_func=_sparse_linear,
+        mutates_args=["stats"],
+        fake_impl=_sparse_linear_fake,
+        target_lib=_LIB,
+    )

@@ -1,0 +1,46 @@
+"""Counters each sparse module keeps on its own device, and how to read them.
+
+A module's ``acttail_stats`` int64 tensor holds, per output segment, the input channels its TopK
+kept, then two token counts: tokens that went through the sparse kernel and tokens that went through
+the dense fallback. The op adds to it in place, so CUDA-graph replays count too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+STAT_SPARSE_TOKENS = 0
+STAT_DENSE_TOKENS = 1
+
+
+def new_stats(num_segments: int, device: torch.device | str | None = None) -> torch.Tensor:
+    return torch.zeros(num_segments + 2, dtype=torch.int64, device=device)
+
+
+@dataclass(frozen=True)
+class ModuleStats:
+    kept_channels: tuple[int, ...]
+    sparse_tokens: int
+    dense_tokens: int
+
+    @classmethod
+    def read(cls, stats: torch.Tensor) -> "ModuleStats":
+        values = stats.tolist()
+        n_seg = len(values) - 2
+        return cls(
+            tuple(values[:n_seg]),
+            values[n_seg + STAT_SPARSE_TOKENS],
+            values[n_seg + STAT_DENSE_TOKENS],
+        )
+
+    @property
+    def tokens(self) -> int:
+        return self.sparse_tokens + self.dense_tokens
+
+    def kept_fractions(self, in_features: int) -> tuple[float, ...]:
+        """Mean fraction of input channels kept per token, per segment (NaN before any token)."""
+        if self.tokens == 0:
+            return tuple(float("nan") for _ in self.kept_channels)
+        return tuple(k / (self.tokens * in_features) for k in self.kept_channels)

@@ -1,0 +1,68 @@
+"""Triton kernels for TopK activation-sparse linear layers (installed as ``acttail_kernels``).
+
+Public API:
+
+* ``reference.topk_mask`` / ``reference.sparse_linear_ref``: the exact PyTorch semantics;
+* ``prepare_weight(weight [N, K]) -> [K, N]``: the kernel layout, made once at load time;
+* ``sparse_linear(x, weight_t, bias, seg_bounds, seg_keep)``: the Triton path;
+* ``uses_sparse_kernel(m, n, k, seg_bounds, seg_keep)``: whether that call runs the sparse GEMV;
+* ``kernels_available(device) -> (ok, reason)``.
+
+Only ``reference`` and ``prepare_weight`` work without Triton: the Triton modules load on first use,
+so set TRITON_INTERPRET=1 before that to run the kernels (slowly) on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import reference
+
+if TYPE_CHECKING:
+    from .dispatch import sparse_linear, uses_sparse_kernel
+
+__all__ = ["kernels_available", "prepare_weight", "reference", "sparse_linear", "uses_sparse_kernel"]
+
+_TRITON_API = ("sparse_linear", "uses_sparse_kernel")
+
+
+def __getattr__(name: str):
+    if name in _TRITON_API:
+        return getattr(importlib.import_module(".dispatch", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] nn.Linear weight -> contiguous [K, N]: one input channel's weights are one contiguous
+    row, so skipping a channel skips a whole row of memory."""
+    if weight.dim() != 2:
+        raise ValueError(f"prepare_weight expects a 2-D [out_features, in_features] weight, got {tuple(weight.shape)}")
+    return weight.t().contiguous()
+
+
+def kernels_available(device: torch.device | str) -> tuple[bool, str]:
+    """(True, what runs) if ``sparse_linear`` can run on ``device``, else (False, why not)."""
+    device = torch.device(device)
+    try:
+        import triton
+    except ImportError as err:
+        return False, f"no Triton/CUDA on this platform: triton is not installed ({err}); pip install 'triton>=3.4'"
+    from .topk_select import triton_interpreted
+
+    if triton_interpreted():
+        return True, f"Triton {triton.__version__} interpreter (TRITON_INTERPRET=1): exact but slow, for tests"
+    if device.type != "cuda":
+        return False, (
+            f"no Triton/CUDA on this platform: device {device} is not a CUDA GPU (set TRITON_INTERPRET=1 "
+            "before the kernels load to run them slowly on CPU, or use reference.sparse_linear_ref)"
+        )
+    if not torch.cuda.is_available():
+        return False, "no Triton/CUDA on this platform: torch.cuda.is_available() is False"
+    capability = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
+    if capability < (8, 0):
+        return False, f"{name} has compute capability {capability}; the bf16 kernels need 8.0 or newer"
+    return True, f"Triton {triton.__version__} on {name}"

@@ -1,0 +1,54 @@
+"""Batch-size crossover between the sparse GEMV and dense cuBLAS, measured per weight shape.
+
+Each token keeps its own channels, so the rows a batch must read are the union of its tokens' sets:
+above some batch size M the sparse kernel reads nearly everything and dense cuBLAS on the sparsified
+input wins. ``benchmarks/bench_kernels.py`` measures that M per (shape, sparsity) and writes
+``crossover.json`` beside this file; the dispatch reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+CROSSOVER_PATH = Path(__file__).with_name("crossover.json")
+DEFAULT_MAX_SPARSE_M = 4  # for shapes never measured: where the measured tables mostly end
+
+
+class CrossoverPoint(BaseModel):
+    sparsity: float = Field(ge=0.0, le=1.0, description="fraction of weight rows a token drops")
+    max_sparse_m: int = Field(ge=0, description="largest batch where the sparse kernel beat dense (0: none)")
+
+
+class ShapeCrossover(BaseModel):
+    name: str
+    n: int = Field(gt=0, description="output features (all segments)")
+    k: int = Field(gt=0, description="input features")
+    points: list[CrossoverPoint]
+
+
+class CrossoverTable(BaseModel):
+    device: str = Field(description="GPU the table was measured on")
+    shapes: list[ShapeCrossover]
+
+    def max_sparse_m(self, n: int, k: int, sparsity: float) -> int:
+        """Largest batch to run sparse for this shape at this sparsity.
+
+        Uses the measured point of highest sparsity not above ``sparsity`` (sparse only gets better
+        as sparsity grows); 0 below every measured point; the default for unmeasured shapes.
+        """
+        for shape in self.shapes:
+            if (shape.n, shape.k) == (n, k):
+                below = [p for p in shape.points if p.sparsity <= sparsity + 1e-9]
+                return max(below, key=lambda p: p.sparsity).max_sparse_m if below else 0
+        return DEFAULT_MAX_SPARSE_M
+
+
+@functools.cache
+def load_crossover(path: Path = CROSSOVER_PATH) -> CrossoverTable:
+    """The shipped table, or an empty one (defaults everywhere) if none was measured yet."""
+    if not path.exists():
+        return CrossoverTable(device="none (defaults)", shapes=[])
+    return CrossoverTable.model_validate_json(path.read_text())

@@ -1,0 +1,74 @@
+"""``sparse_linear``: TopK-sparse linear layer on the GPU, sparse GEMV or dense cuBLAS by batch size."""
+
+from __future__ import annotations
+
+import torch
+
+from .crossover import load_crossover
+from .reference import check_segments
+from .sparse_gemv import BLOCK_M, sparse_gemv
+from .topk_select import num_sms, topk_sparsify
+
+
+def weight_sparsity(k: int, seg_bounds: list[int], seg_keep: list[int]) -> float:
+    """Fraction of weight elements one token lets the kernel skip (segments weighted by width)."""
+    kept = sum((hi - lo) * keep for lo, hi, keep in zip(seg_bounds[:-1], seg_bounds[1:], seg_keep))
+    return 1.0 - kept / (k * seg_bounds[-1])
+
+
+def uses_sparse_kernel(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int]) -> bool:
+    """Whether ``sparse_linear`` runs the sparse GEMV (else: dense cuBLAS on the sparsified input)."""
+    if m > BLOCK_M:
+        return False
+    return m <= load_crossover().max_sparse_m(n, k, weight_sparsity(k, seg_bounds, seg_keep))
+
+
+def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 2 or weight_t.dim() != 2 or x.shape[1] != weight_t.shape[0]:
+        raise ValueError(
+            f"sparse_linear expects x [M, K] and weight_t [K, N] (from prepare_weight), got x "
+            f"{tuple(x.shape)} and weight_t {tuple(weight_t.shape)}"
+        )
+    if not weight_t.is_contiguous():
+        raise ValueError("weight_t must be contiguous [K, N]: convert the weight once with prepare_weight")
+    if x.dtype != weight_t.dtype or x.device != weight_t.device:
+        raise ValueError(
+            f"x and weight_t must share dtype and device, got {x.dtype}/{x.device} and "
+            f"{weight_t.dtype}/{weight_t.device}"
+        )
+    if bias is not None and (bias.shape != (weight_t.shape[1],) or bias.device != x.device):
+        raise ValueError(
+            f"bias must be [{weight_t.shape[1]}] on {x.device}, got {tuple(bias.shape)} on {bias.device}"
+        )
+
+
+def dense_on_sparsified(
+    xs: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, seg_bounds: list[int]
+) -> torch.Tensor:
+    """cuBLAS per segment on x with that segment's dropped channels zeroed (xs [S, M, K])."""
+    parts = [xs[i] @ weight_t[:, lo:hi] for i, (lo, hi) in enumerate(zip(seg_bounds[:-1], seg_bounds[1:]))]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out if bias is None else out + bias
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    seg_bounds: list[int],
+    seg_keep: list[int],
+) -> torch.Tensor:
+    """[M, N]: output columns [seg_bounds[i], seg_bounds[i+1]) see x with only its seg_keep[i]
+    largest-|x| channels per token; same semantics as ``reference.sparse_linear_ref`` on weight_t.T.
+
+    weight_t is [K, N] from ``prepare_weight``. Two launches (selection, GEMV) for batches up to the
+    measured crossover; above it, selection then dense cuBLAS. No host sync: CUDA-graph safe.
+    """
+    _check_inputs(x, weight_t, bias)
+    k, n = weight_t.shape
+    check_segments(n, k, seg_bounds, seg_keep)
+    m = x.shape[0]
+    xs = topk_sparsify(x, seg_keep, num_sms(x.device))
+    if uses_sparse_kernel(m, n, k, seg_bounds, seg_keep):
+        return sparse_gemv(xs, weight_t, bias, seg_bounds)
+    return dense_on_sparsified(xs, weight_t, bias, seg_bounds)

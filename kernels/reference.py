@@ -1,0 +1,71 @@
+"""Plain-PyTorch semantics of the TopK-sparse linear layer: the definition the Triton kernels match.
+
+Each token keeps the ``keep`` largest-|x| entries of its input and zeroes the rest; ties at the
+threshold go to the lower input index (a stable descending sort). A merged projection (QKV, gate_up)
+splits its output columns into segments, each with its own ``keep``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_segments(n: int, k: int, seg_bounds: list[int], seg_keep: list[int]) -> None:
+    """Raise ValueError unless ``seg_bounds``/``seg_keep`` describe output segments of an [.., n] output
+    over k input channels: bounds 0 = b0 < b1 < ... = n and one keep in [0, k] per segment."""
+    if len(seg_bounds) < 2 or seg_bounds[0] != 0 or seg_bounds[-1] != n:
+        raise ValueError(
+            f"seg_bounds must start at 0 and end at the output width {n}, got {list(seg_bounds)}; "
+            f"use [0, {n}] for a plain projection"
+        )
+    if any(lo >= hi for lo, hi in zip(seg_bounds[:-1], seg_bounds[1:])):
+        raise ValueError(f"seg_bounds must be strictly increasing, got {list(seg_bounds)}")
+    if len(seg_keep) != len(seg_bounds) - 1:
+        raise ValueError(
+            f"seg_keep needs one entry per segment ({len(seg_bounds) - 1} for seg_bounds "
+            f"{list(seg_bounds)}), got {len(seg_keep)}"
+        )
+    check_keeps(k, seg_keep)
+
+
+def check_keeps(k: int, seg_keep: list[int]) -> None:
+    """Raise ValueError unless every keep is a channel count in [0, k]."""
+    bad = [keep for keep in seg_keep if not 0 <= keep <= k]
+    if bad:
+        raise ValueError(f"every seg_keep entry must be in [0, {k}] (input channels), got {bad}")
+
+
+def topk_mask(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """Bool [M, K]: per row, True at the ``keep`` largest |x|; among equal |x| the lower index wins."""
+    if x.dim() != 2:
+        raise ValueError(f"topk_mask expects a 2-D [tokens, channels] tensor, got shape {tuple(x.shape)}")
+    if not 0 <= keep <= x.shape[1]:
+        raise ValueError(f"keep must be in [0, {x.shape[1]}] (channels), got {keep}")
+    order = torch.sort(x.abs(), dim=1, descending=True, stable=True).indices[:, :keep]
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(1, order, True)
+
+
+def sparse_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seg_bounds: list[int],
+    seg_keep: list[int],
+) -> torch.Tensor:
+    """[M, N] = per output segment i, (x * topk_mask(x, seg_keep[i])) @ weight[seg i].T (+ bias).
+
+    ``weight`` is [N, K] (nn.Linear layout); accumulation in fp32, result in x.dtype.
+    """
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"expected x [M, K] and weight [N, K], got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
+    n, k = weight.shape
+    check_segments(n, k, seg_bounds, seg_keep)
+    out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    for lo, hi, keep in zip(seg_bounds[:-1], seg_bounds[1:], seg_keep):
+        x_kept = torch.where(topk_mask(x, keep), x, 0).float()
+        out[:, lo:hi] = x_kept @ weight[lo:hi].float().T
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)

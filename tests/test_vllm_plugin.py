@@ -1,0 +1,190 @@
+"""End to end: `vllm serve SmolLM2 --quantization acttail` on CPU, through the OpenAI API.
+
+Each test starts real vLLM servers (30-60 s each on 2 cores), so they are marked slow.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import openai
+import pytest
+import requests
+import torch
+
+from acttail_vllm.budgets import kept_count
+from acttail_vllm.profile import Profile
+from acttail_vllm.server import VllmServer
+from tests.conftest import shipped_profile
+
+pytestmark = pytest.mark.slow
+
+# float32 so that the plugin, dense vLLM and the PyTorch reference differ only by kernel rounding.
+# Eager mode: torch.compile costs 2-3 min per start on this CPU; one server (served_50) keeps it.
+COMMON_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8")
+SERVE_ARGS = (*COMMON_ARGS, "--enforce-eager")
+PROMPTS = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+]
+# Reference and vLLM compute the same function with different kernels; a channel whose |x| sits at
+# the TopK threshold can flip between them, so the bound is on the mean and a loose max.
+LOGPROB_MEAN_TOL = 0.02
+LOGPROB_MAX_TOL = 0.5
+
+
+def greedy_texts(server: VllmServer, model: str) -> list[str]:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    out = client.completions.create(model=model, prompt=PROMPTS, max_tokens=24, temperature=0.0)
+    return [choice.text for choice in sorted(out.choices, key=lambda c: c.index)]
+
+
+def metric_values(server: VllmServer, name: str) -> dict[tuple[str, str], float]:
+    """{(layer, projection): value} of one ActTail metric on the server's /metrics."""
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    pattern = re.compile(rf'^{name}\{{layer="(\d+)",projection="(\w+)"\}} (\S+)$', re.M)
+    return {(layer, proj): float(value) for layer, proj, value in pattern.findall(text)}
+
+
+def test_sparsity_zero_equals_dense(smollm2_dir):
+    model = str(smollm2_dir)
+    with VllmServer(model, SERVE_ARGS) as dense:
+        dense_texts = greedy_texts(dense, model)
+    with VllmServer(
+        model, (*SERVE_ARGS, "--quantization", "acttail"), env={"ACTTAIL_SPARSITY": "0"}
+    ) as sparse:
+        sparse_texts = greedy_texts(sparse, model)
+    assert sparse_texts == dense_texts
+    assert all(len(t) > 0 for t in dense_texts)
+
+
+@pytest.fixture(scope="module")
+def served_50(smollm2_dir):
+    """The shipped 50% ActTail profile, passed through vLLM's own --hf-overrides surface, under
+    vLLM's default torch.compile."""
+    profile = shipped_profile("acttail", 50)
+    overrides = '{"quantization_config": {"quant_method": "acttail", "profile": "%s"}}' % profile
+    with VllmServer(
+        str(smollm2_dir),
+        (*COMMON_ARGS, "--quantization", "acttail", "--hf-overrides", overrides),
+        env={"ACTTAIL_METRICS_INTERVAL_S": "0.5"},
+    ) as server:
+        yield server, Profile.load(profile)
+
+
+def test_openai_completions_and_chat(served_50, smollm2_dir):
+    server, _ = served_50
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    completion = client.completions.create(
+        model=str(smollm2_dir), prompt="Hello, my name is", max_tokens=8, temperature=0.0
+    )
+    assert completion.usage.completion_tokens == 8
+    chat = client.chat.completions.create(
+        model=str(smollm2_dir),
+        messages=[{"role": "user", "content": "Name a color."}],
+        max_tokens=8,
+        temperature=0.0,
+    )
+    assert chat.choices[0].message.content
+    assert chat.usage.completion_tokens > 0
+
+
+def test_prompt_logprobs_match_reference(served_50, smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from acttail_vllm.reference import sparsified
+
+    server, profile = served_50
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    text = (
+        "The history of the city goes back more than two thousand years, when traders first "
+        "settled on the banks of the river and built a small market."
+    )
+    out = client.completions.create(
+        model=str(smollm2_dir), prompt=text, max_tokens=1, echo=True, logprobs=0, temperature=0.0
+    )
+    served = out.choices[0].logprobs.token_logprobs[1:-1]  # first prompt token has none; last is generated
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, torch_dtype=torch.float32)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad(), sparsified(model, profile):
+        logits = model(ids).logits[0, :-1]
+    reference = torch.log_softmax(logits.double(), -1).gather(1, ids[0, 1:, None])[:, 0].tolist()
+
+    assert len(served) == len(reference)
+    diffs = [abs(a - b) for a, b in zip(served, reference)]
+    assert sum(diffs) / len(diffs) < LOGPROB_MEAN_TOL, diffs
+    assert max(diffs) < LOGPROB_MAX_TOL, diffs
+    # and sparsity changed the model: the dense reference differs by far more
+    with torch.no_grad():
+        dense = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None])[:, 0]
+    assert sum(abs(a - b) for a, b in zip(dense.tolist(), reference)) / len(diffs) > 5 * LOGPROB_MEAN_TOL
+
+
+def test_kept_fraction_is_exact(served_50, smollm2_dir):
+    server, profile = served_50
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    client.completions.create(model=str(smollm2_dir), prompt=PROMPTS, max_tokens=4, temperature=0.0)
+    time.sleep(1.5)  # one snapshot interval (0.5 s) and then some
+    kept = metric_values(server, "acttail_kept_fraction_ratio")
+    assert len(kept) == 7 * profile.model.num_layers
+    for (layer, name), fraction in kept.items():
+        entry = profile.layers[int(layer)].projections[name]
+        expected = kept_count(entry.sparsity, entry.in_features) / entry.in_features
+        assert fraction == pytest.approx(expected, abs=1e-12), (layer, name)
+        assert abs(fraction - (1 - entry.sparsity)) <= 0.5 / entry.in_features
+
+
+def budgets_ready_seconds(log: str) -> float:
+    return float(re.search(r"budgets ready in ([\d.]+) s", log).group(1))
+
+
+def test_loader_hook_writes_then_reuses_profile(smollm2_dir, tmp_path):
+    env = {"ACTTAIL_CACHE": str(tmp_path), "ACTTAIL_SPARSITY": "0.5"}
+    args = (*SERVE_ARGS, "--quantization", "acttail")
+    with VllmServer(str(smollm2_dir), args, env=env) as first:
+        first_texts = greedy_texts(first, str(smollm2_dir))
+    written = list((tmp_path / "profiles").glob("*.json"))
+    assert len(written) == 1
+    assert "computing budgets from the loaded weights" in first.log()
+    profile = Profile.load(written[0])
+    assert profile.target_sparsity == 0.5 and profile.method == "acttail"
+
+    with VllmServer(str(smollm2_dir), args, env=env) as second:
+        second_texts = greedy_texts(second, str(smollm2_dir))
+    assert "reusing cached profile" in second.log()
+    assert budgets_ready_seconds(second.log()) < budgets_ready_seconds(first.log())
+    assert second_texts == first_texts
+    assert list((tmp_path / "profiles").glob("*.json")) == written
+
+
+def failed_start(model: str, args: tuple[str, ...], env: dict[str, str]) -> str:
+    server = VllmServer(model, (*SERVE_ARGS, "--quantization", "acttail", *args), env=env).start()
+    try:
+        assert server.wait_exit(timeout_s=300) != 0
+    finally:
+        server.stop()
+    return server.log()
+
+
+def test_corrupt_profile_stops_startup(smollm2_dir, tmp_path):
+    bad = tmp_path / "corrupt.json"
+    bad.write_text(shipped_profile("acttail", 50).read_text()[:500])
+    log = failed_start(str(smollm2_dir), (), {"ACTTAIL_PROFILE": str(bad)})
+    assert f"profile {bad} is not valid JSON" in log
+
+
+def test_profile_for_another_model_stops_startup(smollm2_dir):
+    # Random weights of the same shapes are another model: the fingerprint must catch it.
+    profile = shipped_profile("acttail", 50)
+    log = failed_start(str(smollm2_dir), ("--load-format", "dummy"), {"ACTTAIL_PROFILE": str(profile)})
+    assert f"profile {profile} was made for model" in log
+
+
+def test_sparsity_out_of_range_stops_startup(smollm2_dir):
+    log = failed_start(str(smollm2_dir), (), {"ACTTAIL_SPARSITY": "1.2"})
+    assert "invalid ActTail settings from env ACTTAIL_SPARSITY" in log
+    assert "sparsity" in log and "less than 1" in log
