@@ -31,7 +31,7 @@ Method = Literal["uniform", "acttail"]
 METHODS: tuple[str, ...] = ("uniform", "acttail")
 
 #: Bisection stops once the weighted mean is this close to the target.
-MEAN_TOLERANCE = 1e-9
+MEAN_TOLERANCE = 1e-12
 _MAX_BISECTIONS = 200
 
 

@@ -56,29 +56,15 @@ def decoder_projection(prefix: str) -> DecoderProjection | None:
 
 @dataclass(frozen=True)
 class ModuleBudget:
-    """What one module applies: output segment bounds and kept input channels per segment."""
+    """Kept input channels of each output segment of one module (q, k, v of qkv_proj, ...)."""
 
-    seg_bounds: tuple[int, ...]
     seg_keep: tuple[int, ...]
     in_features: int
 
     @classmethod
-    def from_sparsities(
-        cls, sparsities: tuple[float, ...], out_sizes: tuple[int, ...], in_features: int
-    ) -> "ModuleBudget":
-        if len(sparsities) != len(out_sizes):
-            raise ValueError(f"{len(sparsities)} sparsities for {len(out_sizes)} output segments")
-        bounds = [0]
-        for size in out_sizes:
-            bounds.append(bounds[-1] + size)
-        keeps = tuple(kept_count(s, in_features) for s in sparsities)
-        return cls(tuple(bounds), keeps, in_features)
+    def from_sparsities(cls, sparsities: tuple[float, ...], in_features: int) -> "ModuleBudget":
+        return cls(tuple(kept_count(s, in_features) for s in sparsities), in_features)
 
     @property
     def kept_fractions(self) -> tuple[float, ...]:
         return tuple(k / self.in_features for k in self.seg_keep)
-
-    @property
-    def keeps_all(self) -> bool:
-        """Sparsity 0 everywhere: no input channel is dropped."""
-        return all(k == self.in_features for k in self.seg_keep)

@@ -20,7 +20,7 @@ from acttail_vllm import __version__
 from acttail_vllm.models import ModelSetupError
 
 #: Modules that register further commands on import.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("acttail_vllm.evaluate",)
 EXIT_USAGE = 2
 
 

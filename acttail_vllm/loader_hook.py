@@ -21,7 +21,7 @@ from acttail_vllm.profile import FINGERPRINT_ROW_VALUES, Profile, ProfileError, 
 from acttail_vllm.profiler import profile_from_weights
 from acttail_vllm.settings import BudgetSource, profile_cache_dir
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM prints it
 
 
 @dataclass
@@ -118,7 +118,9 @@ class BudgetResolver:
                 self.profile.save(self.profile_path)
                 logger.info("ActTail: wrote profile %s", self.profile_path)
         for module in self.modules:
-            module.layer.acttail_budget = self._budget(module)
+            budget = self._budget(module)
+            module.layer.acttail_budget = budget
+            module.layer.acttail_keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
         self.build_seconds = time.perf_counter() - start
         logger.info(
             "ActTail: %d modules sparse, weighted sparsity %.4f, budgets ready in %.1f s (%s)",
@@ -154,4 +156,4 @@ class BudgetResolver:
                     "for another model; build one with `acttail profile`"
                 )
             sparsities.append(entry.sparsity)
-        return ModuleBudget.from_sparsities(tuple(sparsities), tuple(layer.acttail_out_sizes), in_features)
+        return ModuleBudget.from_sparsities(tuple(sparsities), in_features)

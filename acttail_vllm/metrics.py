@@ -26,7 +26,7 @@ from acttail_vllm.stats import ModuleStats
 if TYPE_CHECKING:
     from acttail_vllm.loader_hook import BudgetResolver
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM prints it
 ENV_STATS_DIR = "ACTTAIL_STATS_DIR"
 ENV_INTERVAL = "ACTTAIL_METRICS_INTERVAL_S"
 SNAPSHOT_SUFFIX = ".acttail.json"
@@ -67,11 +67,15 @@ def take_snapshot(resolver: "BudgetResolver") -> WorkerSnapshot:
     projections: list[ProjectionSnapshot] = []
     tokens = (0, 0)
     for module in resolver.modules:
-        stats = ModuleStats.read(module.layer.acttail_stats)
+        stats = ModuleStats.read(module.layer.acttail_stats_host)
         budget = module.layer.acttail_budget
         if module is resolver.modules[0]:  # every token passes every module: count it once
             tokens = (stats.sparse_tokens, stats.dense_tokens)
-        for name, kept in zip(module.proj.projections, stats.kept_fractions(budget.in_features)):
+        if module.layer.acttail_counts_stats:
+            fractions = stats.kept_fractions(budget.in_features)
+        else:  # GPU: the kernel's exact per-segment k
+            fractions = budget.kept_fractions
+        for name, kept in zip(module.proj.projections, fractions):
             projections.append(
                 ProjectionSnapshot(
                     layer=module.proj.layer,
@@ -155,7 +159,8 @@ class ActTailCollector:
         )
         kept = GaugeMetricFamily(
             "acttail_kept_fraction_ratio",
-            "Mean fraction of input channels kept per token, measured from the applied TopK masks.",
+            "Mean fraction of input channels kept per token: measured from the applied TopK masks "
+            "on CPU; on GPUs the kernels' per-segment k (exact by construction, kernel-tested).",
             labels=["layer", "projection"],
         )
         tokens = CounterMetricFamily(

@@ -159,7 +159,9 @@ class Profile(_Strict):
             raise ProfileError(f"profile {path} is not valid JSON ({exc}): rebuild it with `acttail profile`") from None
         if not isinstance(raw, dict):
             raise ProfileError(f"profile {path} holds a JSON {type(raw).__name__}, not an object")
-        found = raw.get("schema_version")
+        if "schema_version" not in raw:
+            raise ProfileError(f"profile {path} has no schema_version: is it an ActTail profile? Build one with `acttail profile`")
+        found = raw["schema_version"]
         if found != SCHEMA_VERSION:
             raise ProfileError(
                 f"profile {path} has schema_version {found!r}; this acttail supports version "

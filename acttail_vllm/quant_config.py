@@ -7,6 +7,7 @@ kernels on CUDA) and calls the ``acttail::sparse_linear`` op. No math lives here
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -16,6 +17,7 @@ from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.platforms import current_platform
+from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 
 from acttail_vllm.budgets import DecoderProjection, decoder_projection
 from acttail_vllm.loader_hook import BudgetResolver
@@ -26,9 +28,9 @@ from acttail_vllm.settings import (
     SparsityPolicy,
     resolve_budget_source,
 )
-from acttail_vllm.stats import STAT_DENSE_TOKENS, new_stats
+from acttail_vllm.stats import new_stats
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM prints it
 
 
 class ActTailConfig(QuantizationConfig):
@@ -155,8 +157,22 @@ class ActTailLinearMethod(LinearMethodBase):
                 f"{len(output_partition_sizes)} output segments, expected {self.proj.projections}"
             )
         layer.acttail_out_sizes = tuple(output_partition_sizes)
-        layer.register_buffer("acttail_stats", new_stats(len(output_partition_sizes)), persistent=False)
+        layer.acttail_seg_bounds = [0, *itertools.accumulate(output_partition_sizes)]
+        # Budgets are filled in once all weights are loaded (loader_hook.BudgetResolver).
+        n_seg = len(output_partition_sizes)
+        layer.register_buffer("acttail_keep", torch.zeros(n_seg, dtype=torch.int32), persistent=False)
         resolver = self.quant_config.resolver
+        on_gpu = current_platform.is_cuda_alike()
+        # On CPU every module counts its kept channels from the masks it applies. On a GPU every
+        # counter update is one more tiny kernel per step, so only the first module counts
+        # (tokens per path); the kernels keep exactly seg_keep channels per row by construction.
+        self.count_stats = not on_gpu or not resolver.modules
+        layer.acttail_stats_host = new_stats(n_seg, pin_memory=on_gpu)
+        stats = layer.acttail_stats_host
+        if on_gpu:
+            stats = get_accelerator_view_from_cpu_tensor(stats)
+        layer.register_buffer("acttail_stats", stats, persistent=False)
+        layer.acttail_counts_stats = self.count_stats
         self.decode_only = resolver.source.settings.policy is SparsityPolicy.DECODE
         resolver.register(layer, self.proj)
 
@@ -174,12 +190,6 @@ class ActTailLinearMethod(LinearMethodBase):
                 acttail_kernels.prepare_weight(layer.weight.data), requires_grad=False
             )
             layer.acttail_kernel_layout = True
-        elif current_platform.is_cpu():
-            # vLLM's own CPU GEMM (oneDNN) for unsparsified modules, so that sparsity 0 is
-            # bit-identical to dense serving; the weight stays for the sparse path.
-            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-            dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
         resolver = self.quant_config.resolver
         if resolver.loaded(layer) and get_tensor_model_parallel_rank() == 0:
             start_snapshot_writer(resolver)
@@ -187,23 +197,13 @@ class ActTailLinearMethod(LinearMethodBase):
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        budget = layer.acttail_budget
-        if budget.keeps_all:
-            # Nothing to drop: the plain dense GEMM, counted as dense-fallback tokens.
-            rows = x.numel() // x.shape[-1]
-            n_seg = len(budget.seg_keep)
-            layer.acttail_stats[:n_seg] += rows * budget.in_features
-            layer.acttail_stats[n_seg + STAT_DENSE_TOKENS] += rows
-            if getattr(layer, "acttail_kernel_layout", False):
-                y = x @ layer.weight
-                return y if bias is None else y + bias
-            return self.dense.apply(layer, x, bias)
         return torch.ops.acttail.sparse_linear(
             x,
             layer.weight,
             bias,
-            list(budget.seg_bounds),
-            list(budget.seg_keep),
+            layer.acttail_seg_bounds,
+            layer.acttail_keep,
             layer.acttail_stats,
+            self.count_stats,
             self.decode_only,
         )

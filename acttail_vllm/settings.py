@@ -73,7 +73,8 @@ class ActTailSettings(BaseModel):
             return cls.model_validate(dict(raw))
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+                f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']} "
+                f"(got {err['input']!r})"
                 for err in exc.errors()
             )
             raise SettingsError(f"invalid ActTail settings from {origin}: {problems}") from None

@@ -43,14 +43,17 @@ def _sparse_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     seg_bounds: list[int],
-    seg_keep: list[int],
+    seg_keep: torch.Tensor,
     stats: torch.Tensor,
+    count_stats: bool,
     decode_only: bool,
 ) -> torch.Tensor:
     """``weight`` is [N, K] on CPU and the kernel layout [K, N] (``prepare_weight``) on CUDA.
 
-    ``stats`` (int64) accumulates, per output segment, the input channels kept, then the tokens
-    that went through the sparse kernel and the tokens that went through the dense fallback.
+    ``seg_keep`` (int32, one per output segment) is a tensor, not a list of ints, so compiled graphs
+    and CUDA graphs never bake a budget in: vLLM's compile cache does not know about budgets.
+    With ``count_stats``, ``stats`` (int64, see ``stats.py``) accumulates, per output segment, the
+    input channels kept, then the tokens through the sparse kernel and through the dense fallback.
     """
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
@@ -60,11 +63,13 @@ def _sparse_linear(
 
         y = acttail_kernels.sparse_linear(x2, weight, bias, seg_bounds, seg_keep)
         if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
-            y = torch.where(sparse_rows[:, None], y, torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight)
-        used_kernel = acttail_kernels.uses_sparse_kernel(rows, weight.shape[1], weight.shape[0])
-        seg_kept = torch.tensor(seg_keep, device=x2.device) * rows
+            dense = x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
+            y = torch.where(sparse_rows[:, None], y, dense)
+        used_kernel = acttail_kernels.uses_sparse_kernel(rows, weight.shape[1], weight.shape[0], seg_bounds)
+        # the kernels keep exactly seg_keep channels per row (tests/test_kernels.py checks the sets)
+        seg_kept = seg_keep.to(torch.int64) * rows
     else:
-        masks = [reference.topk_mask(x2, keep) for keep in seg_keep]
+        masks = [reference.topk_mask(x2, keep) for keep in seg_keep.tolist()]
         if sparse_rows is not None:
             masks = [m | ~sparse_rows[:, None] for m in masks]
         y = torch.cat(
@@ -78,9 +83,10 @@ def _sparse_linear(
         )
         used_kernel = False
         seg_kept = torch.stack([m.sum() for m in masks])
-    n_seg = len(seg_keep)
-    stats[:n_seg] += seg_kept
-    stats[n_seg + (STAT_SPARSE_TOKENS if used_kernel else STAT_DENSE_TOKENS)] += rows
+    if count_stats:
+        n_seg = len(seg_bounds) - 1
+        stats[:n_seg] += seg_kept
+        stats[n_seg + (STAT_SPARSE_TOKENS if used_kernel else STAT_DENSE_TOKENS)] += rows
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -89,8 +95,9 @@ def _sparse_linear_fake(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     seg_bounds: list[int],
-    seg_keep: list[int],
+    seg_keep: torch.Tensor,
     stats: torch.Tensor,
+    count_stats: bool,
     decode_only: bool,
 ) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], seg_bounds[-1]))

@@ -1,8 +1,10 @@
-"""Counters each sparse module keeps on its own device, and how to read them.
+"""Counters a sparse module keeps, and how to read them.
 
-A module's ``acttail_stats`` int64 tensor holds, per output segment, the input channels its TopK
-kept, then two token counts: tokens that went through the sparse kernel and tokens that went through
-the dense fallback. The op adds to it in place, so CUDA-graph replays count too.
+A module's stats (int64) hold, per output segment, the input channels its TopK kept, then two token
+counts: tokens that went through the sparse kernel and tokens that went through the dense fallback.
+The op adds to them in place, so CUDA-graph replays count too. On CUDA they live in pinned host
+memory that the GPU writes through a mapped view, so reading them never touches the GPU (a
+metrics thread must not call into CUDA while vLLM captures graphs).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ STAT_SPARSE_TOKENS = 0
 STAT_DENSE_TOKENS = 1
 
 
-def new_stats(num_segments: int, device: torch.device | str | None = None) -> torch.Tensor:
-    return torch.zeros(num_segments + 2, dtype=torch.int64, device=device)
+def new_stats(num_segments: int, pin_memory: bool = False) -> torch.Tensor:
+    """Host tensor for one module's counters (pinned when a GPU writes it through a mapped view)."""
+    return torch.zeros(num_segments + 2, dtype=torch.int64, device="cpu", pin_memory=pin_memory)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import torch
 
 from .crossover import load_crossover
 from .reference import check_segments
-from .sparse_gemv import BLOCK_M, sparse_gemv
-from .topk_select import num_sms, topk_sparsify
+from .sparse_gemv import MAX_TOKENS, sparse_gemv
+from .topk_select import topk_select
 
 
 def weight_sparsity(k: int, seg_bounds: list[int], seg_keep: list[int]) -> float:
@@ -18,7 +18,7 @@ def weight_sparsity(k: int, seg_bounds: list[int], seg_keep: list[int]) -> float
 
 def uses_sparse_kernel(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int]) -> bool:
     """Whether ``sparse_linear`` runs the sparse GEMV (else: dense cuBLAS on the sparsified input)."""
-    if m > BLOCK_M:
+    if m > MAX_TOKENS:
         return False
     return m <= load_crossover().max_sparse_m(n, k, weight_sparsity(k, seg_bounds, seg_keep))
 
@@ -68,7 +68,6 @@ def sparse_linear(
     k, n = weight_t.shape
     check_segments(n, k, seg_bounds, seg_keep)
     m = x.shape[0]
-    xs = topk_sparsify(x, seg_keep, num_sms(x.device))
     if uses_sparse_kernel(m, n, k, seg_bounds, seg_keep):
-        return sparse_gemv(xs, weight_t, bias, seg_bounds)
-    return dense_on_sparsified(xs, weight_t, bias, seg_bounds)
+        return sparse_gemv(topk_select(x, seg_keep, with_list=m == 1), weight_t, bias, seg_bounds)
+    return dense_on_sparsified(topk_select(x, seg_keep, with_list=False).xs, weight_t, bias, seg_bounds)

@@ -1,19 +1,23 @@
 """Exact per-token TopK on chip: x with all but each row's ``keep`` largest |x| zeroed, per segment.
 
 Non-negative floats order like their bit patterns, so the threshold ``thr`` (the bits of the keep-th
-largest |x|) is the largest t with count(bits >= t) >= keep, found one bit at a time from the top,
-each step a count over the row held in registers. Entries above ``thr`` are kept; among entries equal
-to it the lowest indices are kept (a cumulative count), like a stable descending sort.
+largest |x|) is the largest t with count(bits >= t) >= keep, decided one bit at a time from the top,
+each step one count over the row held in registers. Entries above ``thr`` are kept; among entries
+equal to it the lowest indices are (a cumulative count), like a stable descending sort.
 
-A step's cost is mostly the latency of one block-wide sum, so the top RANGE_BITS bits are decided in
+A step costs mostly the latency of one block-wide sum, so the top RANGE_BITS bits are decided in
 parallel instead: 2**RANGE_BITS programs per row each own one slice of the threshold range and test
-it with a single two-count step; the one program whose slice holds ``thr`` goes on with the
-remaining bits and writes the row, the others exit.
+it with a single two-count step; the one whose slice holds ``thr`` finishes the row, the others exit.
+
+For a single token (decode) the finishing program also lists the kept channels in order,
+``idx[seg, :count[seg]]`` with their values in ``xv[seg, :]``: all the GEMV then reads.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -23,12 +27,12 @@ from .reference import check_keeps
 
 MAX_SEGMENTS = 4  # QKV needs 3, gate_up 2; more segments would need more scalar kernel arguments
 MAX_CHANNELS = 32767  # two counts share one int32 sum in the range test
-PROGRAMS_PER_SM = 4  # range-test programs to spread over the GPU
+RANGE_PROGRAMS_PER_SM = 2  # range-test programs to spread over the GPU (more: the row loads cost)
 
 
 def triton_interpreted() -> bool:
     """Whether these kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return not isinstance(_topk_sparsify_kernel, triton.runtime.JITFunction)
+    return not isinstance(_topk_select_kernel, triton.runtime.JITFunction)
 
 
 def num_sms(device: torch.device) -> int:
@@ -70,7 +74,12 @@ def _segment_keep(seg, keep0, keep1, keep2, keep3, NUM_SEGS: tl.constexpr):
 
 
 @triton.jit
-def _topk_sparsify_kernel(
+def _count(flags):
+    return tl.sum(flags.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _topk_select_kernel(
     x_ptr,
     stride_xm,
     K,
@@ -78,13 +87,17 @@ def _topk_sparsify_kernel(
     keep1,
     keep2,
     keep3,
-    out_ptr,
+    xs_ptr,
+    idx_ptr,
+    xv_ptr,
+    count_ptr,
     NUM_SEGS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     VALUE_BITS: tl.constexpr,
     RANGE_BITS: tl.constexpr,
+    LIST: tl.constexpr,
 ):
-    """Program (token m, segment, part): if thr lies in part's slice, write out[segment, m, :]."""
+    """Program (token m, segment, part): if thr lies in part's slice, write xs[segment, m, :]."""
     m = tl.program_id(0)
     seg = tl.program_id(1)
     part = tl.program_id(2)
@@ -104,15 +117,41 @@ def _topk_sparsify_kernel(
         thr = part << LOW_BITS
         for step in range(LOW_BITS):
             candidate = thr | (1 << (LOW_BITS - 1 - step))
-            count = tl.sum((bits >= candidate).to(tl.int32), axis=0)
-            thr = tl.where(count >= keep, candidate, thr)
+            thr = tl.where(_count(bits >= candidate) >= keep, candidate, thr)
         # Keep all entries above thr and the first (keep - #above) entries equal to it.
-        need = keep - tl.sum((bits > thr).to(tl.int32), axis=0)
         equal = bits == thr
-        rank = tl.cumsum(equal.to(tl.int32), axis=0)
-        kept = (bits > thr) | (equal & (rank <= need))
-        out = out_ptr + (seg.to(tl.int64) * tl.num_programs(0) + m) * K + offs
-        tl.store(out, tl.where(kept, v, 0.0), mask=in_row)
+        kept = (bits > thr) | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= keep - _count(bits > thr)))
+        xs_row = xs_ptr + (seg.to(tl.int64) * tl.num_programs(0) + m) * K
+        tl.store(xs_row + offs, tl.where(kept, v, 0.0), mask=in_row)
+        if LIST:  # one token: its nonzero kept entries are the channel list
+            listed = kept & (v != 0)
+            slot = tl.cumsum(listed.to(tl.int32), axis=0) - 1
+            tl.store(idx_ptr + seg * K + slot, offs, mask=listed)
+            tl.store(xv_ptr + seg * K + slot, v, mask=listed)
+            tl.store(count_ptr + seg, _count(listed))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Output of ``topk_select``. ``xs`` [S, M, K]: x with each segment's dropped entries zeroed.
+    With a channel list (one token): ``idx`` [S, K] int32, ``xv`` [S, K] and ``count`` [S] int32,
+    per segment the nonzero kept channels (first count[s] entries) and their values."""
+
+    xs: torch.Tensor
+    idx: torch.Tensor | None = None
+    xv: torch.Tensor | None = None
+    count: torch.Tensor | None = None
+
+
+@functools.cache
+def tickets(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters, made once per device; every kernel that takes them leaves them zero."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "acttail_kernels.sparse_linear must run once on this device before CUDA graph capture "
+            "(it allocates its zeroed ticket buffer then)"
+        )
+    return torch.zeros(1 << 16, dtype=torch.int32, device=device)
 
 
 def select_config(k: int) -> tuple[int, int]:
@@ -121,39 +160,47 @@ def select_config(k: int) -> tuple[int, int]:
     return block_k, 8 if block_k > 8192 else 4
 
 
-def range_bits(rows: int, dtype: torch.dtype, num_sms: int) -> int:
-    """Threshold bits to decide by parallel range tests: about PROGRAMS_PER_SM programs per SM."""
-    spare = PROGRAMS_PER_SM * num_sms // max(1, rows)
+def range_bits(rows: int, dtype: torch.dtype, sms: int) -> int:
+    """Threshold bits decided by parallel range tests: about RANGE_PROGRAMS_PER_SM programs per SM."""
+    spare = RANGE_PROGRAMS_PER_SM * sms // max(1, rows)
     return min(value_bits(dtype), int(math.log2(spare)) if spare >= 1 else 0)
 
 
-def topk_sparsify(x: torch.Tensor, seg_keep: list[int], num_sms: int) -> torch.Tensor:
-    """[S, M, K]: for each of the S budgets, x [M, K] with all but each row's ``keep`` largest |x|
-    zeroed (ties to the lower index). One launch; no host sync."""
+def topk_select(x: torch.Tensor, seg_keep: list[int], with_list: bool) -> Selection:
+    """Sparsify x [M, K] once per budget in ``seg_keep``; ``with_list`` (one token only) also lists
+    the kept channels. One launch, no host sync."""
     m, k = x.shape
     if not 1 <= len(seg_keep) <= MAX_SEGMENTS:
         raise ValueError(f"1 to {MAX_SEGMENTS} output segments are supported, got {len(seg_keep)}")
     if k > MAX_CHANNELS:
         raise ValueError(f"at most {MAX_CHANNELS} input channels are supported, got {k}")
+    if with_list and m != 1:
+        raise ValueError(f"channel lists are made for one token, got {m}")
     check_keeps(k, seg_keep)
     if x.stride(1) != 1:
         x = x.contiguous()
     num_segs = len(seg_keep)
-    out = torch.empty(num_segs, m, k, dtype=x.dtype, device=x.device)
+    xs = torch.empty(num_segs, m, k, dtype=x.dtype, device=x.device)
+    sel = Selection(xs)
+    if with_list:
+        sel = Selection(xs, torch.empty(num_segs, k, dtype=torch.int32, device=x.device), torch.empty_like(xs[:, 0]),
+                        torch.empty(num_segs, dtype=torch.int32, device=x.device))
     if m == 0:
-        return out
-    bits = range_bits(m * num_segs, x.dtype, num_sms)
+        return sel
+    bits = range_bits(m * num_segs, x.dtype, num_sms(x.device))
     block_k, num_warps = select_config(k)
-    _topk_sparsify_kernel[(m, num_segs, 2**bits)](
+    _topk_select_kernel[(m, num_segs, 2**bits)](
         x,
         x.stride(0),
         k,
         *(list(seg_keep) + [0] * (MAX_SEGMENTS - num_segs)),
-        out,
+        xs,
+        *((sel.idx, sel.xv, sel.count) if with_list else (xs, xs, xs)),
         NUM_SEGS=num_segs,
         BLOCK_K=block_k,
         VALUE_BITS=value_bits(x.dtype),
         RANGE_BITS=bits,
+        LIST=with_list,
         num_warps=num_warps,
     )
-    return out
+    return sel

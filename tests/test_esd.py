@@ -123,6 +123,7 @@ needs_weightwatcher = pytest.mark.skipif(
 
 def _weightwatcher_alphas(weights: list[torch.Tensor]) -> list[float]:
     import weightwatcher
+    from threadpoolctl import threadpool_limits
 
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     layers = torch.nn.ModuleList()
@@ -130,7 +131,9 @@ def _weightwatcher_alphas(weights: list[torch.Tensor]) -> list[float]:
         linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         linear.weight.data = weight.float()
         layers.append(linear)
-    details = weightwatcher.WeightWatcher(model=layers).analyze()  # defaults: the reference
+    # One BLAS thread: scipy's SVD slows down several-fold when its threads fight torch's.
+    with threadpool_limits(1):
+        details = weightwatcher.WeightWatcher(model=layers).analyze()  # defaults: the reference
     assert len(details) == len(weights)
     return [float(a) for a in details["alpha"]]
 
@@ -153,8 +156,8 @@ def _assert_ww_agrees(projections: list[tuple[str, torch.Tensor]]) -> None:
 
 
 @needs_weightwatcher
-def test_ww_matches_weightwatcher_on_smollm2_first_and_last_layer():
-    _assert_ww_agrees(_smollm2_projections({0, 29}))
+def test_ww_matches_weightwatcher_on_smollm2_last_layer():
+    _assert_ww_agrees(_smollm2_projections({29}))
 
 
 @pytest.mark.slow

