@@ -66,7 +66,10 @@ def _configure_profile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eps", type=_fraction, default=DEFAULT_EPS, help="relative spread of budgets around the target")
     parser.add_argument("--s-max", type=_fraction, default=DEFAULT_S_MAX, help="cap on any projection's sparsity")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where eigenvalues are computed")
-    parser.add_argument("--eigen-dtype", choices=("float64", "float32"), default="float64")
+    parser.add_argument(
+        "--eigen-dtype", choices=("auto", "float64", "float32"), default="auto",
+        help="dtype of the eigenvalue computation (auto: float64 on cpu, float32 on cuda)",
+    )
     parser.add_argument("-o", "--output", required=True, help="profile JSON to write")
 
 
@@ -84,7 +87,7 @@ def _profile(args: argparse.Namespace) -> None:
         eps=args.eps,
         s_max=args.s_max,
         device=args.device,
-        eigen_dtype=getattr(torch, args.eigen_dtype),
+        eigen_dtype=None if args.eigen_dtype == "auto" else getattr(torch, args.eigen_dtype),
         progress=True,
     )
     profile.save(args.output)

@@ -22,7 +22,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal, Sequence, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,9 +42,9 @@ from acttail_vllm.profile import FINGERPRINT_ROW_VALUES, Profile, ProfileError, 
 Engine = Literal["reference", "vllm"]
 Device = Literal["cpu", "cuda"]
 Dtype = Literal["float32", "bfloat16"]
-ENGINES: tuple[str, ...] = ("reference", "vllm")
-DEVICES: tuple[str, ...] = ("cpu", "cuda")
-DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+ENGINES: tuple[str, ...] = get_args(Engine)
+DEVICES: tuple[str, ...] = get_args(Device)
+DTYPES: tuple[str, ...] = get_args(Dtype)
 DEFAULT_CONTEXT = 1024
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_TASKS: tuple[str, ...] = ("piqa", "arc_easy", "hellaswag", "boolq")
@@ -310,6 +310,44 @@ class VllmEngine:
         return results
 
 
+def score_requests(
+    engine: ReferenceEngine | VllmEngine, requests: Sequence[ScoreRequest], batch_size: int, desc: str = "", progress: bool = False
+) -> list[torch.Tensor]:
+    """Log-probabilities per request (in order), scored in batches of similar length."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].ids), reverse=True)
+    results: list[torch.Tensor | None] = [None] * len(requests)
+    with tqdm(total=len(requests), desc=desc, unit="seq", disable=not progress) as bar:
+        for first in range(0, len(order), batch_size):
+            batch = order[first : first + batch_size]
+            for index, logprobs in zip(batch, engine.log_likelihoods([requests[i] for i in batch])):
+                results[index] = logprobs
+            bar.update(len(batch))
+    return results
+
+
+def windowed_nll(
+    engine: ReferenceEngine | VllmEngine, ids: Sequence[int], context: int, stride: int | None, batch_size: int,
+    desc: str = "", progress: bool = False,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) and number of the tokens scored over ``sliding_windows``."""
+    requests = [window.request(ids) for window in sliding_windows(len(ids), context, stride)]
+    logprobs = score_requests(engine, requests, batch_size, desc, progress)
+    return -math.fsum(lp.sum().item() for lp in logprobs), sum(len(lp) for lp in logprobs)
+
+
+def task_accuracy(task: McTask, items: Sequence[MultipleChoiceItem], choice_scores: Sequence[Sequence[float]]) -> TaskAccuracy:
+    """Accuracy from each item's per-choice summed log-likelihoods (raw, and per character)."""
+    if len(items) != len(choice_scores) or not items:
+        raise ValueError(f"need one list of choice scores per item, got {len(choice_scores)} for {len(items)} items")
+    right = right_norm = 0
+    for item, scores in zip(items, choice_scores):
+        right += pick_choice(scores) == item.answer_index
+        right_norm += pick_choice(scores, [len(choice) for choice in item.choices]) == item.answer_index
+    return TaskAccuracy(task=task, items=len(items), acc=right / len(items), acc_norm=right_norm / len(items))
+
+
 # --- evaluation ------------------------------------------------------------------------------
 
 
@@ -361,7 +399,7 @@ class Evaluator:
 
     def build_profile(self, directory: Path, method: str, target: float, estimator: str, eps: float, s_max: float) -> Path:
         """A profile of this model in ``directory``, computed once and reused on later calls."""
-        from acttail_vllm.profiler import profile_model
+        from acttail_vllm.profiler import profile_model, reallocated
 
         path = Path(directory) / f"{method}-{estimator}-eps{eps:g}-smax{s_max:g}-s{target:g}.json"
         wanted = {"method": method, "estimator": estimator, "eps": eps, "s_max": s_max, "target_sparsity": target}
@@ -370,10 +408,15 @@ class Evaluator:
             if found != wanted:
                 raise ProfileError(f"{path} holds a profile with {found}, not {wanted}: delete it to rebuild it")
             return path
-        profile_model(
-            self.settings.model, target=target, method=method, estimator=estimator, eps=eps, s_max=s_max,
-            device=self.settings.device, progress=self.progress,
-        ).save(path)  # fmt: skip
+        same_alphas = sorted(Path(directory).glob(f"*-{estimator}-*.json"))
+        if same_alphas:  # alphas depend only on the weights and the estimator
+            profile = reallocated(self.load_profile(same_alphas[0]), target=target, method=method, eps=eps, s_max=s_max)
+        else:
+            profile = profile_model(
+                self.settings.model, target=target, method=method, estimator=estimator, eps=eps, s_max=s_max,
+                device=self.settings.device, progress=self.progress,
+            )  # fmt: skip
+        profile.save(path)
         return path
 
     @contextmanager
@@ -394,21 +437,6 @@ class Evaluator:
     def _profile_info(self, profile_path: Path | None) -> ProfileInfo | None:
         return None if profile_path is None else ProfileInfo.of(profile_path, self.load_profile(profile_path))
 
-    def _score(self, engine, requests: Sequence[ScoreRequest], desc: str) -> list[torch.Tensor]:
-        """Log-probabilities per request, in batches of similar length, with a progress bar."""
-        from tqdm import tqdm
-
-        order = sorted(range(len(requests)), key=lambda i: len(requests[i].ids), reverse=True)
-        results: list[torch.Tensor | None] = [None] * len(requests)
-        size = self.settings.batch_size
-        with tqdm(total=len(requests), desc=desc, unit="seq", disable=not self.progress) as bar:
-            for first in range(0, len(order), size):
-                batch = order[first : first + size]
-                for index, logprobs in zip(batch, engine.log_likelihoods([requests[i] for i in batch])):
-                    results[index] = logprobs
-                bar.update(len(batch))
-        return results
-
     # measurements
 
     def token_stream(self, text: str, max_tokens: int | None = None) -> TokenStream:
@@ -419,22 +447,20 @@ class Evaluator:
         return TokenStream(text, tuple(ids[:max_tokens]), max_tokens)
 
     def perplexity(self, stream: TokenStream, profile_path: Path | None, context: int = DEFAULT_CONTEXT, stride: int | None = None) -> PerplexityResult:
-        windows = sliding_windows(len(stream.ids), context, stride)
-        requests = [window.request(stream.ids) for window in windows]
         info = self._profile_info(profile_path)
-        with self.engine(profile_path, max(len(r.ids) for r in requests)) as engine:
+        with self.engine(profile_path, min(context, len(stream.ids))) as engine:
             start = time.perf_counter()
-            logprobs = self._score(engine, requests, f"ppl {_label(info)}")
+            nll_sum, tokens = windowed_nll(
+                engine, stream.ids, context, stride, self.settings.batch_size, f"ppl {_label(info)}", self.progress
+            )
             seconds = time.perf_counter() - start
-        tokens = sum(len(lp) for lp in logprobs)
-        nll_sum = -math.fsum(lp.sum().item() for lp in logprobs)
         return PerplexityResult(
             **self.settings.model_dump(), profile=info, text=stream.label, context=context,
             stride=stride or context, max_tokens=stream.max_tokens, tokens_scored=tokens,
             nll=nll_sum / tokens, ppl=perplexity(nll_sum, tokens), seconds=seconds,
         )  # fmt: skip
 
-    def _choice_requests(self, item: MultipleChoiceItem) -> list[ScoreRequest]:
+    def choice_requests(self, item: MultipleChoiceItem) -> list[ScoreRequest]:
         context = self.tokenizer(item.context).input_ids
         return [continuation_request(context, self.tokenizer(item.context + choice).input_ids) for choice in item.choices]
 
@@ -442,22 +468,18 @@ class Evaluator:
         self, tasks: Sequence[str], profile_path: Path | None, limit: int | None = None, data_dir: str | None = None
     ) -> MultipleChoiceResult:
         items = {McTask(task): multiple_choice_items(task, limit, data_dir) for task in tasks}
-        requests = {task: [self._choice_requests(item) for item in task_items] for task, task_items in items.items()}
+        requests = {task: [self.choice_requests(item) for item in task_items] for task, task_items in items.items()}
         flat = [r for per_task in requests.values() for per_item in per_task for r in per_item]
         info = self._profile_info(profile_path)
         with self.engine(profile_path, max(len(r.ids) for r in flat)) as engine:
             start = time.perf_counter()
-            sums = iter([lp.sum().item() for lp in self._score(engine, flat, f"mc {_label(info)}")])
+            logprobs = score_requests(engine, flat, self.settings.batch_size, f"mc {_label(info)}", self.progress)
             seconds = time.perf_counter() - start
-        accuracies = []
-        for task, task_items in items.items():
-            right = right_norm = 0
-            for item in task_items:
-                scores = [next(sums) for _ in item.choices]
-                right += pick_choice(scores) == item.answer_index
-                right_norm += pick_choice(scores, [len(choice) for choice in item.choices]) == item.answer_index
-            n = len(task_items)
-            accuracies.append(TaskAccuracy(task=task, items=n, acc=right / n, acc_norm=right_norm / n))
+        sums = iter([lp.sum().item() for lp in logprobs])
+        accuracies = [
+            task_accuracy(task, task_items, [[next(sums) for _ in item.choices] for item in task_items])
+            for task, task_items in items.items()
+        ]
         return MultipleChoiceResult(
             **self.settings.model_dump(), profile=info, limit=limit, data_dir=data_dir, tasks=accuracies, seconds=seconds
         )

@@ -194,6 +194,7 @@ class Profile(_Strict):
         try:
             with os.fdopen(fd, "w") as handle:
                 handle.write(self.to_json())
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a profile is meant to be shared
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

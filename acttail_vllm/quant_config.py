@@ -202,6 +202,7 @@ class ActTailLinearMethod(LinearMethodBase):
             layer.weight,
             bias,
             layer.acttail_seg_bounds,
+            list(layer.acttail_budget.seg_keep),
             layer.acttail_keep,
             layer.acttail_stats,
             self.count_stats,

@@ -43,6 +43,7 @@ def _sparse_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     seg_bounds: list[int],
+    keep_hint: list[int],
     seg_keep: torch.Tensor,
     stats: torch.Tensor,
     count_stats: bool,
@@ -50,8 +51,9 @@ def _sparse_linear(
 ) -> torch.Tensor:
     """``weight`` is [N, K] on CPU and the kernel layout [K, N] (``prepare_weight``) on CUDA.
 
-    ``seg_keep`` (int32, one per output segment) is a tensor, not a list of ints, so compiled graphs
-    and CUDA graphs never bake a budget in: vLLM's compile cache does not know about budgets.
+    ``seg_keep`` (int32, one per output segment) is what the masks and kernels read: a tensor, so
+    compiled graphs and CUDA graphs never bake a budget in (vLLM's compile cache does not key on
+    budgets). ``keep_hint`` holds the same values as ints and only picks sparse kernel vs dense.
     With ``count_stats``, ``stats`` (int64, see ``stats.py``) accumulates, per output segment, the
     input channels kept, then the tokens through the sparse kernel and through the dense fallback.
     """
@@ -61,11 +63,13 @@ def _sparse_linear(
     if x2.is_cuda:
         import acttail_kernels
 
-        y = acttail_kernels.sparse_linear(x2, weight, bias, seg_bounds, seg_keep)
+        y = acttail_kernels.sparse_linear(x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep)
         if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
             dense = x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
             y = torch.where(sparse_rows[:, None], y, dense)
-        used_kernel = acttail_kernels.uses_sparse_kernel(rows, weight.shape[1], weight.shape[0], seg_bounds)
+        used_kernel = acttail_kernels.uses_sparse_kernel(
+            rows, weight.shape[1], weight.shape[0], seg_bounds, keep_hint
+        )
         # the kernels keep exactly seg_keep channels per row (tests/test_kernels.py checks the sets)
         seg_kept = seg_keep.to(torch.int64) * rows
     else:
@@ -95,6 +99,7 @@ def _sparse_linear_fake(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     seg_bounds: list[int],
+    keep_hint: list[int],
     seg_keep: torch.Tensor,
     stats: torch.Tensor,
     count_stats: bool,

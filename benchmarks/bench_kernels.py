@@ -43,7 +43,7 @@ from acttail_kernels import reference  # noqa: E402
 from acttail_kernels.crossover import CROSSOVER_PATH, CrossoverPoint, CrossoverTable, ShapeCrossover  # noqa: E402
 from acttail_kernels.dispatch import dense_on_sparsified  # noqa: E402
 from acttail_kernels.sparse_gemv import sparse_gemv  # noqa: E402
-from acttail_kernels.topk_select import topk_select  # noqa: E402
+from acttail_kernels.topk_select import keep_tensor, topk_select  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def time_us(calls: list, inputs: list[torch.Tensor]) -> float:
         with torch.cuda.graph(graph):
             for step in steps:
                 step()
-        return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") * 1e3
+        return triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median") * 1e3
 
     rewrites = [functools.partial(torch.Tensor.mul_, x, 1.0) for x in inputs]
     both = [step for pair in zip(rewrites, calls) for step in pair]
@@ -137,34 +137,41 @@ class Row:
         return self.needed / self.sparse_us / 1e6
 
 
-def measure(shape: Shape, m: int, sparsity: float, dtype: torch.dtype, device: str) -> Row:
+def measure(shape: Shape, m: int, sparsities: list[float], dtype: torch.dtype, device: str) -> list[Row]:
+    """One Row per sparsity for this shape and batch size (dense timed once, shared)."""
     elem = torch.finfo(dtype).bits // 8
     # Enough instances that their weights overflow L2 (50 MB on H100) about four times over.
     instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * elem))))
     weights = [torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02 for _ in range(instances)]
     weights_t = [ak.prepare_weight(w) for w in weights]
     xs = [torch.randn(m, shape.k, dtype=dtype, device=device) for _ in range(instances)]
-    keeps = keeps_for(shape, sparsity)
     bounds = shape.seg_bounds
-
-    def sparse(x, weight_t):
-        return sparse_gemv(topk_select(x, keeps, compact=True), weight_t, None, bounds)
-
-    def fallback(x, weight_t):
-        return dense_on_sparsified(topk_select(x, keeps, compact=False).xs, weight_t, None, bounds)
 
     def timed(fn, weights_or_t) -> float:
         return time_us([functools.partial(fn, x, w) for x, w in zip(xs, weights_or_t)], xs)
 
-    return Row(
-        shape=shape,
-        m=m,
-        sparsity=sparsity,
-        dense_us=timed(torch.nn.functional.linear, weights),
-        sparse_us=timed(sparse, weights_t),
-        fallback_us=timed(fallback, weights_t),
-        needed=sum(needed_bytes(x, shape, keeps, elem) for x in xs) // instances,
-    )
+    def sparse(keep, x, weight_t):
+        return sparse_gemv(topk_select(x, keep, with_list=m == 1), weight_t, None, bounds)
+
+    def fallback(keep, x, weight_t):
+        return dense_on_sparsified(topk_select(x, keep, with_list=False).xs, weight_t, None, bounds)
+
+    dense_us = timed(torch.nn.functional.linear, weights)
+    rows = []
+    for sparsity in sparsities:
+        keeps = keeps_for(shape, sparsity)
+        keep = keep_tensor(keeps, device)
+        rows.append(Row(
+            shape=shape,
+            m=m,
+            sparsity=sparsity,
+            dense_us=dense_us,
+            sparse_us=timed(functools.partial(sparse, keep), weights_t),
+            fallback_us=timed(functools.partial(fallback, keep), weights_t),
+            needed=sum(needed_bytes(x, shape, keeps, elem) for x in xs) // instances,
+        ))
+        print(f"  measured {shape.name} M={m} s={sparsity}: sparse {rows[-1].sparse_us:.1f} us", flush=True)
+    return rows
 
 
 def check(shapes: list[Shape], dtype: torch.dtype, device: str) -> bool:
@@ -181,7 +188,7 @@ def check(shapes: list[Shape], dtype: torch.dtype, device: str) -> bool:
                 x[:, : shape.k // 4] = x[:, : shape.k // 4].round()  # many exact ties, zeros among them
                 keeps = keeps_for(shape, sparsity)
                 ref = reference.sparse_linear_ref(x, weight, bias, shape.seg_bounds, keeps).float()
-                sel = topk_select(x, keeps, compact=True)
+                sel = topk_select(x, keep_tensor(keeps, device), with_list=m == 1)
                 exact_sets = all(
                     torch.equal(sel.xs[i], torch.where(reference.topk_mask(x, keep), x, 0))
                     for i, keep in enumerate(keeps)
@@ -266,7 +273,7 @@ def main() -> int:
         print("check passed")
         if args.check_only:
             return 0
-    rows = [measure(shape, m, s, dtype, device) for shape in shapes for s in sparsities for m in ms]
+    rows = [row for shape in shapes for m in ms for row in measure(shape, m, sparsities, dtype, device)]
     table = crossover_table(rows, device_name)
     print_tables(rows, table)
     if args.write_crossover:

@@ -67,6 +67,7 @@ def main() -> None:
           f"intermediate {args.intermediate}, weights {args.weight_dtype}")
 
     for estimator in args.estimators:
+        alphas_by_dtype: dict[str, list[float]] = {}
         for eigen_dtype in args.eigen_dtypes:
             stages: dict[str, float] = {}
             start = time.perf_counter()
@@ -82,9 +83,13 @@ def main() -> None:
             )
             total = time.perf_counter() - start
             alphas = [p.alpha for layer in profile.layers for p in layer.projections.values()]
+            alphas_by_dtype[eigen_dtype] = alphas
             per_stage = " | ".join(f"{stage} {stages.get(stage, 0.0):.2f}" for stage in STAGES)
             print(f"estimator {estimator}, eigen dtype {eigen_dtype}: total {total:.2f} s | {per_stage} "
                   f"| alpha {min(alphas):.3f}..{max(alphas):.3f}", flush=True)
+        if {"float64", "float32"} <= set(alphas_by_dtype):
+            worst = max(abs(a - b) / b for a, b in zip(alphas_by_dtype["float32"], alphas_by_dtype["float64"]))
+            print(f"estimator {estimator}: float32 vs float64 alpha, max relative difference {worst:.2e}")
 
 
 if __name__ == "__main__":

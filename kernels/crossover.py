@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 CROSSOVER_PATH = Path(__file__).with_name("crossover.json")
-DEFAULT_MAX_SPARSE_M = 4  # for shapes never measured: where the measured tables mostly end
+DEFAULT_MAX_SPARSE_M = 1  # shapes never measured: single-token decode, where the measured tables mostly end
 
 
 class CrossoverPoint(BaseModel):

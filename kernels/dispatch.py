@@ -7,7 +7,7 @@ import torch
 from .crossover import load_crossover
 from .reference import check_segments
 from .sparse_gemv import MAX_TOKENS, sparse_gemv
-from .topk_select import topk_select
+from .topk_select import keep_tensor, topk_select
 
 
 def weight_sparsity(k: int, seg_bounds: list[int], seg_keep: list[int]) -> float:
@@ -57,17 +57,22 @@ def sparse_linear(
     bias: torch.Tensor | None,
     seg_bounds: list[int],
     seg_keep: list[int],
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[M, N]: output columns [seg_bounds[i], seg_bounds[i+1]) see x with only its seg_keep[i]
     largest-|x| channels per token; same semantics as ``reference.sparse_linear_ref`` on weight_t.T.
 
     weight_t is [K, N] from ``prepare_weight``. Two launches (selection, GEMV) for batches up to the
     measured crossover; above it, selection then dense cuBLAS. No host sync: CUDA-graph safe.
+    ``keep``, the same budgets as ``keep_tensor(seg_keep)``, is what the kernels read: pass a
+    persistent one so a captured or compiled graph reads budgets from memory instead of baking
+    them in (``seg_keep`` then only picks sparse vs dense).
     """
     _check_inputs(x, weight_t, bias)
     k, n = weight_t.shape
     check_segments(n, k, seg_bounds, seg_keep)
+    keep = keep_tensor(seg_keep, x.device) if keep is None else keep
     m = x.shape[0]
     if uses_sparse_kernel(m, n, k, seg_bounds, seg_keep):
-        return sparse_gemv(topk_select(x, seg_keep, with_list=m == 1), weight_t, bias, seg_bounds)
-    return dense_on_sparsified(topk_select(x, seg_keep, with_list=False).xs, weight_t, bias, seg_bounds)
+        return sparse_gemv(topk_select(x, keep, with_list=m == 1), weight_t, bias, seg_bounds)
+    return dense_on_sparsified(topk_select(x, keep, with_list=False).xs, weight_t, bias, seg_bounds)

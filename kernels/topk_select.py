@@ -23,9 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_keeps
-
-MAX_SEGMENTS = 4  # QKV needs 3, gate_up 2; more segments would need more scalar kernel arguments
+MAX_SEGMENTS = 4  # QKV needs 3, gate_up 2; the GEMV takes segment bounds as scalar arguments
 MAX_CHANNELS = 32767  # two counts share one int32 sum in the range test
 RANGE_PROGRAMS_PER_SM = 2  # range-test programs to spread over the GPU (more: the row loads cost)
 
@@ -62,18 +60,6 @@ def _magnitude_bits(v, VALUE_BITS: tl.constexpr):
 
 
 @triton.jit
-def _segment_keep(seg, keep0, keep1, keep2, keep3, NUM_SEGS: tl.constexpr):
-    keep = keep0
-    if NUM_SEGS > 1:
-        keep = tl.where(seg == 1, keep1, keep)
-    if NUM_SEGS > 2:
-        keep = tl.where(seg == 2, keep2, keep)
-    if NUM_SEGS > 3:
-        keep = tl.where(seg == 3, keep3, keep)
-    return keep
-
-
-@triton.jit
 def _count(flags):
     return tl.sum(flags.to(tl.int32), axis=0)
 
@@ -83,10 +69,7 @@ def _topk_select_kernel(
     x_ptr,
     stride_xm,
     K,
-    keep0,
-    keep1,
-    keep2,
-    keep3,
+    keep_ptr,
     xs_ptr,
     idx_ptr,
     xv_ptr,
@@ -102,10 +85,11 @@ def _topk_select_kernel(
     seg = tl.program_id(1)
     part = tl.program_id(2)
     LOW_BITS: tl.constexpr = VALUE_BITS - RANGE_BITS
-    keep = _segment_keep(seg, keep0, keep1, keep2, keep3, NUM_SEGS)
+    keep = tl.load(keep_ptr + seg)  # read on the device: a captured graph follows budget changes
     offs = tl.arange(0, BLOCK_K)
     in_row = offs < K
-    v = tl.load(x_ptr + m.to(tl.int64) * stride_xm + offs, mask=in_row, other=0.0)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    v = tl.load(x_row + offs, mask=in_row, other=0.0)
     bits = tl.where(in_row, _magnitude_bits(v, VALUE_BITS), -1)  # -1: padding never counts
 
     # thr is in this part's slice [part, part + 1) << LOW_BITS iff count(>= its start) >= keep and
@@ -124,10 +108,11 @@ def _topk_select_kernel(
         xs_row = xs_ptr + (seg.to(tl.int64) * tl.num_programs(0) + m) * K
         tl.store(xs_row + offs, tl.where(kept, v, 0.0), mask=in_row)
         if LIST:  # one token: its nonzero kept entries are the channel list
-            listed = kept & (v != 0)
+            listed = kept & (bits != 0)
             slot = tl.cumsum(listed.to(tl.int32), axis=0) - 1
             tl.store(idx_ptr + seg * K + slot, offs, mask=listed)
-            tl.store(xv_ptr + seg * K + slot, v, mask=listed)
+            # Reload x (an L1 hit) rather than keep v live through the scans: fewer registers.
+            tl.store(xv_ptr + seg * K + slot, tl.load(x_row + offs, mask=listed), mask=listed)
             tl.store(count_ptr + seg, _count(listed))
 
 
@@ -155,9 +140,9 @@ def tickets(device: torch.device) -> torch.Tensor:
 
 
 def select_config(k: int) -> tuple[int, int]:
-    """(BLOCK_K, num_warps): the whole row in one program (4 warps measured best up to 8192)."""
+    """(BLOCK_K, num_warps): the whole row in one program, 32 entries a thread (more spill registers)."""
     block_k = triton.next_power_of_2(k)
-    return block_k, 8 if block_k > 8192 else 4
+    return block_k, min(16, max(4, block_k // 1024))
 
 
 def range_bits(rows: int, dtype: torch.dtype, sms: int) -> int:
@@ -166,20 +151,27 @@ def range_bits(rows: int, dtype: torch.dtype, sms: int) -> int:
     return min(value_bits(dtype), int(math.log2(spare)) if spare >= 1 else 0)
 
 
-def topk_select(x: torch.Tensor, seg_keep: list[int], with_list: bool) -> Selection:
-    """Sparsify x [M, K] once per budget in ``seg_keep``; ``with_list`` (one token only) also lists
-    the kept channels. One launch, no host sync."""
+def keep_tensor(seg_keep: list[int], device: torch.device | str) -> torch.Tensor:
+    """The per-segment budgets as the int32 device tensor ``topk_select`` reads."""
+    return torch.tensor(seg_keep, dtype=torch.int32, device=device)
+
+
+def topk_select(x: torch.Tensor, keep: torch.Tensor, with_list: bool) -> Selection:
+    """Sparsify x [M, K] once per budget in ``keep`` (int32 [S] on x's device, each in [0, K], see
+    ``keep_tensor``); ``with_list`` (one token only) also lists the kept channels. One launch, no
+    host sync: the budgets are read on the device, so they are checked where they are made."""
     m, k = x.shape
-    if not 1 <= len(seg_keep) <= MAX_SEGMENTS:
-        raise ValueError(f"1 to {MAX_SEGMENTS} output segments are supported, got {len(seg_keep)}")
+    if keep.dim() != 1 or not 1 <= keep.numel() <= MAX_SEGMENTS:
+        raise ValueError(f"1 to {MAX_SEGMENTS} output segments are supported, got keep of shape {tuple(keep.shape)}")
+    if keep.dtype != torch.int32 or keep.device != x.device:
+        raise ValueError(f"keep must be int32 on {x.device} (keep_tensor), got {keep.dtype} on {keep.device}")
     if k > MAX_CHANNELS:
         raise ValueError(f"at most {MAX_CHANNELS} input channels are supported, got {k}")
     if with_list and m != 1:
         raise ValueError(f"channel lists are made for one token, got {m}")
-    check_keeps(k, seg_keep)
     if x.stride(1) != 1:
         x = x.contiguous()
-    num_segs = len(seg_keep)
+    num_segs = keep.numel()
     xs = torch.empty(num_segs, m, k, dtype=x.dtype, device=x.device)
     sel = Selection(xs)
     if with_list:
@@ -193,7 +185,7 @@ def topk_select(x: torch.Tensor, seg_keep: list[int], with_list: bool) -> Select
         x,
         x.stride(0),
         k,
-        *(list(seg_keep) + [0] * (MAX_SEGMENTS - num_segs)),
+        keep,
         xs,
         *((sel.idx, sel.xv, sel.count) if with_list else (xs, xs, xs)),
         NUM_SEGS=num_segs,

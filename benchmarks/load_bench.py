@@ -1,0 +1,325 @@
+"""Load generator for OpenAI-compatible vLLM servers: requests/s, tokens/s and latency percentiles
+(TTFT, end to end, time per output token), dense against ActTail on the same server settings.
+
+Against running servers (label=URL; the served model name is asked from /v1/models):
+
+    python -m benchmarks.load_bench --url dense=http://gpu:8000 --url acttail=http://gpu:8001
+
+Or let it start the servers one after the other with the same vLLM arguments (dense first, then
+``--quantization acttail`` with the profile), each on loopback:
+
+    python -m benchmarks.load_bench --model /models/Llama-3.1-8B-Instruct \\
+        --profile profiles/llama-3.1-8b-acttail-50.json --vllm-args "--max-model-len 4096" \\
+        --requests 500 --concurrency 32 --max-tokens 256 --output bench.json
+
+Every request streams (for TTFT), ignores EOS (so both servers generate the same number of tokens)
+and has its own timeout; the run ends after ``--requests`` requests whatever happens to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import sys
+import time
+from itertools import cycle
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import openai
+import requests
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Short, varied prompts: different prefixes so that prefix caching does not skip the prefill.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "Explain why the sky is blue in two sentences.",
+    "Write a short poem about a lighthouse keeper.",
+    "List three uses of a paperclip that are not holding paper.",
+    "Summarize the plot of a heist movie you invent on the spot.",
+    "What are the main differences between a lake and a pond?",
+    "Describe the smell of rain to someone who has never experienced it.",
+    "Give step-by-step instructions for brewing a cup of green tea.",
+    "Why do cats purr? Answer like a biology teacher.",
+    "Translate 'good morning, how did you sleep?' into French and Spanish.",
+    "Invent a board game for four players and describe its rules.",
+    "What would happen if the Moon were twice as far from the Earth?",
+    "Write a product description for a solar-powered backpack.",
+)
+PERCENTILES = (50, 90, 95, 99)
+
+
+class LoadSpec(BaseModel):
+    """What one load run sends."""
+
+    model_config = ConfigDict(frozen=True)
+
+    num_requests: int = Field(200, gt=0)
+    concurrency: int = Field(16, gt=0)
+    max_tokens: int = Field(64, gt=0)
+    request_timeout_s: float = Field(300.0, gt=0)
+    prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, min_length=1)
+
+
+class RequestRecord(BaseModel):
+    """One request as the client saw it (times in seconds from the run's start)."""
+
+    sent_s: float
+    ttft_s: float | None = None
+    e2e_s: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class LoadRun(BaseModel):
+    url: str
+    model: str
+    spec: LoadSpec
+    started_at: float  # unix time
+    duration_s: float
+    records: list[RequestRecord]
+
+    @property
+    def failures(self) -> list[RequestRecord]:
+        return [r for r in self.records if r.error is not None]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(r.completion_tokens for r in self.records)
+
+
+class Percentiles(BaseModel):
+    mean: float
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Percentiles | None":
+        if not values:
+            return None
+        p = np.percentile(np.asarray(values, dtype=np.float64), PERCENTILES)
+        return cls(mean=float(np.mean(values)), **{f"p{q}": float(v) for q, v in zip(PERCENTILES, p)})
+
+
+class LoadSummary(BaseModel):
+    label: str
+    url: str
+    model: str
+    spec: LoadSpec
+    requests_ok: int
+    requests_failed: int
+    duration_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+    ttft_s: Percentiles | None
+    e2e_s: Percentiles | None
+    #: (e2e - ttft) / (completion tokens - 1): the decode rate one request sees
+    tpot_s: Percentiles | None
+    first_errors: list[str]
+
+    @classmethod
+    def of(cls, label: str, run: LoadRun) -> "LoadSummary":
+        ok = [r for r in run.records if r.error is None]
+        tokens_out = sum(r.completion_tokens for r in ok)
+        tokens_all = tokens_out + sum(r.prompt_tokens for r in ok)
+        tpot = [
+            (r.e2e_s - r.ttft_s) / (r.completion_tokens - 1)
+            for r in ok
+            if r.ttft_s is not None and r.completion_tokens > 1
+        ]
+        return cls(
+            label=label,
+            url=run.url,
+            model=run.model,
+            spec=run.spec,
+            requests_ok=len(ok),
+            requests_failed=len(run.failures),
+            duration_s=run.duration_s,
+            requests_per_s=len(ok) / run.duration_s,
+            output_tokens_per_s=tokens_out / run.duration_s,
+            total_tokens_per_s=tokens_all / run.duration_s,
+            ttft_s=Percentiles.of([r.ttft_s for r in ok if r.ttft_s is not None]),
+            e2e_s=Percentiles.of([r.e2e_s for r in ok]),
+            tpot_s=Percentiles.of(tpot),
+            first_errors=[r.error for r in run.failures[:5]],
+        )
+
+
+class BenchReport(BaseModel):
+    """The file ``--output`` writes."""
+
+    summaries: list[LoadSummary]
+    vllm_args: list[str] = Field(default_factory=list)
+
+
+async def _stream_one(client: openai.AsyncOpenAI, model: str, prompt: str, spec: LoadSpec, t0: float) -> RequestRecord:
+    sent = time.perf_counter()
+    ttft = None
+    usage = None
+    stream = await client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=spec.max_tokens,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if ttft is None and chunk.choices and chunk.choices[0].text:
+            ttft = time.perf_counter() - sent
+        if chunk.usage is not None:
+            usage = chunk.usage
+    end = time.perf_counter()
+    if usage is None:
+        raise RuntimeError("the stream ended without a usage chunk")
+    return RequestRecord(
+        sent_s=sent - t0,
+        ttft_s=ttft,
+        e2e_s=end - sent,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+    )
+
+
+async def run_load_async(url: str, model: str, spec: LoadSpec) -> LoadRun:
+    """Send ``spec.num_requests`` streaming completions, at most ``spec.concurrency`` at a time."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=spec.request_timeout_s)
+    prompts = cycle(spec.prompts)
+    queue = [next(prompts) for _ in range(spec.num_requests)]
+    records: list[RequestRecord] = []
+    started_at = time.time()
+    t0 = time.perf_counter()
+
+    async def worker() -> None:
+        while queue:
+            prompt = queue.pop()
+            sent = time.perf_counter()
+            try:
+                record = await asyncio.wait_for(_stream_one(client, model, prompt, spec, t0), spec.request_timeout_s)
+            except Exception as exc:  # every failure is a result to report, not a reason to stop
+                record = RequestRecord(sent_s=sent - t0, e2e_s=time.perf_counter() - sent, error=f"{type(exc).__name__}: {exc}")
+            records.append(record)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(min(spec.concurrency, spec.num_requests))))
+    finally:
+        await client.close()
+    return LoadRun(
+        url=url, model=model, spec=spec, started_at=started_at, duration_s=time.perf_counter() - t0, records=records
+    )
+
+
+def run_load(url: str, model: str, spec: LoadSpec) -> LoadRun:
+    return asyncio.run(run_load_async(url, model, spec))
+
+
+def served_model(url: str) -> str:
+    """The one model a vLLM server serves (its /v1/models)."""
+    models = requests.get(f"{url}/v1/models", timeout=30).json()["data"]
+    if len(models) != 1:
+        raise SystemExit(f"{url} serves {len(models)} models ({[m['id'] for m in models]}): pass --model-name")
+    return models[0]["id"]
+
+
+def format_table(summaries: Sequence[LoadSummary]) -> str:
+    def ms(p: Percentiles | None, key: str) -> str:
+        return "-" if p is None else f"{1000 * getattr(p, key):.1f}"
+
+    header = (
+        f"{'label':<10} {'ok':>5} {'fail':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p95':>9} "
+        f"{'TPOT p50':>9} {'E2E p50':>9} {'E2E p95':>9}   (ms)"
+    )
+    rows = [
+        f"{s.label:<10} {s.requests_ok:>5} {s.requests_failed:>4} {s.requests_per_s:>7.2f} {s.output_tokens_per_s:>10.1f} "
+        f"{ms(s.ttft_s, 'p50'):>9} {ms(s.ttft_s, 'p95'):>9} {ms(s.tpot_s, 'p50'):>9} {ms(s.e2e_s, 'p50'):>9} {ms(s.e2e_s, 'p95'):>9}"
+        for s in summaries
+    ]
+    if len(summaries) == 2 and summaries[0].output_tokens_per_s > 0:
+        ratio = summaries[1].output_tokens_per_s / summaries[0].output_tokens_per_s
+        rows.append(f"output tokens/s, {summaries[1].label} / {summaries[0].label}: {ratio:.3f}x")
+    return "\n".join([header, *rows])
+
+
+def _parse_urls(values: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        label, sep, url = value.partition("=")
+        if not sep or not url.startswith("http"):
+            raise SystemExit(f"--url {value!r}: expected LABEL=http://HOST:PORT, e.g. dense=http://127.0.0.1:8000")
+        pairs.append((label, url.rstrip("/")))
+    return pairs
+
+
+def measure(label: str, url: str, model: str, spec: LoadSpec, warmup: int) -> LoadSummary:
+    """``warmup`` unreported requests (first-batch compilation and allocations), then the run."""
+    if warmup:
+        run_load(url, model, spec.model_copy(update={"num_requests": warmup}))
+    return LoadSummary.of(label, run_load(url, model, spec))
+
+
+def _bench_started_servers(args: argparse.Namespace, spec: LoadSpec, vllm_args: list[str]) -> list[LoadSummary]:
+    from acttail_vllm.server import VllmServer
+
+    acttail_env = {"ACTTAIL_PROFILE": str(args.profile)} if args.profile else {"ACTTAIL_SPARSITY": str(args.sparsity)}
+    runs = [("dense", vllm_args, {}), ("acttail", [*vllm_args, "--quantization", "acttail"], acttail_env)]
+    summaries = []
+    for label, server_args, env in runs:
+        print(f"starting the {label} server ...", file=sys.stderr)
+        with VllmServer(str(args.model), server_args, env=env) as server:
+            summaries.append(measure(label, server.url, served_model(server.url), spec, args.warmup))
+            if args.server_logs:  # evidence: startup log (budgets, CUDA graphs) and final /metrics
+                args.server_logs.mkdir(parents=True, exist_ok=True)
+                (args.server_logs / f"{label}.metrics").write_text(requests.get(f"{server.url}/metrics", timeout=30).text)
+                (args.server_logs / f"{label}.log").write_text(server.log())
+    return summaries
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", action="append", metavar="LABEL=URL", help="a running server (repeatable)")
+    target.add_argument("--model", type=Path, help="model directory: start a dense and an ActTail server on it")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--profile", type=Path, help="ActTail profile JSON for the started ActTail server")
+    budget.add_argument("--sparsity", type=float, help="ActTail target sparsity when no --profile (budgets built at load)")
+    parser.add_argument("--vllm-args", default="", help='extra `vllm serve` arguments for both servers, one string')
+    parser.add_argument("--model-name", help="model name for --url servers (default: what /v1/models lists)")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    parser.add_argument("--warmup", type=int, default=8, help="requests sent before measuring (not reported)")
+    parser.add_argument("--output", type=Path, help="write the report here as JSON")
+    parser.add_argument("--server-logs", type=Path, help="with --model: keep each server's log and final /metrics here")
+    args = parser.parse_args(argv)
+
+    spec = LoadSpec(
+        num_requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens, request_timeout_s=args.timeout
+    )
+    vllm_args = shlex.split(args.vllm_args)
+    if args.model is not None:
+        if args.profile is None and args.sparsity is None:
+            parser.error("--model needs --profile or --sparsity for the ActTail server")
+        if args.profile is not None and not args.profile.is_file():
+            parser.error(f"--profile {args.profile} does not exist: build one with `acttail profile MODEL --sparsity S -o FILE`")
+        summaries = _bench_started_servers(args, spec, vllm_args)
+    else:
+        summaries = [
+            measure(label, url, args.model_name or served_model(url), spec, args.warmup)
+            for label, url in _parse_urls(args.url)
+        ]
+
+    print(format_table(summaries))
+    if args.output:
+        args.output.write_text(BenchReport(summaries=summaries, vllm_args=vllm_args).model_dump_json(indent=2) + "\n")
+        print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""vLLM end-to-end decode throughput: dense vs ActTail at Llama-2 shapes with random weights.
+
+Runs on a CUDA host with vLLM installed (see ../shared/gpu/README.md for the offline bundle):
+
+    python -m benchmarks.vllm_decode_bench --shapes 13b,7b --sparsities 0.5,0.7,0.8,0.9 --batches 1,4,16
+
+Each configuration runs in its own process (a fresh vLLM engine: `--load-format dummy`, bf16, default
+torch.compile and CUDA graphs), generates `--new-tokens` tokens after a `--prompt-len` prompt for
+every request of a batch (ignore_eos), and reports decode tokens/s = batch * new_tokens / seconds
+(prefill included, as in the dense baseline quoted in the README). ActTail budgets come from the
+loader hook (alphas of the random weights, cached under $ACTTAIL_CACHE between configurations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.dummy_llama import write_config
+
+def run_worker(args: argparse.Namespace) -> None:
+    """One engine, every batch size: prints one JSON line per batch."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = {"quantization": "acttail"} if args.sparsity != "dense" else {}
+    llm = LLM(
+        model=args.model,
+        load_format="dummy",
+        dtype="bfloat16",
+        skip_tokenizer_init=True,
+        max_model_len=args.prompt_len + args.new_tokens + 16,
+        max_num_seqs=max(args.batches),
+        gpu_memory_utilization=0.85,
+        **kwargs,
+    )
+    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
+    for batch in args.batches:
+        prompts = [
+            TokensPrompt(prompt_token_ids=[(7 * i + j) % 31000 + 100 for j in range(args.prompt_len)])
+            for i in range(batch)
+        ]
+        llm.generate(prompts[:1], SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
+        best = float("inf")
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            best = min(best, time.perf_counter() - start)
+        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+        print(json.dumps({"batch": batch, "tokens": generated, "seconds": best, "tok_s": generated / best}), flush=True)
+
+
+def run_config(model: Path, sparsity: str, args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
+    cmd = [
+        sys.executable, "-m", "benchmarks.vllm_decode_bench", "--worker", "--model", str(model), "--sparsity", sparsity,
+        "--batches", ",".join(map(str, args.batches)), "--prompt-len", str(args.prompt_len),
+        "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+    ]  # fmt: skip
+    worker_env = {**env} if sparsity == "dense" else {**env, "ACTTAIL_SPARSITY": sparsity}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=worker_env, capture_output=True, text=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not rows:
+        sys.stderr.write(proc.stderr[-6000:])
+        raise SystemExit(f"{model.name} {sparsity}: worker failed with {proc.returncode}")
+    budget_lines = [l for l in proc.stderr.splitlines() if "ActTail:" in l and "budgets ready" in l]
+    print(f"# {model.name} {sparsity}: engine run {time.perf_counter() - start:.0f} s"
+          + (f"; {budget_lines[-1].split('ActTail: ')[-1][:120]}" if budget_lines else ""), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model")
+    parser.add_argument("--sparsity", default="dense")
+    parser.add_argument("--shapes", default="13b,7b")
+    parser.add_argument("--sparsities", default="0.5,0.7,0.8,0.9")
+    parser.add_argument("--batches", default="1,4,16", type=lambda s: [int(b) for b in s.split(",")])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write all rows here")
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args)
+        return
+
+    root = Path(tempfile.mkdtemp(prefix="acttail-bench-"))
+    env = {**os.environ, "ACTTAIL_CACHE": os.environ.get("ACTTAIL_CACHE", str(root / "cache"))}
+    results = []
+    for shape in args.shapes.split(","):
+        model = write_config(shape, root / f"llama-2-{shape}-shape")
+        dense = {r["batch"]: r["tok_s"] for r in run_config(model, "dense", args, env)}
+        for sparsity in args.sparsities.split(","):
+            for row in run_config(model, sparsity, args, env):
+                results.append({"shape": shape, "sparsity": float(sparsity), "dense_tok_s": dense[row["batch"]], **row})
+    print("\n| shape | batch | sparsity | dense tok/s | acttail tok/s | speedup |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['shape']} | {r['batch']} | {r['sparsity']:.1f} | {r['dense_tok_s']:.0f} | "
+              f"{r['tok_s']:.0f} | {r['tok_s'] / r['dense_tok_s']:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

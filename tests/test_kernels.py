@@ -1,0 +1,239 @@
+"""TopK-sparse linear kernels against their PyTorch reference.
+
+Without CUDA the Triton kernels run in Triton's CPU interpreter (fp32/fp16, small odd shapes; bf16
+gives NaN there); with CUDA the same tests run bf16 at full Llama-2 7B/13B shapes. Every kernel
+output is poisoned with NaN first, so an element the kernel fails to write fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import
+
+from acttail_kernels import kernels_available, prepare_weight, reference  # noqa: E402
+from acttail_kernels.crossover import (  # noqa: E402
+    DEFAULT_MAX_SPARSE_M,
+    CrossoverPoint,
+    CrossoverTable,
+    ShapeCrossover,
+    load_crossover,
+)
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
+# (seg_widths, K): a plain projection and merged ones with unequal odd segments.
+SHAPES = (
+    [((5120,), 5120), ((5120, 5120, 5120), 5120), ((13824, 13824), 5120), ((5120,), 13824), ((4096,), 11008)]
+    if ON_GPU
+    else [((37,), 100), ((11, 13, 9), 100), ((20, 17), 63)]
+)
+SPARSITIES = [0.0, 0.5, 0.8, 0.95]
+TOKENS = [1, 2, 5, 16] if ON_GPU else [1, 3, 16]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The Triton modules, loaded under the interpreter on CPU."""
+    if "acttail_kernels.topk_select" in sys.modules and not ON_GPU:
+        from acttail_kernels.topk_select import triton_interpreted
+
+        if not triton_interpreted():
+            pytest.skip("kernels were imported before TRITON_INTERPRET=1 was set (run this file alone)")
+    ok, reason = kernels_available(DEVICE)
+    if not ok:
+        pytest.skip(reason)
+    from acttail_kernels import dispatch, sparse_gemv, topk_select
+
+    return dispatch, sparse_gemv, topk_select
+
+
+def bounds_of(widths: tuple[int, ...]) -> list[int]:
+    return [0] + torch.tensor(widths).cumsum(0).tolist()
+
+
+def keeps_for(k: int, widths: tuple[int, ...], sparsity: float, seed: int) -> list[int]:
+    """One budget per segment near 1 - sparsity, different per segment (merged projections)."""
+    return [min(k, max(0, round((1 - sparsity) * k) - 3 * i + seed % 3)) for i in range(len(widths))]
+
+
+def activations(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random rows with many exact |x| ties (integers, both signs) and zeros in the first quarter."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    x[:, : k // 4] = x[:, : k // 4].mul(2).round()
+    return x.to(dtype).to(DEVICE)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+# --- the reference itself -------------------------------------------------------------------
+
+
+def test_topk_mask_keeps_exactly_keep_per_row():
+    x = torch.randn(7, 50)
+    for keep in (0, 1, 17, 50):
+        mask = reference.topk_mask(x, keep)
+        assert mask.sum(dim=1).tolist() == [keep] * 7
+        if 0 < keep < 50:  # every kept |x| >= every dropped |x|
+            kept_min = torch.where(mask, x.abs(), torch.inf).min(dim=1).values
+            dropped_max = torch.where(mask, -torch.inf, x.abs()).max(dim=1).values
+            assert (kept_min >= dropped_max).all()
+
+
+def test_topk_mask_ties_go_to_lower_index():
+    x = torch.tensor([[1.0, -3.0, 2.0, -2.0, 2.0, 0.0, 2.0]])
+    assert reference.topk_mask(x, 3).tolist() == [[False, True, True, True, False, False, False]]
+    assert reference.topk_mask(torch.zeros(1, 5), 2).tolist() == [[True, True, False, False, False]]
+
+
+def test_sparse_linear_ref_per_segment_keep():
+    x = torch.tensor([[4.0, -1.0, 3.0, 0.5]])
+    weight = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    bias = torch.tensor([1.0, 2.0, 3.0])
+    out = reference.sparse_linear_ref(x, weight, bias, [0, 1, 3], [1, 3])
+    expect_first = 4.0 * weight[0, 0] + 1.0
+    expect_rest = (torch.tensor([4.0, -1.0, 3.0, 0.0]) @ weight[1:].T) + bias[1:]  # 0.5 dropped
+    assert torch.allclose(out, torch.cat([expect_first.view(1), expect_rest]).view(1, 3))
+
+
+@pytest.mark.parametrize(
+    ("bounds", "keeps", "message"),
+    [([0, 5], [1], "end at the output width"), ([0, 2, 2, 6], [1, 1, 1], "strictly increasing"),
+     ([0, 3, 6], [1], "one entry per segment"), ([0, 6], [5], r"in \[0, 4\]")],
+)
+def test_bad_segments_are_rejected(bounds, keeps, message):
+    with pytest.raises(ValueError, match=message):
+        reference.sparse_linear_ref(torch.randn(2, 4), torch.randn(6, 4), None, bounds, keeps)
+
+
+# --- the Triton kernels ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_selection_matches_reference_exactly(kernels, shape, dtype):
+    _, _, topk_select = kernels
+    widths, k = shape
+    for seed, (m, sparsity) in enumerate((m, s) for m in TOKENS for s in SPARSITIES):
+        x = activations(m, k, dtype, seed)
+        keeps = keeps_for(k, widths, sparsity, seed)
+        sel = topk_select.topk_select(x, topk_select.keep_tensor(keeps, DEVICE), with_list=m == 1)
+        for i, keep in enumerate(keeps):
+            expect = torch.where(reference.topk_mask(x, keep), x, 0)
+            assert torch.equal(sel.xs[i], expect), f"M={m} s={sparsity} segment {i} keep {keep}"
+            if m == 1:  # the channel list: nonzero kept entries in order, with their values
+                listed = expect[0].nonzero().flatten()
+                count = int(sel.count[i])
+                assert count == listed.numel()
+                assert torch.equal(sel.idx[i, :count].long(), listed)
+                assert torch.equal(sel.xv[i, :count], expect[0, listed])
+
+
+def test_selection_reads_budgets_from_the_device_tensor(kernels):
+    """Compiled and captured graphs reuse one launch: a budget written into ``keep`` must take effect."""
+    _, _, topk_select = kernels
+    x = activations(1, 64, torch.float32, 7)
+    keep = topk_select.keep_tensor([48], DEVICE)
+    for budget in (48, 5):
+        keep.fill_(budget)
+        sel = topk_select.topk_select(x, keep, with_list=True)
+        assert torch.equal(sel.xs[0], torch.where(reference.topk_mask(x, budget), x, 0))
+        assert int(sel.count[0]) == int(sel.xs[0].count_nonzero())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_sparse_gemv_matches_reference(kernels, shape, dtype):
+    _, sparse_gemv, topk_select = kernels
+    widths, k = shape
+    bounds = bounds_of(widths)
+    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
+    weight_t = prepare_weight(weight)
+    bias = torch.randn(bounds[-1]).to(dtype).to(DEVICE)
+    # Default plans, plus one split over several programs (the ticketed reduction) for each loop.
+    plans = [None] if ON_GPU else [None, sparse_gemv.GemvPlan(16, 16, 3, 4, 3)]
+    for seed, (m, sparsity) in enumerate((m, s) for m in TOKENS for s in SPARSITIES):
+        x = activations(m, k, dtype, 100 + seed)
+        keeps = keeps_for(k, widths, sparsity, seed)
+        ref = reference.sparse_linear_ref(x, weight, bias if seed % 2 else None, bounds, keeps)
+        sel = topk_select.topk_select(x, topk_select.keep_tensor(keeps, DEVICE), with_list=m == 1)
+        for plan in plans:
+            out = torch.full((m, bounds[-1]), torch.nan, dtype=dtype, device=DEVICE)
+            sparse_gemv.sparse_gemv(sel, weight_t, bias if seed % 2 else None, bounds, plan=plan, out=out)
+            assert not out.isnan().any(), f"unwritten outputs at M={m} s={sparsity} plan {plan}"
+            assert rel_err(out, ref) < tolerance(dtype), f"M={m} s={sparsity} plan {plan}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_linear_both_paths(kernels, dtype):
+    """Small batches run the sparse GEMV, large ones dense cuBLAS on the sparsified input."""
+    dispatch, _, _ = kernels
+    widths, k = SHAPES[1]
+    bounds = bounds_of(widths)
+    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
+    keeps = keeps_for(k, widths, 0.8, 0)
+    paths = set()
+    for m in (1, 2, 16, 24):
+        x = activations(m, k, dtype, m)
+        paths.add(dispatch.uses_sparse_kernel(m, bounds[-1], k, bounds, keeps))
+        out = dispatch.sparse_linear(x, prepare_weight(weight), None, bounds, keeps)
+        assert out.shape == (m, bounds[-1]) and out.dtype == dtype
+        ref = reference.sparse_linear_ref(x, weight, None, bounds, keeps)
+        assert rel_err(out, ref) < tolerance(dtype)
+    assert paths == {True, False}
+
+
+def test_sparse_linear_rejects_bad_inputs(kernels):
+    dispatch, _, _ = kernels
+    x = torch.randn(2, 8, device=DEVICE)
+    weight_t = torch.randn(8, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="prepare_weight"):
+        dispatch.sparse_linear(x, weight_t.T, None, [0, 6], [4])
+    with pytest.raises(ValueError, match="must share dtype"):
+        dispatch.sparse_linear(x.half(), weight_t, None, [0, 6], [4])
+    with pytest.raises(ValueError, match="bias must be"):
+        dispatch.sparse_linear(x, weight_t, torch.randn(5, device=DEVICE), [0, 6], [4])
+    with pytest.raises(ValueError, match=r"1 to 4 output segments"):
+        dispatch.sparse_linear(x, weight_t, None, [0, 1, 2, 3, 4, 6], [1] * 5)
+
+
+def test_kernels_available_explains_cpu_without_interpreter(monkeypatch):
+    import acttail_kernels.topk_select as topk_select
+
+    monkeypatch.setattr(topk_select, "triton_interpreted", lambda: False)
+    ok, reason = kernels_available("cpu")
+    assert not ok and reason.startswith("no Triton/CUDA on this platform")
+
+
+# --- the crossover table --------------------------------------------------------------------
+
+
+def test_crossover_lookup():
+    table = CrossoverTable(
+        device="test",
+        shapes=[ShapeCrossover(name="q", n=64, k=32, points=[
+            CrossoverPoint(sparsity=0.5, max_sparse_m=1), CrossoverPoint(sparsity=0.8, max_sparse_m=4)])],
+    )
+    assert table.max_sparse_m(64, 32, 0.3) == 0  # below every measured sparsity: dense
+    assert table.max_sparse_m(64, 32, 0.5) == 1
+    assert table.max_sparse_m(64, 32, 0.79) == 1  # the highest measured point not above it
+    assert table.max_sparse_m(64, 32, 0.95) == 4
+    assert table.max_sparse_m(128, 32, 0.95) == DEFAULT_MAX_SPARSE_M  # unmeasured shape
+
+
+def test_shipped_crossover_table_loads():
+    table = load_crossover()
+    assert all(p.max_sparse_m <= 16 for s in table.shapes for p in s.points)

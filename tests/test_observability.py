@@ -1,0 +1,193 @@
+"""Observability: the files of the deploy/ stack agree with each other, and every query of the Grafana
+dashboard returns data from a real Prometheus scraping a real vLLM server (with ActTail) under load.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+import requests
+import yaml
+
+from acttail_vllm.server import VllmServer
+from benchmarks.load_bench import LoadRun, LoadSpec, LoadSummary, RequestRecord, run_load
+from deploy.local_prometheus import LocalPrometheus, finite_values, prometheus_binary
+from deploy.stack import (
+    COMPOSE_PATH,
+    DASHBOARD_PATH,
+    DEPLOY_DIR,
+    PROMETHEUS_CONFIG_PATH,
+    StackFileError,
+    concrete_expr,
+    load_compose,
+    load_dashboard,
+    load_dashboard_providers,
+    load_datasources,
+    load_prometheus_config,
+)
+from tests.conftest import shipped_profile
+
+# Panels vLLM fills with its own metric names (checked on vLLM 0.32's /metrics) and ActTail's.
+EXPECTED_METRICS = (
+    "vllm:generation_tokens_total",
+    "vllm:prompt_tokens_total",
+    "vllm:time_to_first_token_seconds_bucket",
+    "vllm:inter_token_latency_seconds_bucket",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "acttail_info",
+    "acttail_projection_sparsity_ratio",
+    "acttail_kept_fraction_ratio",
+    "acttail_tokens_total",
+    "acttail_profile_build_seconds",
+)
+
+
+def all_targets():
+    return [(panel, target) for panel in load_dashboard().query_panels() for target in panel.targets]
+
+
+def test_dashboard_covers_the_metrics_and_uses_the_provisioned_datasource():
+    dashboard = load_dashboard()
+    (datasource,) = load_datasources().datasources
+    exprs = " ".join(t.expr for _, t in all_targets())
+    assert [m for m in EXPECTED_METRICS if m not in exprs] == []
+    assert {t.datasource.uid for _, t in all_targets()} == {datasource.uid}
+    assert len({p.id for p in dashboard.panels}) == len(dashboard.panels)
+    # rate windows follow the scrape interval (short tests and slow production scrapes alike)
+    assert all("$__rate_interval" in t.expr for _, t in all_targets() if "rate(" in t.expr)
+
+
+def test_stack_files_point_at_each_other():
+    services = load_compose().services
+    vllm, prometheus, grafana = services["vllm"], services["prometheus"], services["grafana"]
+    (job,) = load_prometheus_config().scrape_configs
+    assert job.static_configs[0].targets == ["vllm:8000"]
+    assert "--port=8000" in vllm.command and "--quantization=acttail" in vllm.command
+    assert vllm.deploy["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert vllm.environment["ACTTAIL_PROFILE"] in vllm.mounts()
+
+    assert (DEPLOY_DIR / prometheus.mounts()["/etc/prometheus/prometheus.yml"]).resolve() == PROMETHEUS_CONFIG_PATH
+    (datasource,) = load_datasources().datasources
+    assert datasource.url == "http://prometheus:9090"
+    assert datasource.jsonData["timeInterval"] == load_prometheus_config().global_.scrape_interval
+    (provider,) = load_dashboard_providers().providers
+    grafana_mounts = grafana.mounts()
+    assert (DEPLOY_DIR / grafana_mounts[provider.options["path"]]).resolve() == DASHBOARD_PATH.parent
+    assert (DEPLOY_DIR / grafana_mounts["/etc/grafana/provisioning"]).is_dir()
+
+
+def test_rate_interval_is_the_only_variable():
+    assert concrete_expr("rate(x[$__rate_interval])", "30s") == "rate(x[30s])"
+    with pytest.raises(StackFileError, match=r"unsupported Grafana variable"):
+        concrete_expr("rate(x{model=\"$model\"}[5m])", "30s")
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not on PATH (Debian package prometheus)")
+def test_promtool_accepts_the_config_and_every_dashboard_query(tmp_path):
+    check = subprocess.run(["promtool", "check", "config", str(PROMETHEUS_CONFIG_PATH)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # promtool parses PromQL offline only inside rule files: one recording rule per query
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:panel{panel.id}:{target.refId}", "expr": concrete_expr(target.expr, "1m")}
+        for panel, target in all_targets()
+    ]}]}  # fmt: skip
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    check = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return None
+
+
+@pytest.mark.skipif(compose_command() is None, reason="neither docker-compose nor the docker compose plugin is installed")
+def test_compose_file_is_valid(tmp_path):
+    profile = tmp_path / "profile.json"
+    profile.write_text("{}")
+    env = {"PATH": os.environ["PATH"], "ACTTAIL_MODEL_DIR": str(tmp_path), "ACTTAIL_PROFILE_FILE": str(profile)}
+    check = subprocess.run([*compose_command(), "-f", str(COMPOSE_PATH), "config", "-q"], capture_output=True, text=True, env=env)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # without the model directory the stack refuses to start, naming the variable
+    env.pop("ACTTAIL_MODEL_DIR")
+    check = subprocess.run([*compose_command(), "-f", str(COMPOSE_PATH), "config", "-q"], capture_output=True, text=True, env=env)
+    assert check.returncode != 0 and "ACTTAIL_MODEL_DIR" in check.stderr
+
+
+def test_load_summary_counts_only_successful_requests():
+    spec = LoadSpec(num_requests=3, concurrency=2, max_tokens=5)
+    records = [
+        RequestRecord(sent_s=0.0, ttft_s=0.1, e2e_s=0.5, prompt_tokens=4, completion_tokens=5),
+        RequestRecord(sent_s=0.0, ttft_s=0.3, e2e_s=0.7, prompt_tokens=6, completion_tokens=5),
+        RequestRecord(sent_s=0.5, e2e_s=2.0, error="ReadTimeout: too slow"),
+    ]
+    run = LoadRun(url="http://x", model="m", spec=spec, started_at=0.0, duration_s=2.0, records=records)
+    summary = LoadSummary.of("dense", run)
+    assert (summary.requests_ok, summary.requests_failed) == (2, 1)
+    assert summary.output_tokens_per_s == pytest.approx(10 / 2.0)
+    assert summary.total_tokens_per_s == pytest.approx(20 / 2.0)
+    assert summary.ttft_s.p50 == pytest.approx(0.2)
+    assert summary.tpot_s.mean == pytest.approx(0.1)  # (0.5 - 0.1) / 4 and (0.7 - 0.3) / 4
+    assert summary.first_errors == ["ReadTimeout: too slow"]
+
+
+# --- the real thing ---------------------------------------------------------------------------
+
+SERVE_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "8")
+LOAD = LoadSpec(num_requests=200, concurrency=16, max_tokens=8, request_timeout_s=120)
+SCRAPE_INTERVAL_S = 1.0
+
+
+def served_counter(server: VllmServer, name: str) -> float:
+    """Sum of a counter over its series, read from the server's /metrics directly."""
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    values = re.findall(rf"^{re.escape(name)}(?:\{{.*\}})? (\S+)$", text, re.M)
+    assert values, f"{name} is not on {server.url}/metrics"
+    return sum(float(v) for v in values)
+
+
+@pytest.mark.slow
+def test_every_dashboard_query_has_data_under_load(smollm2_dir):
+    if prometheus_binary() is None:
+        pytest.skip("the prometheus binary is not installed (apt-get install prometheus)")
+    model = str(smollm2_dir)
+    env = {"ACTTAIL_PROFILE": str(shipped_profile("acttail", 50)), "ACTTAIL_METRICS_INTERVAL_S": "0.5"}
+    with (
+        VllmServer(model, (*SERVE_ARGS, "--quantization", "acttail"), env=env) as server,
+        LocalPrometheus([f"127.0.0.1:{server.port}"], SCRAPE_INTERVAL_S) as prom,
+    ):
+        prom.wait_for_scrape_after(time.time())
+        assert [s.value[1] for s in prom.query("up")] == [1.0], prom.log()[-2000:]
+
+        run = run_load(server.url, model, LOAD)
+        assert len(run.records) == LOAD.num_requests
+        assert run.failures == []
+        # the worker's ActTail snapshot lags by up to one interval; then one more scrape
+        time.sleep(1.0)
+        prom.wait_for_scrape_after(time.time())
+        at = time.time()
+
+        (generated,) = finite_values(prom.query("sum(vllm:generation_tokens_total)", at=at))
+        assert generated == served_counter(server, "vllm:generation_tokens_total")
+        assert generated == run.completion_tokens == LOAD.num_requests * LOAD.max_tokens  # ignore_eos
+
+        # the rate window Grafana would choose for a dashboard spanning the load
+        window = f"{math.ceil(at - run.started_at) + 2}s"
+        empty = []
+        for panel, target in all_targets():
+            expr = concrete_expr(target.expr, window)
+            if not finite_values(prom.query(expr, at=at)):
+                empty.append(f"{panel.title} [{target.refId}]: {expr}")
+        assert empty == [], "dashboard queries without data:\n" + "\n".join(empty)
