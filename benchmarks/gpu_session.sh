@@ -22,7 +22,7 @@ python=${PYTHON:-python3}
 
 case "${1:-}" in
 kernels)
-  $python -m pytest -q tests/test_kernels.py 2>&1 | tail -5 | tee "$OUT/kernel_tests.txt"
+  { $python -m pytest -q tests/test_kernels.py 2>&1 || true; } | tail -5 | tee "$OUT/kernel_tests.txt"
   $python benchmarks/bench_kernels.py --check --write-crossover "$OUT/crossover.json" 2>&1 \
     | grep -v "^  measured" | tee "$OUT/bench_kernels.txt"
   cp "$OUT/crossover.json" kernels/crossover.json  # the later steps dispatch with it
