@@ -40,13 +40,13 @@ serve)
   ;;
 decode13b | decode7b)
   shape=${1#decode}
-  $python -m benchmarks.vllm_decode_bench --shapes "$shape" --sparsities 0.5,0.7,0.8,0.9 --batches 1,4,16 \
+  $python -m benchmarks.vllm_decode_bench --shapes "$shape" --sparsities "${SPARSITIES:-0.5,0.7,0.8,0.9}" --batches 1,4,16 \
     --new-tokens 128 --repeats 1 --json "$OUT/decode_$shape.json" 2>&1 | tee "$OUT/decode_$shape.txt"
   ;;
 quality)
   model=${SMOLLM2_DIR:-$($python -m acttail_vllm.cli prepare-smollm2)}
   $python benchmarks/quality_sweep.py --model "$model" --data-dir "${EVAL_DATA:-.gpu/evaldata}" \
-    --out "$OUT/quality" --device cuda --dtype float32 --mc-limit 300 2>&1 | tail -40
+    --out "$OUT/quality" --device cuda --dtype float32 --mc-limit 300 "${@:2}" 2>&1 | tail -40
   ;;
 *)
   sed -n '2,18p' "$0"

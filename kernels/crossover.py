@@ -34,15 +34,12 @@ class CrossoverTable(BaseModel):
     shapes: list[ShapeCrossover]
 
     def max_sparse_m(self, n: int, k: int, sparsity: float) -> int:
-        """Largest batch to run sparse for this shape at this sparsity.
-
-        Uses the measured point of highest sparsity not above ``sparsity`` (sparse only gets better
-        as sparsity grows); 0 below every measured point; the default for unmeasured shapes.
-        """
+        """Largest batch to run sparse for this shape at this sparsity: the measured point of
+        nearest sparsity (the lower one on a tie; a profile's budgets scatter around the measured
+        targets); the default for unmeasured shapes."""
         for shape in self.shapes:
-            if (shape.n, shape.k) == (n, k):
-                below = [p for p in shape.points if p.sparsity <= sparsity + 1e-9]
-                return max(below, key=lambda p: p.sparsity).max_sparse_m if below else 0
+            if (shape.n, shape.k) == (n, k) and shape.points:
+                return min(shape.points, key=lambda p: (abs(p.sparsity - sparsity), p.sparsity)).max_sparse_m
         return DEFAULT_MAX_SPARSE_M
 
 

@@ -227,9 +227,11 @@ def test_crossover_lookup():
         shapes=[ShapeCrossover(name="q", n=64, k=32, points=[
             CrossoverPoint(sparsity=0.5, max_sparse_m=1), CrossoverPoint(sparsity=0.8, max_sparse_m=4)])],
     )
-    assert table.max_sparse_m(64, 32, 0.3) == 0  # below every measured sparsity: dense
+    assert table.max_sparse_m(64, 32, 0.3) == 1  # the nearest measured sparsity
     assert table.max_sparse_m(64, 32, 0.5) == 1
-    assert table.max_sparse_m(64, 32, 0.79) == 1  # the highest measured point not above it
+    assert table.max_sparse_m(64, 32, 0.64) == 1
+    assert table.max_sparse_m(64, 32, 0.65) == 1  # a tie goes to the lower sparsity
+    assert table.max_sparse_m(64, 32, 0.66) == 4
     assert table.max_sparse_m(64, 32, 0.95) == 4
     assert table.max_sparse_m(128, 32, 0.95) == DEFAULT_MAX_SPARSE_M  # unmeasured shape
 

@@ -148,7 +148,7 @@ def test_loader_hook_writes_then_reuses_profile(smollm2_dir, tmp_path):
     env = {"ACTTAIL_CACHE": str(tmp_path), "ACTTAIL_SPARSITY": "0.5"}
     args = (*SERVE_ARGS, "--quantization", "acttail")
     with VllmServer(str(smollm2_dir), args, env=env) as first:
-        first_texts = greedy_texts(first, str(smollm2_dir))
+        first_budgets = metric_values(first, "acttail_projection_sparsity_ratio")
     written = list((tmp_path / "profiles").glob("*.json"))
     assert len(written) == 1
     assert "computing budgets from the loaded weights" in first.log()
@@ -156,10 +156,14 @@ def test_loader_hook_writes_then_reuses_profile(smollm2_dir, tmp_path):
     assert profile.target_sparsity == 0.5 and profile.method == "acttail"
 
     with VllmServer(str(smollm2_dir), args, env=env) as second:
-        second_texts = greedy_texts(second, str(smollm2_dir))
+        second_budgets = metric_values(second, "acttail_projection_sparsity_ratio")
+        assert greedy_texts(second, str(smollm2_dir))
     assert "reusing cached profile" in second.log()
     assert budgets_ready_seconds(second.log()) < budgets_ready_seconds(first.log())
-    assert second_texts == first_texts
+    # Same budgets (greedy text is not compared: at 50% sparsity a channel at the TopK threshold
+    # can flip with the batch layout vLLM picks, and the continuation diverges from there).
+    assert len(first_budgets) == 7 * profile.model.num_layers
+    assert second_budgets == first_budgets
     assert list((tmp_path / "profiles").glob("*.json")) == written
 
 
