@@ -4,7 +4,8 @@ Public API:
 
 * ``reference.topk_mask`` / ``reference.sparse_linear_ref``: the exact PyTorch semantics;
 * ``prepare_weight(weight [N, K]) -> [K, N]``: the kernel layout, made once at load time;
-* ``sparse_linear(x, weight_t, bias, seg_bounds, seg_keep)``: the Triton path;
+* ``sparse_linear(x, weight_t, bias, seg_bounds, seg_keep, keep=None)``: the Triton path (``keep``:
+  the budgets as a persistent int32 device tensor, read by the kernels);
 * ``uses_sparse_kernel(m, n, k, seg_bounds, seg_keep)``: whether that call runs the sparse GEMV;
 * ``kernels_available(device) -> (ok, reason)``.
 
