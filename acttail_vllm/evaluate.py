@@ -398,26 +398,23 @@ class Evaluator:
         return Profile.load(path, self.fingerprint(), model_name=self.settings.model)
 
     def build_profile(self, directory: Path, method: str, target: float, estimator: str, eps: float, s_max: float) -> Path:
-        """A profile of this model in ``directory``, computed once and reused on later calls."""
-        from acttail_vllm.profiler import profile_model, reallocated
+        """A profile of this model in ``directory``, computed once (or re-allocated from the alphas of
+        another one there) and reused on later calls."""
+        from acttail_vllm.profiler import cached_profile, profile_model
 
-        path = Path(directory) / f"{method}-{estimator}-eps{eps:g}-smax{s_max:g}-s{target:g}.json"
-        wanted = {"method": method, "estimator": estimator, "eps": eps, "s_max": s_max, "target_sparsity": target}
-        if path.is_file():
-            found = self.load_profile(path).model_dump(include=set(wanted))
-            if found != wanted:
-                raise ProfileError(f"{path} holds a profile with {found}, not {wanted}: delete it to rebuild it")
-            return path
-        same_alphas = sorted(Path(directory).glob(f"*-{estimator}-*.json"))
-        if same_alphas:  # alphas depend only on the weights and the estimator
-            profile = reallocated(self.load_profile(same_alphas[0]), target=target, method=method, eps=eps, s_max=s_max)
-        else:
-            profile = profile_model(
+        cached = cached_profile(
+            Path(directory), "", self.load_profile,
+            lambda: profile_model(
                 self.settings.model, target=target, method=method, estimator=estimator, eps=eps, s_max=s_max,
                 device=self.settings.device, progress=self.progress,
-            )  # fmt: skip
-        profile.save(path)
-        return path
+            ),
+            target=target, method=method, estimator=estimator, eps=eps, s_max=s_max,
+        )  # fmt: skip
+        wanted = {"method": method, "estimator": estimator, "eps": eps, "s_max": s_max, "target_sparsity": target}
+        found = cached.profile.model_dump(include=set(wanted))
+        if found != wanted:
+            raise ProfileError(f"{cached.path} holds a profile with {found}, not {wanted}: delete it to rebuild it")
+        return cached.path
 
     @contextmanager
     def engine(self, profile_path: Path | None, max_len: int) -> Iterator[ReferenceEngine | VllmEngine]:

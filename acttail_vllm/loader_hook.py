@@ -18,7 +18,7 @@ import torch
 
 from acttail_vllm.budgets import DecoderProjection, ModuleBudget
 from acttail_vllm.profile import FINGERPRINT_ROW_VALUES, Profile, ProfileError, model_fingerprint
-from acttail_vllm.profiler import profile_from_weights, reallocated
+from acttail_vllm.profiler import cached_profile, profile_from_weights
 from acttail_vllm.settings import BudgetSource, profile_cache_dir
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM prints it
@@ -112,28 +112,10 @@ class BudgetResolver:
         """The cached profile for these settings; else one re-allocated from the alphas of a cached
         profile of this model (same estimator: no eigenvalues); else one computed from the weights."""
         settings = self.source.settings
-        cache = profile_cache_dir()
-        prefix = f"{fingerprint[:16]}-"
-        self.profile_path = cache / (
-            f"{prefix}{settings.method}-{settings.estimator}"
-            f"-eps{settings.eps:g}-smax{settings.s_max:g}-s{settings.sparsity:g}.json"
-        )
-        if self.profile_path.is_file():
-            logger.info("ActTail: reusing cached profile %s", self.profile_path)
-            return Profile.load(self.profile_path, expected_fingerprint=fingerprint)
-        same_alphas = [
-            path for path in sorted(cache.glob(f"{prefix}*.json"))
-            if path.name.split("-")[2] == settings.estimator
-        ]  # fmt: skip
-        if same_alphas:
-            source = Profile.load(same_alphas[0], expected_fingerprint=fingerprint)
-            profile = reallocated(
-                source, target=settings.sparsity, method=settings.method, eps=settings.eps, s_max=settings.s_max
-            )
-            logger.info("ActTail: budgets re-allocated from the alphas in %s", same_alphas[0])
-        else:
+
+        def from_weights() -> Profile:
             logger.info("ActTail: computing budgets from the loaded weights (first start)")
-            profile = profile_from_weights(
+            return profile_from_weights(
                 self.model_name,
                 self.architecture,
                 1 + max(m.proj.layer for m in self.modules),
@@ -144,9 +126,26 @@ class BudgetResolver:
                 eps=settings.eps,
                 s_max=settings.s_max,
             )
-        profile.save(self.profile_path)
-        logger.info("ActTail: wrote profile %s", self.profile_path)
-        return profile
+
+        cached = cached_profile(
+            profile_cache_dir(),
+            f"{fingerprint[:16]}-",
+            lambda path: Profile.load(path, expected_fingerprint=fingerprint),
+            from_weights,
+            target=settings.sparsity,
+            method=settings.method,
+            estimator=settings.estimator,
+            eps=settings.eps,
+            s_max=settings.s_max,
+        )
+        self.profile_path = cached.path
+        if cached.reused:
+            logger.info("ActTail: reusing cached profile %s", cached.path)
+        else:
+            if cached.alphas_from is not None:
+                logger.info("ActTail: budgets re-allocated from the alphas in %s", cached.alphas_from)
+            logger.info("ActTail: wrote profile %s", cached.path)
+        return cached.profile
 
     def _budget(self, module: _Module) -> ModuleBudget:
         layer, proj = module.layer, module.proj

@@ -25,7 +25,8 @@ Defaults (the one place they are set):
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
 
@@ -227,3 +228,40 @@ def profile_model(
         progress=progress,
         stage_seconds=stage_seconds,
     )
+
+
+
+class CachedProfile(NamedTuple):
+    profile: Profile
+    path: Path
+    reused: bool  # the file was already there
+    alphas_from: Path | None  # new, re-allocated from this file's alphas (None: computed or reused)
+
+
+def cached_profile(
+    directory: Path,
+    prefix: str,
+    load: Callable[[Path], Profile],
+    compute: Callable[[], Profile],
+    *,
+    target: float,
+    method: str,
+    estimator: str,
+    eps: float,
+    s_max: float,
+) -> CachedProfile:
+    """The profile for these settings in ``directory``, file ``{prefix}{method}-{estimator}-eps..
+    -smax..-s...json``: read with ``load`` if it is there; else re-allocated from the alphas of a
+    profile there with the same prefix and estimator (alpha depends only on the weights and the
+    estimator); else ``compute()``d. New profiles are saved."""
+    path = directory / f"{prefix}{method}-{estimator}-eps{eps:g}-smax{s_max:g}-s{target:g}.json"
+    if path.is_file():
+        return CachedProfile(load(path), path, reused=True, alphas_from=None)
+    same_alphas = sorted(directory.glob(f"{prefix}*-{estimator}-eps*.json"))
+    alphas_from = same_alphas[0] if same_alphas else None
+    if alphas_from is not None:
+        profile = reallocated(load(alphas_from), target=target, method=method, eps=eps, s_max=s_max)
+    else:
+        profile = compute()
+    profile.save(path)
+    return CachedProfile(profile, path, reused=False, alphas_from=alphas_from)

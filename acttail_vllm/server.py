@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import requests
 
@@ -24,6 +24,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_until_ok(
+    process: subprocess.Popen, url: str, timeout_s: float, poll_s: float, error: Callable[[str], Exception]
+) -> None:
+    """Poll ``url`` until it answers 200; raise ``error(why)`` ("exited with N" or "not ready
+    after Ts") if ``process`` exits first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise error(f"exited with {process.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(poll_s)
+    raise error(f"not ready after {timeout_s}s")
 
 
 @dataclass
@@ -69,19 +87,11 @@ class VllmServer:
 
     def wait_healthy(self) -> "VllmServer":
         assert self.process is not None
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(
-                    f"vllm serve exited with {self.process.returncode}:\n{self.log()[-4000:]}"
-                )
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise ServerError(f"vllm serve not healthy after {self.startup_timeout_s}s:\n{self.log()[-4000:]}")
+        wait_until_ok(
+            self.process, f"{self.url}/health", self.startup_timeout_s, 1.0,
+            lambda why: ServerError(f"vllm serve {why}:\n{self.log()[-4000:]}"),
+        )  # fmt: skip
+        return self
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 import requests
 from pydantic import BaseModel, Field, ValidationError
 
-from acttail_vllm.server import free_port
+from acttail_vllm.server import free_port, wait_until_ok
 from deploy.stack import GlobalConfig, PrometheusConfig, ScrapeConfig, StaticConfig
 
 PROMETHEUS_BINARY = "prometheus"
@@ -134,17 +134,11 @@ class LocalPrometheus(PrometheusClient):
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise PrometheusError(f"prometheus exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise PrometheusError(f"prometheus not ready after {self.startup_timeout_s}s:\n{self.log()[-3000:]}")
+        wait_until_ok(
+            self.process, f"{self.url}/-/ready", self.startup_timeout_s, 0.5,
+            lambda why: PrometheusError(f"prometheus {why}:\n{self.log()[-3000:]}"),
+        )  # fmt: skip
+        return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
