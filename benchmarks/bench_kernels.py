@@ -12,7 +12,8 @@ check that the script works; its timings mean nothing.
 
 Timing: every variant is captured in a CUDA graph (as vLLM runs decode) and its replays are timed
 with triton.testing.do_bench, median, L2 flushed before each replay. "sparse" is selection + GEMV
-(forced, whatever the crossover says); "fallback" is selection + cuBLAS on the sparsified input
+(forced, whatever the crossover says; for one token the faster of its two loops, the channel list
+and the walk over all channels, "path"); "fallback" is selection + cuBLAS on the sparsified input
 (what sparse_linear runs above the crossover); "dense" is plain cuBLAS F.linear. Effective TB/s
 counts the weight rows the batch must read: the union over its tokens' kept channels per segment.
 """
@@ -124,9 +125,10 @@ class Row:
     m: int
     sparsity: float
     dense_us: float
-    sparse_us: float
+    sparse_us: float  # the faster sparse path
     fallback_us: float
     needed: int
+    one_token_walk: bool = False  # one token: the walk beat the channel list
 
     @property
     def speedup(self) -> float:
@@ -150,8 +152,8 @@ def measure(shape: Shape, m: int, sparsities: list[float], dtype: torch.dtype, d
     def timed(fn, weights_or_t) -> float:
         return time_us([functools.partial(fn, x, w) for x, w in zip(xs, weights_or_t)], xs)
 
-    def sparse(keep, x, weight_t):
-        return sparse_gemv(topk_select(x, keep, with_list=m == 1), weight_t, None, bounds)
+    def sparse(keep, with_list, x, weight_t):
+        return sparse_gemv(topk_select(x, keep, with_list=with_list), weight_t, None, bounds)
 
     def fallback(keep, x, weight_t):
         return dense_on_sparsified(topk_select(x, keep, with_list=False).xs, weight_t, None, bounds)
@@ -161,16 +163,19 @@ def measure(shape: Shape, m: int, sparsities: list[float], dtype: torch.dtype, d
     for sparsity in sparsities:
         keeps = keeps_for(shape, sparsity)
         keep = keep_tensor(keeps, device)
+        walk_us = timed(functools.partial(sparse, keep, False), weights_t)
+        list_us = timed(functools.partial(sparse, keep, True), weights_t) if m == 1 else walk_us
         rows.append(Row(
             shape=shape,
             m=m,
             sparsity=sparsity,
             dense_us=dense_us,
-            sparse_us=timed(functools.partial(sparse, keep), weights_t),
+            sparse_us=min(walk_us, list_us),
             fallback_us=timed(functools.partial(fallback, keep), weights_t),
             needed=sum(needed_bytes(x, shape, keeps, elem) for x in xs) // instances,
+            one_token_walk=m == 1 and walk_us < list_us,
         ))
-        print(f"  measured {shape.name} M={m} s={sparsity}: sparse {rows[-1].sparse_us:.1f} us", flush=True)
+        print(f"  measured {shape.name} M={m} s={sparsity}: list {list_us:.1f} us, walk {walk_us:.1f} us", flush=True)
     return rows
 
 
@@ -196,13 +201,18 @@ def check(shapes: list[Shape], dtype: torch.dtype, device: str) -> bool:
                 out = torch.full((m, shape.n), float("nan"), dtype=dtype, device=device)
                 sparse_gemv(sel, weight_t, bias, shape.seg_bounds, out=out)
                 fallback = dense_on_sparsified(sel.xs, weight_t, bias, shape.seg_bounds)
-                errs = [((y.float() - ref).norm() / ref.norm()).item() for y in (out, fallback)]
+                outs = [out, fallback]
+                if m == 1:  # one token also walks all channels
+                    walk = topk_select(x, keep_tensor(keeps, device), with_list=False)
+                    outs.append(sparse_gemv(walk, weight_t, bias, shape.seg_bounds))
+                errs = [((y.float() - ref).norm() / ref.norm()).item() for y in outs]
                 good = exact_sets and all(e < tol for e in errs)  # NaN (unwritten) fails `<`
                 ok &= good
                 if not good or m == 1:
                     print(
                         f"check {shape.name:14s} M={m:2d} s={sparsity:.2f} exact_sets={exact_sets} "
-                        f"rel_err sparse={errs[0]:.1e} fallback={errs[1]:.1e} {'ok' if good else 'FAIL'}"
+                        f"rel_err sparse={errs[0]:.1e} fallback={errs[1]:.1e} "
+                        + (f"walk={errs[2]:.1e} " if m == 1 else "") + ("ok" if good else "FAIL")
                     )
     return ok
 
@@ -219,23 +229,27 @@ def crossover_table(rows: list[Row], device_name: str) -> CrossoverTable:
                 if r.sparse_us >= r.fallback_us:
                     break
                 best = r.m
-            points.append(CrossoverPoint(sparsity=sparsity, max_sparse_m=best))
+            one_token = [r for r in rows if r.shape == shape and r.sparsity == sparsity and r.m == 1]
+            walk = bool(one_token) and one_token[0].one_token_walk
+            points.append(CrossoverPoint(sparsity=sparsity, max_sparse_m=best, one_token_walk=walk))
         shapes.append(ShapeCrossover(name=shape.name, n=shape.n, k=shape.k, points=points))
     return CrossoverTable(device=device_name, shapes=shapes)
 
 
 def print_tables(rows: list[Row], table: CrossoverTable) -> None:
     print("\n(a) sparse (selection + GEMV) vs dense cuBLAS; TB/s on the bytes the batch must read")
-    print(f"{'shape':14s} {'N':>6s} {'K':>6s} {'M':>3s} {'s':>5s} {'dense us':>9s} {'sparse us':>9s} "
+    print(f"{'shape':14s} {'N':>6s} {'K':>6s} {'M':>3s} {'s':>5s} {'dense us':>9s} {'sparse us':>9s} {'path':>4s} "
           f"{'fallbk us':>9s} {'speedup':>7s} {'TB/s':>6s}")
     for r in rows:
+        path = "walk" if r.m > 1 or r.one_token_walk else "list"
         print(f"{r.shape.name:14s} {r.shape.n:6d} {r.shape.k:6d} {r.m:3d} {r.sparsity:5.2f} {r.dense_us:9.1f} "
-              f"{r.sparse_us:9.1f} {r.fallback_us:9.1f} {r.speedup:6.2f}x {r.tb_per_s:6.2f}")
+              f"{r.sparse_us:9.1f} {path:>4s} {r.fallback_us:9.1f} {r.speedup:6.2f}x {r.tb_per_s:6.2f}")
     sparsities = sorted({p.sparsity for s in table.shapes for p in s.points})
-    print(f"\n(b) crossover on {table.device}: largest M where sparse beats selection + cuBLAS")
+    print(f"\n(b) crossover on {table.device}: largest M where sparse beats selection + cuBLAS "
+          "(w: one token walks all channels)")
     print(f"{'shape':14s} {'N':>6s} {'K':>6s} " + " ".join(f"s={s:.2f}" for s in sparsities))
     for s in table.shapes:
-        by_s = {p.sparsity: p.max_sparse_m for p in s.points}
+        by_s = {p.sparsity: f"{p.max_sparse_m}{'w' if p.one_token_walk else ''}" for p in s.points}
         print(f"{s.name:14s} {s.n:6d} {s.k:6d} " + " ".join(f"{by_s.get(sp, '-'):>6}" for sp in sparsities))
 
 

@@ -20,6 +20,9 @@ DEFAULT_MAX_SPARSE_M = 1  # shapes never measured: single-token decode, where th
 class CrossoverPoint(BaseModel):
     sparsity: float = Field(ge=0.0, le=1.0, description="fraction of weight rows a token drops")
     max_sparse_m: int = Field(ge=0, description="largest batch where the sparse kernel beat dense (0: none)")
+    one_token_walk: bool = Field(
+        default=False, description="for one token, walking all channels beat walking the list of kept ones"
+    )
 
 
 class ShapeCrossover(BaseModel):
@@ -33,14 +36,23 @@ class CrossoverTable(BaseModel):
     device: str = Field(description="GPU the table was measured on")
     shapes: list[ShapeCrossover]
 
-    def max_sparse_m(self, n: int, k: int, sparsity: float) -> int:
-        """Largest batch to run sparse for this shape at this sparsity: the measured point of
-        nearest sparsity (the lower one on a tie; a profile's budgets scatter around the measured
-        targets); the default for unmeasured shapes."""
+    def point(self, n: int, k: int, sparsity: float) -> CrossoverPoint | None:
+        """The measured point for this shape of nearest sparsity (the lower one on a tie; a
+        profile's budgets scatter around the measured targets); None for unmeasured shapes."""
         for shape in self.shapes:
             if (shape.n, shape.k) == (n, k) and shape.points:
-                return min(shape.points, key=lambda p: (abs(p.sparsity - sparsity), p.sparsity)).max_sparse_m
-        return DEFAULT_MAX_SPARSE_M
+                return min(shape.points, key=lambda p: (abs(p.sparsity - sparsity), p.sparsity))
+        return None
+
+    def max_sparse_m(self, n: int, k: int, sparsity: float) -> int:
+        """Largest batch to run sparse for this shape at this sparsity (the default if unmeasured)."""
+        point = self.point(n, k, sparsity)
+        return DEFAULT_MAX_SPARSE_M if point is None else point.max_sparse_m
+
+    def one_token_walk(self, n: int, k: int, sparsity: float) -> bool:
+        """Whether one token walks all channels rather than its channel list (unmeasured: the list)."""
+        point = self.point(n, k, sparsity)
+        return point is not None and point.one_token_walk
 
 
 @functools.cache

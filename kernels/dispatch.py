@@ -23,6 +23,12 @@ def uses_sparse_kernel(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: 
     return m <= load_crossover().max_sparse_m(n, k, weight_sparsity(k, seg_bounds, seg_keep))
 
 
+def uses_channel_list(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int]) -> bool:
+    """Whether the sparse GEMV walks a channel list (one token, where measured faster than the walk
+    over all channels: at high sparsity; at low sparsity building the list costs more than it saves)."""
+    return m == 1 and not load_crossover().one_token_walk(n, k, weight_sparsity(k, seg_bounds, seg_keep))
+
+
 def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
     if x.dim() != 2 or weight_t.dim() != 2 or x.shape[1] != weight_t.shape[0]:
         raise ValueError(
@@ -74,5 +80,6 @@ def sparse_linear(
     keep = keep_tensor(seg_keep, x.device) if keep is None else keep
     m = x.shape[0]
     if uses_sparse_kernel(m, n, k, seg_bounds, seg_keep):
-        return sparse_gemv(topk_select(x, keep, with_list=m == 1), weight_t, bias, seg_bounds)
+        with_list = uses_channel_list(m, n, k, seg_bounds, seg_keep)
+        return sparse_gemv(topk_select(x, keep, with_list=with_list), weight_t, bias, seg_bounds)
     return dense_on_sparsified(topk_select(x, keep, with_list=False).xs, weight_t, bias, seg_bounds)

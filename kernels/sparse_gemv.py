@@ -6,9 +6,11 @@ dropped entries zeroed) and, for one token, the list of its kept channels. Two l
 
 * LIST (one token): walk the channel list; every weight row loaded is needed and the loop length
   follows the sparsity. The index and weight loads pipeline like a dense GEMV's.
-* WALK (2..16 tokens): walk all channels BLOCK_K at a time and load a weight row only where some
+* WALK (any batch): walk all channels BLOCK_K at a time and load a weight row only where some
   token's xs is nonzero (masked loads move no bytes). Each token keeps its own set, so the union
   a batch needs is dense enough that a list buys little, and building one would need every token.
+  For one token at low sparsity the walk also beats the list (building the list costs a scan of
+  the row); the measured crossover table says where.
 
 One launch covers every output segment of a merged projection (QKV, gate_up): a tile of BLOCK_N
 output columns never straddles a segment boundary (each segment is tiled on its own, its last tile
@@ -50,10 +52,11 @@ class GemvPlan:
 
 
 @functools.lru_cache(maxsize=256)
-def plan_gemv(seg_widths: tuple[int, ...], sms: int, with_list: bool) -> GemvPlan:
+def plan_gemv(seg_widths: tuple[int, ...], sms: int, with_list: bool, one_token: bool) -> GemvPlan:
     """Tiles measured best on H100 (bf16, 7B/13B shapes): narrow column tiles and long steps for a
-    channel list, wide tiles for a walk; splits bring the grid to about 4 programs per SM."""
-    block_n, block_k = (32, 128) if with_list else (128, 64)
+    channel list, and longer ones for one token's walk (a step keeps only (1 - s) of its rows), wide
+    tiles for a batch's walk; splits bring the grid to about 4 programs per SM."""
+    block_n, block_k = (32, 128) if with_list else (32, 512) if one_token else (128, 64)
     block_n = min(block_n, max(16, triton.next_power_of_2(max(seg_widths))))
     tiles = sum(triton.cdiv(w, block_n) for w in seg_widths)
     splits = min(16, max(1, 4 * sms // tiles))
@@ -147,7 +150,10 @@ def _sparse_gemv_kernel(
             needed = tl.max((xk != 0).to(tl.int32), axis=0) > 0
         w_rows = wt_ptr + rows[:, None].to(tl.int64) * N
         w = tl.load(w_rows + offs_n[None, :], mask=needed[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(xk, w, acc, input_precision=DOT_PRECISION)
+        if BLOCK_M == 1:  # one token: a multiply and a column sum, no tensor-core padding
+            acc += tl.sum(xk.to(tl.float32).reshape(BLOCK_K, 1) * w.to(tl.float32), axis=0)[None, :]
+        else:
+            acc = tl.dot(xk, w, acc, input_precision=DOT_PRECISION)
 
     out_ok = m_ok[:, None] & n_ok[None, :]
     tile = offs_m[:, None] * N + offs_n[None, :]
@@ -184,8 +190,9 @@ def sparse_gemv(
     if m > MAX_TOKENS:
         raise ValueError(f"the sparse GEMV takes at most {MAX_TOKENS} tokens, got {m}")
     with_list = sel.idx is not None
+    one_token_walk = m == 1 and not with_list
     widths = tuple(hi - lo for lo, hi in zip(seg_bounds[:-1], seg_bounds[1:]))
-    plan = plan or plan_gemv(widths, num_sms(weight_t.device), with_list)
+    plan = plan or plan_gemv(widths, num_sms(weight_t.device), with_list, one_token_walk)
     tiles = sum(triton.cdiv(w, plan.block_n) for w in widths)
     ticket_buf = tickets(weight_t.device)
     if tiles > ticket_buf.numel():
@@ -205,7 +212,7 @@ def sparse_gemv(
         k,
         *(list(seg_bounds[1:]) + [n] * (MAX_SEGMENTS - num_segs)),
         NUM_SEGS=num_segs,
-        BLOCK_M=MAX_TOKENS,
+        BLOCK_M=1 if one_token_walk else MAX_TOKENS,
         BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k,
         LIST=with_list,

@@ -7,6 +7,7 @@ output is poisoned with NaN first, so an element the kernel fails to write fails
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -163,18 +164,20 @@ def test_sparse_gemv_matches_reference(kernels, shape, dtype):
     weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
     weight_t = prepare_weight(weight)
     bias = torch.randn(bounds[-1]).to(dtype).to(DEVICE)
-    # Default plans, plus one split over several programs (the ticketed reduction) for each loop.
+    # Default plans, plus one split over several programs (the ticketed reduction) for each loop;
+    # one token both ways: its channel list, and the walk over all channels.
     plans = [None] if ON_GPU else [None, sparse_gemv.GemvPlan(16, 16, 3, 4, 3)]
     for seed, (m, sparsity) in enumerate((m, s) for m in TOKENS for s in SPARSITIES):
         x = activations(m, k, dtype, 100 + seed)
         keeps = keeps_for(k, widths, sparsity, seed)
         ref = reference.sparse_linear_ref(x, weight, bias if seed % 2 else None, bounds, keeps)
-        sel = topk_select.topk_select(x, topk_select.keep_tensor(keeps, DEVICE), with_list=m == 1)
-        for plan in plans:
+        for with_list, plan in itertools.product({m == 1, False}, plans):
+            sel = topk_select.topk_select(x, topk_select.keep_tensor(keeps, DEVICE), with_list=with_list)
             out = torch.full((m, bounds[-1]), torch.nan, dtype=dtype, device=DEVICE)
             sparse_gemv.sparse_gemv(sel, weight_t, bias if seed % 2 else None, bounds, plan=plan, out=out)
-            assert not out.isnan().any(), f"unwritten outputs at M={m} s={sparsity} plan {plan}"
-            assert rel_err(out, ref) < tolerance(dtype), f"M={m} s={sparsity} plan {plan}"
+            where = f"M={m} s={sparsity} list={with_list} plan {plan}"
+            assert not out.isnan().any(), f"unwritten outputs at {where}"
+            assert rel_err(out, ref) < tolerance(dtype), where
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -225,7 +228,8 @@ def test_crossover_lookup():
     table = CrossoverTable(
         device="test",
         shapes=[ShapeCrossover(name="q", n=64, k=32, points=[
-            CrossoverPoint(sparsity=0.5, max_sparse_m=1), CrossoverPoint(sparsity=0.8, max_sparse_m=4)])],
+            CrossoverPoint(sparsity=0.5, max_sparse_m=1, one_token_walk=True),
+            CrossoverPoint(sparsity=0.8, max_sparse_m=4)])],
     )
     assert table.max_sparse_m(64, 32, 0.3) == 1  # the nearest measured sparsity
     assert table.max_sparse_m(64, 32, 0.5) == 1
@@ -234,6 +238,23 @@ def test_crossover_lookup():
     assert table.max_sparse_m(64, 32, 0.66) == 4
     assert table.max_sparse_m(64, 32, 0.95) == 4
     assert table.max_sparse_m(128, 32, 0.95) == DEFAULT_MAX_SPARSE_M  # unmeasured shape
+    assert table.one_token_walk(64, 32, 0.55) and not table.one_token_walk(64, 32, 0.75)
+    assert not table.one_token_walk(128, 32, 0.5)  # unmeasured: the channel list
+
+
+def test_one_token_path_follows_the_table(kernels, monkeypatch):
+    """One token walks its channel list unless the measured table says the walk is faster."""
+    dispatch, _, _ = kernels
+    widths, k = SHAPES[0]
+    bounds, keeps = bounds_of(widths), keeps_for(k, widths, 0.5, 0)
+    sparsity = dispatch.weight_sparsity(k, bounds, keeps)
+    point = CrossoverPoint(sparsity=sparsity, max_sparse_m=1, one_token_walk=True)
+    table = CrossoverTable(device="test", shapes=[ShapeCrossover(name="s", n=bounds[-1], k=k, points=[point])])
+    monkeypatch.setattr(dispatch, "load_crossover", lambda: table)
+    assert not dispatch.uses_channel_list(1, bounds[-1], k, bounds, keeps)
+    point.one_token_walk = False
+    assert dispatch.uses_channel_list(1, bounds[-1], k, bounds, keeps)
+    assert not dispatch.uses_channel_list(2, bounds[-1], k, bounds, keeps)
 
 
 def test_shipped_crossover_table_loads():
