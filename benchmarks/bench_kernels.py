@@ -229,8 +229,7 @@ def crossover_table(rows: list[Row], device_name: str) -> CrossoverTable:
                 if r.sparse_us >= r.fallback_us:
                     break
                 best = r.m
-            one_token = [r for r in rows if r.shape == shape and r.sparsity == sparsity and r.m == 1]
-            walk = bool(one_token) and one_token[0].one_token_walk
+            walk = any(r.one_token_walk for r in rows if r.shape == shape and r.sparsity == sparsity)
             points.append(CrossoverPoint(sparsity=sparsity, max_sparse_m=best, one_token_walk=walk))
         shapes.append(ShapeCrossover(name=shape.name, n=shape.n, k=shape.k, points=points))
     return CrossoverTable(device=device_name, shapes=shapes)

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from bench_kernels import time_us
 
+from acttail_kernels.topk_select import _magnitude_bits
+
 KEEP = tl.constexpr(1000)  # any budget: the cost does not depend on it
 
 
@@ -26,7 +28,7 @@ KEEP = tl.constexpr(1000)  # any budget: the cost does not depend on it
 def _row_bits(x_ptr, K, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     v = tl.load(x_ptr + offs, mask=offs < K, other=0.0)
-    return tl.where(offs < K, v.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1), offs
+    return tl.where(offs < K, _magnitude_bits(v, 15), -1), offs
 
 
 @triton.jit
@@ -48,7 +50,7 @@ def _chunked_steps_kernel(x_ptr, out_ptr, K, CHUNK: tl.constexpr, STEPS: tl.cons
         count = 0
         for c in range(0, K, CHUNK):
             v = tl.load(x_ptr + c + offs, mask=c + offs < K, other=0.0)
-            count += tl.sum(((v.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF) >= candidate).to(tl.int32), axis=0)
+            count += tl.sum((_magnitude_bits(v, 15) >= candidate).to(tl.int32), axis=0)
         thr = tl.where(count >= KEEP, candidate, thr)
     tl.store(out_ptr, thr)
 
@@ -106,6 +108,7 @@ def main() -> None:
             print(f"{tag} list: {us(lambda x: _list_kernel[(1,)](x, idx, out, k, block, num_warps=warps))}")
             ranges = [us(lambda x, g=g: _range_kernel[(g,)](x, out, k, block, num_warps=warps)) for g in (1, 128, 256)]
             print(f"{tag} range test over 1/128/256 programs: {ranges}")
+
 
 if __name__ == "__main__":
     main()
