@@ -51,9 +51,22 @@ def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
 def dense_on_sparsified(
     xs: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, seg_bounds: list[int]
 ) -> torch.Tensor:
-    """cuBLAS per segment on x with that segment's dropped channels zeroed (xs [S, M, K])."""
-    parts = [xs[i] @ weight_t[:, lo:hi] for i, (lo, hi) in enumerate(zip(seg_bounds[:-1], seg_bounds[1:]))]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    """cuBLAS on x with each segment's dropped channels zeroed (xs [S, M, K]).
+
+    A merged projection of a decode-sized batch runs one GEMM over all S copies stacked as [S*M, K]
+    rows and keeps each segment's own rows: bound by weight reads, S*M rows cost what M rows cost,
+    while a GEMM per segment pays its launch and tail S times (13B QKV at M=16 on an H100: 62 vs
+    70 us, benchmarks/results/fallback_variants.txt). Larger batches (prefill) are compute-bound,
+    where stacking would multiply the work by S: one GEMM per segment there.
+    """
+    num_segs, m, k = xs.shape
+    bounds = list(zip(seg_bounds[:-1], seg_bounds[1:]))
+    if num_segs > 1 and m <= MAX_TOKENS:
+        rows = xs.reshape(num_segs * m, k)
+        out = rows @ weight_t if bias is None else torch.addmm(bias, rows, weight_t)
+        return torch.cat([out[i * m : (i + 1) * m, lo:hi] for i, (lo, hi) in enumerate(bounds)], dim=1)
+    parts = [xs[i] @ weight_t[:, lo:hi] for i, (lo, hi) in enumerate(bounds)]
+    out = parts[0] if num_segs == 1 else torch.cat(parts, dim=1)
     return out if bias is None else out + bias
 
 

@@ -199,6 +199,26 @@ def test_sparse_linear_both_paths(kernels, dtype):
     assert paths == {True, False}
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_dense_fallback_matches_reference(kernels, shape, dtype):
+    """cuBLAS on the sparsified input, with a bias: merged projections stack their segments' rows
+    into one GEMM up to 16 tokens and run one GEMM per segment above."""
+    dispatch, _, _ = kernels
+    widths, k = shape
+    bounds = bounds_of(widths)
+    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
+    bias = torch.randn(bounds[-1]).to(dtype).to(DEVICE)
+    for m in (2, 16, 24):
+        x = activations(m, k, dtype, m)
+        keeps = keeps_for(k, widths, 0.5, m)
+        xs = torch.stack([torch.where(reference.topk_mask(x, keep), x, 0) for keep in keeps])
+        out = dispatch.dense_on_sparsified(xs, prepare_weight(weight), bias, bounds)
+        ref = reference.sparse_linear_ref(x, weight, bias, bounds, keeps)
+        assert out.shape == (m, bounds[-1]) and out.is_contiguous()
+        assert rel_err(out, ref) < tolerance(dtype), (widths, m)
+
+
 def test_sparse_linear_rejects_bad_inputs(kernels):
     dispatch, _, _ = kernels
     x = torch.randn(2, 8, device=DEVICE)

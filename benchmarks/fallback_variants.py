@@ -1,0 +1,79 @@
+"""How to run the dense fallback (cuBLAS on the sparsified input) of a merged projection, measured.
+
+Above the crossover batch size ``sparse_linear`` multiplies each output segment's sparsified input
+by the dense weight. A merged projection (QKV: 3 segments, gate_up: 2) has one sparsified copy of x
+per segment, ``xs`` [S, M, K]. This prints, per shape and batch size, microseconds for:
+
+* dense:      F.linear(x, W), W [N, K] (what vLLM runs without ActTail; no selection);
+* dense_t:    x @ Wt, Wt [K, N] (the kernel layout; no selection);
+* per_seg:    one cuBLAS call per segment, then torch.cat (xs given, no selection);
+* stacked:    dispatch.dense_on_sparsified, what sparse_linear runs up to 16 tokens (xs given): one
+              cuBLAS call on xs viewed as [S*M, K], then each segment's own rows (one cat);
+* select:     topk_select alone, writing xs.
+
+Then selection alone against the number of range-test programs per SM (topk_select's
+RANGE_PROGRAMS_PER_SM): more programs decide more threshold bits at once, each loads the row.
+
+    python3 benchmarks/fallback_variants.py          # needs CUDA; timing as bench_kernels.time_us
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
+
+import acttail_kernels as ak
+from acttail_kernels.dispatch import dense_on_sparsified
+from acttail_kernels import topk_select as select_module
+from acttail_kernels.topk_select import keep_tensor, topk_select
+
+
+def per_segment(xs: torch.Tensor, weight_t: torch.Tensor, seg_bounds: list[int]) -> torch.Tensor:
+    parts = [xs[i] @ weight_t[:, lo:hi] for i, (lo, hi) in enumerate(zip(seg_bounds[:-1], seg_bounds[1:]))]
+    return torch.cat(parts, dim=1)
+
+
+def main() -> None:
+    dtype, device = torch.bfloat16, "cuda"
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; microseconds per call")
+    print(f"{'shape':14s} {'M':>3s} {'dense':>7s} {'dense_t':>7s} {'per_seg':>7s} {'stacked':>7s} "
+          f"{'select':>7s}")
+    for shape in GPU_SHAPES:
+        for m in (2, 4, 8, 16):
+            instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
+            weights = [torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02 for _ in range(instances)]
+            weights_t = [ak.prepare_weight(w) for w in weights]
+            xs = [torch.randn(m, shape.k, dtype=dtype, device=device) for _ in range(instances)]
+            keep = keep_tensor(keeps_for(shape, 0.5), device)
+            sels = [topk_select(x, keep, with_list=False).xs for x in xs]
+            bounds = shape.seg_bounds
+
+            def timed(fn, args, inputs):
+                return time_us([functools.partial(fn, *a) for a in args], inputs)
+
+            cols = [
+                timed(torch.nn.functional.linear, zip(xs, weights), xs),
+                timed(torch.matmul, zip(xs, weights_t), xs),
+                timed(lambda s, w: per_segment(s, w, bounds), zip(sels, weights_t), sels),
+                timed(lambda s, w: dense_on_sparsified(s, w, None, bounds), zip(sels, weights_t), sels),
+                timed(lambda x: topk_select(x, keep, with_list=False), [(x,) for x in xs], xs),
+            ]
+            print(f"{shape.name:14s} {m:3d} " + " ".join(f"{c:7.1f}" for c in cols), flush=True)
+
+    per_sm = (1, 2, 4, 8, 16)
+    print(f"\nselection us by range programs per SM {per_sm}")
+    for k, segs in ((5120, 1), (5120, 3), (13824, 1)):
+        for m in (1, 4, 16):
+            xs = [torch.randn(m, k, dtype=dtype, device=device) for _ in range(8)]
+            keep = keep_tensor([k // 2] * segs, device)
+            cols = []
+            for programs in per_sm:
+                select_module.RANGE_PROGRAMS_PER_SM = programs
+                cols.append(time_us([functools.partial(topk_select, x, keep, with_list=False) for x in xs], xs))
+            print(f"K={k:5d} S={segs} M={m:2d} " + " ".join(f"{c:6.1f}" for c in cols), flush=True)
+
+
+if __name__ == "__main__":
+    main()
