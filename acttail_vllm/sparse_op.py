@@ -70,8 +70,6 @@ def _sparse_linear(
         used_kernel = acttail_kernels.uses_sparse_kernel(
             rows, weight.shape[1], weight.shape[0], seg_bounds, keep_hint
         )
-        # the kernels keep exactly seg_keep channels per row (tests/test_kernels.py checks the sets)
-        seg_kept = seg_keep.to(torch.int64) * rows
     else:
         masks = [reference.topk_mask(x2, keep) for keep in seg_keep.tolist()]
         if sparse_rows is not None:
@@ -87,9 +85,10 @@ def _sparse_linear(
         )
         used_kernel = False
         seg_kept = torch.stack([m.sum() for m in masks])
-    if count_stats:
+    if count_stats:  # only then: each op here is one more kernel per module and step on a GPU
         n_seg = len(seg_bounds) - 1
-        stats[:n_seg] += seg_kept
+        # the kernels keep exactly seg_keep channels per row (tests/test_kernels.py checks the sets)
+        stats[:n_seg] += seg_keep.to(torch.int64) * rows if x2.is_cuda else seg_kept
         stats[n_seg + (STAT_SPARSE_TOKENS if used_kernel else STAT_DENSE_TOKENS)] += rows
     return y.reshape(*x.shape[:-1], y.shape[-1])
 

@@ -1,0 +1,78 @@
+"""Where a vLLM decode step spends GPU time: CUDA kernels per step, dense vs ActTail.
+
+Runs the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so torch.profiler sees its
+kernels, CUDA graph replays included; generates ``--steps`` tokens for ``--batch`` requests with
+random weights of a Llama-2 shape, and prints per decode step and batch size: kernels launched,
+GPU microseconds, and the kernels by total time (name shortened). Compare dense with ActTail:
+
+    python -m benchmarks.profile_decode --shape 13b --sparsity dense --batches 1,16
+    ACTTAIL_SPARSITY=0.8 python -m benchmarks.profile_decode --shape 13b --sparsity 0.8 --batches 1,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+import torch  # noqa: E402
+
+from benchmarks.dummy_llama import write_config  # noqa: E402
+from benchmarks.vllm_decode_bench import make_llm, token_prompts  # noqa: E402
+
+
+def kernel_times(prof: torch.profiler.profile) -> dict[str, list[float]]:
+    """Kernel name -> durations in microseconds."""
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.name].append(event.time_range.elapsed_us())
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="13b")
+    parser.add_argument("--sparsity", default="dense")
+    parser.add_argument("--batches", default="1,16", type=lambda s: [int(b) for b in s.split(",")])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    if args.sparsity != "dense" and os.environ.get("ACTTAIL_SPARSITY") != args.sparsity:
+        raise SystemExit(f"set ACTTAIL_SPARSITY={args.sparsity} (the loader hook reads it)")
+
+    from vllm import SamplingParams
+
+    model = write_config(args.shape, Path(tempfile.mkdtemp(prefix="acttail-prof-")) / f"llama-2-{args.shape}-shape")
+    llm = make_llm(str(model), args.sparsity, 64 + args.steps + 16, max(args.batches))
+    params = SamplingParams(max_tokens=args.steps, ignore_eos=True, temperature=0.0, detokenize=False)
+    for batch in args.batches:
+        prompts = token_prompts(batch, 64)
+        llm.generate(prompts, params, use_tqdm=False)  # warm: every graph and kernel compiled
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        print(f"\n{args.shape} {args.sparsity} batch {batch}: {(time.perf_counter() - start) * 1e6 / args.steps:.0f} us "
+              "wall per step (unprofiled)")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            llm.generate(prompts, params, use_tqdm=False)
+        print_step_profile(kernel_times(prof), f"{args.shape} {args.sparsity} batch {batch}", args.steps, args.top)
+
+
+def print_step_profile(times: dict[str, list[float]], title: str, steps: int, top: int) -> None:
+    """Per step (one prefill among ``steps``: negligible): launches, kernel time, the top kernels."""
+    total = sum(sum(t) for t in times.values())
+    launches = sum(len(t) for t in times.values())
+    print(f"{title}: {launches / steps:.0f} kernels and {total / steps:.0f} us of kernel time per step")
+    print(f"{'us/step':>8s} {'n/step':>7s} {'us each':>8s}  kernel")
+    for name, durations in sorted(times.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"{sum(durations) / steps:8.0f} {len(durations) / steps:7.1f} {sum(durations) / len(durations):8.1f}  "
+              f"{name[:110]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
