@@ -9,6 +9,8 @@ torch.compile and CUDA graphs), generates `--new-tokens` tokens after a `--promp
 every request of a batch (ignore_eos), and reports decode tokens/s = batch * new_tokens / seconds
 (prefill included, as in the dense baseline quoted in the README). ActTail budgets come from the
 loader hook (alphas of the random weights, cached under $ACTTAIL_CACHE between configurations).
+``--extend PRIOR.json`` adds sparsities to an earlier run: its dense tok/s are reused (no dense
+engine) and its rows are kept, so one shape's table can be measured in two calls under 10 minutes.
 """
 
 from __future__ import annotations
@@ -24,28 +26,38 @@ from pathlib import Path
 
 from benchmarks.dummy_llama import write_config
 
-def run_worker(args: argparse.Namespace) -> None:
-    """One engine, every batch size: prints one JSON line per batch."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def make_llm(model: str, sparsity: str, max_model_len: int, max_num_seqs: int):
+    """A vLLM engine on random weights of ``model``'s shape: dense, or ActTail with budgets for
+    ``sparsity`` (ACTTAIL_SPARSITY must hold it: the loader hook reads it)."""
+    from vllm import LLM
 
-    kwargs = {"quantization": "acttail"} if args.sparsity != "dense" else {}
-    llm = LLM(
-        model=args.model,
+    kwargs = {"quantization": "acttail"} if sparsity != "dense" else {}
+    return LLM(
+        model=model,
         load_format="dummy",
         dtype="bfloat16",
         skip_tokenizer_init=True,
-        max_model_len=args.prompt_len + args.new_tokens + 16,
-        max_num_seqs=max(args.batches),
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
         gpu_memory_utilization=0.85,
         **kwargs,
     )
+
+
+def token_prompts(batch: int, prompt_len: int) -> list:
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=[(7 * i + j) % 31000 + 100 for j in range(prompt_len)]) for i in range(batch)]
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """One engine, every batch size: prints one JSON line per batch."""
+    from vllm import SamplingParams
+
+    llm = make_llm(args.model, args.sparsity, args.prompt_len + args.new_tokens + 16, max(args.batches))
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
     for batch in args.batches:
-        prompts = [
-            TokensPrompt(prompt_token_ids=[(7 * i + j) % 31000 + 100 for j in range(args.prompt_len)])
-            for i in range(batch)
-        ]
+        prompts = token_prompts(batch, args.prompt_len)
         llm.generate(prompts[:1], SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
         best = float("inf")
         for _ in range(args.repeats):
@@ -87,6 +99,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write all rows here")
+    parser.add_argument("--extend", type=Path, help="an earlier --json: keep its rows, reuse its dense tok/s")
     args = parser.parse_args()
     if args.worker:
         run_worker(args)
@@ -94,13 +107,20 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="acttail-bench-"))
     env = {**os.environ, "ACTTAIL_CACHE": os.environ.get("ACTTAIL_CACHE", str(root / "cache"))}
-    results = []
+    results = json.loads(args.extend.read_text()) if args.extend else []
     for shape in args.shapes.split(","):
         model = write_config(shape, root / f"llama-2-{shape}-shape")
-        dense = {r["batch"]: r["tok_s"] for r in run_config(model, "dense", args, env)}
+        earlier = {r["batch"]: r["dense_tok_s"] for r in results if r["shape"] == shape}
+        if set(args.batches) <= set(earlier):
+            dense = earlier
+            print(f"# {model.name} dense: tok/s from {args.extend}", flush=True)
+        else:
+            dense = {r["batch"]: r["tok_s"] for r in run_config(model, "dense", args, env)}
         for sparsity in args.sparsities.split(","):
+            results = [r for r in results if (r["shape"], r["sparsity"]) != (shape, float(sparsity))]
             for row in run_config(model, sparsity, args, env):
                 results.append({"shape": shape, "sparsity": float(sparsity), "dense_tok_s": dense[row["batch"]], **row})
+    results.sort(key=lambda r: (r["shape"], r["sparsity"], r["batch"]))
     print("\n| shape | batch | sparsity | dense tok/s | acttail tok/s | speedup |")
     print("|---|---|---|---|---|---|")
     for r in results:
