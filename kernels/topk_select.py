@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 MAX_SEGMENTS = 4  # QKV needs 3, gate_up 2; the GEMV takes segment bounds as scalar arguments
-MAX_CHANNELS = 32767  # two counts share one int32 sum in the range test
+MAX_CHANNELS = 32767  # two counts share one int32 in the range test sum and the list scan
 RANGE_PROGRAMS_PER_SM = 2  # range-test programs to spread over the GPU (more: the row loads cost)
 
 
@@ -102,18 +102,28 @@ def _topk_select_kernel(
         for step in range(LOW_BITS):
             candidate = thr | (1 << (LOW_BITS - 1 - step))
             thr = tl.where(_count(bits >= candidate) >= keep, candidate, thr)
-        # Keep all entries above thr and the first (keep - #above) entries equal to it.
+        # Keep all entries above thr and the first `ties` entries equal to it.
+        above = bits > thr
         equal = bits == thr
-        kept = (bits > thr) | (equal & (tl.cumsum(equal.to(tl.int32), axis=0) <= keep - _count(bits > thr)))
+        if LIST:  # one scan ranks both: entries above thr (high half), entries equal to it (low half)
+            ranks = tl.cumsum((above.to(tl.int32) << 16) | equal.to(tl.int32), axis=0)
+            equal_rank = ranks & 0xFFFF
+        else:
+            equal_rank = tl.cumsum(equal.to(tl.int32), axis=0)
+        num_above = _count(above)
+        ties = keep - num_above
+        kept = above | (equal & (equal_rank <= ties))
         xs_row = xs_ptr + (seg.to(tl.int64) * tl.num_programs(0) + m) * K
         tl.store(xs_row + offs, tl.where(kept, v, 0.0), mask=in_row)
-        if LIST:  # one token: its nonzero kept entries are the channel list
-            listed = kept & (bits != 0)
-            slot = tl.cumsum(listed.to(tl.int32), axis=0) - 1
+        if LIST:  # one token: its nonzero kept entries, in order, are the channel list
+            # Zeros are kept only as ties at thr == 0, and never listed.
+            listed_ties = tl.where(thr > 0, ties, 0)
+            listed = above | (equal & (equal_rank <= listed_ties))
+            slot = (ranks >> 16) + tl.minimum(equal_rank, listed_ties) - 1
             tl.store(idx_ptr + seg * K + slot, offs, mask=listed)
-            # Reload x (an L1 hit) rather than keep v live through the scans: fewer registers.
+            # Reload x (an L1 hit) rather than keep v live through the scan: fewer registers.
             tl.store(xv_ptr + seg * K + slot, tl.load(x_row + offs, mask=listed), mask=listed)
-            tl.store(count_ptr + seg, _count(listed))
+            tl.store(count_ptr + seg, num_above + listed_ties)
 
 
 @dataclass(frozen=True)
