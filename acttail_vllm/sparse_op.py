@@ -63,13 +63,12 @@ def _sparse_linear(
     if x2.is_cuda:
         import acttail_kernels
 
-        y = acttail_kernels.sparse_linear(x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep)
+        path = acttail_kernels.gemv_path(rows, weight.shape[1], weight.shape[0], seg_bounds, keep_hint)
+        y = acttail_kernels.sparse_linear(x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=path)
         if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
             dense = x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
             y = torch.where(sparse_rows[:, None], y, dense)
-        used_kernel = acttail_kernels.uses_sparse_kernel(
-            rows, weight.shape[1], weight.shape[0], seg_bounds, keep_hint
-        )
+        used_kernel = path is not acttail_kernels.GemvPath.DENSE
     else:
         masks = [reference.topk_mask(x2, keep) for keep in seg_keep.tolist()]
         if sparse_rows is not None:

@@ -9,6 +9,9 @@ per segment, ``xs`` [S, M, K]. This prints, per shape and batch size, microsecon
 * per_seg:    one cuBLAS call per segment, then torch.cat (xs given, no selection);
 * stacked:    dispatch.dense_on_sparsified, what sparse_linear runs up to 16 tokens (xs given): one
               cuBLAS call on xs viewed as [S*M, K], then each segment's own rows (one cat);
+* bmm:        merged projections of equal segment widths (Llama-2's qkv and gate_up): one batched
+              cuBLAS call whose output view strides into [M, N], so no copy follows (not yet used
+              by the dispatch: measured here first);
 * select:     topk_select alone, writing xs.
 
 Then selection alone against the number of range-test programs per SM (topk_select's
@@ -35,11 +38,21 @@ def per_segment(xs: torch.Tensor, weight_t: torch.Tensor, seg_bounds: list[int])
     return torch.cat(parts, dim=1)
 
 
+def batched_equal_segments(xs: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """[M, N] from one strided batched GEMM: segment i of width w reads weight_t[:, i*w:(i+1)*w] and
+    writes out[:, i*w:(i+1)*w] in place (batch strides w, leading dimensions N)."""
+    num_segs, m, k = xs.shape
+    width = weight_t.shape[1] // num_segs
+    out = torch.empty(m, weight_t.shape[1], dtype=xs.dtype, device=xs.device)
+    torch.bmm(xs, weight_t.view(k, num_segs, width).transpose(0, 1), out=out.view(m, num_segs, width).transpose(0, 1))
+    return out
+
+
 def main() -> None:
     dtype, device = torch.bfloat16, "cuda"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; microseconds per call")
     print(f"{'shape':14s} {'M':>3s} {'dense':>7s} {'dense_t':>7s} {'per_seg':>7s} {'stacked':>7s} "
-          f"{'select':>7s}")
+          f"{'bmm':>7s} {'select':>7s}")
     for shape in GPU_SHAPES:
         for m in (2, 4, 8, 16):
             instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
@@ -49,6 +62,10 @@ def main() -> None:
             keep = keep_tensor(keeps_for(shape, 0.5), device)
             sels = [topk_select(x, keep, with_list=False).xs for x in xs]
             bounds = shape.seg_bounds
+            equal_merged = len(set(shape.seg_widths)) == 1 < len(shape.seg_widths)
+            if equal_merged:  # the in-place batched GEMM must give what the dispatch gives
+                torch.testing.assert_close(batched_equal_segments(sels[0], weights_t[0]),
+                                           dense_on_sparsified(sels[0], weights_t[0], None, bounds))
 
             def timed(fn, args, inputs):
                 return time_us([functools.partial(fn, *a) for a in args], inputs)
@@ -58,9 +75,11 @@ def main() -> None:
                 timed(torch.matmul, zip(xs, weights_t), xs),
                 timed(lambda s, w: per_segment(s, w, bounds), zip(sels, weights_t), sels),
                 timed(lambda s, w: dense_on_sparsified(s, w, None, bounds), zip(sels, weights_t), sels),
+                timed(batched_equal_segments, zip(sels, weights_t), sels) if equal_merged else None,
                 timed(lambda x: topk_select(x, keep, with_list=False), [(x,) for x in xs], xs),
             ]
-            print(f"{shape.name:14s} {m:3d} " + " ".join(f"{c:7.1f}" for c in cols), flush=True)
+            print(f"{shape.name:14s} {m:3d} " + " ".join("      -" if c is None else f"{c:7.1f}" for c in cols),
+                  flush=True)
 
     per_sm = (1, 2, 4, 8, 16)
     print(f"\nselection us by range programs per SM {per_sm}")

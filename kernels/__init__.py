@@ -4,9 +4,10 @@ Public API:
 
 * ``reference.topk_mask`` / ``reference.sparse_linear_ref``: the exact PyTorch semantics;
 * ``prepare_weight(weight [N, K]) -> [K, N]``: the kernel layout, made once at load time;
-* ``sparse_linear(x, weight_t, bias, seg_bounds, seg_keep, keep=None)``: the Triton path (``keep``:
-  the budgets as a persistent int32 device tensor, read by the kernels);
-* ``uses_sparse_kernel(m, n, k, seg_bounds, seg_keep)``: whether that call runs the sparse GEMV;
+* ``sparse_linear(x, weight_t, bias, seg_bounds, seg_keep, keep=None, path=None)``: the Triton path
+  (``keep``: the budgets as a persistent int32 device tensor, read by the kernels);
+* ``gemv_path(m, n, k, seg_bounds, seg_keep) -> GemvPath``: what that call runs after the selection
+  (the channel-list or walking sparse GEMV, or dense cuBLAS), from the measured crossover table;
 * ``kernels_available(device) -> (ok, reason)``.
 
 Only ``reference`` and ``prepare_weight`` work without Triton: the Triton modules load on first use,
@@ -23,16 +24,18 @@ import torch
 from . import reference
 
 if TYPE_CHECKING:
-    from .dispatch import sparse_linear, uses_sparse_kernel
+    from .crossover import GemvPath
+    from .dispatch import gemv_path, sparse_linear
 
-__all__ = ["kernels_available", "prepare_weight", "reference", "sparse_linear", "uses_sparse_kernel"]
+__all__ = ["GemvPath", "gemv_path", "kernels_available", "prepare_weight", "reference", "sparse_linear"]
 
-_TRITON_API = ("sparse_linear", "uses_sparse_kernel")
+# Loaded on first use: the Triton modules, and pydantic for the crossover table.
+_LAZY_API = {"sparse_linear": ".dispatch", "gemv_path": ".dispatch", "GemvPath": ".crossover"}
 
 
 def __getattr__(name: str):
-    if name in _TRITON_API:
-        return getattr(importlib.import_module(".dispatch", __name__), name)
+    if name in _LAZY_API:
+        return getattr(importlib.import_module(_LAZY_API[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

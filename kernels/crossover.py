@@ -8,6 +8,7 @@ input wins. ``benchmarks/bench_kernels.py`` measures that M per (shape, sparsity
 
 from __future__ import annotations
 
+import enum
 import functools
 from pathlib import Path
 
@@ -15,6 +16,14 @@ from pydantic import BaseModel, Field
 
 CROSSOVER_PATH = Path(__file__).with_name("crossover.json")
 DEFAULT_MAX_SPARSE_M = 1  # shapes never measured: single-token decode, where the measured tables mostly end
+
+
+class GemvPath(str, enum.Enum):
+    """What ``sparse_linear`` runs after the selection."""
+
+    LIST = "list"  # the sparse GEMV over one token's list of kept channels
+    WALK = "walk"  # the sparse GEMV over all channels, loading only rows some token kept
+    DENSE = "dense"  # cuBLAS on the sparsified input
 
 
 class CrossoverPoint(BaseModel):
@@ -44,15 +53,13 @@ class CrossoverTable(BaseModel):
                 return min(shape.points, key=lambda p: (abs(p.sparsity - sparsity), p.sparsity))
         return None
 
-    def max_sparse_m(self, n: int, k: int, sparsity: float) -> int:
-        """Largest batch to run sparse for this shape at this sparsity (the default if unmeasured)."""
+    def path(self, m: int, n: int, k: int, sparsity: float) -> GemvPath:
+        """The path for a batch of m tokens: sparse up to the measured largest batch (the default for
+        unmeasured shapes), and for one token its measured faster loop (unmeasured: the list)."""
         point = self.point(n, k, sparsity)
-        return DEFAULT_MAX_SPARSE_M if point is None else point.max_sparse_m
-
-    def one_token_walk(self, n: int, k: int, sparsity: float) -> bool:
-        """Whether one token walks all channels rather than its channel list (unmeasured: the list)."""
-        point = self.point(n, k, sparsity)
-        return point is not None and point.one_token_walk
+        if m > (DEFAULT_MAX_SPARSE_M if point is None else point.max_sparse_m):
+            return GemvPath.DENSE
+        return GemvPath.LIST if m == 1 and not (point and point.one_token_walk) else GemvPath.WALK
 
 
 @functools.cache

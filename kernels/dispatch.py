@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .crossover import load_crossover
+from .crossover import GemvPath, load_crossover
 from .reference import check_segments
 from .sparse_gemv import MAX_TOKENS, sparse_gemv
 from .topk_select import keep_tensor, topk_select
@@ -16,17 +16,12 @@ def weight_sparsity(k: int, seg_bounds: list[int], seg_keep: list[int]) -> float
     return 1.0 - kept / (k * seg_bounds[-1])
 
 
-def uses_sparse_kernel(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int]) -> bool:
-    """Whether ``sparse_linear`` runs the sparse GEMV (else: dense cuBLAS on the sparsified input)."""
+def gemv_path(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int]) -> GemvPath:
+    """What ``sparse_linear`` runs for m tokens: the measured crossover table's choice for this shape
+    and sparsity, dense above the sparse GEMV's largest batch."""
     if m > MAX_TOKENS:
-        return False
-    return m <= load_crossover().max_sparse_m(n, k, weight_sparsity(k, seg_bounds, seg_keep))
-
-
-def uses_channel_list(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int]) -> bool:
-    """Whether the sparse GEMV walks a channel list (one token, where measured faster than the walk
-    over all channels: at high sparsity; at low sparsity building the list costs more than it saves)."""
-    return m == 1 and not load_crossover().one_token_walk(n, k, weight_sparsity(k, seg_bounds, seg_keep))
+        return GemvPath.DENSE
+    return load_crossover().path(m, n, k, weight_sparsity(k, seg_bounds, seg_keep))
 
 
 def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -77,22 +72,23 @@ def sparse_linear(
     seg_bounds: list[int],
     seg_keep: list[int],
     keep: torch.Tensor | None = None,
+    path: GemvPath | None = None,
 ) -> torch.Tensor:
     """[M, N]: output columns [seg_bounds[i], seg_bounds[i+1]) see x with only its seg_keep[i]
     largest-|x| channels per token; same semantics as ``reference.sparse_linear_ref`` on weight_t.T.
 
-    weight_t is [K, N] from ``prepare_weight``. Two launches (selection, GEMV) for batches up to the
-    measured crossover; above it, selection then dense cuBLAS. No host sync: CUDA-graph safe.
-    ``keep``, the same budgets as ``keep_tensor(seg_keep)``, is what the kernels read: pass a
-    persistent one so a captured or compiled graph reads budgets from memory instead of baking
-    them in (``seg_keep`` then only picks sparse vs dense).
+    weight_t is [K, N] from ``prepare_weight``. Two launches (selection, then the sparse GEMV or
+    dense cuBLAS on the sparsified input), the path as ``gemv_path`` picks it unless ``path`` is
+    given. No host sync: CUDA-graph safe. ``keep``, the same budgets as ``keep_tensor(seg_keep)``,
+    is what the kernels read: pass a persistent one so a captured or compiled graph reads budgets
+    from memory instead of baking them in (``seg_keep`` then only picks the path).
     """
     _check_inputs(x, weight_t, bias)
     k, n = weight_t.shape
     check_segments(n, k, seg_bounds, seg_keep)
     keep = keep_tensor(seg_keep, x.device) if keep is None else keep
-    m = x.shape[0]
-    if uses_sparse_kernel(m, n, k, seg_bounds, seg_keep):
-        with_list = uses_channel_list(m, n, k, seg_bounds, seg_keep)
-        return sparse_gemv(topk_select(x, keep, with_list=with_list), weight_t, bias, seg_bounds)
-    return dense_on_sparsified(topk_select(x, keep, with_list=False).xs, weight_t, bias, seg_bounds)
+    path = gemv_path(x.shape[0], n, k, seg_bounds, seg_keep) if path is None else path
+    sel = topk_select(x, keep, with_list=path is GemvPath.LIST)
+    if path is GemvPath.DENSE:
+        return dense_on_sparsified(sel.xs, weight_t, bias, seg_bounds)
+    return sparse_gemv(sel, weight_t, bias, seg_bounds)

@@ -22,6 +22,7 @@ from acttail_kernels.crossover import (  # noqa: E402
     DEFAULT_MAX_SPARSE_M,
     CrossoverPoint,
     CrossoverTable,
+    GemvPath,
     ShapeCrossover,
     load_crossover,
 )
@@ -181,22 +182,26 @@ def test_sparse_gemv_matches_reference(kernels, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sparse_linear_both_paths(kernels, dtype):
-    """Small batches run the sparse GEMV, large ones dense cuBLAS on the sparsified input."""
+def test_sparse_linear_every_path(kernels, dtype):
+    """Each path sparse_linear can take matches the reference, and by default it takes gemv_path's:
+    the sparse GEMV (channel list or walk) for small batches, dense cuBLAS on the sparsified input
+    for large ones."""
     dispatch, _, _ = kernels
     widths, k = SHAPES[1]
     bounds = bounds_of(widths)
     weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
     keeps = keeps_for(k, widths, 0.8, 0)
-    paths = set()
+    chosen = set()
     for m in (1, 2, 16, 24):
         x = activations(m, k, dtype, m)
-        paths.add(dispatch.uses_sparse_kernel(m, bounds[-1], k, bounds, keeps))
-        out = dispatch.sparse_linear(x, prepare_weight(weight), None, bounds, keeps)
-        assert out.shape == (m, bounds[-1]) and out.dtype == dtype
         ref = reference.sparse_linear_ref(x, weight, None, bounds, keeps)
-        assert rel_err(out, ref) < tolerance(dtype)
-    assert paths == {True, False}
+        chosen.add(dispatch.gemv_path(m, bounds[-1], k, bounds, keeps))
+        paths = [None, GemvPath.DENSE] + ([GemvPath.WALK] if m <= 16 else []) + ([GemvPath.LIST] if m == 1 else [])
+        for path in paths:
+            out = dispatch.sparse_linear(x, prepare_weight(weight), None, bounds, keeps, path=path)
+            assert out.shape == (m, bounds[-1]) and out.dtype == dtype
+            assert rel_err(out, ref) < tolerance(dtype), (m, path)
+    assert GemvPath.DENSE in chosen and len(chosen) > 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -251,15 +256,15 @@ def test_crossover_lookup():
             CrossoverPoint(sparsity=0.5, max_sparse_m=1, one_token_walk=True),
             CrossoverPoint(sparsity=0.8, max_sparse_m=4)])],
     )
-    assert table.max_sparse_m(64, 32, 0.3) == 1  # the nearest measured sparsity
-    assert table.max_sparse_m(64, 32, 0.5) == 1
-    assert table.max_sparse_m(64, 32, 0.64) == 1
-    assert table.max_sparse_m(64, 32, 0.65) == 1  # a tie goes to the lower sparsity
-    assert table.max_sparse_m(64, 32, 0.66) == 4
-    assert table.max_sparse_m(64, 32, 0.95) == 4
-    assert table.max_sparse_m(128, 32, 0.95) == DEFAULT_MAX_SPARSE_M  # unmeasured shape
-    assert table.one_token_walk(64, 32, 0.55) and not table.one_token_walk(64, 32, 0.75)
-    assert not table.one_token_walk(128, 32, 0.5)  # unmeasured: the channel list
+    walk, dense, channel_list = GemvPath.WALK, GemvPath.DENSE, GemvPath.LIST
+    assert table.path(1, 64, 32, 0.3) is walk  # the nearest measured sparsity: 0.5
+    assert table.path(2, 64, 32, 0.5) is dense
+    assert table.path(2, 64, 32, 0.65) is dense  # a tie goes to the lower sparsity
+    assert table.path(2, 64, 32, 0.66) is walk
+    assert table.path(4, 64, 32, 0.95) is walk and table.path(5, 64, 32, 0.95) is dense
+    assert table.path(1, 64, 32, 0.75) is channel_list  # 0.8 measured the list faster
+    assert table.path(1, 128, 32, 0.5) is channel_list  # unmeasured shape: one token, its list
+    assert table.path(1 + DEFAULT_MAX_SPARSE_M, 128, 32, 0.5) is dense
 
 
 def test_one_token_path_follows_the_table(kernels, monkeypatch):
@@ -271,10 +276,10 @@ def test_one_token_path_follows_the_table(kernels, monkeypatch):
     point = CrossoverPoint(sparsity=sparsity, max_sparse_m=1, one_token_walk=True)
     table = CrossoverTable(device="test", shapes=[ShapeCrossover(name="s", n=bounds[-1], k=k, points=[point])])
     monkeypatch.setattr(dispatch, "load_crossover", lambda: table)
-    assert not dispatch.uses_channel_list(1, bounds[-1], k, bounds, keeps)
+    assert dispatch.gemv_path(1, bounds[-1], k, bounds, keeps) is GemvPath.WALK
     point.one_token_walk = False
-    assert dispatch.uses_channel_list(1, bounds[-1], k, bounds, keeps)
-    assert not dispatch.uses_channel_list(2, bounds[-1], k, bounds, keeps)
+    assert dispatch.gemv_path(1, bounds[-1], k, bounds, keeps) is GemvPath.LIST
+    assert dispatch.gemv_path(2, bounds[-1], k, bounds, keeps) is GemvPath.DENSE
 
 
 def test_shipped_crossover_table_loads():
