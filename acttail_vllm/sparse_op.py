@@ -18,8 +18,10 @@ _LIB = Library("acttail", "FRAGMENT")  # noqa: TID251 -- the op's lifetime is th
 
 
 def decode_token_mask(num_tokens: int, device: torch.device) -> torch.Tensor | None:
-    """True for tokens of requests that process one token this step (decode), from vLLM's
-    attention metadata; None when there is no metadata (profiling or dummy runs)."""
+    """policy=decode: True for tokens of requests that process one token this step (decode), from
+    vLLM's attention metadata. None where every token is sparsified: a decode-only batch (so its
+    CUDA graph holds neither a mask nor a dense GEMM) and steps without metadata (profiling and
+    dummy runs)."""
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
     if not is_forward_context_available():
@@ -29,7 +31,10 @@ def decode_token_mask(num_tokens: int, device: torch.device) -> torch.Tensor | N
         raise RuntimeError("ActTail policy=decode does not support dual-batch overlap")
     if not metadata:
         return None
-    query_start_loc = next(iter(metadata.values())).query_start_loc.to(device)
+    layer_metadata = next(iter(metadata.values()))
+    if getattr(layer_metadata, "max_query_len", None) == 1:  # a host int: no sync
+        return None
+    query_start_loc = layer_metadata.query_start_loc.to(device)
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
     per_token_len = torch.repeat_interleave(query_lens, query_lens)
     mask = torch.zeros(num_tokens, dtype=torch.bool, device=device)

@@ -5,6 +5,8 @@ Each test starts real vLLM servers (30-60 s each on 2 cores), so they are marked
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import time
 
@@ -116,14 +118,76 @@ def test_prompt_logprobs_match_reference(served_50, smollm2_dir):
         logits = model(ids).logits[0, :-1]
     reference = torch.log_softmax(logits.double(), -1).gather(1, ids[0, 1:, None])[:, 0].tolist()
 
+    assert_logprobs_close(served, reference)
+    # and sparsity changed the model: the dense reference differs by far more
+    with torch.no_grad():
+        dense = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None])[:, 0]
+    assert_logprobs_differ(dense.tolist(), reference)
+
+
+def assert_logprobs_close(served: list[float], reference: list[float]) -> None:
     assert len(served) == len(reference)
     diffs = [abs(a - b) for a, b in zip(served, reference)]
     assert sum(diffs) / len(diffs) < LOGPROB_MEAN_TOL, diffs
     assert sum(d < LOGPROB_CLOSE for d in diffs) >= CLOSE_SHARE * len(diffs), diffs
-    # and sparsity changed the model: the dense reference differs by far more
-    with torch.no_grad():
-        dense = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None])[:, 0]
-    assert sum(abs(a - b) for a, b in zip(dense.tolist(), reference)) / len(diffs) > 5 * LOGPROB_MEAN_TOL
+
+
+def assert_logprobs_differ(a: list[float], b: list[float]) -> None:
+    """Far apart: the runs differ by sparsity, not by kernel rounding."""
+    assert sum(abs(x - y) for x, y in zip(a, b)) / len(a) > 5 * LOGPROB_MEAN_TOL
+
+
+def test_decode_policy_sparsifies_only_decode_tokens(smollm2_dir):
+    """policy=decode: the prompt (prefill) runs dense and every generated token (decode) sparse,
+    against the reference run the same way: dense prompt into the KV cache, sparsified steps.
+    Compared on each position's top-5 logprobs (what vLLM returns), not only the greedy token's."""
+    from transformers import AutoModelForCausalLM
+
+    from acttail_vllm.reference import sparsified
+
+    profile_path = shipped_profile("acttail", 50)
+    config = {"quant_method": "acttail", "profile": str(profile_path), "policy": "decode"}
+    args = (*SERVE_ARGS, "--quantization", "acttail", "--hf-overrides", json.dumps({"quantization_config": config}))
+    text = "The history of the city goes back more than two thousand years, when traders first settled"
+    new_tokens = 24
+    with VllmServer(str(smollm2_dir), args) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        out = client.completions.create(
+            model=str(smollm2_dir), prompt=text, max_tokens=new_tokens, echo=True, logprobs=5,
+            temperature=0.0, extra_body={"return_tokens_as_token_ids": True},
+        )
+    logprobs = out.choices[0].logprobs
+    ids = [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
+    num_prompt = len(ids) - new_tokens
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, torch_dtype=torch.float32)
+    profile = Profile.load(profile_path)
+
+    def reference_logprobs(sparse_decode: bool) -> torch.Tensor:
+        """[len(ids) - 1, vocab]: row i predicts ids[i + 1]; the prompt in one dense pass, then the
+        generated tokens one at a time on the KV cache."""
+        with torch.no_grad():
+            step = model(torch.tensor([ids[:num_prompt]]), use_cache=True)
+            rows = [step.logits[0]]
+            for token in ids[num_prompt:-1]:
+                with sparsified(model, profile) if sparse_decode else contextlib.nullcontext():
+                    step = model(torch.tensor([[token]]), past_key_values=step.past_key_values, use_cache=True)
+                rows.append(step.logits[0])
+        return torch.log_softmax(torch.cat(rows).double(), -1)
+
+    def top5(positions: range, reference: torch.Tensor) -> tuple[list[float], list[float]]:
+        """vLLM's top-5 logprobs at these positions of ids, and the reference's for the same tokens."""
+        served, ref = [], []
+        for pos in positions:
+            for token, value in logprobs.top_logprobs[pos].items():
+                served.append(value)
+                ref.append(reference[pos - 1, int(token.removeprefix("token_id:"))].item())
+        return served, ref
+
+    sparse, dense = reference_logprobs(True), reference_logprobs(False)
+    prefill, decode = range(1, num_prompt + 1), range(num_prompt + 1, len(ids))  # num_prompt: from the prefill
+    assert_logprobs_close(*top5(prefill, sparse))  # the prompt and the first new token: dense
+    assert_logprobs_close(*top5(decode, sparse))  # each later token: its decode step sparse
+    assert_logprobs_differ(*top5(decode, dense))  # which differs from dense decoding
 
 
 def test_kept_fraction_is_exact(served_50, smollm2_dir):
