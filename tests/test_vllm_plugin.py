@@ -112,7 +112,7 @@ def test_prompt_logprobs_match_reference(served_50, smollm2_dir):
     served = out.choices[0].logprobs.token_logprobs[1:-1]  # first prompt token has none; last is generated
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     ids = tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad(), sparsified(model, profile):
         logits = model(ids).logits[0, :-1]
@@ -159,7 +159,7 @@ def test_decode_policy_sparsifies_only_decode_tokens(smollm2_dir):
     logprobs = out.choices[0].logprobs
     ids = [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
     num_prompt = len(ids) - new_tokens
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     profile = Profile.load(profile_path)
 
     def reference_logprobs(sparse_decode: bool) -> torch.Tensor:
