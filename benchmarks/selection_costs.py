@@ -4,8 +4,9 @@
 
 Each variant loads one row of K bf16 activations and then does one kind of step, so the rows of the
 output price the blocks a selection kernel is made of: a block-wide count ("steps": 0, 1, 7 or 15
-bisection steps over the row held in registers; "chunked": the same over the row reloaded in
-chunks), a 256-bin `tl.histogram` pass, a scan that lists channels ("list"), and a range test over
+bisection steps over the row held in registers; "ternary": steps that each keep a third of the
+range, two counts in one sum; "chunked": bisection steps over the row reloaded in chunks), a 256-bin
+`tl.histogram` pass, a scan that lists channels ("list"), and a range test over
 1, 128 or 256 programs. Timing: bench_kernels.time_us (CUDA graph, L2 flushed, median microseconds
 per call, the input rewrite subtracted).
 """
@@ -39,6 +40,25 @@ def _steps_kernel(x_ptr, out_ptr, K, BLOCK: tl.constexpr, STEPS: tl.constexpr):
         candidate = thr | (1 << (14 - s))
         thr = tl.where(tl.sum((bits >= candidate).to(tl.int32), axis=0) >= KEEP, candidate, thr)
     tl.store(out_ptr, thr)
+
+
+@triton.jit
+def _ternary_steps_kernel(x_ptr, out_ptr, K, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    """Threshold search in thirds: two counts share one int32 sum, so each step keeps a third of
+    [lo, hi) (log2(3) = 1.58 bits) for the latency of one binary step. Invariant: count(>= lo) >=
+    KEEP > count(>= hi)."""
+    bits, offs = _row_bits(x_ptr, K, BLOCK)
+    lo = 0
+    hi = 1 << 15
+    for s in tl.static_range(STEPS):
+        span = hi - lo
+        c1 = lo + span // 3
+        c2 = lo + (2 * span) // 3
+        counts = tl.sum((bits >= c1).to(tl.int32) + ((bits >= c2).to(tl.int32) << 16), axis=0)
+        upper = (counts >> 16) >= KEEP
+        middle = (counts & 0xFFFF) >= KEEP
+        lo, hi = tl.where(upper, c2, tl.where(middle, c1, lo)), tl.where(upper, hi, tl.where(middle, c2, c1))
+    tl.store(out_ptr, lo)
 
 
 @triton.jit
@@ -100,6 +120,9 @@ def main() -> None:
             steps = [us(lambda x, n=n: _steps_kernel[(1,)](x, out, k, block, n, num_warps=warps))
                      for n in (0, 1, 7, 15)]
             print(f"{tag} steps 0/1/7/15: {steps}")
+            ternary = [us(lambda x, n=n: _ternary_steps_kernel[(1,)](x, out, k, block, n, num_warps=warps))
+                       for n in (5, 10)]
+            print(f"{tag} ternary steps 5/10 (7.9/15.8 bits): {ternary}")
             chunked = [us(lambda x, c=c: _chunked_steps_kernel[(1,)](x, out, k, c, 7, num_warps=warps))
                        for c in (1024, 2048)]
             print(f"{tag} chunked 7 steps, chunk 1024/2048: {chunked}")
