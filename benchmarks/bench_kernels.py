@@ -42,7 +42,6 @@ import triton  # noqa: E402
 
 from acttail_kernels import reference  # noqa: E402
 from acttail_kernels.crossover import CROSSOVER_PATH, CrossoverPoint, CrossoverTable, ShapeCrossover  # noqa: E402
-from acttail_kernels.dispatch import dense_on_sparsified  # noqa: E402
 from acttail_kernels.sparse_gemv import sparse_gemv  # noqa: E402
 from acttail_kernels.topk_select import keep_tensor, topk_select  # noqa: E402
 
@@ -152,26 +151,23 @@ def measure(shape: Shape, m: int, sparsities: list[float], dtype: torch.dtype, d
     def timed(fn, weights_or_t) -> float:
         return time_us([functools.partial(fn, x, w) for x, w in zip(xs, weights_or_t)], xs)
 
-    def sparse(keep, with_list, x, weight_t):
-        return sparse_gemv(topk_select(x, keep, with_list=with_list), weight_t, None, bounds)
-
-    def fallback(keep, x, weight_t):
-        return dense_on_sparsified(topk_select(x, keep, with_list=False).xs, weight_t, None, bounds)
+    def forced(keeps, keep, path, x, weight_t):  # selection + this path, whatever the crossover says
+        return ak.sparse_linear(x, weight_t, None, bounds, keeps, keep=keep, path=path)
 
     dense_us = timed(torch.nn.functional.linear, weights)
     rows = []
     for sparsity in sparsities:
         keeps = keeps_for(shape, sparsity)
         keep = keep_tensor(keeps, device)
-        walk_us = timed(functools.partial(sparse, keep, False), weights_t)
-        list_us = timed(functools.partial(sparse, keep, True), weights_t) if m == 1 else walk_us
+        walk_us = timed(functools.partial(forced, keeps, keep, ak.GemvPath.WALK), weights_t)
+        list_us = timed(functools.partial(forced, keeps, keep, ak.GemvPath.LIST), weights_t) if m == 1 else walk_us
         rows.append(Row(
             shape=shape,
             m=m,
             sparsity=sparsity,
             dense_us=dense_us,
             sparse_us=min(walk_us, list_us),
-            fallback_us=timed(functools.partial(fallback, keep), weights_t),
+            fallback_us=timed(functools.partial(forced, keeps, keep, ak.GemvPath.DENSE), weights_t),
             needed=sum(needed_bytes(x, shape, keeps, elem) for x in xs) // instances,
             one_token_walk=m == 1 and walk_us < list_us,
         ))
@@ -200,11 +196,11 @@ def check(shapes: list[Shape], dtype: torch.dtype, device: str) -> bool:
                 )
                 out = torch.full((m, shape.n), float("nan"), dtype=dtype, device=device)
                 sparse_gemv(sel, weight_t, bias, shape.seg_bounds, out=out)
-                fallback = dense_on_sparsified(sel.xs, weight_t, bias, shape.seg_bounds)
-                outs = [out, fallback]
-                if m == 1:  # one token also walks all channels
-                    walk = topk_select(x, keep_tensor(keeps, device), with_list=False)
-                    outs.append(sparse_gemv(walk, weight_t, bias, shape.seg_bounds))
+                # then the other paths: dense fallback, and for one token the walk over all channels
+                outs = [out] + [
+                    ak.sparse_linear(x, weight_t, bias, shape.seg_bounds, keeps, path=path)
+                    for path in [ak.GemvPath.DENSE] + ([ak.GemvPath.WALK] if m == 1 else [])
+                ]
                 errs = [((y.float() - ref).norm() / ref.norm()).item() for y in outs]
                 good = exact_sets and all(e < tol for e in errs)  # NaN (unwritten) fails `<`
                 ok &= good

@@ -6,9 +6,9 @@ per segment, ``xs`` [S, M, K]. This prints, per shape and batch size, microsecon
 
 * dense:      F.linear(x, W), W [N, K] (what vLLM runs without ActTail; no selection);
 * dense_t:    x @ Wt, Wt [K, N] (the kernel layout; no selection);
-* per_seg:    one cuBLAS call per segment, then torch.cat (xs given, no selection);
-* stacked:    dispatch.dense_on_sparsified, what sparse_linear runs up to 16 tokens (xs given): one
-              cuBLAS call on xs viewed as [S*M, K], then each segment's own rows (one cat);
+* per_seg:    dispatch.per_segment_dense: one cuBLAS call per segment, then torch.cat (xs given);
+* stacked:    dispatch.stacked_dense, what sparse_linear's fallback runs up to 16 tokens (xs given):
+              one cuBLAS call on xs viewed as [S*M, K], then each segment's own rows (one cat);
 * bmm:        merged projections of equal segment widths (Llama-2's qkv and gate_up): one batched
               cuBLAS call whose output view strides into [M, N], so no copy follows (not yet used
               by the dispatch: measured here first);
@@ -28,14 +28,9 @@ import torch
 from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
 
 import acttail_kernels as ak
-from acttail_kernels.dispatch import dense_on_sparsified
+from acttail_kernels.dispatch import dense_on_sparsified, per_segment_dense, stacked_dense
 from acttail_kernels import topk_select as select_module
 from acttail_kernels.topk_select import keep_tensor, topk_select
-
-
-def per_segment(xs: torch.Tensor, weight_t: torch.Tensor, seg_bounds: list[int]) -> torch.Tensor:
-    parts = [xs[i] @ weight_t[:, lo:hi] for i, (lo, hi) in enumerate(zip(seg_bounds[:-1], seg_bounds[1:]))]
-    return torch.cat(parts, dim=1)
 
 
 def batched_equal_segments(xs: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
@@ -73,8 +68,8 @@ def main() -> None:
             cols = [
                 timed(torch.nn.functional.linear, zip(xs, weights), xs),
                 timed(torch.matmul, zip(xs, weights_t), xs),
-                timed(lambda s, w: per_segment(s, w, bounds), zip(sels, weights_t), sels),
-                timed(lambda s, w: dense_on_sparsified(s, w, None, bounds), zip(sels, weights_t), sels),
+                timed(lambda s, w: per_segment_dense(s, w, None, bounds), zip(sels, weights_t), sels),
+                timed(lambda s, w: stacked_dense(s, w, None, bounds), zip(sels, weights_t), sels),
                 timed(batched_equal_segments, zip(sels, weights_t), sels) if equal_merged else None,
                 timed(lambda x: topk_select(x, keep, with_list=False), [(x,) for x in xs], xs),
             ]

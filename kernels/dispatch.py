@@ -46,22 +46,34 @@ def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
 def dense_on_sparsified(
     xs: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, seg_bounds: list[int]
 ) -> torch.Tensor:
-    """cuBLAS on x with each segment's dropped channels zeroed (xs [S, M, K]).
+    """cuBLAS on x with each segment's dropped channels zeroed (xs [S, M, K]): a merged projection of
+    a decode-sized batch stacks its copies into one GEMM (``stacked_dense``); a plain projection, or
+    a larger batch (prefill: compute-bound, where stacking would multiply the work by S), runs one
+    GEMM per segment."""
+    if xs.shape[0] > 1 and xs.shape[1] <= MAX_TOKENS:
+        return stacked_dense(xs, weight_t, bias, seg_bounds)
+    return per_segment_dense(xs, weight_t, bias, seg_bounds)
 
-    A merged projection of a decode-sized batch runs one GEMM over all S copies stacked as [S*M, K]
-    rows and keeps each segment's own rows: bound by weight reads, S*M rows cost what M rows cost,
-    while a GEMM per segment pays its launch and tail S times (13B QKV at M=16 on an H100: 62 vs
-    70 us, benchmarks/results/fallback_variants.txt). Larger batches (prefill) are compute-bound,
-    where stacking would multiply the work by S: one GEMM per segment there.
-    """
+
+def stacked_dense(
+    xs: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, seg_bounds: list[int]
+) -> torch.Tensor:
+    """One GEMM over all S copies stacked as [S*M, K] rows, then each segment's own rows: bound by
+    weight reads, S*M rows cost what M rows cost, while a GEMM per segment pays its launch and tail
+    S times (13B QKV at M=16 on an H100: 62 vs 70 us, benchmarks/results/fallback_variants.txt)."""
     num_segs, m, k = xs.shape
-    bounds = list(zip(seg_bounds[:-1], seg_bounds[1:]))
-    if num_segs > 1 and m <= MAX_TOKENS:
-        rows = xs.reshape(num_segs * m, k)
-        out = rows @ weight_t if bias is None else torch.addmm(bias, rows, weight_t)
-        return torch.cat([out[i * m : (i + 1) * m, lo:hi] for i, (lo, hi) in enumerate(bounds)], dim=1)
-    parts = [xs[i] @ weight_t[:, lo:hi] for i, (lo, hi) in enumerate(bounds)]
-    out = parts[0] if num_segs == 1 else torch.cat(parts, dim=1)
+    rows = xs.reshape(num_segs * m, k)
+    out = rows @ weight_t if bias is None else torch.addmm(bias, rows, weight_t)
+    bounds = zip(seg_bounds[:-1], seg_bounds[1:])
+    return torch.cat([out[i * m : (i + 1) * m, lo:hi] for i, (lo, hi) in enumerate(bounds)], dim=1)
+
+
+def per_segment_dense(
+    xs: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, seg_bounds: list[int]
+) -> torch.Tensor:
+    """One GEMM per segment on its own sparsified copy of x."""
+    parts = [xs[i] @ weight_t[:, lo:hi] for i, (lo, hi) in enumerate(zip(seg_bounds[:-1], seg_bounds[1:]))]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return out if bias is None else out + bias
 
 
