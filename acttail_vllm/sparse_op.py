@@ -88,11 +88,12 @@ def _sparse_linear(
             dim=1,
         )
         used_kernel = False
-        seg_kept = torch.stack([m.sum() for m in masks])
     if count_stats:  # only then: each op here is one more kernel per module and step on a GPU
         n_seg = len(seg_bounds) - 1
-        # the kernels keep exactly seg_keep channels per row (tests/test_kernels.py checks the sets)
-        stats[:n_seg] += seg_keep.to(torch.int64) * rows if x2.is_cuda else seg_kept
+        sparsified = rows if sparse_rows is None else sparse_rows.sum()
+        # A sparsified row keeps exactly seg_keep channels (tests/test_kernels.py checks the kernels'
+        # sets, the reference is exact by construction); a row left dense keeps all of them.
+        stats[:n_seg] += seg_keep.to(torch.int64) * sparsified + x2.shape[1] * (rows - sparsified)
         stats[n_seg + (STAT_SPARSE_TOKENS if used_kernel else STAT_DENSE_TOKENS)] += rows
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
