@@ -3,7 +3,7 @@
     python3 benchmarks/selection_costs.py        # needs CUDA
 
 Each variant loads one row of K bf16 activations and then does one kind of step, so the rows of the
-output price the blocks a selection kernel is made of: a block-wide count ("steps": 0, 1, 7 or 15
+output price the blocks a selection kernel is made of: a block-wide count ("steps": 0, 1, 9 or 15
 bisection steps over the row held in registers; "ternary": steps that each keep a third of the
 range, two counts in one sum; "chunked": bisection steps over the row reloaded in chunks), a 256-bin
 `tl.histogram` pass, a scan that lists channels ("list"), and a range test over
@@ -118,11 +118,11 @@ def main() -> None:
         for warps in (4, 8, 16):
             tag = f"K={k} w={warps:2d}"
             steps = [us(lambda x, n=n: _steps_kernel[(1,)](x, out, k, block, n, num_warps=warps))
-                     for n in (0, 1, 7, 15)]
-            print(f"{tag} steps 0/1/7/15: {steps}")
+                     for n in (0, 1, 9, 15)]
+            print(f"{tag} steps 0/1/9/15: {steps}")
             ternary = [us(lambda x, n=n: _ternary_steps_kernel[(1,)](x, out, k, block, n, num_warps=warps))
-                       for n in (5, 10)]
-            print(f"{tag} ternary steps 5/10 (7.9/15.8 bits): {ternary}")
+                       for n in (6, 10)]
+            print(f"{tag} ternary steps 6/10 (9.5/15.8 bits): {ternary}")
             chunked = [us(lambda x, c=c: _chunked_steps_kernel[(1,)](x, out, k, c, 7, num_warps=warps))
                        for c in (1024, 2048)]
             print(f"{tag} chunked 7 steps, chunk 1024/2048: {chunked}")
