@@ -7,11 +7,11 @@ per segment, ``xs`` [S, M, K]. This prints, per shape and batch size, microsecon
 * dense:      F.linear(x, W), W [N, K] (what vLLM runs without ActTail; no selection);
 * dense_t:    x @ Wt, Wt [K, N] (the kernel layout; no selection);
 * per_seg:    dispatch.per_segment_dense: one cuBLAS call per segment, then torch.cat (xs given);
-* stacked:    dispatch.stacked_dense, what sparse_linear's fallback runs up to 16 tokens (xs given):
-              one cuBLAS call on xs viewed as [S*M, K], then each segment's own rows (one cat);
-* bmm:        merged projections of equal segment widths (Llama-2's qkv and gate_up): one batched
-              cuBLAS call whose output view strides into [M, N], so no copy follows (not yet used
-              by the dispatch: measured here first);
+* stacked:    dispatch.stacked_dense, the fallback up to 16 tokens for segments of unequal widths
+              (xs given): one cuBLAS call on xs viewed as [S*M, K], then each segment's own rows (a cat);
+* bmm:        dispatch.batched_dense, the fallback up to 16 tokens for equally wide segments
+              (Llama-2's qkv and gate_up): one batched cuBLAS call whose output view strides into
+              [M, N], so no copy follows;
 * select:     topk_select alone, writing xs.
 
 Then selection alone against the number of range-test programs per SM (topk_select's
@@ -28,19 +28,9 @@ import torch
 from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
 
 import acttail_kernels as ak
-from acttail_kernels.dispatch import dense_on_sparsified, per_segment_dense, stacked_dense
+from acttail_kernels.dispatch import batched_dense, per_segment_dense, stacked_dense
 from acttail_kernels import topk_select as select_module
 from acttail_kernels.topk_select import keep_tensor, topk_select
-
-
-def batched_equal_segments(xs: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """[M, N] from one strided batched GEMM: segment i of width w reads weight_t[:, i*w:(i+1)*w] and
-    writes out[:, i*w:(i+1)*w] in place (batch strides w, leading dimensions N)."""
-    num_segs, m, k = xs.shape
-    width = weight_t.shape[1] // num_segs
-    out = torch.empty(m, weight_t.shape[1], dtype=xs.dtype, device=xs.device)
-    torch.bmm(xs, weight_t.view(k, num_segs, width).transpose(0, 1), out=out.view(m, num_segs, width).transpose(0, 1))
-    return out
 
 
 def main() -> None:
@@ -58,9 +48,9 @@ def main() -> None:
             sels = [topk_select(x, keep, with_list=False).xs for x in xs]
             bounds = shape.seg_bounds
             equal_merged = len(set(shape.seg_widths)) == 1 < len(shape.seg_widths)
-            if equal_merged:  # the in-place batched GEMM must give what the dispatch gives
-                torch.testing.assert_close(batched_equal_segments(sels[0], weights_t[0]),
-                                           dense_on_sparsified(sels[0], weights_t[0], None, bounds))
+            if equal_merged:  # the in-place batched GEMM must give what one GEMM per segment gives
+                torch.testing.assert_close(batched_dense(sels[0], weights_t[0], None),
+                                           per_segment_dense(sels[0], weights_t[0], None, bounds))
 
             def timed(fn, args, inputs):
                 return time_us([functools.partial(fn, *a) for a in args], inputs)
@@ -70,7 +60,7 @@ def main() -> None:
                 timed(torch.matmul, zip(xs, weights_t), xs),
                 timed(lambda s, w: per_segment_dense(s, w, None, bounds), zip(sels, weights_t), sels),
                 timed(lambda s, w: stacked_dense(s, w, None, bounds), zip(sels, weights_t), sels),
-                timed(batched_equal_segments, zip(sels, weights_t), sels) if equal_merged else None,
+                timed(lambda s, w: batched_dense(s, w, None), zip(sels, weights_t), sels) if equal_merged else None,
                 timed(lambda x: topk_select(x, keep, with_list=False), [(x,) for x in xs], xs),
             ]
             print(f"{shape.name:14s} {m:3d} " + " ".join("      -" if c is None else f"{c:7.1f}" for c in cols),

@@ -3,7 +3,8 @@
 # under 10 minutes on one H100. Run from the repo root on a CUDA host where vLLM 0.26 and this
 # project are installed (offline hosts: ../shared/gpu/README.md, then `source .gpu/kit/env.sh`).
 #
-#   bash benchmarks/gpu_session.sh kernels     # kernel tests (bf16), kernel table + crossover, 13B profile time
+#   bash benchmarks/gpu_session.sh kernels     # kernel tests (bf16), one-token GEMV tiles, kernel table +
+#                                              # crossover, 13B profile time
 #   bash benchmarks/gpu_session.sh serve       # `vllm serve` 13B shape, CUDA graphs: load test dense vs acttail 50%
 #   bash benchmarks/gpu_session.sh decode13b   # vLLM decode tok/s, 13B shape, dense vs s in {0.5,0.7,0.8,0.9}
 #   bash benchmarks/gpu_session.sh decode7b    # the same at the 7B shape
@@ -25,6 +26,8 @@ python=${PYTHON:-python3}
 case "${1:-}" in
 kernels)
   { $python -m pytest -q tests/test_kernels.py 2>&1 || true; } | tail -5 | tee "$OUT/kernel_tests.txt"
+  $python benchmarks/gemv_plans.py --write "$OUT/gemv_tiles.json" 2>&1 | tee "$OUT/gemv_plans.txt"
+  cp "$OUT/gemv_tiles.json" kernels/gemv_tiles.json  # the crossover below is measured with these tiles
   $python benchmarks/bench_kernels.py --check --write-crossover "$OUT/crossover.json" 2>&1 \
     | grep -v "^  measured" | tee "$OUT/bench_kernels.txt"
   cp "$OUT/crossover.json" kernels/crossover.json  # the later steps dispatch with it

@@ -47,12 +47,28 @@ def dense_on_sparsified(
     xs: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, seg_bounds: list[int]
 ) -> torch.Tensor:
     """cuBLAS on x with each segment's dropped channels zeroed (xs [S, M, K]): a merged projection of
-    a decode-sized batch stacks its copies into one GEMM (``stacked_dense``); a plain projection, or
-    a larger batch (prefill: compute-bound, where stacking would multiply the work by S), runs one
-    GEMM per segment."""
+    a decode-sized batch runs one GEMM for all its copies (``batched_dense`` where the segments are
+    equally wide, as Llama's QKV and gate_up, else ``stacked_dense``); a plain projection, or a larger
+    batch (prefill: compute-bound, where stacking would multiply the work by S), runs one GEMM per
+    segment."""
     if xs.shape[0] > 1 and xs.shape[1] <= MAX_TOKENS:
+        widths = {hi - lo for lo, hi in zip(seg_bounds[:-1], seg_bounds[1:])}
+        if len(widths) == 1:
+            return batched_dense(xs, weight_t, bias)
         return stacked_dense(xs, weight_t, bias, seg_bounds)
     return per_segment_dense(xs, weight_t, bias, seg_bounds)
+
+
+def batched_dense(xs: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Equally wide segments: one strided batched GEMM, segment i reading weight_t's columns
+    [i*w, (i+1)*w) and writing the same columns of the [M, N] output in place (no copy follows).
+    13B QKV at M=16 on an H100: 58.9 us, as fast as x @ weight_t, against 62.2 for ``stacked_dense``
+    (benchmarks/results/fallback_variants.txt)."""
+    num_segs, m, k = xs.shape
+    width = weight_t.shape[1] // num_segs
+    out = torch.empty(m, weight_t.shape[1], dtype=xs.dtype, device=xs.device)
+    torch.bmm(xs, weight_t.view(k, num_segs, width).transpose(0, 1), out=out.view(m, num_segs, width).transpose(0, 1))
+    return out if bias is None else out.add_(bias)
 
 
 def stacked_dense(

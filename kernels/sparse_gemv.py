@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemv_tiles import GemvLoop, GemvTiles, load_tiles
 from .topk_select import MAX_SEGMENTS, Selection, num_sms, tickets
 
 MAX_TOKENS = 16  # BLOCK_M: tl.dot's smallest M; larger batches go dense
@@ -51,16 +52,25 @@ class GemvPlan:
     num_stages: int
 
 
+# Measured best on H100 (bf16, 7B/13B shapes) before the per-shape tables: narrow column tiles and
+# long steps for a channel list, longer ones for one token's walk (a step keeps only (1 - s) of its
+# rows), wide tiles for a batch's walk.
+RULE_TILES = {
+    GemvLoop.CHANNEL_LIST: GemvTiles(block_n=32, block_k=128, programs_per_sm=4),
+    GemvLoop.TOKEN_WALK: GemvTiles(block_n=32, block_k=512, programs_per_sm=4),
+    GemvLoop.BATCH_WALK: GemvTiles(block_n=128, block_k=64, programs_per_sm=4),
+}
+
+
 @functools.lru_cache(maxsize=256)
-def plan_gemv(seg_widths: tuple[int, ...], sms: int, with_list: bool, one_token: bool) -> GemvPlan:
-    """Tiles measured best on H100 (bf16, 7B/13B shapes): narrow column tiles and long steps for a
-    channel list, and longer ones for one token's walk (a step keeps only (1 - s) of its rows), wide
-    tiles for a batch's walk; splits bring the grid to about 4 programs per SM."""
-    block_n, block_k = (32, 128) if with_list else (32, 512) if one_token else (128, 64)
-    block_n = min(block_n, max(16, triton.next_power_of_2(max(seg_widths))))
-    tiles = sum(triton.cdiv(w, block_n) for w in seg_widths)
-    splits = min(16, max(1, 4 * sms // tiles))
-    return GemvPlan(block_n=block_n, block_k=block_k, splits=splits, num_warps=4, num_stages=3)
+def plan_gemv(seg_widths: tuple[int, ...], k: int, sms: int, loop: GemvLoop) -> GemvPlan:
+    """The tiles measured for this shape and one-token loop (``gemv_tiles.json``), else the rule;
+    splits of the channel range bring the grid to the tiles' programs per SM."""
+    tiles = load_tiles().tiles(seg_widths, k, loop) or RULE_TILES[loop]
+    block_n = min(tiles.block_n, max(16, triton.next_power_of_2(max(seg_widths))))
+    count = sum(triton.cdiv(w, block_n) for w in seg_widths)
+    splits = min(16, max(1, tiles.programs_per_sm * sms // count))
+    return GemvPlan(block_n=block_n, block_k=tiles.block_k, splits=splits, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -190,9 +200,9 @@ def sparse_gemv(
     if m > MAX_TOKENS:
         raise ValueError(f"the sparse GEMV takes at most {MAX_TOKENS} tokens, got {m}")
     with_list = sel.idx is not None
-    one_token_walk = m == 1 and not with_list
+    loop = GemvLoop.CHANNEL_LIST if with_list else GemvLoop.TOKEN_WALK if m == 1 else GemvLoop.BATCH_WALK
     widths = tuple(hi - lo for lo, hi in zip(seg_bounds[:-1], seg_bounds[1:]))
-    plan = plan or plan_gemv(widths, num_sms(weight_t.device), with_list, one_token_walk)
+    plan = plan or plan_gemv(widths, k, num_sms(weight_t.device), loop)
     tiles = sum(triton.cdiv(w, plan.block_n) for w in widths)
     ticket_buf = tickets(weight_t.device)
     if tiles > ticket_buf.numel():
@@ -212,7 +222,7 @@ def sparse_gemv(
         k,
         *(list(seg_bounds[1:]) + [n] * (MAX_SEGMENTS - num_segs)),
         NUM_SEGS=num_segs,
-        BLOCK_M=1 if one_token_walk else MAX_TOKENS,
+        BLOCK_M=1 if loop is GemvLoop.TOKEN_WALK else MAX_TOKENS,
         BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k,
         LIST=with_list,

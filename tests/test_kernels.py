@@ -26,6 +26,7 @@ from acttail_kernels.crossover import (  # noqa: E402
     ShapeCrossover,
     load_crossover,
 )
+from acttail_kernels.gemv_tiles import GemvLoop, GemvTiles, ShapeTiles, TileTable, load_tiles  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -38,6 +39,8 @@ SHAPES = (
 )
 SPARSITIES = [0.0, 0.5, 0.8, 0.95]
 TOKENS = [1, 2, 5, 16] if ON_GPU else [1, 3, 16]
+# The dense fallback runs one batched GEMM where a merged projection's segments are equally wide.
+FALLBACK_SHAPES = SHAPES if ON_GPU else SHAPES + [((12, 12, 12), 40)]
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +208,11 @@ def test_sparse_linear_every_path(kernels, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", FALLBACK_SHAPES, ids=str)
 def test_dense_fallback_matches_reference(kernels, shape, dtype):
-    """cuBLAS on the sparsified input, with a bias: merged projections stack their segments' rows
-    into one GEMM up to 16 tokens and run one GEMM per segment above."""
+    """cuBLAS on the sparsified input, with a bias: merged projections run one GEMM for all their
+    segments up to 16 tokens (batched where the segments are equally wide, else stacked rows) and
+    one GEMM per segment above."""
     dispatch, _, _ = kernels
     widths, k = shape
     bounds = bounds_of(widths)
@@ -285,3 +289,32 @@ def test_one_token_path_follows_the_table(kernels, monkeypatch):
 def test_shipped_crossover_table_loads():
     table = load_crossover()
     assert all(p.max_sparse_m <= 16 for s in table.shapes for p in s.points)
+    load_tiles()  # validated: tiles are powers of 2
+
+
+@pytest.fixture
+def measured_tiles(kernels, monkeypatch):
+    """plan_gemv reading a test tile table (its plan cache cleared before and after)."""
+    _, sparse_gemv, _ = kernels
+    table = TileTable(device="test", shapes=[ShapeTiles(
+        name="qk", seg_widths=[64, 64], k=32,
+        channel_list=GemvTiles(block_n=64, block_k=256, programs_per_sm=2),
+        walk=GemvTiles(block_n=16, block_k=32, programs_per_sm=8))])
+    monkeypatch.setattr(sparse_gemv, "load_tiles", lambda: table)
+    sparse_gemv.plan_gemv.cache_clear()
+    yield sparse_gemv.plan_gemv
+    sparse_gemv.plan_gemv.cache_clear()
+
+
+def test_one_token_plan_follows_the_tile_table(measured_tiles):
+    plan_gemv = measured_tiles
+    tiled = lambda p: (p.block_n, p.block_k, p.splits)  # noqa: E731
+    assert tiled(plan_gemv((64, 64), 32, 4, GemvLoop.CHANNEL_LIST)) == (64, 256, 4)  # 2 tiles: 2 * 4 // 2 splits
+    assert tiled(plan_gemv((64, 64), 32, 4, GemvLoop.TOKEN_WALK)) == (16, 32, 4)  # 8 tiles: 8 * 4 // 8
+    assert tiled(plan_gemv((64, 64), 32, 4, GemvLoop.BATCH_WALK)) == (64, 64, 8)  # a batch: the rule
+    assert tiled(plan_gemv((64, 64), 48, 4, GemvLoop.CHANNEL_LIST)) == (32, 128, 4)  # unmeasured: the rule
+
+
+def test_tile_table_rejects_tiles_triton_cannot_build():
+    with pytest.raises(ValueError, match="powers of 2, got 48"):
+        GemvTiles(block_n=48, block_k=128, programs_per_sm=4)

@@ -1,0 +1,89 @@
+"""Tiles for the one-token sparse GEMV, measured: a grid of tilings per 7B/13B shape and loop (the
+channel list, the walk over all channels), against the rule ``plan_gemv`` falls back to.
+
+The selection is made once, outside the timing: these are GEMV microseconds alone, so they also show
+how far each shape's GEMV is from the weight bytes it must read (TB/s on those bytes). The best
+tiling of a (shape, loop) is the one with the least time summed over the sparsities.
+
+    python3 benchmarks/gemv_plans.py                  # needs CUDA; timing as bench_kernels.time_us
+    python3 benchmarks/gemv_plans.py --write          # also write kernels/gemv_tiles.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+from pathlib import Path
+
+import torch
+from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
+
+import acttail_kernels as ak
+from acttail_kernels.gemv_tiles import TILES_PATH, GemvLoop, GemvTiles, ShapeTiles, TileTable
+from acttail_kernels.sparse_gemv import RULE_TILES, GemvPlan, sparse_gemv
+from acttail_kernels.topk_select import keep_tensor, num_sms, topk_select
+
+BLOCK_N = (32, 64, 128)
+BLOCK_K = (128, 256, 512)
+PROGRAMS_PER_SM = (2, 4, 8)
+SPARSITIES = (0.5, 0.8)
+
+
+def plan_of(tiles: GemvTiles, seg_widths: tuple[int, ...], sms: int) -> GemvPlan:
+    """The launch plan of these tiles, as plan_gemv makes it."""
+    count = sum(-(-w // tiles.block_n) for w in seg_widths)
+    splits = min(16, max(1, tiles.programs_per_sm * sms // count))
+    return GemvPlan(block_n=tiles.block_n, block_k=tiles.block_k, splits=splits, num_warps=4, num_stages=3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", type=Path, nargs="?", const=TILES_PATH, help=f"write the table (default {TILES_PATH})")
+    args = parser.parse_args()
+    dtype, device = torch.bfloat16, "cuda"
+    sms = num_sms(torch.device(device))
+    candidates = [GemvTiles(block_n=n, block_k=k, programs_per_sm=p)
+                  for n, k, p in itertools.product(BLOCK_N, BLOCK_K, PROGRAMS_PER_SM)]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; GEMV us at M=1, selection excluded,"
+          f" s={SPARSITIES}; tiles n(columns) k(rows per step) p(programs per SM)")
+    print(f"{'shape':14s} {'loop':>4s} {'rule':>12s} {'us':>13s} {'TB/s':>11s}   {'best':>12s} {'us':>13s} {'TB/s':>11s}")
+    shapes = []
+    for shape in [s for s in GPU_SHAPES if not s.name.endswith("gate/up")]:  # vLLM merges gate and up
+        instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
+        weights_t = [ak.prepare_weight(torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02)
+                     for _ in range(instances)]
+        xs = [torch.randn(1, shape.k, dtype=dtype, device=device) for _ in range(instances)]
+        best = {}
+        for loop in (GemvLoop.CHANNEL_LIST, GemvLoop.TOKEN_WALK):
+            with_list = loop is GemvLoop.CHANNEL_LIST
+            timings = {tiles.model_dump_json(): [] for tiles in candidates}
+            needed = []
+            for sparsity in SPARSITIES:
+                keeps = keeps_for(shape, sparsity)
+                needed.append(2 * sum(keep * w for keep, w in zip(keeps, shape.seg_widths)))
+                sels = [topk_select(x, keep_tensor(keeps, device), with_list=with_list) for x in xs]
+                for tiles in candidates:
+                    plan = plan_of(tiles, shape.seg_widths, sms)
+                    calls = [functools.partial(sparse_gemv, sel, w, None, shape.seg_bounds, plan)
+                             for sel, w in zip(sels, weights_t)]
+                    timings[tiles.model_dump_json()].append(time_us(calls, [sel.xs for sel in sels]))
+            best[loop] = min(candidates, key=lambda t: sum(timings[t.model_dump_json()]))
+
+            def fmt(tiles: GemvTiles) -> str:
+                us = timings[tiles.model_dump_json()]
+                rate = "/".join(f"{b / u / 1e6:.2f}" for b, u in zip(needed, us))
+                tag = f"n{tiles.block_n} k{tiles.block_k} p{tiles.programs_per_sm}"
+                return f"{tag:>12s} {'/'.join(f'{u:.1f}' for u in us):>13s} {rate:>11s}"
+
+            print(f"{shape.name:14s} {loop.value:>4s} {fmt(RULE_TILES[loop])}   {fmt(best[loop])}", flush=True)
+        shapes.append(ShapeTiles(name=shape.name, seg_widths=list(shape.seg_widths), k=shape.k,
+                                 channel_list=best[GemvLoop.CHANNEL_LIST], walk=best[GemvLoop.TOKEN_WALK]))
+    if args.write:
+        table = TileTable(device=torch.cuda.get_device_name(), shapes=shapes)
+        args.write.write_text(table.model_dump_json(indent=2) + "\n")
+        print(f"wrote {args.write}")
+
+
+if __name__ == "__main__":
+    main()
