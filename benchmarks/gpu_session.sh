@@ -51,7 +51,7 @@ serve)
 decode13b | decode7b)
   shape=${1#decode}
   $python -m benchmarks.vllm_decode_bench --shapes "$shape" --sparsities "${SPARSITIES:-0.5,0.7,0.8,0.9}" --batches "${BATCHES:-1,4,16}" \
-    --new-tokens 128 --repeats 1 --json "$OUT/decode_$shape.json" ${EXTEND:+--extend "$EXTEND"} 2>&1 \
+    --new-tokens 128 --repeats 3 --json "$OUT/decode_$shape.json" ${EXTEND:+--extend "$EXTEND"} 2>&1 \
     | tee "$OUT/decode_$shape.txt"
   ;;
 quality)
