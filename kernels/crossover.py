@@ -14,6 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from .measured import read_measured_table
+
 CROSSOVER_PATH = Path(__file__).with_name("crossover.json")
 DEFAULT_MAX_SPARSE_M = 1  # shapes never measured: single-token decode, where the measured tables mostly end
 
@@ -65,6 +67,7 @@ class CrossoverTable(BaseModel):
 @functools.cache
 def load_crossover(path: Path = CROSSOVER_PATH) -> CrossoverTable:
     """The shipped table, or an empty one (defaults everywhere) if none was measured yet."""
-    if not path.exists():
-        return CrossoverTable(device="none (defaults)", shapes=[])
-    return CrossoverTable.model_validate_json(path.read_text())
+    return read_measured_table(
+        CrossoverTable, path, CrossoverTable(device="none (defaults)", shapes=[]),
+        "rewrite it on a GPU with `python3 benchmarks/bench_kernels.py --write-crossover`",
+    )

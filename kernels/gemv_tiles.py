@@ -15,6 +15,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
+from .measured import read_measured_table
+
 TILES_PATH = Path(__file__).with_name("gemv_tiles.json")
 
 
@@ -62,6 +64,7 @@ class TileTable(BaseModel):
 @functools.cache
 def load_tiles(path: Path = TILES_PATH) -> TileTable:
     """The shipped table, or an empty one (the rule everywhere) if none was measured yet."""
-    if not path.exists():
-        return TileTable(device="none (rule)", shapes=[])
-    return TileTable.model_validate_json(path.read_text())
+    return read_measured_table(
+        TileTable, path, TileTable(device="none (rule)", shapes=[]),
+        "rewrite it on a GPU with `python3 benchmarks/gemv_plans.py --write`",
+    )

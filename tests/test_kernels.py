@@ -318,3 +318,13 @@ def test_one_token_plan_follows_the_tile_table(measured_tiles):
 def test_tile_table_rejects_tiles_triton_cannot_build():
     with pytest.raises(ValueError, match="powers of 2, got 48"):
         GemvTiles(block_n=48, block_k=128, programs_per_sm=4)
+
+
+@pytest.mark.parametrize("loader", [load_crossover, load_tiles], ids=["crossover", "tiles"])
+def test_broken_measured_table_says_which_file_and_what_to_do(loader, tmp_path):
+    assert loader(tmp_path / "absent.json").shapes == []  # never measured: built-in defaults
+    broken = tmp_path / "table.json"
+    broken.write_text('{"device": "H100", "shapes": [{"name": "q"}]}')
+    with pytest.raises(ValueError, match=r"table\.json is not a valid \w+Table .*first at shapes\.0\.\w+: Field required.*"
+                       r"rewrite it on a GPU with `python3 benchmarks/\w+\.py --write.*or delete it"):
+        loader(broken)
