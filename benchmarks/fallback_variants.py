@@ -67,6 +67,7 @@ def main() -> None:
                   flush=True)
 
     per_sm = (1, 2, 4, 8, 16)
+    shipped_per_sm = select_module.RANGE_PROGRAMS_PER_SM
     print(f"\nselection us by range programs per SM {per_sm}")
     for k, segs in ((5120, 1), (5120, 3), (13824, 1)):
         for m in (1, 4, 16):
@@ -77,6 +78,7 @@ def main() -> None:
                 select_module.RANGE_PROGRAMS_PER_SM = programs
                 cols.append(time_us([functools.partial(topk_select, x, keep, with_list=False) for x in xs], xs))
             print(f"K={k:5d} S={segs} M={m:2d} " + " ".join(f"{c:6.1f}" for c in cols), flush=True)
+    select_module.RANGE_PROGRAMS_PER_SM = shipped_per_sm
 
 
 if __name__ == "__main__":
