@@ -21,20 +21,13 @@ from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
 
 import acttail_kernels as ak
 from acttail_kernels.gemv_tiles import TILES_PATH, GemvLoop, GemvTiles, ShapeTiles, TileTable
-from acttail_kernels.sparse_gemv import RULE_TILES, GemvPlan, sparse_gemv
+from acttail_kernels.sparse_gemv import RULE_TILES, plan_of, sparse_gemv
 from acttail_kernels.topk_select import keep_tensor, num_sms, topk_select
 
 BLOCK_N = (32, 64, 128)
 BLOCK_K = (128, 256, 512)
 PROGRAMS_PER_SM = (2, 4, 8)
 SPARSITIES = (0.5, 0.8)
-
-
-def plan_of(tiles: GemvTiles, seg_widths: tuple[int, ...], sms: int) -> GemvPlan:
-    """The launch plan of these tiles, as plan_gemv makes it."""
-    count = sum(-(-w // tiles.block_n) for w in seg_widths)
-    splits = min(16, max(1, tiles.programs_per_sm * sms // count))
-    return GemvPlan(block_n=tiles.block_n, block_k=tiles.block_k, splits=splits, num_warps=4, num_stages=3)
 
 
 def main() -> None:
@@ -57,7 +50,7 @@ def main() -> None:
         best = {}
         for loop in (GemvLoop.CHANNEL_LIST, GemvLoop.TOKEN_WALK):
             with_list = loop is GemvLoop.CHANNEL_LIST
-            timings = {tiles.model_dump_json(): [] for tiles in candidates}
+            timings: dict[GemvTiles, list[float]] = {tiles: [] for tiles in candidates}
             needed = []
             for sparsity in SPARSITIES:
                 keeps = keeps_for(shape, sparsity)
@@ -67,11 +60,11 @@ def main() -> None:
                     plan = plan_of(tiles, shape.seg_widths, sms)
                     calls = [functools.partial(sparse_gemv, sel, w, None, shape.seg_bounds, plan)
                              for sel, w in zip(sels, weights_t)]
-                    timings[tiles.model_dump_json()].append(time_us(calls, [sel.xs for sel in sels]))
-            best[loop] = min(candidates, key=lambda t: sum(timings[t.model_dump_json()]))
+                    timings[tiles].append(time_us(calls, [sel.xs for sel in sels]))
+            best[loop] = min(candidates, key=lambda t: sum(timings[t]))
 
             def fmt(tiles: GemvTiles) -> str:
-                us = timings[tiles.model_dump_json()]
+                us = timings[tiles]
                 rate = "/".join(f"{b / u / 1e6:.2f}" for b, u in zip(needed, us))
                 tag = f"n{tiles.block_n} k{tiles.block_k} p{tiles.programs_per_sm}"
                 return f"{tag:>12s} {'/'.join(f'{u:.1f}' for u in us):>13s} {rate:>11s}"

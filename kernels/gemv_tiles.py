@@ -13,7 +13,7 @@ import enum
 import functools
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .measured import read_measured_table
 
@@ -29,6 +29,8 @@ class GemvLoop(str, enum.Enum):
 
 
 class GemvTiles(BaseModel):
+    model_config = ConfigDict(frozen=True)  # hashable: the tile sweep keys its timings by tiles
+
     block_n: int = Field(gt=0, description="output columns per program (a power of 2)")
     block_k: int = Field(gt=0, description="weight rows per loop step (a power of 2)")
     programs_per_sm: int = Field(gt=0, description="splits of the channel range bring the grid to this")

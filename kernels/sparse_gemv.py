@@ -64,9 +64,14 @@ RULE_TILES = {
 
 @functools.lru_cache(maxsize=256)
 def plan_gemv(seg_widths: tuple[int, ...], k: int, sms: int, loop: GemvLoop) -> GemvPlan:
-    """The tiles measured for this shape and one-token loop (``gemv_tiles.json``), else the rule;
-    splits of the channel range bring the grid to the tiles' programs per SM."""
-    tiles = load_tiles().tiles(seg_widths, k, loop) or RULE_TILES[loop]
+    """The plan of the tiles measured for this shape and one-token loop (``gemv_tiles.json``), else
+    of the rule."""
+    return plan_of(load_tiles().tiles(seg_widths, k, loop) or RULE_TILES[loop], seg_widths, sms)
+
+
+def plan_of(tiles: GemvTiles, seg_widths: tuple[int, ...], sms: int) -> GemvPlan:
+    """The launch plan of these tiles: column tiles no wider than the widest segment needs, and
+    splits of the channel range that bring the grid to the tiles' programs per SM."""
     block_n = min(tiles.block_n, max(16, triton.next_power_of_2(max(seg_widths))))
     count = sum(triton.cdiv(w, block_n) for w in seg_widths)
     splits = min(16, max(1, tiles.programs_per_sm * sms // count))
