@@ -68,7 +68,7 @@ def _sparse_linear(
     if x2.is_cuda:
         import acttail_kernels
 
-        path = acttail_kernels.gemv_path(rows, weight.shape[1], weight.shape[0], seg_bounds, keep_hint)
+        path = acttail_kernels.gemv_path(rows, weight.shape[1], weight.shape[0], seg_bounds, keep_hint, x2.device)
         y = acttail_kernels.sparse_linear(x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=path)
         if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
             dense = x2 @ weight if bias is None else torch.addmm(bias, x2, weight)

@@ -4,7 +4,7 @@ On a CUDA GPU (needs only torch + triton + pydantic):
 
     python3 benchmarks/bench_kernels.py                 # table (a) + crossover table, all shapes
     python3 benchmarks/bench_kernels.py --quick         # 13B q/o, gate and down; M 1,4; s 0.5,0.8
-    python3 benchmarks/bench_kernels.py --write-crossover kernels/crossover.json
+    python3 benchmarks/bench_kernels.py --write-crossover   # kernels/measured/<this GPU>/crossover.json
     python3 benchmarks/bench_kernels.py --check         # full-size bf16 correctness pass first
 
 On CPU it runs tiny shapes through Triton's interpreter (TRITON_INTERPRET=1 is set for you), to
@@ -41,7 +41,9 @@ except ImportError:
 import triton  # noqa: E402
 
 from acttail_kernels import reference  # noqa: E402
-from acttail_kernels.crossover import CROSSOVER_PATH, CrossoverPoint, CrossoverTable, ShapeCrossover  # noqa: E402
+from acttail_kernels.crossover import CROSSOVER_FILE, CrossoverPoint, CrossoverTable, ShapeCrossover  # noqa: E402
+from acttail_kernels.measured import table_path  # noqa: E402
+from acttail_kernels import topk_select as select_module  # noqa: E402
 from acttail_kernels.sparse_gemv import sparse_gemv  # noqa: E402
 from acttail_kernels.topk_select import keep_tensor, topk_select  # noqa: E402
 
@@ -256,10 +258,12 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="*", help="shape names to run (default: all)")
     parser.add_argument("--ms", type=int, nargs="*", help="batch sizes (default 1 2 4 8 16)")
     parser.add_argument("--sparsities", type=float, nargs="*", help="default 0.5 0.7 0.8 0.9")
-    parser.add_argument("--write-crossover", type=Path, nargs="?", const=CROSSOVER_PATH,
-                        help=f"write the crossover JSON (default path {CROSSOVER_PATH})")
+    parser.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
+    parser.add_argument("--write-crossover", type=Path, nargs="?", const=True,
+                        help="write the crossover JSON (default: this GPU's file under kernels/measured/)")
     args = parser.parse_args()
 
+    select_module.USE_PDL = not args.no_pdl
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.bfloat16 if on_gpu else torch.float16  # bf16 gives NaN in the interpreter
@@ -270,7 +274,8 @@ def main() -> int:
     sparsities = args.sparsities or ([0.5, 0.8] if args.quick else [0.5, 0.7, 0.8, 0.9])
     available, reason = ak.kernels_available(device)
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu (Triton interpreter)"
-    print(f"{device_name}: {reason}; torch {torch.__version__}, triton {triton.__version__}, {dtype}")
+    pdl = "PDL for walks" if select_module.pdl_launch(torch.device(device), with_list=False) else "no PDL"
+    print(f"{device_name}: {reason}; torch {torch.__version__}, triton {triton.__version__}, {dtype}, {pdl}")
     if not available:
         return 1
 
@@ -286,6 +291,9 @@ def main() -> int:
     table = crossover_table(rows, device_name)
     print_tables(rows, table)
     if args.write_crossover:
+        if args.write_crossover is True:
+            args.write_crossover = table_path(CROSSOVER_FILE, device_name)
+        args.write_crossover.parent.mkdir(parents=True, exist_ok=True)
         args.write_crossover.write_text(table.model_dump_json(indent=2) + "\n")
         print(f"\nwrote {args.write_crossover}")
     return 0

@@ -6,7 +6,7 @@ how far each shape's GEMV is from the weight bytes it must read (TB/s on those b
 tiling of a (shape, loop) is the one with the least time summed over the sparsities.
 
     python3 benchmarks/gemv_plans.py                  # needs CUDA; timing as bench_kernels.time_us
-    python3 benchmarks/gemv_plans.py --write          # also write kernels/gemv_tiles.json
+    python3 benchmarks/gemv_plans.py --write          # also write kernels/measured/<this GPU>/gemv_tiles.json
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
 
 import acttail_kernels as ak
-from acttail_kernels.gemv_tiles import TILES_PATH, GemvLoop, GemvTiles, ShapeTiles, TileTable
+from acttail_kernels.gemv_tiles import TILES_FILE, GemvLoop, GemvTiles, ShapeTiles, TileTable
+from acttail_kernels.measured import table_path
 from acttail_kernels.sparse_gemv import RULE_TILES, plan_of, sparse_gemv
 from acttail_kernels.topk_select import keep_tensor, num_sms, topk_select
 
@@ -32,9 +33,12 @@ SPARSITIES = (0.5, 0.8)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", type=Path, nargs="?", const=TILES_PATH, help=f"write the table (default {TILES_PATH})")
+    parser.add_argument("--write", type=Path, nargs="?", const=True,
+                        help="write the table (default: this GPU's file under kernels/measured/)")
     args = parser.parse_args()
     dtype, device = torch.bfloat16, "cuda"
+    if args.write is True:
+        args.write = table_path(TILES_FILE, torch.cuda.get_device_name())
     sms = num_sms(torch.device(device))
     candidates = [GemvTiles(block_n=n, block_k=k, programs_per_sm=p)
                   for n, k, p in itertools.product(BLOCK_N, BLOCK_K, PROGRAMS_PER_SM)]
@@ -74,6 +78,7 @@ def main() -> None:
                                  channel_list=best[GemvLoop.CHANNEL_LIST], walk=best[GemvLoop.TOKEN_WALK]))
     if args.write:
         table = TileTable(device=torch.cuda.get_device_name(), shapes=shapes)
+        args.write.parent.mkdir(parents=True, exist_ok=True)
         args.write.write_text(table.model_dump_json(indent=2) + "\n")
         print(f"wrote {args.write}")
 

@@ -3,8 +3,8 @@
 # under 10 minutes on one H100. Run from the repo root on a CUDA host where vLLM 0.26 and this
 # project are installed (offline hosts: ../shared/gpu/README.md, then `source .gpu/kit/env.sh`).
 #
-#   bash benchmarks/gpu_session.sh tiles       # one-token GEMV tiles per shape (kernels/gemv_tiles.json)
-#   bash benchmarks/gpu_session.sh kernels     # kernel tests (bf16), kernel table + crossover (kernels/crossover.json)
+#   bash benchmarks/gpu_session.sh tiles       # one-token GEMV tiles per shape (kernels/measured/<GPU>/gemv_tiles.json)
+#   bash benchmarks/gpu_session.sh kernels     # kernel tests (bf16), kernel table + crossover (.../crossover.json)
 #   bash benchmarks/gpu_session.sh profile     # time to build a 13B-shape profile (ESD + alpha fits) on the GPU
 #   bash benchmarks/gpu_session.sh serve       # `vllm serve` 13B shape, CUDA graphs: load test dense vs acttail 50%
 #   bash benchmarks/gpu_session.sh decode13b   # vLLM decode tok/s, 13B shape, dense vs s in {0.5,0.7,0.8,0.9}
@@ -23,17 +23,22 @@ OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export ACTTAIL_CACHE=${ACTTAIL_CACHE:-/tmp/acttail-cache}
 python=${PYTHON:-python3}
+measured() {  # path of this GPU's measured table $1 (kernels/measured/<GPU>/$1)
+  $python -c "import sys, torch; from acttail_kernels.measured import table_path
+print(table_path(sys.argv[1], torch.cuda.get_device_name()))" "$1"
+}
 
 case "${1:-}" in
 tiles)
-  $python benchmarks/gemv_plans.py --write "$OUT/gemv_tiles.json" 2>&1 | tee "$OUT/gemv_plans.txt"
-  cp "$OUT/gemv_tiles.json" kernels/gemv_tiles.json  # the crossover (kernels) is measured with these tiles
+  # Into this GPU's folder (the crossover, step kernels, is measured with these tiles) and $OUT.
+  $python benchmarks/gemv_plans.py --write 2>&1 | tee "$OUT/gemv_plans.txt"
+  cp "$(measured gemv_tiles.json)" "$OUT/"
   ;;
 kernels)
   { $python -m pytest -q tests/test_kernels.py 2>&1 || true; } | tail -5 | tee "$OUT/kernel_tests.txt"
-  $python benchmarks/bench_kernels.py --check --write-crossover "$OUT/crossover.json" 2>&1 \
+  $python benchmarks/bench_kernels.py --check --write-crossover 2>&1 \
     | grep -v "^  measured" | tee "$OUT/bench_kernels.txt"
-  cp "$OUT/crossover.json" kernels/crossover.json  # the later steps dispatch with it
+  cp "$(measured crossover.json)" "$OUT/"
   ;;
 profile)
   $python benchmarks/profile_gpu.py 2>&1 | tail -15 | tee "$OUT/profile_gpu.txt"

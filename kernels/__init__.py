@@ -6,8 +6,9 @@ Public API:
 * ``prepare_weight(weight [N, K]) -> [K, N]``: the kernel layout, made once at load time;
 * ``sparse_linear(x, weight_t, bias, seg_bounds, seg_keep, keep=None, path=None)``: the Triton path
   (``keep``: the budgets as a persistent int32 device tensor, read by the kernels);
-* ``gemv_path(m, n, k, seg_bounds, seg_keep) -> GemvPath``: what that call runs after the selection
-  (the channel-list or walking sparse GEMV, or dense cuBLAS), from the measured crossover table;
+* ``gemv_path(m, n, k, seg_bounds, seg_keep, device) -> GemvPath``: what that call runs after the
+  selection (the channel-list or walking sparse GEMV, or dense cuBLAS), from the crossover table
+  measured on that GPU model;
 * ``kernels_available(device) -> (ok, reason)``.
 
 Only ``reference`` and ``prepare_weight`` work without Triton: the Triton modules load on first use,

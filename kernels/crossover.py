@@ -2,21 +2,20 @@
 
 Each token keeps its own channels, so the rows a batch must read are the union of its tokens' sets:
 above some batch size M the sparse kernel reads nearly everything and dense cuBLAS on the sparsified
-input wins. ``benchmarks/bench_kernels.py`` measures that M per (shape, sparsity) and writes
-``crossover.json`` beside this file; the dispatch reads it.
+input wins. ``benchmarks/bench_kernels.py`` measures that M per (shape, sparsity) on one GPU model and writes
+``measured/<GPU>/crossover.json``; the dispatch reads the table of the GPU it runs on.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
-from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from .measured import read_measured_table
+from .measured import read_measured_table, table_path
 
-CROSSOVER_PATH = Path(__file__).with_name("crossover.json")
+CROSSOVER_FILE = "crossover.json"
 DEFAULT_MAX_SPARSE_M = 1  # shapes never measured: single-token decode, where the measured tables mostly end
 
 
@@ -65,9 +64,10 @@ class CrossoverTable(BaseModel):
 
 
 @functools.cache
-def load_crossover(path: Path = CROSSOVER_PATH) -> CrossoverTable:
-    """The shipped table, or an empty one (defaults everywhere) if none was measured yet."""
+def load_crossover(device: str) -> CrossoverTable:
+    """The table measured on the GPU named ``device``, or an empty one (defaults everywhere) if that
+    GPU was never measured."""
     return read_measured_table(
-        CrossoverTable, path, CrossoverTable(device="none (defaults)", shapes=[]),
-        "rewrite it on a GPU with `python3 benchmarks/bench_kernels.py --write-crossover`",
+        CrossoverTable, table_path(CROSSOVER_FILE, device), device, CrossoverTable(device=device, shapes=[]),
+        "measure it with `python3 benchmarks/bench_kernels.py --write-crossover`",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .crossover import GemvPath, load_crossover
+from .measured import device_name
 from .reference import check_segments
 from .sparse_gemv import MAX_TOKENS, sparse_gemv
 from .topk_select import keep_tensor, topk_select
@@ -16,12 +17,12 @@ def weight_sparsity(k: int, seg_bounds: list[int], seg_keep: list[int]) -> float
     return 1.0 - kept / (k * seg_bounds[-1])
 
 
-def gemv_path(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int]) -> GemvPath:
-    """What ``sparse_linear`` runs for m tokens: the measured crossover table's choice for this shape
-    and sparsity, dense above the sparse GEMV's largest batch."""
+def gemv_path(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int], device: torch.device) -> GemvPath:
+    """What ``sparse_linear`` runs for m tokens on ``device``: the choice of the crossover table
+    measured on that GPU for this shape and sparsity, dense above the sparse GEMV's largest batch."""
     if m > MAX_TOKENS:
         return GemvPath.DENSE
-    return load_crossover().path(m, n, k, weight_sparsity(k, seg_bounds, seg_keep))
+    return load_crossover(device_name(device)).path(m, n, k, weight_sparsity(k, seg_bounds, seg_keep))
 
 
 def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -115,7 +116,7 @@ def sparse_linear(
     k, n = weight_t.shape
     check_segments(n, k, seg_bounds, seg_keep)
     keep = keep_tensor(seg_keep, x.device) if keep is None else keep
-    path = gemv_path(x.shape[0], n, k, seg_bounds, seg_keep) if path is None else path
+    path = gemv_path(x.shape[0], n, k, seg_bounds, seg_keep, x.device) if path is None else path
     sel = topk_select(x, keep, with_list=path is GemvPath.LIST)
     if path is GemvPath.DENSE:
         return dense_on_sparsified(sel.xs, weight_t, bias, seg_bounds)

@@ -3,7 +3,7 @@
 Decode at batch 1 runs the GEMV once per projection per token, and the best tiling differs by shape
 (13B on H100: 64-column tiles beat 32 on every shape, while how many programs share a tile's
 channels depends on how many tiles the shape has). ``benchmarks/gemv_plans.py --write`` times a
-grid of tilings per shape and loop and writes ``gemv_tiles.json`` beside this file;
+grid of tilings per shape and loop on one GPU model and writes ``measured/<GPU>/gemv_tiles.json``;
 ``sparse_gemv.plan_gemv`` reads it, and falls back to its rule for shapes never measured.
 """
 
@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import enum
 import functools
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .measured import read_measured_table
+from .measured import read_measured_table, table_path
 
-TILES_PATH = Path(__file__).with_name("gemv_tiles.json")
+TILES_FILE = "gemv_tiles.json"
 
 
 class GemvLoop(str, enum.Enum):
@@ -64,9 +63,10 @@ class TileTable(BaseModel):
 
 
 @functools.cache
-def load_tiles(path: Path = TILES_PATH) -> TileTable:
-    """The shipped table, or an empty one (the rule everywhere) if none was measured yet."""
+def load_tiles(device: str) -> TileTable:
+    """The tiles measured on the GPU named ``device``, or an empty table (the rule everywhere) if that
+    GPU was never measured."""
     return read_measured_table(
-        TileTable, path, TileTable(device="none (rule)", shapes=[]),
-        "rewrite it on a GPU with `python3 benchmarks/gemv_plans.py --write`",
+        TileTable, table_path(TILES_FILE, device), device, TileTable(device=device, shapes=[]),
+        "measure it with `python3 benchmarks/gemv_plans.py --write`",
     )

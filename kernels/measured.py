@@ -1,22 +1,39 @@
-"""Reading the tables measured on a GPU and shipped beside the kernels (crossover.json, gemv_tiles.json)."""
+"""Reading the tables measured on a GPU and shipped with the kernels: one folder per GPU model under
+``measured/`` (``measured/NVIDIA_H200/crossover.json``, ``.../gemv_tiles.json``), since the best
+tiles and crossovers differ between GPUs (an H200 reads HBM about 40% faster than an H100)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from pydantic import BaseModel, ValidationError
+
+MEASURED_DIR = Path(__file__).with_name("measured")
 
 Table = TypeVar("Table", bound=BaseModel)
 
 
-def read_measured_table(model: type[Table], path: Path, empty: Table, remedy: str) -> Table:
-    """The table in ``path``; ``empty`` (the built-in defaults everywhere) if there is none; a
-    ValueError naming the file, its first problem and ``remedy`` if it does not parse."""
+def device_name(device: torch.device) -> str:
+    """The name the tables of ``device`` are filed under: the CUDA device name, else its type."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def table_path(file_name: str, device: str) -> Path:
+    """Where the table ``file_name`` measured on the GPU named ``device`` lives."""
+    return MEASURED_DIR / re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_") / file_name
+
+
+def read_measured_table(model: type[Table], path: Path, device: str, empty: Table, remedy: str) -> Table:
+    """The table in ``path``, measured on ``device``; ``empty`` (the built-in defaults everywhere)
+    if there is none; a ValueError naming the file, its first problem and ``remedy`` if it does not
+    parse or was measured on another GPU."""
     if not path.exists():
         return empty
     try:
-        return model.model_validate_json(path.read_text())
+        table = model.model_validate_json(path.read_text())
     except ValidationError as err:
         first = err.errors()[0]
         raise ValueError(
@@ -24,3 +41,9 @@ def read_measured_table(model: type[Table], path: Path, empty: Table, remedy: st
             f"{'.'.join(map(str, first['loc'])) or 'top level'}: {first['msg']}); {remedy}, or delete it "
             "to use the built-in defaults"
         ) from err
+    if table.device != device:
+        raise ValueError(
+            f"{path} was measured on {table.device!r}, not on {device!r} whose folder it is in; move it to "
+            f"{table_path(path.name, table.device)}, or {remedy} on {device}"
+        )
+    return table

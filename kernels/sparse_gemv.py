@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from .gemv_tiles import GemvLoop, GemvTiles, load_tiles
-from .topk_select import MAX_SEGMENTS, Selection, num_sms, tickets
+from .measured import device_name
+from .topk_select import MAX_SEGMENTS, Selection, num_sms, pdl_launch, pdl_wait_and_release, tickets
 
 MAX_TOKENS = 16  # BLOCK_M: tl.dot's smallest M; larger batches go dense
 
@@ -63,10 +64,10 @@ RULE_TILES = {
 
 
 @functools.lru_cache(maxsize=256)
-def plan_gemv(seg_widths: tuple[int, ...], k: int, sms: int, loop: GemvLoop) -> GemvPlan:
-    """The plan of the tiles measured for this shape and one-token loop (``gemv_tiles.json``), else
-    of the rule."""
-    return plan_of(load_tiles().tiles(seg_widths, k, loop) or RULE_TILES[loop], seg_widths, sms)
+def plan_gemv(seg_widths: tuple[int, ...], k: int, device: str, sms: int, loop: GemvLoop) -> GemvPlan:
+    """The plan of the tiles measured on the GPU named ``device`` for this shape and one-token loop
+    (``gemv_tiles.json``), else of the rule."""
+    return plan_of(load_tiles(device).tiles(seg_widths, k, loop) or RULE_TILES[loop], seg_widths, sms)
 
 
 def plan_of(tiles: GemvTiles, seg_widths: tuple[int, ...], sms: int) -> GemvPlan:
@@ -131,7 +132,9 @@ def _sparse_gemv_kernel(
     LIST: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait_and_release(PDL)  # nothing is read or written before the selection is done
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -207,13 +210,14 @@ def sparse_gemv(
     with_list = sel.idx is not None
     loop = GemvLoop.CHANNEL_LIST if with_list else GemvLoop.TOKEN_WALK if m == 1 else GemvLoop.BATCH_WALK
     widths = tuple(hi - lo for lo, hi in zip(seg_bounds[:-1], seg_bounds[1:]))
-    plan = plan or plan_gemv(widths, k, num_sms(weight_t.device), loop)
+    plan = plan or plan_gemv(widths, k, device_name(weight_t.device), num_sms(weight_t.device), loop)
     tiles = sum(triton.cdiv(w, plan.block_n) for w in widths)
     ticket_buf = tickets(weight_t.device)
     if tiles > ticket_buf.numel():
         raise ValueError(f"output width {n} needs {tiles} column tiles, more than the {ticket_buf.numel()} supported")
     out = torch.empty(m, n, dtype=weight_t.dtype, device=weight_t.device) if out is None else out
     partial = torch.empty(plan.splits * m * n if plan.splits > 1 else 1, dtype=torch.float32, device=weight_t.device)
+    pdl = pdl_launch(weight_t.device, with_list)  # as the selection before it
     _sparse_gemv_kernel[(tiles, plan.splits)](
         sel.xs,
         *((sel.idx, sel.xv, sel.count) if with_list else (sel.xs, sel.xs, sel.xs)),
@@ -233,7 +237,9 @@ def sparse_gemv(
         LIST=with_list,
         HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if weight_t.dtype == torch.float32 else "tf32",
+        PDL=pdl,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
+        launch_pdl=pdl,
     )
     return out

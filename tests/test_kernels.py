@@ -7,6 +7,7 @@ output is poisoned with NaN first, so an element the kernel fails to write fails
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sys
@@ -18,7 +19,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import
 
 from acttail_kernels import kernels_available, prepare_weight, reference  # noqa: E402
+from acttail_kernels import measured  # noqa: E402
 from acttail_kernels.crossover import (  # noqa: E402
+    CROSSOVER_FILE,
     DEFAULT_MAX_SPARSE_M,
     CrossoverPoint,
     CrossoverTable,
@@ -26,7 +29,8 @@ from acttail_kernels.crossover import (  # noqa: E402
     ShapeCrossover,
     load_crossover,
 )
-from acttail_kernels.gemv_tiles import GemvLoop, GemvTiles, ShapeTiles, TileTable, load_tiles  # noqa: E402
+from acttail_kernels.gemv_tiles import TILES_FILE, GemvLoop, GemvTiles, ShapeTiles, TileTable, load_tiles  # noqa: E402
+from acttail_kernels.measured import MEASURED_DIR, table_path  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -198,7 +202,7 @@ def test_sparse_linear_every_path(kernels, dtype):
     for m in (1, 2, 16, 24):
         x = activations(m, k, dtype, m)
         ref = reference.sparse_linear_ref(x, weight, None, bounds, keeps)
-        chosen.add(dispatch.gemv_path(m, bounds[-1], k, bounds, keeps))
+        chosen.add(dispatch.gemv_path(m, bounds[-1], k, bounds, keeps, x.device))
         paths = [None, GemvPath.DENSE] + ([GemvPath.WALK] if m <= 16 else []) + ([GemvPath.LIST] if m == 1 else [])
         for path in paths:
             out = dispatch.sparse_linear(x, prepare_weight(weight), None, bounds, keeps, path=path)
@@ -279,17 +283,27 @@ def test_one_token_path_follows_the_table(kernels, monkeypatch):
     sparsity = dispatch.weight_sparsity(k, bounds, keeps)
     point = CrossoverPoint(sparsity=sparsity, max_sparse_m=1, one_token_walk=True)
     table = CrossoverTable(device="test", shapes=[ShapeCrossover(name="s", n=bounds[-1], k=k, points=[point])])
-    monkeypatch.setattr(dispatch, "load_crossover", lambda: table)
-    assert dispatch.gemv_path(1, bounds[-1], k, bounds, keeps) is GemvPath.WALK
+    monkeypatch.setattr(dispatch, "load_crossover", {dispatch.device_name(torch.device(DEVICE)): table}.get)
+    path = functools.partial(dispatch.gemv_path, n=bounds[-1], k=k, seg_bounds=bounds, seg_keep=keeps,
+                             device=torch.device(DEVICE))
+    assert path(1) is GemvPath.WALK
     point.one_token_walk = False
-    assert dispatch.gemv_path(1, bounds[-1], k, bounds, keeps) is GemvPath.LIST
-    assert dispatch.gemv_path(2, bounds[-1], k, bounds, keeps) is GemvPath.DENSE
+    assert path(1) is GemvPath.LIST
+    assert path(2) is GemvPath.DENSE
 
 
-def test_shipped_crossover_table_loads():
-    table = load_crossover()
-    assert all(p.max_sparse_m <= 16 for s in table.shapes for p in s.points)
-    load_tiles()  # validated: tiles are powers of 2
+def test_shipped_measured_tables_load():
+    """Every GPU's shipped tables parse and sit in that GPU's folder; a GPU never measured gets the
+    defaults."""
+    folders = sorted(p for p in MEASURED_DIR.iterdir() if p.is_dir())
+    assert {"NVIDIA_H100_80GB_HBM3", "NVIDIA_H200"} <= {p.name for p in folders}
+    for folder in folders:
+        device = CrossoverTable.model_validate_json((folder / CROSSOVER_FILE).read_text()).device
+        assert table_path(CROSSOVER_FILE, device).parent == folder
+        table = load_crossover(device)
+        assert table.shapes and all(p.max_sparse_m <= 16 for s in table.shapes for p in s.points)
+        assert load_tiles(device).shapes  # validated: tiles are powers of 2
+    assert load_crossover("cpu").shapes == [] and load_tiles("cpu").shapes == []
 
 
 @pytest.fixture
@@ -300,7 +314,7 @@ def measured_tiles(kernels, monkeypatch):
         name="qk", seg_widths=[64, 64], k=32,
         channel_list=GemvTiles(block_n=64, block_k=256, programs_per_sm=2),
         walk=GemvTiles(block_n=16, block_k=32, programs_per_sm=8))])
-    monkeypatch.setattr(sparse_gemv, "load_tiles", lambda: table)
+    monkeypatch.setattr(sparse_gemv, "load_tiles", {"test GPU": table}.get)
     sparse_gemv.plan_gemv.cache_clear()
     yield sparse_gemv.plan_gemv
     sparse_gemv.plan_gemv.cache_clear()
@@ -309,10 +323,10 @@ def measured_tiles(kernels, monkeypatch):
 def test_one_token_plan_follows_the_tile_table(measured_tiles):
     plan_gemv = measured_tiles
     tiled = lambda p: (p.block_n, p.block_k, p.splits)  # noqa: E731
-    assert tiled(plan_gemv((64, 64), 32, 4, GemvLoop.CHANNEL_LIST)) == (64, 256, 4)  # 2 tiles: 2 * 4 // 2 splits
-    assert tiled(plan_gemv((64, 64), 32, 4, GemvLoop.TOKEN_WALK)) == (16, 32, 4)  # 8 tiles: 8 * 4 // 8
-    assert tiled(plan_gemv((64, 64), 32, 4, GemvLoop.BATCH_WALK)) == (64, 64, 8)  # a batch: the rule
-    assert tiled(plan_gemv((64, 64), 48, 4, GemvLoop.CHANNEL_LIST)) == (32, 128, 4)  # unmeasured: the rule
+    assert tiled(plan_gemv((64, 64), 32, "test GPU", 4, GemvLoop.CHANNEL_LIST)) == (64, 256, 4)  # 2 tiles: 2 * 4 // 2 splits
+    assert tiled(plan_gemv((64, 64), 32, "test GPU", 4, GemvLoop.TOKEN_WALK)) == (16, 32, 4)  # 8 tiles: 8 * 4 // 8
+    assert tiled(plan_gemv((64, 64), 32, "test GPU", 4, GemvLoop.BATCH_WALK)) == (64, 64, 8)  # a batch: the rule
+    assert tiled(plan_gemv((64, 64), 48, "test GPU", 4, GemvLoop.CHANNEL_LIST)) == (32, 128, 4)  # unmeasured: the rule
 
 
 def test_tile_table_rejects_tiles_triton_cannot_build():
@@ -320,11 +334,37 @@ def test_tile_table_rejects_tiles_triton_cannot_build():
         GemvTiles(block_n=48, block_k=128, programs_per_sm=4)
 
 
+@pytest.fixture
+def measured_dir(tmp_path, monkeypatch):
+    """An empty kernels/measured/ and fresh table caches."""
+    monkeypatch.setattr(measured, "MEASURED_DIR", tmp_path)
+    load_crossover.cache_clear()
+    load_tiles.cache_clear()
+    yield tmp_path
+    load_crossover.cache_clear()
+    load_tiles.cache_clear()
+
+
 @pytest.mark.parametrize("loader", [load_crossover, load_tiles], ids=["crossover", "tiles"])
-def test_broken_measured_table_says_which_file_and_what_to_do(loader, tmp_path):
-    assert loader(tmp_path / "absent.json").shapes == []  # never measured: built-in defaults
-    broken = tmp_path / "table.json"
-    broken.write_text('{"device": "H100", "shapes": [{"name": "q"}]}')
-    with pytest.raises(ValueError, match=r"table\.json is not a valid \w+Table .*first at shapes\.0\.\w+: Field required.*"
-                       r"rewrite it on a GPU with `python3 benchmarks/\w+\.py --write.*or delete it"):
-        loader(broken)
+def test_broken_measured_table_says_which_file_and_what_to_do(loader, measured_dir):
+    assert loader("NVIDIA H100 80GB HBM3").shapes == []  # never measured: built-in defaults
+    file_name = CROSSOVER_FILE if loader is load_crossover else TILES_FILE
+    broken = measured_dir / "NVIDIA_H100_80GB_HBM3" / file_name
+    broken.parent.mkdir()
+    broken.write_text('{"device": "NVIDIA H100 80GB HBM3", "shapes": [{"name": "q"}]}')
+    loader.cache_clear()
+    with pytest.raises(ValueError, match=r"NVIDIA_H100_80GB_HBM3/\w+\.json is not a valid \w+Table .*first at "
+                       r"shapes\.0\.\w+: Field required.*measure it with `python3 benchmarks/\w+\.py --write.*or delete it"):
+        loader("NVIDIA H100 80GB HBM3")
+
+
+@pytest.mark.parametrize("loader", [load_crossover, load_tiles], ids=["crossover", "tiles"])
+def test_table_of_another_gpu_is_refused(loader, measured_dir):
+    """A table copied into another GPU's folder would tune one GPU with another's timings."""
+    file_name = CROSSOVER_FILE if loader is load_crossover else TILES_FILE
+    misfiled = measured_dir / "NVIDIA_H200" / file_name
+    misfiled.parent.mkdir()
+    misfiled.write_text('{"device": "NVIDIA H100 80GB HBM3", "shapes": []}')
+    with pytest.raises(ValueError, match=r"measured on 'NVIDIA H100 80GB HBM3', not on 'NVIDIA H200' .*move it to "
+                       r".*NVIDIA_H100_80GB_HBM3/\w+\.json"):
+        loader("NVIDIA H200")
