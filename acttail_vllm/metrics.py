@@ -50,6 +50,7 @@ class WorkerSnapshot(BaseModel):
     profile_build_seconds: float
     sparse_path_tokens: int
     dense_path_tokens: int
+    unsparsified_tokens: int
     projections: list[ProjectionSnapshot]
 
 
@@ -65,12 +66,12 @@ def share_metrics_across_processes() -> None:
 def take_snapshot(resolver: "BudgetResolver") -> WorkerSnapshot:
     profile = resolver.profile
     projections: list[ProjectionSnapshot] = []
-    tokens = (0, 0)
+    tokens = (0, 0, 0)
     for module in resolver.modules:
         stats = ModuleStats.read(module.layer.acttail_stats_host)
         budget = module.layer.acttail_budget
         if module is resolver.modules[0]:  # every token passes every module: count it once
-            tokens = (stats.sparse_tokens, stats.dense_tokens)
+            tokens = (stats.sparse_tokens, stats.dense_tokens, stats.unsparsified_tokens)
         if module.layer.acttail_counts_stats:
             fractions = stats.kept_fractions(budget.in_features)
         else:  # GPU: the kernel's exact per-segment k
@@ -94,6 +95,7 @@ def take_snapshot(resolver: "BudgetResolver") -> WorkerSnapshot:
         profile_build_seconds=resolver.build_seconds,
         sparse_path_tokens=tokens[0],
         dense_path_tokens=tokens[1],
+        unsparsified_tokens=tokens[2],
         projections=projections,
     )
 
@@ -165,7 +167,8 @@ class ActTailCollector:
         )
         tokens = CounterMetricFamily(
             "acttail_tokens",
-            "Tokens through the sparse kernel or through the dense fallback (counted at one module).",
+            "Tokens by path, counted at one module: sparsified through the sparse kernel (sparse) or "
+            "the dense fallback (dense), or left unsparsified by policy=decode (unsparsified).",
             labels=["path"],
         )
         build = GaugeMetricFamily(
@@ -183,5 +186,6 @@ class ActTailCollector:
                     kept.add_metric(labels, proj.kept_fraction)
             tokens.add_metric(["sparse"], snap.sparse_path_tokens)
             tokens.add_metric(["dense"], snap.dense_path_tokens)
+            tokens.add_metric(["unsparsified"], snap.unsparsified_tokens)
             build.add_metric([], snap.profile_build_seconds)
         yield from (info, configured, kept, tokens, build)

@@ -12,7 +12,7 @@ import torch
 from torch.library import Library
 
 from acttail_kernels import reference
-from acttail_vllm.stats import STAT_DENSE_TOKENS, STAT_SPARSE_TOKENS
+from acttail_vllm.stats import STAT_DENSE_TOKENS, STAT_SPARSE_TOKENS, STAT_UNSPARSIFIED_TOKENS
 
 _LIB = Library("acttail", "FRAGMENT")  # noqa: TID251 -- the op's lifetime is this module's
 
@@ -60,7 +60,8 @@ def _sparse_linear(
     compiled graphs and CUDA graphs never bake a budget in (vLLM's compile cache does not key on
     budgets). ``keep_hint`` holds the same values as ints and only picks sparse kernel vs dense.
     With ``count_stats``, ``stats`` (int64, see ``stats.py``) accumulates, per output segment, the
-    input channels kept, then the tokens through the sparse kernel and through the dense fallback.
+    input channels kept, then the sparsified tokens through the sparse kernel and through the dense
+    fallback, and the tokens left unsparsified.
     """
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
@@ -94,7 +95,8 @@ def _sparse_linear(
         # A sparsified row keeps exactly seg_keep channels (tests/test_kernels.py checks the kernels'
         # sets, the reference is exact by construction); a row left dense keeps all of them.
         stats[:n_seg] += seg_keep.to(torch.int64) * sparsified + x2.shape[1] * (rows - sparsified)
-        stats[n_seg + (STAT_SPARSE_TOKENS if used_kernel else STAT_DENSE_TOKENS)] += rows
+        stats[n_seg + (STAT_SPARSE_TOKENS if used_kernel else STAT_DENSE_TOKENS)] += sparsified
+        stats[n_seg + STAT_UNSPARSIFIED_TOKENS] += rows - sparsified
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

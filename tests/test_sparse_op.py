@@ -24,7 +24,8 @@ def test_every_row_keeps_its_budget():
     x, weight = torch.randn(5, K), torch.randn(BOUNDS[-1], K)
     y, stats = run_op(x, weight, decode_only=False)
     torch.testing.assert_close(y, reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS))
-    assert stats.kept_channels == (4 * 5, 10 * 5) and (stats.sparse_tokens, stats.dense_tokens) == (0, 5)
+    assert stats.kept_channels == (4 * 5, 10 * 5)
+    assert (stats.sparse_tokens, stats.dense_tokens, stats.unsparsified_tokens) == (0, 5, 0)
 
 
 def test_decode_policy_leaves_prefill_rows_dense_and_counts_them_whole(monkeypatch):
@@ -37,3 +38,4 @@ def test_decode_policy_leaves_prefill_rows_dense_and_counts_them_whole(monkeypat
     torch.testing.assert_close(y[~decode_rows], x[~decode_rows] @ weight.T)
     assert stats.kept_channels == (4 * 3 + K * 2, 10 * 3 + K * 2)
     assert stats.kept_fractions(K) == pytest.approx(((12 + 32) / 80, (30 + 32) / 80))
+    assert (stats.sparse_tokens, stats.dense_tokens, stats.unsparsified_tokens) == (0, 3, 2)
