@@ -15,7 +15,7 @@ For a single token (decode) the finishing program also lists the kept channels i
 Without a channel list, on Hopper and newer, both kernels use programmatic dependent launch (PDL):
 the selection lets the GEMV launch as soon as it starts, so the GEMV's programs are on their SMs,
 waiting on the selection's writes, while the one finishing program still decides its threshold.
-Measured on an H200 (benchmarks/results/pdl_gain.txt): 0.4-0.9 us faster per call for the walk, but
+Measured on an H200 (benchmarks/results/h200/pdl_gain.txt): 0.4-0.9 us faster per call for the walk, but
 up to 14 us slower for the channel list's GEMV, so lists launch as before.
 """
 
@@ -33,7 +33,7 @@ MAX_SEGMENTS = 4  # QKV needs 3, gate_up 2; the GEMV takes segment bounds as sca
 MAX_CHANNELS = 32767  # two counts share one int32 in the range test sum and the list scan
 RANGE_PROGRAMS_PER_SM = 2  # range-test programs to spread over the GPU (more: the row loads cost)
 USE_PDL = True  # programmatic dependent launch where the GPU has it (benchmarks turn it off to compare)
-LIST_PDL = False  # also for channel lists: measured slower (benchmarks/pdl_gain.py)
+LIST_PDL = False  # also for channel lists: measured slower (benchmarks/switch_ab.py --switch pdl)
 
 
 def triton_interpreted() -> bool:

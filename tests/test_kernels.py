@@ -163,10 +163,13 @@ def test_selection_reads_budgets_from_the_device_tensor(kernels):
         assert int(sel.count[0]) == int(sel.xs[0].count_nonzero())
 
 
+@pytest.mark.parametrize("mask_pass", [False, True], ids=["", "batch_mask_pass"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_sparse_gemv_matches_reference(kernels, shape, dtype):
+def test_sparse_gemv_matches_reference(kernels, shape, dtype, mask_pass, monkeypatch):
+    """Both loops and both ways a batch's walk finds its rows (BATCH_MASK_PASS: a first pass marks them)."""
     _, sparse_gemv, topk_select = kernels
+    monkeypatch.setattr(sparse_gemv, "BATCH_MASK_PASS", mask_pass)
     widths, k = shape
     bounds = bounds_of(widths)
     weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
@@ -176,6 +179,8 @@ def test_sparse_gemv_matches_reference(kernels, shape, dtype):
     # one token both ways: its channel list, and the walk over all channels.
     plans = [None] if ON_GPU else [None, sparse_gemv.GemvPlan(16, 16, 3, 4, 3)]
     for seed, (m, sparsity) in enumerate((m, s) for m in TOKENS for s in SPARSITIES):
+        if mask_pass and m == 1:
+            continue  # one token never takes the batch walk
         x = activations(m, k, dtype, 100 + seed)
         keeps = keeps_for(k, widths, sparsity, seed)
         ref = reference.sparse_linear_ref(x, weight, bias if seed % 2 else None, bounds, keeps)
@@ -323,7 +328,8 @@ def measured_tiles(kernels, monkeypatch):
 def test_one_token_plan_follows_the_tile_table(measured_tiles):
     plan_gemv = measured_tiles
     tiled = lambda p: (p.block_n, p.block_k, p.splits)  # noqa: E731
-    assert tiled(plan_gemv((64, 64), 32, "test GPU", 4, GemvLoop.CHANNEL_LIST)) == (64, 256, 4)  # 2 tiles: 2 * 4 // 2 splits
+    # 2 tiles: 2 * 4 // 2 splits
+    assert tiled(plan_gemv((64, 64), 32, "test GPU", 4, GemvLoop.CHANNEL_LIST)) == (64, 256, 4)
     assert tiled(plan_gemv((64, 64), 32, "test GPU", 4, GemvLoop.TOKEN_WALK)) == (16, 32, 4)  # 8 tiles: 8 * 4 // 8
     assert tiled(plan_gemv((64, 64), 32, "test GPU", 4, GemvLoop.BATCH_WALK)) == (64, 64, 8)  # a batch: the rule
     assert tiled(plan_gemv((64, 64), 48, "test GPU", 4, GemvLoop.CHANNEL_LIST)) == (32, 128, 4)  # unmeasured: the rule
@@ -354,7 +360,8 @@ def test_broken_measured_table_says_which_file_and_what_to_do(loader, measured_d
     broken.write_text('{"device": "NVIDIA H100 80GB HBM3", "shapes": [{"name": "q"}]}')
     loader.cache_clear()
     with pytest.raises(ValueError, match=r"NVIDIA_H100_80GB_HBM3/\w+\.json is not a valid \w+Table .*first at "
-                       r"shapes\.0\.\w+: Field required.*measure it with `python3 benchmarks/\w+\.py --write.*or delete it"):
+                       r"shapes\.0\.\w+: Field required.*measure it with `python3 benchmarks/\w+\.py "
+                       r"--write.*or delete it"):
         loader("NVIDIA H100 80GB HBM3")
 
 

@@ -1,0 +1,77 @@
+"""A/B of one kernel switch: selection + sparse GEMV at the 13B shapes with the switch off and on,
+alternating ``--rounds`` times (the two builds of each kernel coexist), so drift between rounds
+shows as spread, not as a gain.
+
+* ``--switch pdl``: programmatic dependent launch (``topk_select.USE_PDL``, and ``LIST_PDL`` for
+  channel lists); one token, both loops.
+* ``--switch batch-mask-pass``: ``sparse_gemv.BATCH_MASK_PASS``, the batch walk marking its rows in
+  a first pass; M = 2, 4, 8, 16 (the walk, forced: the crossover would pick the fallback).
+
+    python3 benchmarks/switch_ab.py --switch pdl     # needs CUDA (pdl: compute capability 9.0+)
+    python3 benchmarks/switch_ab.py --switch batch-mask-pass
+
+Timing as bench_kernels.time_us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+
+import torch
+from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
+
+import acttail_kernels as ak
+from acttail_kernels import sparse_gemv as gemv_module
+from acttail_kernels import topk_select as select_module
+from acttail_kernels.topk_select import keep_tensor
+
+
+# switch -> (the module flags it turns off and on together, batch sizes, paths)
+SWITCHES = {
+    "pdl": ([(select_module, "USE_PDL"), (select_module, "LIST_PDL")], [1], [ak.GemvPath.LIST, ak.GemvPath.WALK]),
+    "batch-mask-pass": ([(gemv_module, "BATCH_MASK_PASS")], [2, 4, 8, 16], [ak.GemvPath.WALK]),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--switch", choices=SWITCHES, required=True)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shapes", nargs="*", default=[s.name for s in GPU_SHAPES if s.name.startswith("13b")])
+    args = parser.parse_args()
+    flags, ms, paths = SWITCHES[args.switch]
+    shipped = [getattr(module, name) for module, name in flags]
+    dtype, device = torch.bfloat16, "cuda"
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; {args.switch}: microseconds per "
+          f"call, median of {args.rounds} alternating rounds (min-max)")
+    print(f"{'shape':14s} {'M':>3s} {'s':>4s} {'path':>4s} {'off':>17s} {'on':>17s}")
+    for shape in (s for s in GPU_SHAPES if s.name in args.shapes):
+        instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
+        weights_t = [ak.prepare_weight(torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02)
+                     for _ in range(instances)]
+        for m in ms:
+            xs = [torch.randn(m, shape.k, dtype=dtype, device=device) for _ in range(instances)]
+            for sparsity in (0.5, 0.8):
+                keeps = keeps_for(shape, sparsity)
+                keep = keep_tensor(keeps, device)
+                for path in paths:
+                    calls = [functools.partial(ak.sparse_linear, x, w, None, shape.seg_bounds, keeps, keep=keep,
+                                               path=path) for x, w in zip(xs, weights_t)]
+                    times: dict[bool, list[float]] = {False: [], True: []}
+                    for _ in range(args.rounds):
+                        for on in (False, True):
+                            for module, name in flags:
+                                setattr(module, name, on)
+                            times[on].append(time_us(calls, xs))
+                    cells = [f"{statistics.median(t):5.1f} ({min(t):4.1f}-{max(t):4.1f})" for t in times.values()]
+                    print(f"{shape.name:14s} {m:3d} {sparsity:4.2f} {path.value:>4s} {cells[0]:>17s} {cells[1]:>17s}",
+                          flush=True)
+
+    for (module, name), value in zip(flags, shipped):
+        setattr(module, name, value)
+
+
+if __name__ == "__main__":
+    main()
