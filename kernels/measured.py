@@ -4,6 +4,7 @@ tiles and crossovers differ between GPUs (an H200 reads HBM about 40% faster tha
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import TypeVar
@@ -16,6 +17,7 @@ MEASURED_DIR = Path(__file__).with_name("measured")
 Table = TypeVar("Table", bound=BaseModel)
 
 
+@functools.cache  # asked on every call of the op that is not replayed from a CUDA graph
 def device_name(device: torch.device) -> str:
     """The name the tables of ``device`` are filed under: the CUDA device name, else its type."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
