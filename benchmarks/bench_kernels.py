@@ -258,12 +258,10 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="*", help="shape names to run (default: all)")
     parser.add_argument("--ms", type=int, nargs="*", help="batch sizes (default 1 2 4 8 16)")
     parser.add_argument("--sparsities", type=float, nargs="*", help="default 0.5 0.7 0.8 0.9")
-    parser.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
     parser.add_argument("--write-crossover", type=Path, nargs="?", const=True,
                         help="write the crossover JSON (default: this GPU's file under kernels/measured/)")
     args = parser.parse_args()
 
-    select_module.USE_PDL = not args.no_pdl
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.bfloat16 if on_gpu else torch.float16  # bf16 gives NaN in the interpreter

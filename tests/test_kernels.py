@@ -351,10 +351,13 @@ def measured_dir(tmp_path, monkeypatch):
     load_tiles.cache_clear()
 
 
-@pytest.mark.parametrize("loader", [load_crossover, load_tiles], ids=["crossover", "tiles"])
-def test_broken_measured_table_says_which_file_and_what_to_do(loader, measured_dir):
+LOADERS = pytest.mark.parametrize(("loader", "file_name"), [(load_crossover, CROSSOVER_FILE), (load_tiles, TILES_FILE)],
+                                  ids=["crossover", "tiles"])
+
+
+@LOADERS
+def test_broken_measured_table_says_which_file_and_what_to_do(loader, file_name, measured_dir):
     assert loader("NVIDIA H100 80GB HBM3").shapes == []  # never measured: built-in defaults
-    file_name = CROSSOVER_FILE if loader is load_crossover else TILES_FILE
     broken = measured_dir / "NVIDIA_H100_80GB_HBM3" / file_name
     broken.parent.mkdir()
     broken.write_text('{"device": "NVIDIA H100 80GB HBM3", "shapes": [{"name": "q"}]}')
@@ -365,10 +368,9 @@ def test_broken_measured_table_says_which_file_and_what_to_do(loader, measured_d
         loader("NVIDIA H100 80GB HBM3")
 
 
-@pytest.mark.parametrize("loader", [load_crossover, load_tiles], ids=["crossover", "tiles"])
-def test_table_of_another_gpu_is_refused(loader, measured_dir):
+@LOADERS
+def test_table_of_another_gpu_is_refused(loader, file_name, measured_dir):
     """A table copied into another GPU's folder would tune one GPU with another's timings."""
-    file_name = CROSSOVER_FILE if loader is load_crossover else TILES_FILE
     misfiled = measured_dir / "NVIDIA_H200" / file_name
     misfiled.parent.mkdir()
     misfiled.write_text('{"device": "NVIDIA H100 80GB HBM3", "shapes": []}')
