@@ -2,8 +2,8 @@
 
 Each token keeps its own channels, so the rows a batch must read are the union of its tokens' sets:
 above some batch size M the sparse kernel reads nearly everything and dense cuBLAS on the sparsified
-input wins. ``benchmarks/bench_kernels.py`` measures that M per (shape, sparsity) on one GPU model and writes
-``measured/<GPU>/crossover.json``; the dispatch reads the table of the GPU it runs on.
+input wins. ``benchmarks/bench_kernels.py`` measures that M per (shape, sparsity) on one GPU model
+and writes ``measured/<GPU>/crossover.json``; the dispatch reads the table of the GPU it runs on.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ For a single token (decode) the finishing program also lists the kept channels i
 Without a channel list, on Hopper and newer, both kernels use programmatic dependent launch (PDL):
 the selection lets the GEMV launch as soon as it starts, so the GEMV's programs are on their SMs,
 waiting on the selection's writes, while the one finishing program still decides its threshold.
-Measured on an H200 (benchmarks/results/h200/pdl_gain.txt): 0.4-0.9 us faster per call for the walk, but
-up to 14 us slower for the channel list's GEMV, so lists launch as before.
+Measured on an H200 (benchmarks/results/h200/pdl_gain.txt): 0.4-0.9 us faster per call for the
+walk, but up to 14 us slower for the channel list's GEMV, so lists launch as before.
 """
 
 from __future__ import annotations
