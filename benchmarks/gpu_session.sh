@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh tiles       # one-token GEMV tiles per shape (kernels/measured/<GPU>/gemv_tiles.json)
 #   bash benchmarks/gpu_session.sh kernels     # kernel tests (bf16), kernel table + crossover (.../crossover.json)
-#   bash benchmarks/gpu_session.sh switches    # A/B of the kernel switches (PDL, the batch walk's mask pass)
+#   bash benchmarks/gpu_session.sh switches    # A/B of the kernel switches (benchmarks/switch_ab.py)
 #   bash benchmarks/gpu_session.sh profile     # time to build a 13B-shape profile (ESD + alpha fits) on the GPU
 #   bash benchmarks/gpu_session.sh serve       # `vllm serve` 13B shape, CUDA graphs: load test dense vs acttail 50%
 #   bash benchmarks/gpu_session.sh decode13b   # vLLM decode tok/s, 13B shape, dense vs s in {0.5,0.7,0.8,0.9}
@@ -42,7 +42,7 @@ kernels)
   cp "$(measured crossover.json)" "$OUT/"
   ;;
 switches)
-  for switch in pdl batch-mask-pass; do
+  for switch in pdl; do
     (cd benchmarks && $python switch_ab.py --switch $switch) 2>&1 | tee "$OUT/switch_$switch.txt"
   done
   ;;

@@ -15,14 +15,13 @@ from triton.compiler import ASTSource
 
 from acttail_kernels.sparse_gemv import _sparse_gemv_kernel
 
-POINTERS = {"xs_ptr": "*bf16", "idx_ptr": "*i32", "xv_ptr": "*bf16", "count_ptr": "*i32", "needed_ptr": "*i8",
+POINTERS = {"xs_ptr": "*bf16", "idx_ptr": "*i32", "xv_ptr": "*bf16", "count_ptr": "*i32",
             "wt_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32", "ticket_ptr": "*i32"}
 SCALARS = {name: "i32" for name in ("M", "N", "K", "B1", "B2", "B3", "B4")}
 # (name, constexprs): the loops the 13B qkv GEMV runs, with the rule's tiles
 VARIANTS = [
-    ("channel list", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, LIST=True, MASK_PASS=False)),
-    ("batch walk", dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, LIST=False, MASK_PASS=False)),
-    ("batch walk, mask pass", dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, LIST=False, MASK_PASS=True)),
+    ("channel list", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, LIST=True)),
+    ("batch walk", dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, LIST=False)),
 ]
 
 

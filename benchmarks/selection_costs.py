@@ -6,8 +6,9 @@ Each variant loads one row of K bf16 activations and then does one kind of step,
 output price the blocks a selection kernel is made of: a block-wide count ("steps": 0, 1, 9 or 15
 bisection steps over the row held in registers; "ternary": steps that each keep a third of the
 range, two counts in one sum; "chunked": bisection steps over the row reloaded in chunks), a 256-bin
-`tl.histogram` pass, a scan that lists channels ("list"), and a range test over
-1, 128 or 256 programs. Timing: bench_kernels.time_us (CUDA graph, L2 flushed, median microseconds
+`tl.histogram` pass, a scan that lists channels ("list", and the same in two levels: pieces of the
+row scanned alone, then their totals), and a range test over
+1, 128 or 256 programs; then ``topk_select`` itself, whole. Timing: bench_kernels.time_us (CUDA graph, L2 flushed, median microseconds
 per call, the input rewrite subtracted).
 """
 
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 from bench_kernels import time_us
 
-from acttail_kernels.topk_select import _magnitude_bits
+from acttail_kernels.topk_select import _magnitude_bits, keep_tensor, topk_select
 
 KEEP = tl.constexpr(1000)  # any budget: the cost does not depend on it
 
@@ -95,6 +96,20 @@ def _list_kernel(x_ptr, idx_ptr, out_ptr, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _list_2level_kernel(x_ptr, idx_ptr, out_ptr, K, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The list's scan in two levels: the row as [ROWS, COLS], a scan along each COLS-long piece
+    and one over the ROWS piece totals (a short scan instead of one over the whole row)."""
+    offs = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    v = tl.load(x_ptr + offs, mask=offs < K, other=0.0)
+    listed = (tl.where(offs < K, _magnitude_bits(v, 15), -1) > 0x3C00).to(tl.int32)
+    piece_totals = tl.sum(listed, axis=1)
+    piece_starts = tl.cumsum(piece_totals, axis=0) - piece_totals
+    slot = piece_starts[:, None] + tl.cumsum(listed, axis=1) - 1
+    tl.store(idx_ptr + slot, offs, mask=listed != 0)
+    tl.store(out_ptr, tl.sum(piece_totals, axis=0))
+
+
+@triton.jit
 def _range_kernel(x_ptr, out_ptr, K, BLOCK: tl.constexpr):
     part = tl.program_id(0)
     bits, offs = _row_bits(x_ptr, K, BLOCK)
@@ -129,8 +144,17 @@ def main() -> None:
             passes = [us(lambda x, p=p: _histogram_kernel[(1,)](x, out, k, block, p, num_warps=warps)) for p in (1, 2)]
             print(f"{tag} histogram passes 1/2: {passes}")
             print(f"{tag} list: {us(lambda x: _list_kernel[(1,)](x, idx, out, k, block, num_warps=warps))}")
+            two_level = [us(lambda x, c=c: _list_2level_kernel[(1,)](x, idx, out, k, block // c, c, num_warps=warps))
+                         for c in (32, 64, 128, 256, 512)]
+            print(f"{tag} list in two levels, pieces of 32/64/128/256/512: {two_level}")
             ranges = [us(lambda x, g=g: _range_kernel[(g,)](x, out, k, block, num_warps=warps)) for g in (1, 128, 256)]
             print(f"{tag} range test over 1/128/256 programs: {ranges}")
+        for m, segs in ((1, 1), (1, 3), (4, 3), (16, 1), (16, 3)):
+            xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for _ in range(8)]
+            keep = keep_tensor([k // 5] * segs, "cuda")
+            lists = (False, True) if m == 1 else (False,)
+            cells = [f"{time_us([functools.partial(topk_select, x, keep, w) for x in xs], xs):5.1f}" for w in lists]
+            print(f"K={k} topk_select M={m:2d}, {segs} segments, without/with list: {cells}")
 
 
 if __name__ == "__main__":

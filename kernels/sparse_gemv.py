@@ -40,11 +40,6 @@ from .measured import device_name
 from .topk_select import MAX_SEGMENTS, Selection, num_sms, pdl_launch, pdl_wait_and_release, tickets
 
 MAX_TOKENS = 16  # BLOCK_M: tl.dot's smallest M; larger batches go dense
-# A batch's walk first marks the rows some token needs, then loads weights under that mark, so the
-# weight loads no longer wait on a reduction over the x tile of the same step. Off until measured
-# faster on a GPU (benchmarks/switch_ab.py --switch batch-mask-pass): without it the walk took a
-# flat 75-77 us for 13B qkv at M = 2..16 on an H200, whatever the sparsity.
-BATCH_MASK_PASS = False
 
 
 @dataclass(frozen=True)
@@ -118,7 +113,6 @@ def _sparse_gemv_kernel(
     idx_ptr,
     xv_ptr,
     count_ptr,
-    needed_ptr,
     wt_ptr,
     bias_ptr,
     out_ptr,
@@ -139,7 +133,6 @@ def _sparse_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
-    MASK_PASS: tl.constexpr,
 ):
     pdl_wait_and_release(PDL)  # nothing is read or written before the selection is done
     pid_n = tl.program_id(0)
@@ -156,16 +149,6 @@ def _sparse_gemv_kernel(
     share = tl.cdiv(tl.cdiv(length, splits), BLOCK_K) * BLOCK_K
     j_end = tl.minimum(length, (pid_k + 1) * share)
     x_rows = xs_ptr + (seg * M + offs_m[:, None]).to(tl.int64) * K
-    # MASK_PASS: one row of flags per column tile, indexed by channel; each split writes and reads
-    # back only its own channels.
-    needed_rows = needed_ptr + pid_n.to(tl.int64) * splits * share
-    if MASK_PASS:
-        for j in range(pid_k * share, j_end, BLOCK_K):
-            offs_j = j + tl.arange(0, BLOCK_K)
-            j_ok = offs_j < j_end
-            xk = tl.load(x_rows + offs_j[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-            tl.store(needed_rows + offs_j, tl.max((xk != 0).to(tl.int8), axis=0), mask=j_ok)
-        tl.debug_barrier()  # the flags are written before any thread reads them
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j in range(pid_k * share, j_end, BLOCK_K):
         offs_j = j + tl.arange(0, BLOCK_K)
@@ -182,10 +165,7 @@ def _sparse_gemv_kernel(
         else:
             rows = offs_j
             xk = tl.load(x_rows + rows[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-            if MASK_PASS:
-                needed = tl.load(needed_rows + rows, mask=j_ok, other=0) != 0
-            else:
-                needed = tl.max((xk != 0).to(tl.int32), axis=0) > 0
+            needed = tl.max((xk != 0).to(tl.int32), axis=0) > 0
         w_rows = wt_ptr + rows[:, None].to(tl.int64) * N
         w = tl.load(w_rows + offs_n[None, :], mask=needed[:, None] & n_ok[None, :], other=0.0)
         if BLOCK_M == 1:  # one token: a multiply and a column sum, no tensor-core padding
@@ -238,13 +218,9 @@ def sparse_gemv(
     out = torch.empty(m, n, dtype=weight_t.dtype, device=weight_t.device) if out is None else out
     partial = torch.empty(plan.splits * m * n if plan.splits > 1 else 1, dtype=torch.float32, device=weight_t.device)
     pdl = pdl_launch(weight_t.device, with_list)  # as the selection before it
-    mask_pass = BATCH_MASK_PASS and loop is GemvLoop.BATCH_WALK
-    share = triton.cdiv(triton.cdiv(k, plan.splits), plan.block_k) * plan.block_k  # as the kernel's
-    needed = torch.empty(tiles * plan.splits * share if mask_pass else 1, dtype=torch.int8, device=weight_t.device)
     _sparse_gemv_kernel[(tiles, plan.splits)](
         sel.xs,
         *((sel.idx, sel.xv, sel.count) if with_list else (sel.xs, sel.xs, sel.xs)),
-        needed,
         weight_t,
         out if bias is None else bias,
         out,
@@ -262,7 +238,6 @@ def sparse_gemv(
         HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if weight_t.dtype == torch.float32 else "tf32",
         PDL=pdl,
-        MASK_PASS=mask_pass,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         launch_pdl=pdl,

@@ -163,13 +163,11 @@ def test_selection_reads_budgets_from_the_device_tensor(kernels):
         assert int(sel.count[0]) == int(sel.xs[0].count_nonzero())
 
 
-@pytest.mark.parametrize("mask_pass", [False, True], ids=["", "batch_mask_pass"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_sparse_gemv_matches_reference(kernels, shape, dtype, mask_pass, monkeypatch):
-    """Both loops and both ways a batch's walk finds its rows (BATCH_MASK_PASS: a first pass marks them)."""
+def test_sparse_gemv_matches_reference(kernels, shape, dtype):
+    """Both loops: the channel list and the walk over all channels."""
     _, sparse_gemv, topk_select = kernels
-    monkeypatch.setattr(sparse_gemv, "BATCH_MASK_PASS", mask_pass)
     widths, k = shape
     bounds = bounds_of(widths)
     weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
@@ -179,8 +177,6 @@ def test_sparse_gemv_matches_reference(kernels, shape, dtype, mask_pass, monkeyp
     # one token both ways: its channel list, and the walk over all channels.
     plans = [None] if ON_GPU else [None, sparse_gemv.GemvPlan(16, 16, 3, 4, 3)]
     for seed, (m, sparsity) in enumerate((m, s) for m in TOKENS for s in SPARSITIES):
-        if mask_pass and m == 1:
-            continue  # one token never takes the batch walk
         x = activations(m, k, dtype, 100 + seed)
         keeps = keeps_for(k, widths, sparsity, seed)
         ref = reference.sparse_linear_ref(x, weight, bias if seed % 2 else None, bounds, keeps)
