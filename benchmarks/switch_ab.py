@@ -4,11 +4,11 @@ shows as spread, not as a gain.
 
 * ``--switch pdl``: programmatic dependent launch (``topk_select.USE_PDL``, and ``LIST_PDL`` for
   channel lists); one token, both loops.
-* ``--switch batch-mask-pass``: ``sparse_gemv.BATCH_MASK_PASS``, the batch walk marking its rows in
-  a first pass; M = 2, 4, 8, 16 (the walk, forced: the crossover would pick the fallback).
+* ``--switch list-chunk``: the channel list made in chunks of ``topk_select.LIST_CHUNK`` channels
+  (on; ``--chunk`` tries another size) against one chunk for the whole row (off); one token, list.
 
     python3 benchmarks/switch_ab.py --switch pdl     # needs CUDA (pdl: compute capability 9.0+)
-    python3 benchmarks/switch_ab.py --switch batch-mask-pass
+    python3 benchmarks/switch_ab.py --switch list-chunk [--chunk 2048]
 
 Timing as bench_kernels.time_us.
 """
@@ -23,15 +23,22 @@ import torch
 from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
 
 import acttail_kernels as ak
-from acttail_kernels import sparse_gemv as gemv_module
 from acttail_kernels import topk_select as select_module
 from acttail_kernels.topk_select import keep_tensor
 
 
-# switch -> (the module flags it turns off and on together, batch sizes, paths)
+# switch -> (the module settings it switches together: (module, name, off, on); batch sizes, paths)
 SWITCHES = {
-    "pdl": ([(select_module, "USE_PDL"), (select_module, "LIST_PDL")], [1], [ak.GemvPath.LIST, ak.GemvPath.WALK]),
-    "batch-mask-pass": ([(gemv_module, "BATCH_MASK_PASS")], [2, 4, 8, 16], [ak.GemvPath.WALK]),
+    "pdl": (
+        [(select_module, "USE_PDL", False, True), (select_module, "LIST_PDL", False, True)],
+        [1],
+        [ak.GemvPath.LIST, ak.GemvPath.WALK],
+    ),
+    "list-chunk": (
+        [(select_module, "LIST_CHUNK", 1 << 15, select_module.LIST_CHUNK)],  # 2**15 > MAX_CHANNELS: one chunk a row
+        [1],
+        [ak.GemvPath.LIST],
+    ),
 }
 
 
@@ -39,10 +46,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--switch", choices=SWITCHES, required=True)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk", type=int, help="list-chunk: the chunk size to try (default: LIST_CHUNK)")
     parser.add_argument("--shapes", nargs="*", default=[s.name for s in GPU_SHAPES if s.name.startswith("13b")])
     args = parser.parse_args()
     flags, ms, paths = SWITCHES[args.switch]
-    shipped = [getattr(module, name) for module, name in flags]
+    if args.chunk:
+        flags = [(module, name, off, args.chunk) for module, name, off, _ in flags]
+    shipped = [getattr(module, name) for module, name, _, _ in flags]
     dtype, device = torch.bfloat16, "cuda"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; {args.switch}: microseconds per "
           f"call, median of {args.rounds} alternating rounds (min-max)")
@@ -62,14 +72,14 @@ def main() -> None:
                     times: dict[bool, list[float]] = {False: [], True: []}
                     for _ in range(args.rounds):
                         for on in (False, True):
-                            for module, name in flags:
-                                setattr(module, name, on)
+                            for module, name, off_value, on_value in flags:
+                                setattr(module, name, on_value if on else off_value)
                             times[on].append(time_us(calls, xs))
                     cells = [f"{statistics.median(t):5.1f} ({min(t):4.1f}-{max(t):4.1f})" for t in times.values()]
                     print(f"{shape.name:14s} {m:3d} {sparsity:4.2f} {path.value:>4s} {cells[0]:>17s} {cells[1]:>17s}",
                           flush=True)
 
-    for (module, name), value in zip(flags, shipped):
+    for (module, name, _, _), value in zip(flags, shipped):
         setattr(module, name, value)
 
 

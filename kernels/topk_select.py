@@ -9,14 +9,17 @@ A step costs mostly the latency of one block-wide sum, so the top RANGE_BITS bit
 parallel instead: 2**RANGE_BITS programs per row each own one slice of the threshold range and test
 it with a single two-count step; the one whose slice holds ``thr`` finishes the row, the others exit.
 
-For a single token (decode) the finishing program also lists the kept channels in order,
-``idx[seg, :count[seg]]`` with their values in ``xv[seg, :]``: all the GEMV then reads.
+For a single token (decode) the kept channels are also listed in order, ``idx[seg, :count[seg]]``
+with their values in ``xv[seg, :]``: all the GEMV then reads. A scan over the whole row costs about
+0.45 us per 1024 entries on an H200, so the row is listed in chunks of LIST_CHUNK, each by its own
+group of range-test programs: every group finds thr over the whole row, ranks its chunk by counts of
+the entries before it, and scans only its chunk.
 
 Without a channel list, on Hopper and newer, both kernels use programmatic dependent launch (PDL):
 the selection lets the GEMV launch as soon as it starts, so the GEMV's programs are on their SMs,
 waiting on the selection's writes, while the one finishing program still decides its threshold.
-Measured on an H200 (benchmarks/results/h200/pdl_gain.txt): 0.4-0.9 us faster per call for the
-walk, but up to 14 us slower for the channel list's GEMV, so lists launch as before.
+Measured on an H200 (benchmarks/results/h200/pdl_gain.txt, switch_pdl.txt): 0.4-0.9 us faster per
+call for the walk, but up to 15 us slower for the channel list's GEMV, so lists launch as before.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ MAX_CHANNELS = 32767  # two counts share one int32 in the range test sum and the
 RANGE_PROGRAMS_PER_SM = 2  # range-test programs to spread over the GPU (more: the row loads cost)
 USE_PDL = True  # programmatic dependent launch where the GPU has it (benchmarks turn it off to compare)
 LIST_PDL = False  # also for channel lists: measured slower (benchmarks/switch_ab.py --switch pdl)
+# Channels one program lists (a power of 2; a row shorter than this is one chunk): more chunks mean
+# fewer threshold bits tested in parallel. 13B shapes on an H200: 2048 as fast as 1024 or faster,
+# 512 slower for QKV (benchmarks/results/h200/list_chunk.txt).
+LIST_CHUNK = 2048
 
 
 def triton_interpreted() -> bool:
@@ -107,13 +114,16 @@ def _topk_select_kernel(
     VALUE_BITS: tl.constexpr,
     RANGE_BITS: tl.constexpr,
     LIST: tl.constexpr,
+    CHUNK: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Program (token m, segment, part): if thr lies in part's slice, write xs[segment, m, :]."""
+    """Program (token m, segment, group * 2**RANGE_BITS + part): if thr lies in part's slice, write
+    xs[segment, m, :] (with a list: only the group's chunk of it, and the chunk's list entries)."""
     pdl_wait_and_release(PDL)
     m = tl.program_id(0)
     seg = tl.program_id(1)
-    part = tl.program_id(2)
+    part = tl.program_id(2) % (1 << RANGE_BITS)
+    group = tl.program_id(2) >> RANGE_BITS
     LOW_BITS: tl.constexpr = VALUE_BITS - RANGE_BITS
     keep = tl.load(keep_ptr + seg)  # read on the device: a captured graph follows budget changes
     offs = tl.arange(0, BLOCK_K)
@@ -126,7 +136,7 @@ def _topk_select_kernel(
     # count(>= its end) < keep; the end of the last slice is above every value (keep == 0 lands there).
     top = bits >> LOW_BITS
     counts = tl.sum((top >= part).to(tl.int32) + ((top > part).to(tl.int32) << 16), axis=0)
-    is_last = part == tl.num_programs(2) - 1
+    is_last = part == (1 << RANGE_BITS) - 1
     if ((counts & 0xFFFF) >= keep) & (((counts >> 16) < keep) | is_last):
         thr = part << LOW_BITS
         for step in range(LOW_BITS):
@@ -135,25 +145,45 @@ def _topk_select_kernel(
         # Keep all entries above thr and the first `ties` entries equal to it.
         above = bits > thr
         equal = bits == thr
-        if LIST:  # one scan ranks both: entries above thr (high half), entries equal to it (low half)
-            ranks = tl.cumsum((above.to(tl.int32) << 16) | equal.to(tl.int32), axis=0)
-            equal_rank = ranks & 0xFFFF
-        else:
-            equal_rank = tl.cumsum(equal.to(tl.int32), axis=0)
-        num_above = _count(above)
-        ties = keep - num_above
-        kept = above | (equal & (equal_rank <= ties))
         xs_row = xs_ptr + (seg.to(tl.int64) * tl.num_programs(0) + m) * K
-        tl.store(xs_row + offs, tl.where(kept, v, 0.0), mask=in_row)
-        if LIST:  # one token: its nonzero kept entries, in order, are the channel list
-            # Zeros are kept only as ties at thr == 0, and never listed.
+        if LIST:
+            # One token: this group writes its chunk [start, start + CHUNK) of xs and of the channel
+            # list, ranked by three counts over the whole row in one sum: entries above thr, and
+            # entries above and equal to it before the chunk.
+            start = group * CHUNK
+            before = offs < start
+            row_counts = tl.sum(
+                (above.to(tl.int64) << 32) | ((above & before).to(tl.int64) << 16) | (equal & before).to(tl.int64),
+                axis=0,
+            )
+            ties = keep - (row_counts >> 32).to(tl.int32)
+            above_before = ((row_counts >> 16) & 0xFFFF).to(tl.int32)
+            equal_before = (row_counts & 0xFFFF).to(tl.int32)
+            offs_c = start + tl.arange(0, CHUNK)
+            in_chunk = offs_c < K
+            v_c = tl.load(x_row + offs_c, mask=in_chunk, other=0.0)
+            bits_c = tl.where(in_chunk, _magnitude_bits(v_c, VALUE_BITS), -1)
+            above_c = bits_c > thr
+            equal_c = bits_c == thr
+            # One scan ranks both within the chunk: entries above thr (high half), equal to it (low).
+            ranks = tl.cumsum((above_c.to(tl.int32) << 16) | equal_c.to(tl.int32), axis=0)
+            equal_rank = equal_before + (ranks & 0xFFFF)
+            kept = above_c | (equal_c & (equal_rank <= ties))
+            tl.store(xs_row + offs_c, tl.where(kept, v_c, 0.0), mask=in_chunk)
+            # Its nonzero kept entries, in order, are the channel list: zeros are kept only as ties
+            # at thr == 0, and never listed.
             listed_ties = tl.where(thr > 0, ties, 0)
-            listed = above | (equal & (equal_rank <= listed_ties))
-            slot = (ranks >> 16) + tl.minimum(equal_rank, listed_ties) - 1
-            tl.store(idx_ptr + seg * K + slot, offs, mask=listed)
-            # Reload x (an L1 hit) rather than keep v live through the scan: fewer registers.
-            tl.store(xv_ptr + seg * K + slot, tl.load(x_row + offs, mask=listed), mask=listed)
-            tl.store(count_ptr + seg, num_above + listed_ties)
+            listed = above_c | (equal_c & (equal_rank <= listed_ties))
+            slot = above_before + (ranks >> 16) + tl.minimum(equal_rank, listed_ties) - 1
+            tl.store(idx_ptr + seg * K + slot, offs_c, mask=listed)
+            tl.store(xv_ptr + seg * K + slot, v_c, mask=listed)
+            if group == 0:
+                tl.store(count_ptr + seg, keep - ties + listed_ties)
+        else:
+            ties = keep - _count(above)
+            equal_rank = tl.cumsum(equal.to(tl.int32), axis=0)
+            kept = above | (equal & (equal_rank <= ties))
+            tl.store(xs_row + offs, tl.where(kept, v, 0.0), mask=in_row)
 
 
 @dataclass(frozen=True)
@@ -219,10 +249,12 @@ def topk_select(x: torch.Tensor, keep: torch.Tensor, with_list: bool) -> Selecti
                         torch.empty(num_segs, dtype=torch.int32, device=x.device))
     if m == 0:
         return sel
-    bits = range_bits(m * num_segs, x.dtype, num_sms(x.device))
     block_k, num_warps = select_config(k)
+    chunk = min(LIST_CHUNK, block_k)
+    groups = triton.cdiv(k, chunk) if with_list else 1
+    bits = range_bits(m * num_segs * groups, x.dtype, num_sms(x.device))
     pdl = pdl_launch(x.device, with_list)
-    _topk_select_kernel[(m, num_segs, 2**bits)](
+    _topk_select_kernel[(m, num_segs, groups * 2**bits)](
         x,
         x.stride(0),
         k,
@@ -234,6 +266,7 @@ def topk_select(x: torch.Tensor, keep: torch.Tensor, with_list: bool) -> Selecti
         VALUE_BITS=value_bits(x.dtype),
         RANGE_BITS=bits,
         LIST=with_list,
+        CHUNK=chunk,
         PDL=pdl,
         num_warps=num_warps,
         launch_pdl=pdl,
