@@ -2,6 +2,7 @@
 # Every GPU number quoted in the README and the issue notes, one step per command, each step well
 # under 10 minutes on one H100. Run from the repo root on a CUDA host where vLLM 0.26 and this
 # project are installed (offline hosts: ../shared/gpu/README.md, then `source .gpu/kit/env.sh`).
+# tiles, kernels and switches need no vLLM: `source benchmarks/kernel_env.sh` is enough there.
 #
 #   bash benchmarks/gpu_session.sh tiles       # one-token GEMV tiles per shape (kernels/measured/<GPU>/gemv_tiles.json)
 #   bash benchmarks/gpu_session.sh kernels     # kernel tests (bf16), kernel table + crossover (.../crossover.json)
@@ -42,7 +43,7 @@ kernels)
   cp "$(measured crossover.json)" "$OUT/"
   ;;
 switches)
-  for switch in pdl; do
+  for switch in pdl row-chunk; do
     (cd benchmarks && $python switch_ab.py --switch $switch) 2>&1 | tee "$OUT/switch_$switch.txt"
   done
   ;;

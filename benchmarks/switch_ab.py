@@ -4,11 +4,12 @@ shows as spread, not as a gain.
 
 * ``--switch pdl``: programmatic dependent launch (``topk_select.USE_PDL``, and ``LIST_PDL`` for
   channel lists); one token, both loops.
-* ``--switch list-chunk``: the channel list made in chunks of ``topk_select.LIST_CHUNK`` channels
-  (on; ``--chunk`` tries another size) against one chunk for the whole row (off); one token, list.
+* ``--switch row-chunk``: rows written (and listed) in chunks of ``topk_select.ROW_CHUNK`` channels
+  (on; ``--chunk`` tries another size) against one chunk for the whole row (off); one token with
+  either loop, and batches of 4 and 16 through the dense fallback.
 
     python3 benchmarks/switch_ab.py --switch pdl     # needs CUDA (pdl: compute capability 9.0+)
-    python3 benchmarks/switch_ab.py --switch list-chunk [--chunk 2048]
+    python3 benchmarks/switch_ab.py --switch row-chunk [--chunk 2048]
 
 Timing as bench_kernels.time_us.
 """
@@ -27,17 +28,13 @@ from acttail_kernels import topk_select as select_module
 from acttail_kernels.topk_select import keep_tensor
 
 
-# switch -> (the module settings it switches together: (module, name, off, on); batch sizes, paths)
+ONE_TOKEN = [(1, ak.GemvPath.LIST), (1, ak.GemvPath.WALK)]
+# switch -> (the module settings it switches together: (module, name, off, on); (batch size, path)s)
 SWITCHES = {
-    "pdl": (
-        [(select_module, "USE_PDL", False, True), (select_module, "LIST_PDL", False, True)],
-        [1],
-        [ak.GemvPath.LIST, ak.GemvPath.WALK],
-    ),
-    "list-chunk": (
-        [(select_module, "LIST_CHUNK", 1 << 15, select_module.LIST_CHUNK)],  # 2**15 > MAX_CHANNELS: one chunk a row
-        [1],
-        [ak.GemvPath.LIST],
+    "pdl": ([(select_module, "USE_PDL", False, True), (select_module, "LIST_PDL", False, True)], ONE_TOKEN),
+    "row-chunk": (
+        [(select_module, "ROW_CHUNK", 1 << 15, select_module.ROW_CHUNK)],  # 2**15 > MAX_CHANNELS: one chunk a row
+        ONE_TOKEN + [(4, ak.GemvPath.DENSE), (16, ak.GemvPath.DENSE)],
     ),
 }
 
@@ -46,38 +43,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--switch", choices=SWITCHES, required=True)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--chunk", type=int, help="list-chunk: the chunk size to try (default: LIST_CHUNK)")
+    parser.add_argument("--chunk", type=int, help="row-chunk: the chunk size to try (default: ROW_CHUNK)")
     parser.add_argument("--shapes", nargs="*", default=[s.name for s in GPU_SHAPES if s.name.startswith("13b")])
     args = parser.parse_args()
-    flags, ms, paths = SWITCHES[args.switch]
+    flags, runs = SWITCHES[args.switch]
     if args.chunk:
         flags = [(module, name, off, args.chunk) for module, name, off, _ in flags]
     shipped = [getattr(module, name) for module, name, _, _ in flags]
     dtype, device = torch.bfloat16, "cuda"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; {args.switch}: microseconds per "
           f"call, median of {args.rounds} alternating rounds (min-max)")
-    print(f"{'shape':14s} {'M':>3s} {'s':>4s} {'path':>4s} {'off':>17s} {'on':>17s}")
+    print(f"{'shape':14s} {'M':>3s} {'s':>4s} {'path':>5s} {'off':>17s} {'on':>17s}")
     for shape in (s for s in GPU_SHAPES if s.name in args.shapes):
         instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
         weights_t = [ak.prepare_weight(torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02)
                      for _ in range(instances)]
-        for m in ms:
+        for m, path in runs:
             xs = [torch.randn(m, shape.k, dtype=dtype, device=device) for _ in range(instances)]
             for sparsity in (0.5, 0.8):
                 keeps = keeps_for(shape, sparsity)
                 keep = keep_tensor(keeps, device)
-                for path in paths:
-                    calls = [functools.partial(ak.sparse_linear, x, w, None, shape.seg_bounds, keeps, keep=keep,
-                                               path=path) for x, w in zip(xs, weights_t)]
-                    times: dict[bool, list[float]] = {False: [], True: []}
-                    for _ in range(args.rounds):
-                        for on in (False, True):
-                            for module, name, off_value, on_value in flags:
-                                setattr(module, name, on_value if on else off_value)
-                            times[on].append(time_us(calls, xs))
-                    cells = [f"{statistics.median(t):5.1f} ({min(t):4.1f}-{max(t):4.1f})" for t in times.values()]
-                    print(f"{shape.name:14s} {m:3d} {sparsity:4.2f} {path.value:>4s} {cells[0]:>17s} {cells[1]:>17s}",
-                          flush=True)
+                calls = [functools.partial(ak.sparse_linear, x, w, None, shape.seg_bounds, keeps, keep=keep, path=path)
+                         for x, w in zip(xs, weights_t)]
+                times: dict[bool, list[float]] = {False: [], True: []}
+                for _ in range(args.rounds):
+                    for on in (False, True):
+                        for module, name, off_value, on_value in flags:
+                            setattr(module, name, on_value if on else off_value)
+                        times[on].append(time_us(calls, xs))
+                cells = [f"{statistics.median(t):5.1f} ({min(t):4.1f}-{max(t):4.1f})" for t in times.values()]
+                print(f"{shape.name:14s} {m:3d} {sparsity:4.2f} {path.value:>5s} {cells[0]:>17s} {cells[1]:>17s}",
+                      flush=True)
 
     for (module, name, _, _), value in zip(flags, shipped):
         setattr(module, name, value)

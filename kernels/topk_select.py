@@ -9,11 +9,13 @@ A step costs mostly the latency of one block-wide sum, so the top RANGE_BITS bit
 parallel instead: 2**RANGE_BITS programs per row each own one slice of the threshold range and test
 it with a single two-count step; the one whose slice holds ``thr`` finishes the row, the others exit.
 
-For a single token (decode) the kept channels are also listed in order, ``idx[seg, :count[seg]]``
-with their values in ``xv[seg, :]``: all the GEMV then reads. A scan over the whole row costs about
-0.45 us per 1024 entries on an H200, so the row is listed in chunks of LIST_CHUNK, each by its own
+Which entries equal to ``thr`` are kept takes a scan, and a scan over the whole row costs about
+0.45 us per 1024 entries on an H200. So the row is written in chunks of ROW_CHUNK, each by its own
 group of range-test programs: every group finds thr over the whole row, ranks its chunk by counts of
 the entries before it, and scans only its chunk.
+
+For a single token (decode) the kept channels are also listed in order, ``idx[seg, :count[seg]]``
+with their values in ``xv[seg, :]``: all the GEMV then reads. The same scan ranks them.
 
 Without a channel list, on Hopper and newer, both kernels use programmatic dependent launch (PDL):
 the selection lets the GEMV launch as soon as it starts, so the GEMV's programs are on their SMs,
@@ -37,10 +39,10 @@ MAX_CHANNELS = 32767  # two counts share one int32 in the range test sum and the
 RANGE_PROGRAMS_PER_SM = 2  # range-test programs to spread over the GPU (more: the row loads cost)
 USE_PDL = True  # programmatic dependent launch where the GPU has it (benchmarks turn it off to compare)
 LIST_PDL = False  # also for channel lists: measured slower (benchmarks/switch_ab.py --switch pdl)
-# Channels one program lists (a power of 2; a row shorter than this is one chunk): more chunks mean
-# fewer threshold bits tested in parallel. 13B shapes on an H200: 2048 as fast as 1024 or faster,
-# 512 slower for QKV (benchmarks/results/h200/list_chunk.txt).
-LIST_CHUNK = 2048
+# Channels one program writes and lists (a power of 2; a shorter row is one chunk): more chunks
+# mean fewer threshold bits tested in parallel. 13B lists on an H200: 2048 as fast as 1024 or
+# faster, 512 slower for QKV (benchmarks/results/h200/list_chunk.txt).
+ROW_CHUNK = 2048
 
 
 def triton_interpreted() -> bool:
@@ -118,7 +120,7 @@ def _topk_select_kernel(
     PDL: tl.constexpr,
 ):
     """Program (token m, segment, group * 2**RANGE_BITS + part): if thr lies in part's slice, write
-    xs[segment, m, :] (with a list: only the group's chunk of it, and the chunk's list entries)."""
+    the group's chunk of xs[segment, m, :] (and, with a list, the chunk's list entries)."""
     pdl_wait_and_release(PDL)
     m = tl.program_id(0)
     seg = tl.program_id(1)
@@ -142,48 +144,39 @@ def _topk_select_kernel(
         for step in range(LOW_BITS):
             candidate = thr | (1 << (LOW_BITS - 1 - step))
             thr = tl.where(_count(bits >= candidate) >= keep, candidate, thr)
-        # Keep all entries above thr and the first `ties` entries equal to it.
+        # Keep all entries above thr and the first `ties` entries equal to it. This group writes
+        # its chunk [start, start + CHUNK) of the row, ranked by three counts over the whole row in
+        # one sum: entries above thr, and entries above and equal to it before the chunk.
         above = bits > thr
         equal = bits == thr
+        start = group * CHUNK
+        before = offs < start
+        row_counts = tl.sum(
+            (above.to(tl.int64) << 32) | ((above & before).to(tl.int64) << 16) | (equal & before).to(tl.int64), axis=0
+        )
+        ties = keep - (row_counts >> 32).to(tl.int32)
+        offs_c = start + tl.arange(0, CHUNK)
+        in_chunk = offs_c < K
+        v_c = tl.load(x_row + offs_c, mask=in_chunk, other=0.0)
+        bits_c = tl.where(in_chunk, _magnitude_bits(v_c, VALUE_BITS), -1)
+        above_c = bits_c > thr
+        equal_c = bits_c == thr
+        # One scan ranks both within the chunk: entries above thr (high half), equal to it (low).
+        ranks = tl.cumsum((above_c.to(tl.int32) << 16) | equal_c.to(tl.int32), axis=0)
+        equal_rank = (row_counts & 0xFFFF).to(tl.int32) + (ranks & 0xFFFF)
+        kept = above_c | (equal_c & (equal_rank <= ties))
         xs_row = xs_ptr + (seg.to(tl.int64) * tl.num_programs(0) + m) * K
-        if LIST:
-            # One token: this group writes its chunk [start, start + CHUNK) of xs and of the channel
-            # list, ranked by three counts over the whole row in one sum: entries above thr, and
-            # entries above and equal to it before the chunk.
-            start = group * CHUNK
-            before = offs < start
-            row_counts = tl.sum(
-                (above.to(tl.int64) << 32) | ((above & before).to(tl.int64) << 16) | (equal & before).to(tl.int64),
-                axis=0,
-            )
-            ties = keep - (row_counts >> 32).to(tl.int32)
-            above_before = ((row_counts >> 16) & 0xFFFF).to(tl.int32)
-            equal_before = (row_counts & 0xFFFF).to(tl.int32)
-            offs_c = start + tl.arange(0, CHUNK)
-            in_chunk = offs_c < K
-            v_c = tl.load(x_row + offs_c, mask=in_chunk, other=0.0)
-            bits_c = tl.where(in_chunk, _magnitude_bits(v_c, VALUE_BITS), -1)
-            above_c = bits_c > thr
-            equal_c = bits_c == thr
-            # One scan ranks both within the chunk: entries above thr (high half), equal to it (low).
-            ranks = tl.cumsum((above_c.to(tl.int32) << 16) | equal_c.to(tl.int32), axis=0)
-            equal_rank = equal_before + (ranks & 0xFFFF)
-            kept = above_c | (equal_c & (equal_rank <= ties))
-            tl.store(xs_row + offs_c, tl.where(kept, v_c, 0.0), mask=in_chunk)
-            # Its nonzero kept entries, in order, are the channel list: zeros are kept only as ties
-            # at thr == 0, and never listed.
+        tl.store(xs_row + offs_c, tl.where(kept, v_c, 0.0), mask=in_chunk)
+        if LIST:  # one token: its nonzero kept entries, in order, are the channel list
+            # Zeros are kept only as ties at thr == 0, and never listed.
             listed_ties = tl.where(thr > 0, ties, 0)
             listed = above_c | (equal_c & (equal_rank <= listed_ties))
+            above_before = ((row_counts >> 16) & 0xFFFF).to(tl.int32)
             slot = above_before + (ranks >> 16) + tl.minimum(equal_rank, listed_ties) - 1
             tl.store(idx_ptr + seg * K + slot, offs_c, mask=listed)
             tl.store(xv_ptr + seg * K + slot, v_c, mask=listed)
             if group == 0:
                 tl.store(count_ptr + seg, keep - ties + listed_ties)
-        else:
-            ties = keep - _count(above)
-            equal_rank = tl.cumsum(equal.to(tl.int32), axis=0)
-            kept = above | (equal & (equal_rank <= ties))
-            tl.store(xs_row + offs, tl.where(kept, v, 0.0), mask=in_row)
 
 
 @dataclass(frozen=True)
@@ -250,8 +243,8 @@ def topk_select(x: torch.Tensor, keep: torch.Tensor, with_list: bool) -> Selecti
     if m == 0:
         return sel
     block_k, num_warps = select_config(k)
-    chunk = min(LIST_CHUNK, block_k)
-    groups = triton.cdiv(k, chunk) if with_list else 1
+    chunk = min(ROW_CHUNK, block_k)
+    groups = triton.cdiv(k, chunk)
     bits = range_bits(m * num_segs * groups, x.dtype, num_sms(x.device))
     pdl = pdl_launch(x.device, with_list)
     _topk_select_kernel[(m, num_segs, groups * 2**bits)](

@@ -131,15 +131,15 @@ def test_bad_segments_are_rejected(bounds, keeps, message):
 # --- the Triton kernels ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("list_chunk", [None, 16], ids=["", "chunks_of_16"])
+@pytest.mark.parametrize("row_chunk", [None, 16], ids=["", "chunks_of_16"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_selection_matches_reference_exactly(kernels, shape, dtype, list_chunk, monkeypatch):
-    """Also with the channel list made in many chunks (exact ties in the first quarter of the row
+def test_selection_matches_reference_exactly(kernels, shape, dtype, row_chunk, monkeypatch):
+    """Also with rows written and listed in many chunks (exact ties in the first quarter of the row
     span several of them)."""
     _, _, topk_select = kernels
-    if list_chunk:
-        monkeypatch.setattr(topk_select, "LIST_CHUNK", list_chunk)
+    if row_chunk:
+        monkeypatch.setattr(topk_select, "ROW_CHUNK", row_chunk)
     widths, k = shape
     for seed, (m, sparsity) in enumerate((m, s) for m in TOKENS for s in SPARSITIES):
         x = activations(m, k, dtype, seed)
