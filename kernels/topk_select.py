@@ -10,9 +10,9 @@ parallel instead: 2**RANGE_BITS programs per row each own one slice of the thres
 it with a single two-count step; the one whose slice holds ``thr`` finishes the row, the others exit.
 
 Which entries equal to ``thr`` are kept takes a scan, and a scan over the whole row costs about
-0.45 us per 1024 entries on an H200. So the row is written in chunks of ROW_CHUNK, each by its own
-group of range-test programs: every group finds thr over the whole row, ranks its chunk by counts of
-the entries before it, and scans only its chunk.
+0.45 us per 1024 entries on an H200. So a row of a small batch is written in chunks of ROW_CHUNK,
+each by its own group of range-test programs: every group finds thr over the whole row, ranks its
+chunk by counts of the entries before it, and scans only its chunk.
 
 For a single token (decode) the kept channels are also listed in order, ``idx[seg, :count[seg]]``
 with their values in ``xv[seg, :]``: all the GEMV then reads. The same scan ranks them.
@@ -43,6 +43,9 @@ LIST_PDL = False  # also for channel lists: measured slower (benchmarks/switch_a
 # mean fewer threshold bits tested in parallel. 13B lists on an H200: 2048 as fast as 1024 or
 # faster, 512 slower for QKV (benchmarks/results/h200/list_chunk.txt).
 ROW_CHUNK = 2048
+# Larger batches write each row whole: there the range test already runs short of programs, and
+# chunks measured 1.5-6 us slower at 16 tokens, 0.1-4.7 us faster at 4 (switch_row-chunk.txt).
+ROW_CHUNK_MAX_TOKENS = 4
 
 
 def triton_interpreted() -> bool:
@@ -243,7 +246,7 @@ def topk_select(x: torch.Tensor, keep: torch.Tensor, with_list: bool) -> Selecti
     if m == 0:
         return sel
     block_k, num_warps = select_config(k)
-    chunk = min(ROW_CHUNK, block_k)
+    chunk = min(ROW_CHUNK, block_k) if m <= ROW_CHUNK_MAX_TOKENS else block_k
     groups = triton.cdiv(k, chunk)
     bits = range_bits(m * num_segs * groups, x.dtype, num_sms(x.device))
     pdl = pdl_launch(x.device, with_list)
