@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .gemv_tiles import GemvLoop, GemvTiles, load_tiles
 from .measured import device_name
-from .topk_select import MAX_SEGMENTS, Selection, num_sms, pdl_launch, pdl_wait_and_release, tickets
+from .topk_select import MAX_SEGMENTS, Selection, num_sms, pdl_wait_and_release, tickets
 
 MAX_TOKENS = 16  # BLOCK_M: tl.dot's smallest M; larger batches go dense
 
@@ -217,7 +217,6 @@ def sparse_gemv(
         raise ValueError(f"output width {n} needs {tiles} column tiles, more than the {ticket_buf.numel()} supported")
     out = torch.empty(m, n, dtype=weight_t.dtype, device=weight_t.device) if out is None else out
     partial = torch.empty(plan.splits * m * n if plan.splits > 1 else 1, dtype=torch.float32, device=weight_t.device)
-    pdl = pdl_launch(weight_t.device, with_list)  # as the selection before it
     _sparse_gemv_kernel[(tiles, plan.splits)](
         sel.xs,
         *((sel.idx, sel.xv, sel.count) if with_list else (sel.xs, sel.xs, sel.xs)),
@@ -237,9 +236,9 @@ def sparse_gemv(
         LIST=with_list,
         HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if weight_t.dtype == torch.float32 else "tf32",
-        PDL=pdl,
+        PDL=sel.pdl,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
-        launch_pdl=pdl,
+        launch_pdl=sel.pdl,
     )
     return out

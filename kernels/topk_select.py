@@ -186,12 +186,14 @@ def _topk_select_kernel(
 class Selection:
     """Output of ``topk_select``. ``xs`` [S, M, K]: x with each segment's dropped entries zeroed.
     With a channel list (one token): ``idx`` [S, K] int32, ``xv`` [S, K] and ``count`` [S] int32,
-    per segment the nonzero kept channels (first count[s] entries) and their values."""
+    per segment the nonzero kept channels (first count[s] entries) and their values. ``pdl``: the
+    selection was launched with PDL, so the GEMV that reads it must be too."""
 
     xs: torch.Tensor
     idx: torch.Tensor | None = None
     xv: torch.Tensor | None = None
     count: torch.Tensor | None = None
+    pdl: bool = False
 
 
 @functools.cache
@@ -239,17 +241,17 @@ def topk_select(x: torch.Tensor, keep: torch.Tensor, with_list: bool) -> Selecti
         x = x.contiguous()
     num_segs = keep.numel()
     xs = torch.empty(num_segs, m, k, dtype=x.dtype, device=x.device)
-    sel = Selection(xs)
+    pdl = pdl_launch(x.device, with_list)
+    sel = Selection(xs, pdl=pdl)
     if with_list:
         sel = Selection(xs, torch.empty(num_segs, k, dtype=torch.int32, device=x.device), torch.empty_like(xs[:, 0]),
-                        torch.empty(num_segs, dtype=torch.int32, device=x.device))
+                        torch.empty(num_segs, dtype=torch.int32, device=x.device), pdl)
     if m == 0:
         return sel
     block_k, num_warps = select_config(k)
     chunk = min(ROW_CHUNK, block_k) if m <= ROW_CHUNK_MAX_TOKENS else block_k
     groups = triton.cdiv(k, chunk)
     bits = range_bits(m * num_segs * groups, x.dtype, num_sms(x.device))
-    pdl = pdl_launch(x.device, with_list)
     _topk_select_kernel[(m, num_segs, groups * 2**bits)](
         x,
         x.stride(0),
