@@ -6,10 +6,13 @@ shows as spread, not as a gain.
   channel lists); one token, both loops.
 * ``--switch row-chunk``: rows written (and listed) in chunks of ``topk_select.ROW_CHUNK`` channels
   (on; ``--chunk`` tries another size) against one chunk for the whole row (off); one token with
-  either loop, and batches of 4 and 16 through the dense fallback.
+  either loop, and a batch of 4 through the dense fallback.
+* ``--switch row-chunk-batches``: larger batches in chunks too (``ROW_CHUNK_MAX_TOKENS`` 16, on)
+  against whole rows above 4 tokens (off, as shipped); batches of 8 and 16 through the fallback.
 
     python3 benchmarks/switch_ab.py --switch pdl     # needs CUDA (pdl: compute capability 9.0+)
     python3 benchmarks/switch_ab.py --switch row-chunk [--chunk 2048]
+    python3 benchmarks/switch_ab.py --switch row-chunk-batches
 
 Timing as bench_kernels.time_us.
 """
@@ -34,7 +37,11 @@ SWITCHES = {
     "pdl": ([(select_module, "USE_PDL", False, True), (select_module, "LIST_PDL", False, True)], ONE_TOKEN),
     "row-chunk": (
         [(select_module, "ROW_CHUNK", 1 << 15, select_module.ROW_CHUNK)],  # 2**15 > MAX_CHANNELS: one chunk a row
-        ONE_TOKEN + [(4, ak.GemvPath.DENSE), (16, ak.GemvPath.DENSE)],
+        ONE_TOKEN + [(4, ak.GemvPath.DENSE)],
+    ),
+    "row-chunk-batches": (
+        [(select_module, "ROW_CHUNK_MAX_TOKENS", 4, 16)],
+        [(8, ak.GemvPath.DENSE), (16, ak.GemvPath.DENSE)],
     ),
 }
 

@@ -19,7 +19,7 @@ with their values in ``xv[seg, :]``: all the GEMV then reads. The same scan rank
 
 Without a channel list, on Hopper and newer, both kernels use programmatic dependent launch (PDL):
 the selection lets the GEMV launch as soon as it starts, so the GEMV's programs are on their SMs,
-waiting on the selection's writes, while the one finishing program still decides its threshold.
+waiting on the selection's writes, while the finishing programs still decide the threshold.
 Measured on an H200 (benchmarks/results/h200/pdl_gain.txt, switch_pdl.txt): 0.4-0.9 us faster per
 call for the walk, but up to 15 us slower for the channel list's GEMV, so lists launch as before.
 """
@@ -44,7 +44,8 @@ LIST_PDL = False  # also for channel lists: measured slower (benchmarks/switch_a
 # faster, 512 slower for QKV (benchmarks/results/h200/list_chunk.txt).
 ROW_CHUNK = 2048
 # Larger batches write each row whole: there the range test already runs short of programs, and
-# chunks measured 1.5-6 us slower at 16 tokens, 0.1-4.7 us faster at 4 (switch_row-chunk.txt).
+# chunks measured 1.5-6 us slower at 16 tokens, 0.1-4.7 us faster at 4 (switch_row-chunk.txt;
+# switch_ab.py --switch row-chunk-batches measures 8 and 16 tokens again).
 ROW_CHUNK_MAX_TOKENS = 4
 
 
