@@ -159,12 +159,15 @@ def _topk_select_kernel(
             (above.to(tl.int64) << 32) | ((above & before).to(tl.int64) << 16) | (equal & before).to(tl.int64), axis=0
         )
         ties = keep - (row_counts >> 32).to(tl.int32)
-        offs_c = start + tl.arange(0, CHUNK)
-        in_chunk = offs_c < K
-        v_c = tl.load(x_row + offs_c, mask=in_chunk, other=0.0)
-        bits_c = tl.where(in_chunk, _magnitude_bits(v_c, VALUE_BITS), -1)
-        above_c = bits_c > thr
-        equal_c = bits_c == thr
+        if CHUNK == BLOCK_K:  # one chunk, the row already held (batches above ROW_CHUNK_MAX_TOKENS)
+            offs_c, in_chunk, v_c, above_c, equal_c = offs, in_row, v, above, equal
+        else:
+            offs_c = start + tl.arange(0, CHUNK)
+            in_chunk = offs_c < K
+            v_c = tl.load(x_row + offs_c, mask=in_chunk, other=0.0)
+            bits_c = tl.where(in_chunk, _magnitude_bits(v_c, VALUE_BITS), -1)
+            above_c = bits_c > thr
+            equal_c = bits_c == thr
         # One scan ranks both within the chunk: entries above thr (high half), equal to it (low).
         ranks = tl.cumsum((above_c.to(tl.int32) << 16) | equal_c.to(tl.int32), axis=0)
         equal_rank = (row_counts & 0xFFFF).to(tl.int32) + (ranks & 0xFFFF)
