@@ -7,9 +7,9 @@ output price the blocks a selection kernel is made of: a block-wide count ("step
 bisection steps over the row held in registers; "ternary": steps that each keep a third of the
 range, two counts in one sum; "chunked": bisection steps over the row reloaded in chunks), a 256-bin
 `tl.histogram` pass, a scan that lists channels ("list", and the same in two levels: pieces of the
-row scanned alone, then their totals), and a range test over
-1, 128 or 256 programs; then ``topk_select`` itself, whole. Timing: bench_kernels.time_us (CUDA graph, L2 flushed, median microseconds
-per call, the input rewrite subtracted).
+row scanned alone, then their totals), and a range test over 1, 128 or 256 programs; then
+``topk_select`` itself, whole. Timing: bench_kernels.time_us (CUDA graph, L2 flushed, median
+microseconds per call, the input rewrite subtracted).
 """
 
 from __future__ import annotations

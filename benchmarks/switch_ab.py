@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=[s.name for s in GPU_SHAPES if s.name.startswith("13b")])
     args = parser.parse_args()
     flags, runs = SWITCHES[args.switch]
+    if args.chunk and args.switch != "row-chunk":
+        parser.error("--chunk goes with --switch row-chunk")
     if args.chunk:
         flags = [(module, name, off, args.chunk) for module, name, off, _ in flags]
     shipped = [getattr(module, name) for module, name, _, _ in flags]
