@@ -161,6 +161,7 @@ class ActTailLinearMethod(LinearMethodBase):
         # Budgets are filled in once all weights are loaded (loader_hook.BudgetResolver).
         n_seg = len(output_partition_sizes)
         layer.register_buffer("acttail_keep", torch.zeros(n_seg, dtype=torch.int32), persistent=False)
+        layer.register_buffer("acttail_thr_guess", torch.zeros(n_seg, dtype=torch.int32), persistent=False)
         resolver = self.quant_config.resolver
         on_gpu = current_platform.is_cuda_alike()
         # On CPU every module counts its kept channels from the masks it applies. On a GPU every
@@ -204,6 +205,7 @@ class ActTailLinearMethod(LinearMethodBase):
             layer.acttail_seg_bounds,
             list(layer.acttail_budget.seg_keep),
             layer.acttail_keep,
+            layer.acttail_thr_guess,
             layer.acttail_stats,
             self.count_stats,
             self.decode_only,

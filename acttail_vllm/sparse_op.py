@@ -50,6 +50,7 @@ def _sparse_linear(
     seg_bounds: list[int],
     keep_hint: list[int],
     seg_keep: torch.Tensor,
+    thr_guess: torch.Tensor,
     stats: torch.Tensor,
     count_stats: bool,
     decode_only: bool,
@@ -59,6 +60,8 @@ def _sparse_linear(
     ``seg_keep`` (int32, one per output segment) is what the masks and kernels read: a tensor, so
     compiled graphs and CUDA graphs never bake a budget in (vLLM's compile cache does not key on
     budgets). ``keep_hint`` holds the same values as ints and only picks sparse kernel vs dense.
+    ``thr_guess`` (int32, one per segment) is where the CUDA selection leaves each threshold and
+    starts the next step's search (speed only, never the result).
     With ``count_stats``, ``stats`` (int64, see ``stats.py``) accumulates, per output segment, the
     input channels kept, then the sparsified tokens through the sparse kernel and through the dense
     fallback, and the tokens left unsparsified.
@@ -70,7 +73,9 @@ def _sparse_linear(
         import acttail_kernels
 
         path = acttail_kernels.gemv_path(rows, weight.shape[1], weight.shape[0], seg_bounds, keep_hint, x2.device)
-        y = acttail_kernels.sparse_linear(x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=path)
+        y = acttail_kernels.sparse_linear(
+            x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=path, thr_guess=thr_guess
+        )
         if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
             dense = x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
             y = torch.where(sparse_rows[:, None], y, dense)
@@ -107,6 +112,7 @@ def _sparse_linear_fake(
     seg_bounds: list[int],
     keep_hint: list[int],
     seg_keep: torch.Tensor,
+    thr_guess: torch.Tensor,
     stats: torch.Tensor,
     count_stats: bool,
     decode_only: bool,
@@ -123,7 +129,7 @@ def register_sparse_linear_op() -> None:
     direct_register_custom_op(
         op_name="sparse_linear",
         op_func=_sparse_linear,
-        mutates_args=["stats"],
+        mutates_args=["thr_guess", "stats"],
         fake_impl=_sparse_linear_fake,
         target_lib=_LIB,
     )

@@ -45,7 +45,7 @@ from acttail_kernels.crossover import CROSSOVER_FILE, CrossoverPoint, CrossoverT
 from acttail_kernels.measured import table_path  # noqa: E402
 from acttail_kernels import topk_select as select_module  # noqa: E402
 from acttail_kernels.sparse_gemv import sparse_gemv  # noqa: E402
-from acttail_kernels.topk_select import keep_tensor, topk_select  # noqa: E402
+from acttail_kernels.topk_select import guess_tensor, keep_tensor, topk_select  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -153,23 +153,25 @@ def measure(shape: Shape, m: int, sparsities: list[float], dtype: torch.dtype, d
     def timed(fn, weights_or_t) -> float:
         return time_us([functools.partial(fn, x, w) for x, w in zip(xs, weights_or_t)], xs)
 
-    def forced(keeps, keep, path, x, weight_t):  # selection + this path, whatever the crossover says
-        return ak.sparse_linear(x, weight_t, None, bounds, keeps, keep=keep, path=path)
+    def forced(keeps, keep, guess, path, x, weight_t):  # selection + this path, whatever the crossover says
+        return ak.sparse_linear(x, weight_t, None, bounds, keeps, keep=keep, path=path, thr_guess=guess)
 
     dense_us = timed(torch.nn.functional.linear, weights)
     rows = []
     for sparsity in sparsities:
         keeps = keeps_for(shape, sparsity)
         keep = keep_tensor(keeps, device)
-        walk_us = timed(functools.partial(forced, keeps, keep, ak.GemvPath.WALK), weights_t)
-        list_us = timed(functools.partial(forced, keeps, keep, ak.GemvPath.LIST), weights_t) if m == 1 else walk_us
+        guess = guess_tensor(len(keeps), device)  # as a vLLM layer keeps one: warm after the first call
+        walk_us = timed(functools.partial(forced, keeps, keep, guess, ak.GemvPath.WALK), weights_t)
+        list_us = (timed(functools.partial(forced, keeps, keep, guess, ak.GemvPath.LIST), weights_t)
+                   if m == 1 else walk_us)
         rows.append(Row(
             shape=shape,
             m=m,
             sparsity=sparsity,
             dense_us=dense_us,
             sparse_us=min(walk_us, list_us),
-            fallback_us=timed(functools.partial(forced, keeps, keep, ak.GemvPath.DENSE), weights_t),
+            fallback_us=timed(functools.partial(forced, keeps, keep, guess, ak.GemvPath.DENSE), weights_t),
             needed=sum(needed_bytes(x, shape, keeps, elem) for x in xs) // instances,
             one_token_walk=m == 1 and walk_us < list_us,
         ))

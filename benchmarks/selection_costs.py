@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from bench_kernels import time_us
 
-from acttail_kernels.topk_select import _magnitude_bits, keep_tensor, topk_select
+from acttail_kernels.topk_select import _magnitude_bits, guess_tensor, keep_tensor, topk_select
 
 KEEP = tl.constexpr(1000)  # any budget: the cost does not depend on it
 
@@ -153,8 +153,9 @@ def main() -> None:
             xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for _ in range(8)]
             keep = keep_tensor([k // 5] * segs, "cuda")
             lists = (False, True) if m == 1 else (False,)
-            cells = [f"{time_us([functools.partial(topk_select, x, keep, w) for x in xs], xs):5.1f}" for w in lists]
-            print(f"K={k} topk_select M={m:2d}, {segs} segments, without/with list: {cells}")
+            cells = [f"{time_us([functools.partial(topk_select, x, keep, w, g) for x in xs], xs):5.1f}"
+                     for g in (None, guess_tensor(segs, "cuda")) for w in lists]
+            print(f"K={k} topk_select M={m:2d}, {segs} segments, without/with list; again with a guess: {cells}")
 
 
 if __name__ == "__main__":

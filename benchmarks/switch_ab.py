@@ -9,10 +9,15 @@ shows as spread, not as a gain.
   either loop, and a batch of 4 through the dense fallback.
 * ``--switch row-chunk-batches``: larger batches in chunks too (``ROW_CHUNK_MAX_TOKENS`` 16, on)
   against whole rows above 4 tokens (off, as shipped); batches of 8 and 16 through the fallback.
+* ``--switch thr-window``: the range test's window around the threshold guess
+  (``THRESHOLD_WINDOW``) against even slices; one token with either loop, 4 and 16 tokens.
+
+Every call passes a threshold guess, kept per shape and sparsity as a vLLM layer keeps one.
 
     python3 benchmarks/switch_ab.py --switch pdl     # needs CUDA (pdl: compute capability 9.0+)
     python3 benchmarks/switch_ab.py --switch row-chunk [--chunk 2048]
     python3 benchmarks/switch_ab.py --switch row-chunk-batches
+    python3 benchmarks/switch_ab.py --switch thr-window
 
 Timing as bench_kernels.time_us.
 """
@@ -28,7 +33,7 @@ from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
 
 import acttail_kernels as ak
 from acttail_kernels import topk_select as select_module
-from acttail_kernels.topk_select import keep_tensor
+from acttail_kernels.topk_select import guess_tensor, keep_tensor
 
 
 ONE_TOKEN = [(1, ak.GemvPath.LIST), (1, ak.GemvPath.WALK)]
@@ -42,6 +47,10 @@ SWITCHES = {
     "row-chunk-batches": (
         [(select_module, "ROW_CHUNK_MAX_TOKENS", 4, 16)],
         [(8, ak.GemvPath.DENSE), (16, ak.GemvPath.DENSE)],
+    ),
+    "thr-window": (
+        [(select_module, "THRESHOLD_WINDOW", 0, select_module.THRESHOLD_WINDOW)],
+        ONE_TOKEN + [(4, ak.GemvPath.DENSE), (16, ak.GemvPath.DENSE)],
     ),
 }
 
@@ -71,8 +80,9 @@ def main() -> None:
             xs = [torch.randn(m, shape.k, dtype=dtype, device=device) for _ in range(instances)]
             for sparsity in (0.5, 0.8):
                 keeps = keeps_for(shape, sparsity)
-                keep = keep_tensor(keeps, device)
-                calls = [functools.partial(ak.sparse_linear, x, w, None, shape.seg_bounds, keeps, keep=keep, path=path)
+                keep, guess = keep_tensor(keeps, device), guess_tensor(len(keeps), device)
+                calls = [functools.partial(ak.sparse_linear, x, w, None, shape.seg_bounds, keeps, keep=keep, path=path,
+                                           thr_guess=guess)
                          for x, w in zip(xs, weights_t)]
                 times: dict[bool, list[float]] = {False: [], True: []}
                 for _ in range(args.rounds):

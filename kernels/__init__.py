@@ -4,8 +4,10 @@ Public API:
 
 * ``reference.topk_mask`` / ``reference.sparse_linear_ref``: the exact PyTorch semantics;
 * ``prepare_weight(weight [N, K]) -> [K, N]``: the kernel layout, made once at load time;
-* ``sparse_linear(x, weight_t, bias, seg_bounds, seg_keep, keep=None, path=None)``: the Triton path
-  (``keep``: the budgets as a persistent int32 device tensor, read by the kernels);
+* ``sparse_linear(x, weight_t, bias, seg_bounds, seg_keep, keep=None, path=None, thr_guess=None)``:
+  the Triton path (``keep``: the budgets as a persistent int32 device tensor, read by the kernels;
+  ``thr_guess``: a persistent int32 tensor, one per segment, where the selection leaves its
+  threshold and starts the next call's search, as fast as the guess is good, never less exact);
 * ``gemv_path(m, n, k, seg_bounds, seg_keep, device) -> GemvPath``: what that call runs after the
   selection (the channel-list or walking sparse GEMV, or dense cuBLAS), from the crossover table
   measured on that GPU model;

@@ -102,6 +102,7 @@ def sparse_linear(
     seg_keep: list[int],
     keep: torch.Tensor | None = None,
     path: GemvPath | None = None,
+    thr_guess: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[M, N]: output columns [seg_bounds[i], seg_bounds[i+1]) see x with only its seg_keep[i]
     largest-|x| channels per token; same semantics as ``reference.sparse_linear_ref`` on weight_t.T.
@@ -110,14 +111,16 @@ def sparse_linear(
     dense cuBLAS on the sparsified input), the path as ``gemv_path`` picks it unless ``path`` is
     given. No host sync: CUDA-graph safe. ``keep``, the same budgets as ``keep_tensor(seg_keep)``,
     is what the kernels read: pass a persistent one so a captured or compiled graph reads budgets
-    from memory instead of baking them in (``seg_keep`` then only picks the path).
+    from memory instead of baking them in (``seg_keep`` then only picks the path). ``thr_guess``
+    (int32 [S], zeros to start, one per call site): the selection starts from the threshold it left
+    there the last call, faster where consecutive tokens' thresholds are close, exact either way.
     """
     _check_inputs(x, weight_t, bias)
     k, n = weight_t.shape
     check_segments(n, k, seg_bounds, seg_keep)
     keep = keep_tensor(seg_keep, x.device) if keep is None else keep
     path = gemv_path(x.shape[0], n, k, seg_bounds, seg_keep, x.device) if path is None else path
-    sel = topk_select(x, keep, with_list=path is GemvPath.LIST)
+    sel = topk_select(x, keep, with_list=path is GemvPath.LIST, thr_guess=thr_guess)
     if path is GemvPath.DENSE:
         return dense_on_sparsified(sel.xs, weight_t, bias, seg_bounds)
     return sparse_gemv(sel, weight_t, bias, seg_bounds)

@@ -5,9 +5,14 @@ largest |x|) is the largest t with count(bits >= t) >= keep, decided one bit at 
 each step one count over the row held in registers. Entries above ``thr`` are kept; among entries
 equal to it the lowest indices are (a cumulative count), like a stable descending sort.
 
-A step costs mostly the latency of one block-wide sum, so the top RANGE_BITS bits are decided in
-parallel instead: 2**RANGE_BITS programs per row each own one slice of the threshold range and test
-it with a single two-count step; the one whose slice holds ``thr`` finishes the row, the others exit.
+A step costs mostly the latency of one block-wide sum, so the search starts in parallel instead: a
+row's programs each own one slice of the threshold range and test it with a single two-count step;
+the one whose slice holds ``thr`` finishes it by bisection, the others exit. Without a guess the
+slices split the range evenly (2**b programs decide the top b bits). With ``thr_guess``, each
+segment's threshold of its last call, the slices are narrow and tile a window of THRESHOLD_WINDOW
+binades around the guess, with one open slice below it and one above: a token whose threshold is
+near its predecessor's (the usual case, benchmarks/threshold_drift.py) then takes a few steps
+instead of a dozen, and one outside the window takes the whole range, never a wrong answer.
 
 Which entries equal to ``thr`` are kept takes a scan, and a scan over the whole row costs about
 0.45 us per 1024 entries on an H200. So a row of a small batch is written in chunks of ROW_CHUNK,
@@ -27,7 +32,6 @@ call for the walk, but up to 15 us slower for the channel list's GEMV, so lists 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +51,9 @@ ROW_CHUNK = 2048
 # chunks measured 1.5-6 us slower at 16 tokens, 0.1-4.7 us faster at 4 (switch_row-chunk.txt;
 # switch_ab.py --switch row-chunk-batches measures 8 and 16 tokens again).
 ROW_CHUNK_MAX_TOKENS = 4
+# Width of the window of thresholds tested in narrow slices, in binades (factors of 2 of |x|)
+# centred on the guess; 0 turns the window off (benchmarks compare).
+THRESHOLD_WINDOW = 2
 
 
 def triton_interpreted() -> bool:
@@ -71,6 +78,11 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def mantissa_bits(dtype: torch.dtype) -> int:
+    """Stored mantissa bits: a binade of |x| spans 2**mantissa_bits bit patterns."""
+    return {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}[dtype]
 
 
 def value_bits(dtype: torch.dtype) -> int:
@@ -106,31 +118,58 @@ def _count(flags):
 
 
 @triton.jit
+def _threshold_slice(part, guess_ptr, seg, SLICES, LOG_W, VALUE_BITS: tl.constexpr, WINDOW: tl.constexpr):
+    """Slice [lo, hi) of thresholds that program ``part`` tests (int64: 2**31 bounds fp32), and the
+    bisection steps that finish it."""
+    top = tl.full((), 1, tl.int64) << VALUE_BITS
+    if WINDOW:  # SLICES - 2 slices of 2**LOG_W around the guess, open slices below and above
+        span = (SLICES - 2).to(tl.int64) << LOG_W
+        start = tl.minimum(tl.maximum(tl.load(guess_ptr + seg).to(tl.int64) - span // 2, 0), top - span)
+        lo = tl.where(part == 0, 0, start + ((part - 1).to(tl.int64) << LOG_W))
+        hi = tl.where(part == SLICES - 1, top, start + (part.to(tl.int64) << LOG_W))
+        steps = tl.where((part == 0) | (part == SLICES - 1), VALUE_BITS, LOG_W)
+    else:  # SLICES == 2**(VALUE_BITS - LOG_W) even slices
+        lo = part.to(tl.int64) << LOG_W
+        hi = lo + (tl.full((), 1, tl.int64) << LOG_W)
+        steps = part * 0 + LOG_W
+    return lo, hi, steps
+
+
+@triton.jit
+def _pattern(t, VALUE_BITS: tl.constexpr):
+    """An int64 threshold in [0, 2**VALUE_BITS) as the int32 the bits compare with (2**VALUE_BITS,
+    above every value, does not fit fp32's int32: callers count nothing there)."""
+    return tl.minimum(t, (1 << VALUE_BITS) - 1).to(tl.int32)
+
+
+@triton.jit
 def _topk_select_kernel(
     x_ptr,
     stride_xm,
     K,
     keep_ptr,
+    guess_ptr,
     xs_ptr,
     idx_ptr,
     xv_ptr,
     count_ptr,
+    SLICES,
+    LOG_W,
     NUM_SEGS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     VALUE_BITS: tl.constexpr,
-    RANGE_BITS: tl.constexpr,
+    WINDOW: tl.constexpr,
     LIST: tl.constexpr,
     CHUNK: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Program (token m, segment, group * 2**RANGE_BITS + part): if thr lies in part's slice, write
-    the group's chunk of xs[segment, m, :] (and, with a list, the chunk's list entries)."""
+    """Program (token m, segment, group * SLICES + part): if thr lies in part's slice, write the
+    group's chunk of xs[segment, m, :] (and, with a list, the chunk's list entries)."""
     pdl_wait_and_release(PDL)
     m = tl.program_id(0)
     seg = tl.program_id(1)
-    part = tl.program_id(2) % (1 << RANGE_BITS)
-    group = tl.program_id(2) >> RANGE_BITS
-    LOW_BITS: tl.constexpr = VALUE_BITS - RANGE_BITS
+    part = tl.program_id(2) % SLICES
+    group = tl.program_id(2) // SLICES
     keep = tl.load(keep_ptr + seg)  # read on the device: a captured graph follows budget changes
     offs = tl.arange(0, BLOCK_K)
     in_row = offs < K
@@ -138,16 +177,26 @@ def _topk_select_kernel(
     v = tl.load(x_row + offs, mask=in_row, other=0.0)
     bits = tl.where(in_row, _magnitude_bits(v, VALUE_BITS), -1)  # -1: padding never counts
 
-    # thr is in this part's slice [part, part + 1) << LOW_BITS iff count(>= its start) >= keep and
-    # count(>= its end) < keep; the end of the last slice is above every value (keep == 0 lands there).
-    top = bits >> LOW_BITS
-    counts = tl.sum((top >= part).to(tl.int32) + ((top > part).to(tl.int32) << 16), axis=0)
-    is_last = part == (1 << RANGE_BITS) - 1
-    if ((counts & 0xFFFF) >= keep) & (((counts >> 16) < keep) | is_last):
-        thr = part << LOW_BITS
-        for step in range(LOW_BITS):
-            candidate = thr | (1 << (LOW_BITS - 1 - step))
-            thr = tl.where(_count(bits >= candidate) >= keep, candidate, thr)
+    # thr is in this part's slice [lo, hi) iff count(>= lo) >= keep and count(>= hi) < keep; the
+    # last slice ends above every value (keep == 0 lands there).
+    lo, hi, steps = _threshold_slice(part, guess_ptr, seg, SLICES, LOG_W, VALUE_BITS, WINDOW)
+    from_lo = (bits >= _pattern(lo, VALUE_BITS)).to(tl.int32)
+    counts = tl.sum(from_lo + ((bits >= _pattern(hi, VALUE_BITS)).to(tl.int32) << 16), axis=0)
+    top = 1 << VALUE_BITS
+    count_lo = tl.where(lo < top, counts & 0xFFFF, 0)
+    count_hi = tl.where(hi < top, counts >> 16, 0)
+    if (count_lo >= keep) & ((count_hi < keep) | (part == SLICES - 1)):
+        thr = lo
+        for step in range(steps):
+            candidate = thr + (tl.full((), 1, tl.int64) << (steps - 1 - step))
+            # An open slice takes more steps than its width needs: counts refuse candidates past
+            # hi, except past the top, where keep == 0 climbs (the clamp below keeps nothing).
+            thr = tl.where(_count(bits >= _pattern(candidate, VALUE_BITS)) >= keep, candidate, thr)
+        thr = _pattern(thr, VALUE_BITS)
+        if WINDOW:
+            # The next call's guess: the last token's threshold (decode's next token follows it).
+            if (m == tl.num_programs(0) - 1) & (group == 0):
+                tl.store(guess_ptr + seg, thr)
         # Keep all entries above thr and the first `ties` entries equal to it. This group writes
         # its chunk [start, start + CHUNK) of the row, ranked by three counts over the whole row in
         # one sum: entries above thr, and entries above and equal to it before the chunk.
@@ -217,10 +266,16 @@ def select_config(k: int) -> tuple[int, int]:
     return block_k, min(16, max(4, block_k // 1024))
 
 
-def range_bits(rows: int, dtype: torch.dtype, sms: int) -> int:
-    """Threshold bits decided by parallel range tests: about RANGE_PROGRAMS_PER_SM programs per SM."""
+def range_layout(rows: int, dtype: torch.dtype, sms: int, guessed: bool) -> tuple[int, int, bool]:
+    """(SLICES, LOG_W, WINDOW): range-test programs per row (chunk), about RANGE_PROGRAMS_PER_SM per
+    SM, and the width of their slices. With a guess and 3 programs or more, all but the two open
+    ones tile THRESHOLD_WINDOW binades (WINDOW); else 2**b even slices."""
     spare = RANGE_PROGRAMS_PER_SM * sms // max(1, rows)
-    return min(value_bits(dtype), int(math.log2(spare)) if spare >= 1 else 0)
+    if guessed and THRESHOLD_WINDOW > 0 and spare >= 3:
+        span = THRESHOLD_WINDOW << mantissa_bits(dtype)
+        return spare, (-(-span // (spare - 2)) - 1).bit_length(), True
+    bits = min(value_bits(dtype), spare.bit_length() - 1 if spare >= 1 else 0)
+    return 1 << bits, value_bits(dtype) - bits, False
 
 
 def keep_tensor(seg_keep: list[int], device: torch.device | str) -> torch.Tensor:
@@ -228,10 +283,19 @@ def keep_tensor(seg_keep: list[int], device: torch.device | str) -> torch.Tensor
     return torch.tensor(seg_keep, dtype=torch.int32, device=device)
 
 
-def topk_select(x: torch.Tensor, keep: torch.Tensor, with_list: bool) -> Selection:
+def guess_tensor(num_segs: int, device: torch.device | str) -> torch.Tensor:
+    """A threshold guess per segment for ``topk_select`` to read and update: keep one per call site
+    (a layer), so each call starts from that site's last threshold."""
+    return torch.zeros(num_segs, dtype=torch.int32, device=device)
+
+
+def topk_select(
+    x: torch.Tensor, keep: torch.Tensor, with_list: bool, thr_guess: torch.Tensor | None = None
+) -> Selection:
     """Sparsify x [M, K] once per budget in ``keep`` (int32 [S] on x's device, each in [0, K], see
     ``keep_tensor``); ``with_list`` (one token only) also lists the kept channels. One launch, no
-    host sync: the budgets are read on the device, so they are checked where they are made."""
+    host sync: the budgets are read on the device, so they are checked where they are made.
+    ``thr_guess`` (``guess_tensor``) only makes the search faster: the outputs never depend on it."""
     m, k = x.shape
     if keep.dim() != 1 or not 1 <= keep.numel() <= MAX_SEGMENTS:
         raise ValueError(f"1 to {MAX_SEGMENTS} output segments are supported, got keep of shape {tuple(keep.shape)}")
@@ -241,32 +305,40 @@ def topk_select(x: torch.Tensor, keep: torch.Tensor, with_list: bool) -> Selecti
         raise ValueError(f"at most {MAX_CHANNELS} input channels are supported, got {k}")
     if with_list and m != 1:
         raise ValueError(f"channel lists are made for one token, got {m}")
+    if thr_guess is not None and (thr_guess.shape != keep.shape or thr_guess.dtype != torch.int32
+                                  or thr_guess.device != x.device):
+        raise ValueError(f"thr_guess must be int32 [{keep.numel()}] on {x.device} (guess_tensor), got "
+                         f"{thr_guess.dtype} {tuple(thr_guess.shape)} on {thr_guess.device}")
     if x.stride(1) != 1:
         x = x.contiguous()
     num_segs = keep.numel()
     xs = torch.empty(num_segs, m, k, dtype=x.dtype, device=x.device)
     pdl = pdl_launch(x.device, with_list)
-    sel = Selection(xs, pdl=pdl)
     if with_list:
         sel = Selection(xs, torch.empty(num_segs, k, dtype=torch.int32, device=x.device), torch.empty_like(xs[:, 0]),
                         torch.empty(num_segs, dtype=torch.int32, device=x.device), pdl)
+    else:
+        sel = Selection(xs, pdl=pdl)
     if m == 0:
         return sel
     block_k, num_warps = select_config(k)
     chunk = min(ROW_CHUNK, block_k) if m <= ROW_CHUNK_MAX_TOKENS else block_k
     groups = triton.cdiv(k, chunk)
-    bits = range_bits(m * num_segs * groups, x.dtype, num_sms(x.device))
-    _topk_select_kernel[(m, num_segs, groups * 2**bits)](
+    slices, log_w, window = range_layout(m * num_segs * groups, x.dtype, num_sms(x.device), thr_guess is not None)
+    _topk_select_kernel[(m, num_segs, groups * slices)](
         x,
         x.stride(0),
         k,
         keep,
+        keep if thr_guess is None else thr_guess,
         xs,
         *((sel.idx, sel.xv, sel.count) if with_list else (xs, xs, xs)),
+        slices,
+        log_w,
         NUM_SEGS=num_segs,
         BLOCK_K=block_k,
         VALUE_BITS=value_bits(x.dtype),
-        RANGE_BITS=bits,
+        WINDOW=window,
         LIST=with_list,
         CHUNK=chunk,
         PDL=pdl,

@@ -156,6 +156,47 @@ def test_selection_matches_reference_exactly(kernels, shape, dtype, row_chunk, m
                 assert torch.equal(sel.xv[i, :count], expect[0, listed])
 
 
+def magnitude_bits(v: torch.Tensor) -> int:
+    """The bit pattern of |v| (sign cleared), as topk_select orders thresholds."""
+    int_type = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[v.dtype]
+    return int(v.abs().view(int_type)) & (0x7FFFFFFF if v.dtype == torch.float32 else 0x7FFF)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_selection_with_a_threshold_guess(kernels, shape, dtype, monkeypatch):
+    """A guess only narrows the search: the outputs stay exact whether the threshold falls in the
+    window (the guess the previous call left) or below it (guess 0) or above it (the top pattern),
+    and a windowed search leaves the last token's threshold as the next guess."""
+    _, _, topk_select = kernels
+    if not ON_GPU:  # enough range-test programs for windows on the interpreter's 4 "SMs"
+        monkeypatch.setattr(topk_select, "RANGE_PROGRAMS_PER_SM", 6)
+    widths, k = shape
+    guess = topk_select.guess_tensor(len(widths), DEVICE)
+    windows = 0
+    for seed, (m, sparsity) in enumerate((m, s) for m in TOKENS for s in SPARSITIES):
+        x = activations(m, k, dtype, 200 + seed)
+        keeps = keeps_for(k, widths, sparsity, seed)
+        if seed % 3:  # else keep the previous call's
+            guess.fill_(0 if seed % 3 == 1 else (1 << topk_select.value_bits(dtype)) - 1)
+        before = guess.clone()
+        sel = topk_select.topk_select(x, topk_select.keep_tensor(keeps, DEVICE), with_list=m == 1, thr_guess=guess)
+        for i, keep in enumerate(keeps):
+            expect = torch.where(reference.topk_mask(x, keep), x, 0)
+            assert torch.equal(sel.xs[i], expect), f"M={m} s={sparsity} guess {int(before[i])} segment {i} keep {keep}"
+            if m == 1:
+                assert torch.equal(sel.xv[i, : int(sel.count[i])], expect[0, expect[0].nonzero().flatten()])
+        _, _, window = topk_select.range_layout(m * len(widths), dtype, topk_select.num_sms(x.device), True)
+        windows += window
+        for i, keep in enumerate(keeps):
+            if window and keep > 0:
+                kth = x[-1].abs().sort(descending=True).values[keep - 1]
+                assert int(guess[i]) == magnitude_bits(kth), f"M={m} s={sparsity} segment {i}: guess not updated"
+            elif not window:
+                assert int(guess[i]) == int(before[i]), f"M={m}: a search without window moved the guess"
+    assert windows > 0
+
+
 def test_selection_reads_budgets_from_the_device_tensor(kernels):
     """Compiled and captured graphs reuse one launch: a budget written into ``keep`` must take effect."""
     _, _, topk_select = kernels

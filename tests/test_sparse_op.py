@@ -16,7 +16,8 @@ K, BOUNDS, KEEPS = 16, [0, 8, 12], [4, 10]
 def run_op(x: torch.Tensor, weight: torch.Tensor, decode_only: bool) -> tuple[torch.Tensor, ModuleStats]:
     stats = new_stats(len(KEEPS))
     keep = torch.tensor(KEEPS, dtype=torch.int32)
-    y = sparse_op._sparse_linear(x, weight, None, BOUNDS, KEEPS, keep, stats, True, decode_only)
+    thr_guess = torch.zeros(len(KEEPS), dtype=torch.int32)
+    y = sparse_op._sparse_linear(x, weight, None, BOUNDS, KEEPS, keep, thr_guess, stats, True, decode_only)
     return y, ModuleStats.read(stats)
 
 
