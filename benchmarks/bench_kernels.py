@@ -274,7 +274,7 @@ def main() -> int:
     sparsities = args.sparsities or ([0.5, 0.8] if args.quick else [0.5, 0.7, 0.8, 0.9])
     available, reason = ak.kernels_available(device)
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu (Triton interpreter)"
-    pdl = "PDL for walks" if select_module.pdl_launch(torch.device(device), with_list=False) else "no PDL"
+    pdl = "PDL" if select_module.pdl_launch(torch.device(device)) else "no PDL"
     print(f"{device_name}: {reason}; torch {torch.__version__}, triton {triton.__version__}, {dtype}, {pdl}")
     if not available:
         return 1

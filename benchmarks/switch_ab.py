@@ -2,8 +2,8 @@
 alternating ``--rounds`` times (the two builds of each kernel coexist), so drift between rounds
 shows as spread, not as a gain.
 
-* ``--switch pdl``: programmatic dependent launch (``topk_select.USE_PDL``, and ``LIST_PDL`` for
-  channel lists); one token, both loops.
+* ``--switch pdl``: programmatic dependent launch (``topk_select.USE_PDL``); one token, both
+  loops.
 * ``--switch row-chunk``: rows written (and listed) in chunks of ``topk_select.ROW_CHUNK`` channels
   (on; ``--chunk`` tries another size) against one chunk for the whole row (off); one token with
   either loop, and a batch of 4 through the dense fallback.
@@ -39,7 +39,7 @@ from acttail_kernels.topk_select import guess_tensor, keep_tensor
 ONE_TOKEN = [(1, ak.GemvPath.LIST), (1, ak.GemvPath.WALK)]
 # switch -> (the module settings it switches together: (module, name, off, on); (batch size, path)s)
 SWITCHES = {
-    "pdl": ([(select_module, "USE_PDL", False, True), (select_module, "LIST_PDL", False, True)], ONE_TOKEN),
+    "pdl": ([(select_module, "USE_PDL", False, True)], ONE_TOKEN),
     "row-chunk": (
         [(select_module, "ROW_CHUNK", 1 << 15, select_module.ROW_CHUNK)],  # 2**15 > MAX_CHANNELS: one chunk a row
         ONE_TOKEN + [(4, ak.GemvPath.DENSE)],

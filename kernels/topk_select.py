@@ -22,11 +22,12 @@ chunk by counts of the entries before it, and scans only its chunk.
 For a single token (decode) the kept channels are also listed in order, ``idx[seg, :count[seg]]``
 with their values in ``xv[seg, :]``: all the GEMV then reads. The same scan ranks them.
 
-Without a channel list, on Hopper and newer, both kernels use programmatic dependent launch (PDL):
-the selection lets the GEMV launch as soon as it starts, so the GEMV's programs are on their SMs,
-waiting on the selection's writes, while the finishing programs still decide the threshold.
-Measured on an H200 (benchmarks/results/h200/pdl_gain.txt, switch_pdl.txt): 0.4-0.9 us faster per
-call for the walk, but up to 15 us slower for the channel list's GEMV, so lists launch as before.
+On Hopper and newer both kernels use programmatic dependent launch (PDL), so the GEMV's programs
+are on their SMs, waiting on the selection's writes, while the selection still runs. Without a
+channel list the selection lets the GEMV launch as soon as it starts; with one, once its finishing
+programs know the thresholds (released at the start, the list's GEMV was up to 15 us slower).
+Measured on an H200 (benchmarks/results/h200/pdl_gain.txt, switch_pdl.txt, and
+switch_pdl_late_release.txt): 0.4-0.9 us faster per call for the walk, 0.6-0.9 for lists.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ MAX_SEGMENTS = 4  # QKV needs 3, gate_up 2; the GEMV takes segment bounds as sca
 MAX_CHANNELS = 32767  # two counts share one int32 in the range test sum and the list scan
 RANGE_PROGRAMS_PER_SM = 2  # range-test programs to spread over the GPU (more: the row loads cost)
 USE_PDL = True  # programmatic dependent launch where the GPU has it (benchmarks turn it off to compare)
-LIST_PDL = False  # also for channel lists: measured slower (benchmarks/switch_ab.py --switch pdl)
 # Channels one program writes and lists (a power of 2; a shorter row is one chunk): more chunks
 # mean fewer threshold bits tested in parallel. 13B lists on an H200: 2048 as fast as 1024 or
 # faster, 512 slower for QKV (benchmarks/results/h200/list_chunk.txt).
@@ -61,12 +61,11 @@ def triton_interpreted() -> bool:
     return not isinstance(_topk_select_kernel, triton.runtime.JITFunction)
 
 
-def pdl_launch(device: torch.device, with_list: bool) -> bool:
+def pdl_launch(device: torch.device) -> bool:
     """Whether the selection and GEMV of a call launch with PDL (compute capability 9.0+, compiled
-    kernels, no channel list unless LIST_PDL)."""
+    kernels)."""
     return (
         USE_PDL
-        and (LIST_PDL or not with_list)
         and device.type == "cuda"
         and not triton_interpreted()
         and torch.cuda.get_device_capability(device)[0] >= 9
@@ -165,7 +164,10 @@ def _topk_select_kernel(
 ):
     """Program (token m, segment, group * SLICES + part): if thr lies in part's slice, write the
     group's chunk of xs[segment, m, :] (and, with a list, the chunk's list entries)."""
-    pdl_wait_and_release(PDL)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        if not LIST:  # a channel list's GEMV launches once the thresholds are known (below)
+            tl.extra.cuda.gdc_launch_dependents()
     m = tl.program_id(0)
     seg = tl.program_id(1)
     part = tl.program_id(2) % SLICES
@@ -193,6 +195,8 @@ def _topk_select_kernel(
             # hi, except past the top, where keep == 0 climbs (the clamp below keeps nothing).
             thr = tl.where(_count(bits >= _pattern(candidate, VALUE_BITS)) >= keep, candidate, thr)
         thr = _pattern(thr, VALUE_BITS)
+        if PDL and LIST:  # the other programs let it launch as they exit
+            tl.extra.cuda.gdc_launch_dependents()
         if WINDOW:
             # The next call's guess: the last token's threshold (decode's next token follows it).
             if (m == tl.num_programs(0) - 1) & (group == 0):
@@ -313,7 +317,7 @@ def topk_select(
         x = x.contiguous()
     num_segs = keep.numel()
     xs = torch.empty(num_segs, m, k, dtype=x.dtype, device=x.device)
-    pdl = pdl_launch(x.device, with_list)
+    pdl = pdl_launch(x.device)
     if with_list:
         sel = Selection(xs, torch.empty(num_segs, k, dtype=torch.int32, device=x.device), torch.empty_like(xs[:, 0]),
                         torch.empty(num_segs, dtype=torch.int32, device=x.device), pdl)

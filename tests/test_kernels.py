@@ -144,16 +144,17 @@ def test_selection_matches_reference_exactly(kernels, shape, dtype, row_chunk, m
     for seed, (m, sparsity) in enumerate((m, s) for m in TOKENS for s in SPARSITIES):
         x = activations(m, k, dtype, seed)
         keeps = keeps_for(k, widths, sparsity, seed)
-        sel = topk_select.topk_select(x, topk_select.keep_tensor(keeps, DEVICE), with_list=m == 1)
-        for i, keep in enumerate(keeps):
-            expect = torch.where(reference.topk_mask(x, keep), x, 0)
-            assert torch.equal(sel.xs[i], expect), f"M={m} s={sparsity} segment {i} keep {keep}"
-            if m == 1:  # the channel list: nonzero kept entries in order, with their values
-                listed = expect[0].nonzero().flatten()
-                count = int(sel.count[i])
-                assert count == listed.numel()
-                assert torch.equal(sel.idx[i, :count].long(), listed)
-                assert torch.equal(sel.xv[i, :count], expect[0, listed])
+        for with_list in {m == 1, False}:  # one token both ways: with its channel list, and without
+            sel = topk_select.topk_select(x, topk_select.keep_tensor(keeps, DEVICE), with_list=with_list)
+            for i, keep in enumerate(keeps):
+                expect = torch.where(reference.topk_mask(x, keep), x, 0)
+                assert torch.equal(sel.xs[i], expect), f"M={m} s={sparsity} list={with_list} segment {i} keep {keep}"
+                if with_list:  # the channel list: nonzero kept entries in order, with their values
+                    listed = expect[0].nonzero().flatten()
+                    count = int(sel.count[i])
+                    assert count == listed.numel()
+                    assert torch.equal(sel.idx[i, :count].long(), listed)
+                    assert torch.equal(sel.xv[i, :count], expect[0, listed])
 
 
 def magnitude_bits(v: torch.Tensor) -> int:
