@@ -5,7 +5,9 @@ site left the call before, and is fastest when the new threshold lies in a windo
 THRESHOLD_WINDOW binades around it; outside, it searches the whole range (slower, never wrong). This
 runs SmolLM2-135M-Instruct (real weights) over consecutive tokens of the corpus's tuning slice, takes
 every projection input in bf16, and prints per projection and sparsity how many tokens' thresholds
-fall in the window centred on the previous token's, and the typical move in bit patterns.
+fall in the window centred on the previous token's (one sequence decoding), and the typical move in
+bit patterns; then the same against a random other token of the text (a batch, whose rows all
+start from the guess the last row of the call before left).
 
     python3 benchmarks/threshold_drift.py [--tokens 1024] [--sparsities 0.5 0.8]   # CPU, ~1 min
 """
@@ -59,20 +61,24 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct, bf16, {ids.shape[1]} consecutive tokens of the tuning slice, "
           f"{len(inputs['qkv'])} layers: threshold of token t against token t-1 at the same layer "
           f"(bit patterns; the window holds +-{half}, {WINDOW_BINADES} binades)")
-    print(f"{'input':8s} {'s':>4s} {'in window':>10s} {'median |move|':>14s} {'p99 |move|':>11s} {'max':>6s}")
-    total = hits = 0
+    print(f"{'input':8s} {'s':>4s} {'in window':>10s} {'median |move|':>14s} {'p99 |move|':>11s} {'max':>6s}"
+          f" {'random other token: in window':>30s}")
+    other = torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(0))
+    total = hits = other_hits = 0
     for kind, per_layer in inputs.items():
         for sparsity in args.sparsities:
-            moves = []
+            moves, jumps = [], []
             for x in per_layer:
                 bits = threshold_bits(x, round((1 - sparsity) * x.shape[1]))
                 moves.append(bits[1:] - bits[:-1])
+                jumps.append(bits[1:] - bits[other][1:])
             move = torch.cat(moves).abs().float()
-            inside = int((move < half).sum())
-            total, hits = total + move.numel(), hits + inside
+            inside, inside_other = int((move < half).sum()), int((torch.cat(jumps).abs() < half).sum())
+            total, hits, other_hits = total + move.numel(), hits + inside, other_hits + inside_other
             print(f"{kind:8s} {sparsity:4.2f} {inside / move.numel():10.4f} {move.median():14.0f} "
-                  f"{move.quantile(0.99):11.0f} {move.max():6.0f}")
-    print(f"all: {hits / total:.4f} of {total} token steps in the window")
+                  f"{move.quantile(0.99):11.0f} {move.max():6.0f} {inside_other / move.numel():30.4f}")
+    print(f"all: {hits / total:.4f} of {total} token steps in the window; {other_hits / total:.4f} against a random "
+          "other token")
 
 
 if __name__ == "__main__":

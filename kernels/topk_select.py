@@ -48,8 +48,9 @@ USE_PDL = True  # programmatic dependent launch where the GPU has it (benchmarks
 # faster, 512 slower for QKV (benchmarks/results/h200/list_chunk.txt).
 ROW_CHUNK = 2048
 # Larger batches write each row whole: there the range test already runs short of programs, and
-# chunks measured 1.5-6 us slower at 16 tokens, 0.1-4.7 us faster at 4 (switch_row-chunk.txt;
-# switch_ab.py --switch row-chunk-batches measures 8 and 16 tokens again).
+# chunks measured 1.5-6 us slower at 16 tokens, 0.1-4.7 us faster at 4 (switch_row-chunk.txt).
+# With the threshold window they gain at 8 and 16 tokens only where a chunk keeps 5 range-test
+# programs or more, in Llama the o projection alone (switch_row-chunk-batches.txt).
 ROW_CHUNK_MAX_TOKENS = 4
 # Width of the window of thresholds tested in narrow slices, in binades (factors of 2 of |x|)
 # centred on the guess; 0 turns the window off (benchmarks compare).
@@ -198,8 +199,8 @@ def _topk_select_kernel(
         if PDL and LIST:  # the other programs let it launch as they exit
             tl.extra.cuda.gdc_launch_dependents()
         if WINDOW:
-            # The next call's guess: the last token's threshold (decode's next token follows it).
-            if (m == tl.num_programs(0) - 1) & (group == 0):
+            # The next call's guess: token 0's threshold (a real token: CUDA graphs pad the end).
+            if (m == 0) & (group == 0):
                 tl.store(guess_ptr + seg, thr)
         # Keep all entries above thr and the first `ties` entries equal to it. This group writes
         # its chunk [start, start + CHUNK) of the row, ranked by three counts over the whole row in

@@ -168,7 +168,7 @@ def magnitude_bits(v: torch.Tensor) -> int:
 def test_selection_with_a_threshold_guess(kernels, shape, dtype, monkeypatch):
     """A guess only narrows the search: the outputs stay exact whether the threshold falls in the
     window (the guess the previous call left) or below it (guess 0) or above it (the top pattern),
-    and a windowed search leaves the last token's threshold as the next guess."""
+    and a windowed search leaves token 0's threshold as the next guess."""
     _, _, topk_select = kernels
     if not ON_GPU:  # enough range-test programs for windows on the interpreter's 4 "SMs"
         monkeypatch.setattr(topk_select, "RANGE_PROGRAMS_PER_SM", 6)
@@ -191,7 +191,7 @@ def test_selection_with_a_threshold_guess(kernels, shape, dtype, monkeypatch):
         windows += window
         for i, keep in enumerate(keeps):
             if window and keep > 0:
-                kth = x[-1].abs().sort(descending=True).values[keep - 1]
+                kth = x[0].abs().sort(descending=True).values[keep - 1]
                 assert int(guess[i]) == magnitude_bits(kth), f"M={m} s={sparsity} segment {i}: guess not updated"
             elif not window:
                 assert int(guess[i]) == int(before[i]), f"M={m}: a search without window moved the guess"
