@@ -7,9 +7,9 @@ runs SmolLM2-135M-Instruct (real weights) over consecutive tokens of the corpus'
 every projection input in bf16, and prints per projection and sparsity how many tokens' thresholds
 fall in the window centred on the previous token's (one sequence decoding), and the typical move in
 bit patterns; then the same against a random other token of the text (a batch, whose rows all
-start from the guess the last row of the call before left).
+start from the guess token 0 of the call before left).
 
-    python3 benchmarks/threshold_drift.py [--tokens 1024] [--sparsities 0.5 0.8]   # CPU, ~1 min
+    python3 benchmarks/threshold_drift.py [--tokens 1024] [--sparsities 0.5 0.8] [--window 2]   # CPU, ~2 min
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.8])
+    parser.add_argument("--window", type=int, default=WINDOW_BINADES, help="binades (default: the kernels')")
     args = parser.parse_args()
     model_dir = ensure_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -57,10 +58,10 @@ def main() -> None:
     for hook in hooks:
         hook.remove()
 
-    half = (WINDOW_BINADES << BF16_MANTISSA_BITS) // 2
+    half = (args.window << BF16_MANTISSA_BITS) // 2
     print(f"SmolLM2-135M-Instruct, bf16, {ids.shape[1]} consecutive tokens of the tuning slice, "
           f"{len(inputs['qkv'])} layers: threshold of token t against token t-1 at the same layer "
-          f"(bit patterns; the window holds +-{half}, {WINDOW_BINADES} binades)")
+          f"(bit patterns; the window holds +-{half}, {args.window} binades)")
     print(f"{'input':8s} {'s':>4s} {'in window':>10s} {'median |move|':>14s} {'p99 |move|':>11s} {'max':>6s}"
           f" {'random other token: in window':>30s}")
     other = torch.randperm(ids.shape[1], generator=torch.Generator().manual_seed(0))

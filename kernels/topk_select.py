@@ -271,6 +271,13 @@ def select_config(k: int) -> tuple[int, int]:
     return block_k, min(16, max(4, block_k // 1024))
 
 
+def row_chunk(m: int, k: int) -> int:
+    """Channels of a row one group of programs writes: ROW_CHUNK up to ROW_CHUNK_MAX_TOKENS tokens,
+    else the whole (padded) row."""
+    block_k = triton.next_power_of_2(k)
+    return min(ROW_CHUNK, block_k) if m <= ROW_CHUNK_MAX_TOKENS else block_k
+
+
 def range_layout(rows: int, dtype: torch.dtype, sms: int, guessed: bool) -> tuple[int, int, bool]:
     """(SLICES, LOG_W, WINDOW): range-test programs per row (chunk), about RANGE_PROGRAMS_PER_SM per
     SM, and the width of their slices. With a guess and 3 programs or more, all but the two open
@@ -327,7 +334,7 @@ def topk_select(
     if m == 0:
         return sel
     block_k, num_warps = select_config(k)
-    chunk = min(ROW_CHUNK, block_k) if m <= ROW_CHUNK_MAX_TOKENS else block_k
+    chunk = row_chunk(m, k)
     groups = triton.cdiv(k, chunk)
     slices, log_w, window = range_layout(m * num_segs * groups, x.dtype, num_sms(x.device), thr_guess is not None)
     _topk_select_kernel[(m, num_segs, groups * slices)](
