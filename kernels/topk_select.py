@@ -27,7 +27,7 @@ are on their SMs, waiting on the selection's writes, while the selection still r
 channel list the selection lets the GEMV launch as soon as it starts; with one, once its finishing
 programs know the thresholds (released at the start, the list's GEMV was up to 15 us slower).
 Measured on an H200 (benchmarks/results/h200/pdl_gain.txt, switch_pdl.txt, and
-switch_pdl_late_release.txt): 0.4-0.9 us faster per call for the walk, 0.6-0.9 for lists.
+switch_pdl_late_release.txt): 0.4-0.9 us faster per call for the walk, 0.6-1.0 for lists.
 """
 
 from __future__ import annotations
