@@ -21,11 +21,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from acttail_kernels.reference import topk_mask
+from acttail_kernels.topk_select import THRESHOLD_WINDOW, mantissa_bits
 from acttail_vllm.data import text_slice
 from acttail_vllm.models import ensure_smollm2
 
-WINDOW_BINADES = 2  # kernels/topk_select.THRESHOLD_WINDOW (the kernels need Triton to import)
-BF16_MANTISSA_BITS = 7
 INPUTS = {"q_proj": "qkv", "gate_proj": "gate_up", "o_proj": "o", "down_proj": "down"}  # one per input
 
 
@@ -39,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.8])
-    parser.add_argument("--window", type=int, default=WINDOW_BINADES, help="binades (default: the kernels')")
+    parser.add_argument("--window", type=int, default=THRESHOLD_WINDOW, help="binades (default: the kernels')")
     args = parser.parse_args()
     model_dir = ensure_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -58,7 +57,7 @@ def main() -> None:
     for hook in hooks:
         hook.remove()
 
-    half = (args.window << BF16_MANTISSA_BITS) // 2
+    half = (args.window << mantissa_bits(torch.bfloat16)) // 2
     print(f"SmolLM2-135M-Instruct, bf16, {ids.shape[1]} consecutive tokens of the tuning slice, "
           f"{len(inputs['qkv'])} layers: threshold of token t against token t-1 at the same layer "
           f"(bit patterns; the window holds +-{half}, {args.window} binades)")
