@@ -12,12 +12,17 @@ shows as spread, not as a gain.
 * ``--switch thr-window``: the range test's window around the threshold guess
   (``THRESHOLD_WINDOW``) against even slices; one token with either loop, 4 and 16 tokens.
 
+* ``--base DIR``: instead of a switch, this checkout's kernels (on) against another build of them
+  (off): DIR holds ``kernels/`` of another commit, e.g. from
+  ``mkdir -p DIR && git archive COMMIT kernels | tar -x -C DIR``; one token, both loops.
+
 Every call passes a threshold guess, kept per shape and sparsity as a vLLM layer keeps one.
 
     python3 benchmarks/switch_ab.py --switch pdl     # needs CUDA (pdl: compute capability 9.0+)
     python3 benchmarks/switch_ab.py --switch row-chunk [--chunk 2048]
     python3 benchmarks/switch_ab.py --switch row-chunk-batches
     python3 benchmarks/switch_ab.py --switch thr-window
+    python3 benchmarks/switch_ab.py --base /tmp/base
 
 Timing as bench_kernels.time_us.
 """
@@ -26,7 +31,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
@@ -55,22 +63,36 @@ SWITCHES = {
 }
 
 
+def load_base(checkout: Path):
+    """``kernels/`` of another commit under ``checkout``, imported as ``acttail_kernels_base``."""
+    package = checkout / "kernels"
+    spec = importlib.util.spec_from_file_location(
+        "acttail_kernels_base", package / "__init__.py", submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--switch", choices=SWITCHES, required=True)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--switch", choices=SWITCHES)
+    mode.add_argument("--base", type=Path, help="a checkout holding the other build's kernels/ (off)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk", type=int, help="row-chunk: the chunk size to try (default: ROW_CHUNK)")
     parser.add_argument("--shapes", nargs="*", default=[s.name for s in GPU_SHAPES if s.name.startswith("13b")])
     args = parser.parse_args()
-    flags, runs = SWITCHES[args.switch]
+    flags, runs = SWITCHES[args.switch] if args.switch else ([], ONE_TOKEN)
+    builds = {False: load_base(args.base) if args.base else ak, True: ak}
     if args.chunk and args.switch != "row-chunk":
         parser.error("--chunk goes with --switch row-chunk")
     if args.chunk:
         flags = [(module, name, off, args.chunk) for module, name, off, _ in flags]
     shipped = [getattr(module, name) for module, name, _, _ in flags]
     dtype, device = torch.bfloat16, "cuda"
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; {args.switch}: microseconds per "
-          f"call, median of {args.rounds} alternating rounds (min-max)")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; {args.switch or args.base}: "
+          f"microseconds per call, median of {args.rounds} alternating rounds (min-max)")
     print(f"{'shape':14s} {'M':>3s} {'s':>4s} {'path':>5s} {'off':>17s} {'on':>17s}")
     for shape in (s for s in GPU_SHAPES if s.name in args.shapes):
         instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
@@ -80,16 +102,18 @@ def main() -> None:
             xs = [torch.randn(m, shape.k, dtype=dtype, device=device) for _ in range(instances)]
             for sparsity in (0.5, 0.8):
                 keeps = keeps_for(shape, sparsity)
-                keep, guess = keep_tensor(keeps, device), guess_tensor(len(keeps), device)
-                calls = [functools.partial(ak.sparse_linear, x, w, None, shape.seg_bounds, keeps, keep=keep, path=path,
-                                           thr_guess=guess)
-                         for x, w in zip(xs, weights_t)]
+                keep = keep_tensor(keeps, device)
+                guesses = {on: guess_tensor(len(keeps), device) for on in builds}
+                calls = {on: [functools.partial(build.sparse_linear, x, w, None, shape.seg_bounds, keeps, keep=keep,
+                                                path=build.GemvPath(path.value), thr_guess=guesses[on])
+                              for x, w in zip(xs, weights_t)]
+                         for on, build in builds.items()}
                 times: dict[bool, list[float]] = {False: [], True: []}
                 for _ in range(args.rounds):
                     for on in (False, True):
                         for module, name, off_value, on_value in flags:
                             setattr(module, name, on_value if on else off_value)
-                        times[on].append(time_us(calls, xs))
+                        times[on].append(time_us(calls[on], xs))
                 cells = [f"{statistics.median(t):5.1f} ({min(t):4.1f}-{max(t):4.1f})" for t in times.values()]
                 print(f"{shape.name:14s} {m:3d} {sparsity:4.2f} {path.value:>5s} {cells[0]:>17s} {cells[1]:>17s}",
                       flush=True)

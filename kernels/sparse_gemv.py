@@ -134,11 +134,11 @@ def _sparse_gemv_kernel(
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_wait_and_release(PDL)  # nothing is read or written before the selection is done
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     splits = tl.num_programs(1)
     seg, n_start, seg_end = _tile_columns(pid_n, B1, B2, B3, B4, NUM_SEGS, BLOCK_N)
+    pdl_wait_and_release(PDL, True)  # nothing the selection writes is read before it is done
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -173,6 +173,15 @@ def _sparse_gemv_kernel(
         else:
             acc = tl.dot(xk, w, acc, input_precision=DOT_PRECISION)
 
+    _write_tile(acc, offs_m, offs_n, m_ok, n_ok, N, M, pid_n, pid_k, splits, bias_ptr, out_ptr, partial_ptr,
+                ticket_ptr, HAS_BIAS)
+
+
+@triton.jit
+def _write_tile(acc, offs_m, offs_n, m_ok, n_ok, N, M, pid_n, pid_k, splits, bias_ptr, out_ptr, partial_ptr,
+                ticket_ptr, HAS_BIAS: tl.constexpr):
+    """Write a program's fp32 sums of output tile pid_n: the output itself without splits, else its
+    partial, and the tile's last split to finish adds all partials in split order."""
     out_ok = m_ok[:, None] & n_ok[None, :]
     tile = offs_m[:, None] * N + offs_n[None, :]
     if splits == 1:
@@ -184,7 +193,7 @@ def _sparse_gemv_kernel(
         tl.debug_barrier()  # all partial stores of this program precede its ticket
         if tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == splits - 1:
             # The tile's last split: add the partials in split order, then reset the ticket.
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            total = tl.zeros(acc.shape, dtype=tl.float32)
             for c in range(splits):
                 total += tl.load(partial_ptr + c * M * N + tile, mask=out_ok, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:

@@ -105,11 +105,13 @@ def _magnitude_bits(v, VALUE_BITS: tl.constexpr):
 
 
 @triton.jit
-def pdl_wait_and_release(PDL: tl.constexpr):
-    """Under PDL: wait for the previous kernel's writes, then let the next kernel launch."""
+def pdl_wait_and_release(PDL: tl.constexpr, RELEASE: tl.constexpr):
+    """Under PDL: wait for the previous kernel's writes, then (RELEASE) let the next kernel launch;
+    a kernel that releases later calls gdc_launch_dependents itself."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if RELEASE:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -165,10 +167,7 @@ def _topk_select_kernel(
 ):
     """Program (token m, segment, group * SLICES + part): if thr lies in part's slice, write the
     group's chunk of xs[segment, m, :] (and, with a list, the chunk's list entries)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        if not LIST:  # a channel list's GEMV launches once the thresholds are known (below)
-            tl.extra.cuda.gdc_launch_dependents()
+    pdl_wait_and_release(PDL, not LIST)  # a channel list's GEMV launches once the thresholds are known
     m = tl.program_id(0)
     seg = tl.program_id(1)
     part = tl.program_id(2) % SLICES
