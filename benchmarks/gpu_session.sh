@@ -43,7 +43,7 @@ kernels)
   cp "$(measured crossover.json)" "$OUT/"
   ;;
 switches)
-  for switch in pdl row-chunk row-chunk-batches thr-window; do
+  for switch in pdl row-chunk row-chunk-batches thr-window range-programs; do
     (cd benchmarks && $python switch_ab.py --switch $switch) 2>&1 | tee "$OUT/switch_$switch.txt"
   done
   ;;

@@ -5,12 +5,15 @@ shows as spread, not as a gain.
 * ``--switch pdl``: programmatic dependent launch (``topk_select.USE_PDL``); one token, both
   loops.
 * ``--switch row-chunk``: rows written (and listed) in chunks of ``topk_select.ROW_CHUNK`` channels
-  (on; ``--chunk`` tries another size) against one chunk for the whole row (off); one token with
+  (on; ``--on`` tries another size) against one chunk for the whole row (off); one token with
   either loop, and a batch of 4 through the dense fallback.
 * ``--switch row-chunk-batches``: larger batches in chunks too (``ROW_CHUNK_MAX_TOKENS`` 16, on)
   against whole rows above 4 tokens (off, as shipped); batches of 8 and 16 through the fallback.
 * ``--switch thr-window``: the range test's window around the threshold guess
   (``THRESHOLD_WINDOW``) against even slices; one token with either loop, 4 and 16 tokens.
+* ``--switch range-programs``: 4 range-test programs per SM (``--on`` tries another number)
+  against the shipped ``RANGE_PROGRAMS_PER_SM``; with the window, more programs mean narrower
+  slices and fewer bisection steps, and more loads of the row. One token, 4 and 16 tokens.
 
 * ``--base DIR``: instead of a switch, this checkout's kernels (on) against another build of them
   (off): DIR holds ``kernels/`` of another commit, e.g. from
@@ -19,9 +22,10 @@ shows as spread, not as a gain.
 Every call passes a threshold guess, kept per shape and sparsity as a vLLM layer keeps one.
 
     python3 benchmarks/switch_ab.py --switch pdl     # needs CUDA (pdl: compute capability 9.0+)
-    python3 benchmarks/switch_ab.py --switch row-chunk [--chunk 2048]
+    python3 benchmarks/switch_ab.py --switch row-chunk [--on 2048]
     python3 benchmarks/switch_ab.py --switch row-chunk-batches
     python3 benchmarks/switch_ab.py --switch thr-window
+    python3 benchmarks/switch_ab.py --switch range-programs [--on 8]
     python3 benchmarks/switch_ab.py --base /tmp/base
 
 Timing as bench_kernels.time_us.
@@ -60,6 +64,10 @@ SWITCHES = {
         [(select_module, "THRESHOLD_WINDOW", 0, select_module.THRESHOLD_WINDOW)],
         ONE_TOKEN + [(4, ak.GemvPath.DENSE), (16, ak.GemvPath.DENSE)],
     ),
+    "range-programs": (
+        [(select_module, "RANGE_PROGRAMS_PER_SM", select_module.RANGE_PROGRAMS_PER_SM, 4)],
+        ONE_TOKEN + [(4, ak.GemvPath.DENSE), (16, ak.GemvPath.DENSE)],
+    ),
 }
 
 
@@ -80,15 +88,15 @@ def main() -> None:
     mode.add_argument("--switch", choices=SWITCHES)
     mode.add_argument("--base", type=Path, help="a checkout holding the other build's kernels/ (off)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--chunk", type=int, help="row-chunk: the chunk size to try (default: ROW_CHUNK)")
+    parser.add_argument("--on", type=int, help="row-chunk, range-programs: the value to try (default: see above)")
     parser.add_argument("--shapes", nargs="*", default=[s.name for s in GPU_SHAPES if s.name.startswith("13b")])
     args = parser.parse_args()
     flags, runs = SWITCHES[args.switch] if args.switch else ([], ONE_TOKEN)
     builds = {False: load_base(args.base) if args.base else ak, True: ak}
-    if args.chunk and args.switch != "row-chunk":
-        parser.error("--chunk goes with --switch row-chunk")
-    if args.chunk:
-        flags = [(module, name, off, args.chunk) for module, name, off, _ in flags]
+    if args.on is not None and args.switch not in ("row-chunk", "range-programs"):
+        parser.error("--on goes with --switch row-chunk or range-programs")
+    if args.on is not None:
+        flags = [(module, name, off, args.on) for module, name, off, _ in flags]
     shipped = [getattr(module, name) for module, name, _, _ in flags]
     dtype, device = torch.bfloat16, "cuda"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; {args.switch or args.base}: "

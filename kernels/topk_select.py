@@ -41,7 +41,11 @@ import triton.language as tl
 
 MAX_SEGMENTS = 4  # QKV needs 3, gate_up 2; the GEMV takes segment bounds as scalar arguments
 MAX_CHANNELS = 32767  # two counts share one int32 in the range test sum and the list scan
-RANGE_PROGRAMS_PER_SM = 2  # range-test programs to spread over the GPU (more: the row loads cost)
+# Range-test programs to spread over the GPU. A program holds its row in registers (at K = 5120, 8
+# warps of ~200 registers a thread: over half an SM's register file), so more than one per SM runs
+# in waves: with the window, one per SM beats 2, 4 and 8 per SM, or ties
+# (benchmarks/results/h200/switch_range-programs*.txt).
+RANGE_PROGRAMS_PER_SM = 1
 USE_PDL = True  # programmatic dependent launch where the GPU has it (benchmarks turn it off to compare)
 # Channels one program writes and lists (a power of 2; a shorter row is one chunk): more chunks
 # mean fewer threshold bits tested in parallel. 13B lists on an H200: 2048 as fast as 1024 or
