@@ -22,8 +22,8 @@ from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 from acttail_vllm.budgets import DecoderProjection, decoder_projection
 from acttail_vllm.loader_hook import BudgetResolver
 from acttail_vllm.metrics import start_snapshot_writer
+from acttail_vllm.profile import Profile
 from acttail_vllm.settings import (
-    ActTailSettings,
     SettingsError,
     SparsityPolicy,
     resolve_budget_source,
@@ -38,9 +38,12 @@ class ActTailConfig(QuantizationConfig):
 
     def __init__(self, explicit: dict[str, Any] | None = None) -> None:
         super().__init__()
-        # Validate what the user passed now, in the process that parses the command line.
-        if explicit is not None:
-            ActTailSettings.parse(explicit, "vLLM quantization_config")
+        # Validate what the user passed (config, env, profile file) now, in the process that parses
+        # the command line: bad input stops `vllm serve` in seconds, before an engine starts. The
+        # workers resolve it again with the model directory and check the profile's fingerprint.
+        source = resolve_budget_source(explicit, None)
+        if source.kind == "profile":
+            Profile.load(source.settings.profile)
         self.explicit = explicit
         self._resolver: BudgetResolver | None = None
 

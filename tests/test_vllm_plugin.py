@@ -240,6 +240,24 @@ def failed_start(model: str, args: tuple[str, ...], env: dict[str, str]) -> str:
     return server.log()
 
 
+def test_bad_input_stops_the_config_before_any_engine(tmp_path, monkeypatch):
+    """`vllm serve` builds the quantization config in its front-end process, before any engine:
+    bad settings and unreadable profiles must stop it there, in seconds."""
+    from acttail_vllm.profile import ProfileError
+    from acttail_vllm.quant_config import ActTailConfig
+    from acttail_vllm.settings import SettingsError
+
+    monkeypatch.setenv("ACTTAIL_SPARSITY", "1.2")
+    with pytest.raises(SettingsError, match="env ACTTAIL_SPARSITY"):
+        ActTailConfig()
+    monkeypatch.delenv("ACTTAIL_SPARSITY")
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{")
+    with pytest.raises(ProfileError, match="is not valid JSON"):
+        ActTailConfig({"profile": str(corrupt)})
+    assert ActTailConfig({"sparsity": 0.5}).explicit == {"sparsity": 0.5}
+
+
 def test_corrupt_profile_stops_startup(smollm2_dir, tmp_path):
     bad = tmp_path / "corrupt.json"
     bad.write_text(shipped_profile("acttail", 50).read_text()[:500])
