@@ -43,7 +43,8 @@ MAX_SEGMENTS = 4  # QKV needs 3, gate_up 2; the GEMV takes segment bounds as sca
 MAX_CHANNELS = 32767  # two counts share one int32 in the range test sum and the list scan
 # Range-test programs to spread over the GPU. A program holds its row in registers (at K = 5120, 8
 # warps of ~200 registers a thread: over half an SM's register file), so more than one per SM runs
-# in waves: with the window, one per SM beats 2, 4 and 8 per SM, or ties
+# in waves. With the window, 1 per SM against 2: a tie at one token, up to 3 us faster at 16 tokens
+# but for 13B qkv (1.1 us slower: its 48 rows get no window); 4 and 8 are slower everywhere
 # (benchmarks/results/h200/switch_range-programs*.txt).
 RANGE_PROGRAMS_PER_SM = 1
 USE_PDL = True  # programmatic dependent launch where the GPU has it (benchmarks turn it off to compare)
