@@ -13,7 +13,7 @@ demo: $(PY)
 	$(PY) -m acttail_vllm.demo
 
 # Everything CI runs, on two workers, a test file per worker at a time (a few real vLLM servers on
-# CPU: 25 min on 2 cores, 33 in one process; install included, .ci/run takes 28).
+# CPU: 23 min on 2 cores, 32 in one process; .ci/run with its fresh install takes 26).
 test: $(PY)
 	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 
