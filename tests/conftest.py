@@ -16,16 +16,3 @@ def smollm2_dir() -> Path:
 
 def shipped_profile(method: str, percent: int) -> Path:
     return PROFILES / f"smollm2-135m-instruct-{method}-{percent}.json"
-
-
-# The files that take minutes on the 2-core CI machine, longest first (2026-12-01). `make test`
-# hands each xdist worker a file at a time, in collection order: started first, the long files no
-# longer run alone at the end while the other worker idles.
-LONGEST_FIRST = [
-    "test_vllm_plugin.py", "test_kernels.py", "test_eval.py", "test_observability.py", "test_profiler_cli.py"
-]
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: files stay whole
