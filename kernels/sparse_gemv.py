@@ -173,15 +173,6 @@ def _sparse_gemv_kernel(
         else:
             acc = tl.dot(xk, w, acc, input_precision=DOT_PRECISION)
 
-    _write_tile(acc, offs_m, offs_n, m_ok, n_ok, N, M, pid_n, pid_k, splits, bias_ptr, out_ptr, partial_ptr,
-                ticket_ptr, HAS_BIAS)
-
-
-@triton.jit
-def _write_tile(acc, offs_m, offs_n, m_ok, n_ok, N, M, pid_n, pid_k, splits, bias_ptr, out_ptr, partial_ptr,
-                ticket_ptr, HAS_BIAS: tl.constexpr):
-    """Write a program's fp32 sums of output tile pid_n: the output itself without splits, else its
-    partial, and the tile's last split to finish adds all partials in split order."""
     out_ok = m_ok[:, None] & n_ok[None, :]
     tile = offs_m[:, None] * N + offs_n[None, :]
     if splits == 1:
@@ -193,7 +184,7 @@ def _write_tile(acc, offs_m, offs_n, m_ok, n_ok, N, M, pid_n, pid_k, splits, bia
         tl.debug_barrier()  # all partial stores of this program precede its ticket
         if tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == splits - 1:
             # The tile's last split: add the partials in split order, then reset the ticket.
-            total = tl.zeros(acc.shape, dtype=tl.float32)
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for c in range(splits):
                 total += tl.load(partial_ptr + c * M * N + tile, mask=out_ok, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
