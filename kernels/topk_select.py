@@ -282,10 +282,12 @@ def row_chunk(m: int, k: int) -> int:
     return min(ROW_CHUNK, block_k) if m <= ROW_CHUNK_MAX_TOKENS else block_k
 
 
-def range_layout(rows: int, dtype: torch.dtype, sms: int, guessed: bool) -> tuple[int, int, bool]:
-    """(SLICES, LOG_W, WINDOW): range-test programs per row (chunk), about RANGE_PROGRAMS_PER_SM per
-    SM, and the width of their slices. With a guess and 3 programs or more, all but the two open
-    ones tile THRESHOLD_WINDOW binades (WINDOW); else 2**b even slices."""
+def range_layout(m: int, num_segs: int, k: int, dtype: torch.dtype, sms: int, guessed: bool) -> tuple[int, int, bool]:
+    """(SLICES, LOG_W, WINDOW) of a call on m tokens, num_segs segments and k channels: range-test
+    programs per row chunk (``row_chunk``), about RANGE_PROGRAMS_PER_SM per SM, and the width of
+    their slices. With a guess and 3 programs or more, all but the two open ones tile
+    THRESHOLD_WINDOW binades (WINDOW); else 2**b even slices."""
+    rows = m * num_segs * triton.cdiv(k, row_chunk(m, k))
     spare = RANGE_PROGRAMS_PER_SM * sms // max(1, rows)
     if guessed and THRESHOLD_WINDOW > 0 and spare >= 3:
         span = THRESHOLD_WINDOW << mantissa_bits(dtype)
@@ -340,7 +342,7 @@ def topk_select(
     block_k, num_warps = select_config(k)
     chunk = row_chunk(m, k)
     groups = triton.cdiv(k, chunk)
-    slices, log_w, window = range_layout(m * num_segs * groups, x.dtype, num_sms(x.device), thr_guess is not None)
+    slices, log_w, window = range_layout(m, num_segs, k, x.dtype, num_sms(x.device), thr_guess is not None)
     _topk_select_kernel[(m, num_segs, groups * slices)](
         x,
         x.stride(0),

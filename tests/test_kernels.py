@@ -187,8 +187,7 @@ def test_selection_with_a_threshold_guess(kernels, shape, dtype, monkeypatch):
             assert torch.equal(sel.xs[i], expect), f"M={m} s={sparsity} guess {int(before[i])} segment {i} keep {keep}"
             if m == 1:
                 assert torch.equal(sel.xv[i, : int(sel.count[i])], expect[0, expect[0].nonzero().flatten()])
-        rows = m * len(widths) * -(-k // topk_select.row_chunk(m, k))
-        _, _, window = topk_select.range_layout(rows, dtype, topk_select.num_sms(x.device), True)
+        _, _, window = topk_select.range_layout(m, len(widths), k, dtype, topk_select.num_sms(x.device), True)
         windows += window
         for i, keep in enumerate(keeps):
             if window and keep > 0:
