@@ -47,6 +47,7 @@ class WorkerSnapshot(BaseModel):
     method: str
     target_sparsity: float
     policy: str
+    max_sparse_tokens: int | None = None
     profile_build_seconds: float
     sparse_path_tokens: int
     dense_path_tokens: int
@@ -92,6 +93,7 @@ def take_snapshot(resolver: "BudgetResolver") -> WorkerSnapshot:
         method=profile.method,
         target_sparsity=profile.target_sparsity,
         policy=settings.policy.value,
+        max_sparse_tokens=settings.max_sparse_tokens,
         profile_build_seconds=resolver.build_seconds,
         sparse_path_tokens=tokens[0],
         dense_path_tokens=tokens[1],
@@ -152,7 +154,7 @@ class ActTailCollector:
         info = GaugeMetricFamily(
             "acttail_info",
             "ActTail configuration of the served model (value is always 1).",
-            labels=["model", "profile_hash", "method", "target_sparsity", "policy"],
+            labels=["model", "profile_hash", "method", "target_sparsity", "policy", "max_sparse_tokens"],
         )
         configured = GaugeMetricFamily(
             "acttail_projection_sparsity_ratio",
@@ -162,13 +164,15 @@ class ActTailCollector:
         kept = GaugeMetricFamily(
             "acttail_kept_fraction_ratio",
             "Mean fraction of input channels kept per token: measured from the applied TopK masks "
-            "on CPU; on GPUs the kernels' per-segment k (exact by construction, kernel-tested).",
+            "on CPU; on GPUs the kernels' per-segment k of a sparsified token (exact by construction, "
+            "kernel-tested).",
             labels=["layer", "projection"],
         )
         tokens = CounterMetricFamily(
             "acttail_tokens",
             "Tokens by path, counted at one module: sparsified through the sparse kernel (sparse) or "
-            "the dense fallback (dense), or left unsparsified by policy=decode (unsparsified).",
+            "the dense fallback (dense), or left unsparsified by policy=decode or max_sparse_tokens "
+            "(unsparsified).",
             labels=["path"],
         )
         build = GaugeMetricFamily(
@@ -177,7 +181,8 @@ class ActTailCollector:
         )
         for snap in snapshots[:1]:  # one model per server: the first worker speaks for it
             info.add_metric(
-                [snap.model, snap.profile_hash, snap.method, f"{snap.target_sparsity:g}", snap.policy], 1
+                [snap.model, snap.profile_hash, snap.method, f"{snap.target_sparsity:g}", snap.policy,
+                 "none" if snap.max_sparse_tokens is None else str(snap.max_sparse_tokens)], 1
             )
             for proj in snap.projections:
                 labels = [str(proj.layer), proj.projection]

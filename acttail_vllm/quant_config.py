@@ -134,6 +134,7 @@ class ActTailLinearMethod(LinearMethodBase):
         self.proj = proj
         self.dense = UnquantizedLinearMethod()
         self.decode_only = False
+        self.max_sparse_tokens: int | None = None
 
     def create_weights(
         self,
@@ -178,6 +179,7 @@ class ActTailLinearMethod(LinearMethodBase):
         layer.register_buffer("acttail_stats", stats, persistent=False)
         layer.acttail_counts_stats = self.count_stats
         self.decode_only = resolver.source.settings.policy is SparsityPolicy.DECODE
+        self.max_sparse_tokens = resolver.source.settings.max_sparse_tokens
         resolver.register(layer, self.proj)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -212,4 +214,5 @@ class ActTailLinearMethod(LinearMethodBase):
             layer.acttail_stats,
             self.count_stats,
             self.decode_only,
+            self.max_sparse_tokens,
         )

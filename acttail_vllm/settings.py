@@ -56,6 +56,10 @@ class ActTailSettings(BaseModel):
     eps: float = Field(default=DEFAULT_EPS, ge=0.0)
     s_max: float = Field(default=DEFAULT_S_MAX, gt=0.0, lt=1.0)
     policy: SparsityPolicy = SparsityPolicy.ALL
+    #: steps of more tokens than this run the dense model, unsparsified: where the GPU runs the
+    #: dense fallback anyway, the selection only costs time (vLLM pads a decode batch to its CUDA
+    #: graph size, and that padded size counts). None: every step is sparsified.
+    max_sparse_tokens: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> "ActTailSettings":

@@ -43,6 +43,13 @@ def decode_token_mask(num_tokens: int, device: torch.device) -> torch.Tensor | N
     return mask
 
 
+def _dense_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The unsparsified layer: ``weight`` in the kernel layout [K, N] on CUDA, [N, K] elsewhere."""
+    if x2.is_cuda:
+        return x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
+    return torch.nn.functional.linear(x2, weight, bias)
+
+
 def _sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -54,6 +61,7 @@ def _sparse_linear(
     stats: torch.Tensor,
     count_stats: bool,
     decode_only: bool,
+    max_sparse_tokens: int | None,
 ) -> torch.Tensor:
     """``weight`` is [N, K] on CPU and the kernel layout [K, N] (``prepare_weight``) on CUDA.
 
@@ -61,15 +69,20 @@ def _sparse_linear(
     compiled graphs and CUDA graphs never bake a budget in (vLLM's compile cache does not key on
     budgets). ``keep_hint`` holds the same values as ints and only picks sparse kernel vs dense.
     ``thr_guess`` (int32, one per segment) is where the CUDA selection leaves each threshold and
-    starts the next step's search (speed only, never the result).
+    starts the next step's search (speed only, never the result). A step of more than
+    ``max_sparse_tokens`` tokens runs the dense layer on the whole input.
     With ``count_stats``, ``stats`` (int64, see ``stats.py``) accumulates, per output segment, the
     input channels kept, then the sparsified tokens through the sparse kernel and through the dense
     fallback, and the tokens left unsparsified.
     """
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
-    sparse_rows = decode_token_mask(rows, x2.device) if decode_only else None
-    if x2.is_cuda:
+    dense_step = max_sparse_tokens is not None and rows > max_sparse_tokens
+    sparse_rows = decode_token_mask(rows, x2.device) if decode_only and not dense_step else None
+    if dense_step:
+        y = _dense_linear(x2, weight, bias)
+        used_kernel = False
+    elif x2.is_cuda:
         import acttail_kernels
 
         path = acttail_kernels.gemv_path(rows, weight.shape[1], weight.shape[0], seg_bounds, keep_hint, x2.device)
@@ -77,8 +90,7 @@ def _sparse_linear(
             x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=path, thr_guess=thr_guess
         )
         if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
-            dense = x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
-            y = torch.where(sparse_rows[:, None], y, dense)
+            y = torch.where(sparse_rows[:, None], y, _dense_linear(x2, weight, bias))
         used_kernel = path is not acttail_kernels.GemvPath.DENSE
     else:
         masks = [reference.topk_mask(x2, keep) for keep in seg_keep.tolist()]
@@ -96,7 +108,7 @@ def _sparse_linear(
         used_kernel = False
     if count_stats:  # only then: each op here is one more kernel per module and step on a GPU
         n_seg = len(seg_bounds) - 1
-        sparsified = rows if sparse_rows is None else sparse_rows.sum()
+        sparsified = 0 if dense_step else rows if sparse_rows is None else sparse_rows.sum()
         # A sparsified row keeps exactly seg_keep channels (tests/test_kernels.py checks the kernels'
         # sets, the reference is exact by construction); a row left dense keeps all of them.
         stats[:n_seg] += seg_keep.to(torch.int64) * sparsified + x2.shape[1] * (rows - sparsified)
@@ -116,6 +128,7 @@ def _sparse_linear_fake(
     stats: torch.Tensor,
     count_stats: bool,
     decode_only: bool,
+    max_sparse_tokens: int | None,
 ) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], seg_bounds[-1]))
 

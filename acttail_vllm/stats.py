@@ -3,7 +3,8 @@
 A module's stats (int64) hold, per output segment, the input channels its TopK kept, then three
 token counts: sparsified tokens that went through the sparse kernel, sparsified tokens that went
 through the dense fallback (cuBLAS or, off CUDA, the reference on the masked input), and tokens
-policy=decode left unsparsified (prefill rows of a mixed step).
+policy=decode or max_sparse_tokens left unsparsified (prefill rows of a mixed step, steps over the
+token limit).
 The op adds to them in place, so CUDA-graph replays count too. On CUDA they live in pinned host
 memory that the GPU writes through a mapped view, so reading them never touches the GPU (a
 metrics thread must not call into CUDA while vLLM captures graphs).

@@ -12,7 +12,8 @@
 #   bash benchmarks/gpu_session.sh decode13b   # vLLM decode tok/s, 13B shape, dense vs s in {0.5,0.7,0.8,0.9}
 #   bash benchmarks/gpu_session.sh decode7b    # the same at the 7B shape
 #   (SPARSITIES=0.5,0.8 / BATCHES=1,16 pick a part; EXTEND=benchmarks/results/decode_13b.json adds
-#   sparsities to an earlier run, reusing its dense numbers: one table in two calls of < 10 min)
+#   sparsities to an earlier run, reusing its dense numbers: one table in two calls of < 10 min;
+#   OPTIONS='{"max_sparse_tokens": 1}' passes more ActTail options, TAG=name suffixes the result files)
 #   bash benchmarks/gpu_session.sh quality     # SmolLM2 perplexity / accuracy study (benchmarks/quality_sweep.py)
 #
 # Results land in $OUT (default out/gpu). Budgets built by vLLM's loader hook are cached in
@@ -63,8 +64,8 @@ serve)
 decode13b | decode7b)
   shape=${1#decode}
   $python -m benchmarks.vllm_decode_bench --shapes "$shape" --sparsities "${SPARSITIES:-0.5,0.7,0.8,0.9}" --batches "${BATCHES:-1,4,16}" \
-    --new-tokens 128 --repeats 3 --json "$OUT/decode_$shape.json" ${EXTEND:+--extend "$EXTEND"} 2>&1 \
-    | tee "$OUT/decode_$shape.txt"
+    --new-tokens 128 --repeats 3 --json "$OUT/decode_$shape${TAG:+_$TAG}.json" ${EXTEND:+--extend "$EXTEND"} \
+    ${OPTIONS:+--options "$OPTIONS"} 2>&1 | tee "$OUT/decode_$shape${TAG:+_$TAG}.txt"
   ;;
 quality)
   model=${SMOLLM2_DIR:-$($python -m acttail_vllm.cli prepare-smollm2)}

@@ -11,6 +11,8 @@ every request of a batch (ignore_eos), and reports decode tokens/s = batch * new
 loader hook (alphas of the random weights, cached under $ACTTAIL_CACHE between configurations).
 ``--extend PRIOR.json`` adds sparsities to an earlier run: its dense tok/s are reused (no dense
 engine) and its rows are kept, so one shape's table can be measured in two calls under 10 minutes.
+``--options '{"max_sparse_tokens": 1}'`` passes more ActTail options to every ActTail engine
+(through ``hf_overrides``' ``quantization_config``, as ``vllm serve --hf-overrides`` would).
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from pathlib import Path
 
 from benchmarks.dummy_llama import write_config
 
-def make_llm(model: str, sparsity: str, max_model_len: int, max_num_seqs: int):
+def make_llm(model: str, sparsity: str, max_model_len: int, max_num_seqs: int, options: dict):
     """A vLLM engine on random weights of ``model``'s shape: dense, or ActTail with budgets for
-    ``sparsity`` (ACTTAIL_SPARSITY must hold it: the loader hook reads it)."""
+    ``sparsity`` (ACTTAIL_SPARSITY must hold it: the loader hook reads it) and ``options``."""
     from vllm import LLM
 
-    kwargs = {"quantization": "acttail"} if sparsity != "dense" else {}
+    kwargs = {}
+    if sparsity != "dense":
+        kwargs["quantization"] = "acttail"
+        if options:
+            kwargs["hf_overrides"] = {"quantization_config": {"quant_method": "acttail", **options}}
     return LLM(
         model=model,
         load_format="dummy",
@@ -54,7 +60,7 @@ def run_worker(args: argparse.Namespace) -> None:
     """One engine, every batch size: prints one JSON line per batch."""
     from vllm import SamplingParams
 
-    llm = make_llm(args.model, args.sparsity, args.prompt_len + args.new_tokens + 16, max(args.batches))
+    llm = make_llm(args.model, args.sparsity, args.prompt_len + args.new_tokens + 16, max(args.batches), args.options)
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
     for batch in args.batches:
         prompts = token_prompts(batch, args.prompt_len)
@@ -73,7 +79,7 @@ def run_config(model: Path, sparsity: str, args: argparse.Namespace, env: dict[s
     cmd = [
         sys.executable, "-m", "benchmarks.vllm_decode_bench", "--worker", "--model", str(model), "--sparsity", sparsity,
         "--batches", ",".join(map(str, args.batches)), "--prompt-len", str(args.prompt_len),
-        "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+        "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--options", json.dumps(args.options),
     ]  # fmt: skip
     worker_env = {**env} if sparsity == "dense" else {**env, "ACTTAIL_SPARSITY": sparsity}
     start = time.perf_counter()
@@ -101,6 +107,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write all rows here")
     parser.add_argument("--extend", type=Path, help="an earlier --json: keep its rows, reuse its dense tok/s")
+    parser.add_argument("--options", type=json.loads, default={}, help="more ActTail options, a JSON object")
     args = parser.parse_args()
     if args.worker:
         run_worker(args)
@@ -118,15 +125,17 @@ def main() -> None:
         else:
             dense = {r["batch"]: r["tok_s"] for r in run_config(model, "dense", args, env)}
         for sparsity in args.sparsities.split(","):
-            results = [r for r in results if (r["shape"], r["sparsity"]) != (shape, float(sparsity))]
+            same = (shape, float(sparsity), args.options)
+            results = [r for r in results if (r["shape"], r["sparsity"], r.get("options", {})) != same]
             for row in run_config(model, sparsity, args, env):
-                results.append({"shape": shape, "sparsity": float(sparsity), "dense_tok_s": dense[row["batch"]], **row})
-    results.sort(key=lambda r: (r["shape"], r["sparsity"], r["batch"]))
-    print("\n| shape | batch | sparsity | dense tok/s | acttail tok/s | speedup |")
-    print("|---|---|---|---|---|---|")
+                results.append({"shape": shape, "sparsity": float(sparsity), "options": args.options,
+                                "dense_tok_s": dense[row["batch"]], **row})
+    results.sort(key=lambda r: (r["shape"], r["sparsity"], json.dumps(r.get("options", {})), r["batch"]))
+    print("\n| shape | batch | sparsity | options | dense tok/s | acttail tok/s | speedup |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['shape']} | {r['batch']} | {r['sparsity']:.1f} | {r['dense_tok_s']:.0f} | "
-              f"{r['tok_s']:.0f} | {r['tok_s'] / r['dense_tok_s']:.2f}x |")
+        print(f"| {r['shape']} | {r['batch']} | {r['sparsity']:.1f} | {json.dumps(r.get('options', {}))} | "
+              f"{r['dense_tok_s']:.0f} | {r['tok_s']:.0f} | {r['tok_s'] / r['dense_tok_s']:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

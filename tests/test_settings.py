@@ -82,3 +82,9 @@ def test_profile_and_sparsity_together_rejected(tmp_path, profile_file):
 def test_unknown_option_rejected(tmp_path):
     with pytest.raises(SettingsError, match="sparsty"):
         resolve_budget_source({"sparsty": 0.5}, tmp_path, env={})
+
+
+@pytest.mark.parametrize("value", [0, -3, "many"])
+def test_token_limit_must_be_a_positive_count(tmp_path, value):
+    with pytest.raises(SettingsError, match=r"max_sparse_tokens: .*(greater than or equal to 1|integer).*got"):
+        resolve_budget_source({"max_sparse_tokens": value}, tmp_path, env={"ACTTAIL_SPARSITY": "0.5"})

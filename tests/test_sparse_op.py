@@ -1,5 +1,5 @@
 """The op behind every ActTail linear layer, called directly on CPU (no server): its output and the
-counters the metrics read, with every row sparsified and under policy=decode."""
+counters the metrics read, with every row sparsified, under policy=decode and with a token limit."""
 
 from __future__ import annotations
 
@@ -13,11 +13,16 @@ from acttail_vllm.stats import ModuleStats, new_stats
 K, BOUNDS, KEEPS = 16, [0, 8, 12], [4, 10]
 
 
-def run_op(x: torch.Tensor, weight: torch.Tensor, decode_only: bool) -> tuple[torch.Tensor, ModuleStats]:
-    stats = new_stats(len(KEEPS))
+def run_op(
+    x: torch.Tensor, weight: torch.Tensor, decode_only: bool, max_sparse_tokens: int | None = None,
+    stats: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ModuleStats]:
+    stats = new_stats(len(KEEPS)) if stats is None else stats
     keep = torch.tensor(KEEPS, dtype=torch.int32)
     thr_guess = torch.zeros(len(KEEPS), dtype=torch.int32)
-    y = sparse_op._sparse_linear(x, weight, None, BOUNDS, KEEPS, keep, thr_guess, stats, True, decode_only)
+    y = sparse_op._sparse_linear(
+        x, weight, None, BOUNDS, KEEPS, keep, thr_guess, stats, True, decode_only, max_sparse_tokens
+    )
     return y, ModuleStats.read(stats)
 
 
@@ -40,3 +45,22 @@ def test_decode_policy_leaves_prefill_rows_dense_and_counts_them_whole(monkeypat
     assert stats.kept_channels == (4 * 3 + K * 2, 10 * 3 + K * 2)
     assert stats.kept_fractions(K) == pytest.approx(((12 + 32) / 80, (30 + 32) / 80))
     assert (stats.sparse_tokens, stats.dense_tokens, stats.unsparsified_tokens) == (0, 3, 2)
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_steps_over_the_token_limit_run_dense(decode_only, monkeypatch):
+    """max_sparse_tokens=3: a step of 3 tokens is sparsified, one of 4 runs the dense layer whole
+    (under policy=decode too: the decode mask is not even read), and the counters say so."""
+    def decode_token_mask(rows, device):
+        assert rows <= 3, "a step over the limit read the decode mask"
+        return None  # every token of the small step decodes
+
+    monkeypatch.setattr(sparse_op, "decode_token_mask", decode_token_mask)
+    weight, stats = torch.randn(BOUNDS[-1], K), new_stats(len(KEEPS))
+    small, large = torch.randn(3, K), torch.randn(4, K)
+    y_small, _ = run_op(small, weight, decode_only, max_sparse_tokens=3, stats=stats)
+    torch.testing.assert_close(y_small, reference.sparse_linear_ref(small, weight, None, BOUNDS, KEEPS))
+    y_large, counts = run_op(large, weight, decode_only, max_sparse_tokens=3, stats=stats)
+    torch.testing.assert_close(y_large, large @ weight.T)
+    assert counts.kept_channels == (4 * 3 + K * 4, 10 * 3 + K * 4)
+    assert (counts.sparse_tokens, counts.dense_tokens, counts.unsparsified_tokens) == (0, 3, 4)

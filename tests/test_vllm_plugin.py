@@ -52,6 +52,12 @@ def metric_values(server: VllmServer, name: str) -> dict[tuple[str, str], float]
     return {(layer, proj): float(value) for layer, proj, value in pattern.findall(text)}
 
 
+def token_counts(server: VllmServer) -> dict[str, float]:
+    """{path: tokens} of acttail_tokens_total on the server's /metrics."""
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    return {path: float(value) for path, value in re.findall(r'^acttail_tokens_total\{path="(\w+)"\} (\S+)$', text, re.M)}
+
+
 def test_sparsity_zero_equals_dense(smollm2_dir):
     model = str(smollm2_dir)
     with VllmServer(model, SERVE_ARGS) as dense:
@@ -137,28 +143,39 @@ def assert_logprobs_differ(a: list[float], b: list[float]) -> None:
     assert sum(abs(x - y) for x, y in zip(a, b)) / len(a) > 5 * LOGPROB_MEAN_TOL
 
 
-def test_decode_policy_sparsifies_only_decode_tokens(smollm2_dir):
-    """policy=decode: the prompt (prefill) runs dense and every generated token (decode) sparse,
-    against the reference run the same way: dense prompt into the KV cache, sparsified steps.
-    Compared on each position's top-5 logprobs (what vLLM returns), not only the greedy token's."""
+@pytest.mark.parametrize("option", [{"policy": "decode"}, {"max_sparse_tokens": 1}], ids=["policy", "max_tokens"])
+def test_decode_steps_alone_sparsified(smollm2_dir, option):
+    """policy=decode, or max_sparse_tokens=1 for one request (its prompt is one step of many
+    tokens, each later step one token): the prompt (prefill) runs dense and every generated token
+    (decode) sparse, against the reference run the same way: dense prompt into the KV cache,
+    sparsified steps. Compared on each position's top-5 logprobs (what vLLM returns), not only the
+    greedy token's."""
     from transformers import AutoModelForCausalLM
 
     from acttail_vllm.reference import sparsified
 
     profile_path = shipped_profile("acttail", 50)
-    config = {"quant_method": "acttail", "profile": str(profile_path), "policy": "decode"}
+    config = {"quant_method": "acttail", "profile": str(profile_path), **option}
     args = (*SERVE_ARGS, "--quantization", "acttail", "--hf-overrides", json.dumps({"quantization_config": config}))
     text = "The history of the city goes back more than two thousand years, when traders first settled"
     new_tokens = 24
     with VllmServer(str(smollm2_dir), args) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        time.sleep(1.5)  # startup's dummy runs count too: let their last snapshot land
+        before = token_counts(server)
         out = client.completions.create(
             model=str(smollm2_dir), prompt=text, max_tokens=new_tokens, echo=True, logprobs=5,
             temperature=0.0, extra_body={"return_tokens_as_token_ids": True},
         )
+        time.sleep(1.5)  # one snapshot interval (0.5 s) and then some
+        after = token_counts(server)
     logprobs = out.choices[0].logprobs
     ids = [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
     num_prompt = len(ids) - new_tokens
+    # The metrics say the same: the prompt's rows unsparsified, one sparsified row per decode step.
+    counted = {path: after[path] - before.get(path, 0) for path in after}
+    assert counted.get("unsparsified") == num_prompt
+    assert counted.get("sparse", 0) + counted.get("dense", 0) == new_tokens - 1
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     profile = Profile.load(profile_path)
 
