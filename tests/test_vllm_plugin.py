@@ -161,8 +161,8 @@ def test_decode_steps_alone_sparsified(smollm2_dir, option):
     new_tokens = 24
     with VllmServer(str(smollm2_dir), args) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
-        time.sleep(1.5)  # startup's dummy runs count too: let their last snapshot land
-        before = token_counts(server)
+        time.sleep(1.5)  # one snapshot interval and then some: whatever startup ran has landed
+        before = token_counts(server)  # cumulative counters: this request's rows are the difference
         out = client.completions.create(
             model=str(smollm2_dir), prompt=text, max_tokens=new_tokens, echo=True, logprobs=5,
             temperature=0.0, extra_body={"return_tokens_as_token_ids": True},
