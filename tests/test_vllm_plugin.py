@@ -52,10 +52,20 @@ def metric_values(server: VllmServer, name: str) -> dict[tuple[str, str], float]
     return {(layer, proj): float(value) for layer, proj, value in pattern.findall(text)}
 
 
-def token_counts(server: VllmServer) -> dict[str, float]:
-    """{path: tokens} of acttail_tokens_total on the server's /metrics."""
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    return {path: float(value) for path, value in re.findall(r'^acttail_tokens_total\{path="(\w+)"\} (\S+)$', text, re.M)}
+def settled_token_counts(server: VllmServer) -> dict[str, float]:
+    """{path: tokens} of acttail_tokens_total on the server's /metrics, once two reads a second
+    apart agree (snapshots land every ACTTAIL_METRICS_INTERVAL_S; an idle server's stop changing)."""
+    def read() -> dict[str, float]:
+        text = requests.get(f"{server.url}/metrics", timeout=10).text
+        return {p: float(v) for p, v in re.findall(r'^acttail_tokens_total\{path="(\w+)"\} (\S+)$', text, re.M)}
+
+    counts = read()
+    for _ in range(20):
+        time.sleep(1.0)
+        counts, previous = read(), counts
+        if counts == previous:
+            break
+    return counts
 
 
 def test_sparsity_zero_equals_dense(smollm2_dir):
@@ -159,16 +169,14 @@ def test_decode_steps_alone_sparsified(smollm2_dir, option):
     args = (*SERVE_ARGS, "--quantization", "acttail", "--hf-overrides", json.dumps({"quantization_config": config}))
     text = "The history of the city goes back more than two thousand years, when traders first settled"
     new_tokens = 24
-    with VllmServer(str(smollm2_dir), args) as server:
+    with VllmServer(str(smollm2_dir), args, env={"ACTTAIL_METRICS_INTERVAL_S": "0.5"}) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
-        time.sleep(1.5)  # one snapshot interval and then some: whatever startup ran has landed
-        before = token_counts(server)  # cumulative counters: this request's rows are the difference
+        before = settled_token_counts(server)  # cumulative counters: this request's rows are the difference
         out = client.completions.create(
             model=str(smollm2_dir), prompt=text, max_tokens=new_tokens, echo=True, logprobs=5,
             temperature=0.0, extra_body={"return_tokens_as_token_ids": True},
         )
-        time.sleep(1.5)  # one snapshot interval (0.5 s) and then some
-        after = token_counts(server)
+        after = settled_token_counts(server)
     logprobs = out.choices[0].logprobs
     ids = [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
     num_prompt = len(ids) - new_tokens
