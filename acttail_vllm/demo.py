@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import openai
-import requests
 
 from acttail_vllm.models import ensure_smollm2
 from acttail_vllm.server import VllmServer
@@ -45,7 +44,7 @@ def main() -> None:
         tokens = chat.usage.completion_tokens
         print(f"({tokens} tokens in {elapsed:.2f} s, {tokens / elapsed:.1f} tok/s on this machine)")
         time.sleep(1.0)
-        metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+        metrics = server.metrics()
         print("\nActTail metrics (excerpt of /metrics):")
         for line in metrics.splitlines():
             if line.startswith(("acttail_info", "acttail_tokens_total", "acttail_profile_build")) or (

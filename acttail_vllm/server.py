@@ -77,6 +77,10 @@ class VllmServer:
         os.close(handle)
         return self
 
+    def metrics(self) -> str:
+        """The server's /metrics text: vLLM's metrics and ActTail's."""
+        return requests.get(f"{self.url}/metrics", timeout=10).text
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 

@@ -12,7 +12,6 @@ import subprocess
 import time
 
 import pytest
-import requests
 import yaml
 
 from acttail_vllm.server import VllmServer
@@ -152,7 +151,7 @@ SCRAPE_INTERVAL_S = 1.0
 
 def served_counter(server: VllmServer, name: str) -> float:
     """Sum of a counter over its series, read from the server's /metrics directly."""
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    text = server.metrics()
     values = re.findall(rf"^{re.escape(name)}(?:\{{.*\}})? (\S+)$", text, re.M)
     assert values, f"{name} is not on {server.url}/metrics"
     return sum(float(v) for v in values)

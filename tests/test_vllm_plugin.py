@@ -12,7 +12,6 @@ import time
 
 import openai
 import pytest
-import requests
 import torch
 
 from acttail_vllm.budgets import kept_count
@@ -47,7 +46,7 @@ def greedy_texts(server: VllmServer, model: str) -> list[str]:
 
 def metric_values(server: VllmServer, name: str) -> dict[tuple[str, str], float]:
     """{(layer, projection): value} of one ActTail metric on the server's /metrics."""
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    text = server.metrics()
     pattern = re.compile(rf'^{name}\{{layer="(\d+)",projection="(\w+)"\}} (\S+)$', re.M)
     return {(layer, proj): float(value) for layer, proj, value in pattern.findall(text)}
 
@@ -56,8 +55,8 @@ def settled_token_counts(server: VllmServer) -> dict[str, float]:
     """{path: tokens} of acttail_tokens_total on the server's /metrics, once two reads a second
     apart agree (snapshots land every ACTTAIL_METRICS_INTERVAL_S; an idle server's stop changing)."""
     def read() -> dict[str, float]:
-        text = requests.get(f"{server.url}/metrics", timeout=10).text
-        return {p: float(v) for p, v in re.findall(r'^acttail_tokens_total\{path="(\w+)"\} (\S+)$', text, re.M)}
+        pattern = r'^acttail_tokens_total\{path="(\w+)"\} (\S+)$'
+        return {p: float(v) for p, v in re.findall(pattern, server.metrics(), re.M)}
 
     counts = read()
     for _ in range(20):
