@@ -1,0 +1,91 @@
+"""Where a one-token call's microseconds go: the selection, the GEMV, and what joining them costs;
+and how fast batch-1 decode could get if the selection cost nothing.
+
+    python3 benchmarks/handoff_costs.py [--rest-us 1282 --dense-step-us 8208]        # needs CUDA
+
+At the 13B shapes, M = 1, the channel-list path, per call:
+
+* ``select``: ``topk_select`` with the channel list, alone;
+* ``gemv``: the list GEMV alone, on a selection made beforehand (its list already in memory);
+* ``both``: ``sparse_linear`` (selection, then the GEMV as shipped);
+* ``join``: both - select - gemv, what running them back to back adds (negative: overlap);
+* ``ideal``: cuBLAS reading exactly the kept weight rows (the first keep rows of [K, N], contiguous):
+  the same bytes without selection, list or gather;
+* ``dense``: cuBLAS on the whole weight.
+
+Then per decoder layer (qkv + o + gate_up + down) the sums of dense, shipped (``both``) and
+``best``: min(gemv, ideal) a call, a free selection and the faster of the list GEMV and cuBLAS on the
+kept bytes. A batch-1 step of the 13B shape is 40 layers plus ``--rest-us`` of kernel time outside
+the projections and selections (attention, norms, rotary, cache writes, lm_head; 1282 us in
+results/h200/profile_decode_13b_08.txt at 80%), against a dense step of ``--dense-step-us`` (8208 us
+of wall time, results/h200/profile_decode_13b.txt); ``bound`` is dense step / (rest + 40 best
+layers), the speedup decode would reach with that rest; ``model`` is the same sum with the shipped
+calls, to check against the measured decode speedup (results/h200/decode_13b.txt).
+
+Timing: bench_kernels.time_us (CUDA graph, L2 flushed, median microseconds per call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
+
+import acttail_kernels as ak
+from acttail_kernels.sparse_gemv import sparse_gemv
+from acttail_kernels.topk_select import guess_tensor, keep_tensor, topk_select
+
+
+LAYER = ("13b.qkv", "13b.q/k/v/o", "13b.gate_up", "13b.down")  # a decoder layer's four calls
+LAYERS = 40
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rest-us", type=float, default=1282.0, help="a step's kernel time outside the projections")
+    parser.add_argument("--dense-step-us", type=float, default=8208.0, help="a dense decode step, wall time")
+    args = parser.parse_args()
+    dtype, device = torch.bfloat16, "cuda"
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; microseconds per call, M = 1, list path")
+    print(f"{'shape':14s} {'s':>4s} {'select':>7s} {'gemv':>7s} {'both':>7s} {'join':>7s} {'ideal':>7s} {'dense':>7s}")
+    layer: dict[float, dict[str, float]] = {}
+    for shape in (s for s in GPU_SHAPES if s.name.startswith("13b")):
+        instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
+        weights = [torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02 for _ in range(instances)]
+        weights_t = [ak.prepare_weight(w) for w in weights]
+        xs = [torch.randn(1, shape.k, dtype=dtype, device=device) for _ in range(instances)]
+        dense = time_us([functools.partial(torch.nn.functional.linear, x, w) for x, w in zip(xs, weights)], xs)
+        for sparsity in (0.5, 0.8):
+            keeps = keeps_for(shape, sparsity)
+            keep = keep_tensor(keeps, device)
+            guess = guess_tensor(len(keeps), device)
+            select = [functools.partial(topk_select, x, keep, True, guess) for x in xs]
+            made = [call() for call in select]
+            gemv = [functools.partial(sparse_gemv, sel, w, None, shape.seg_bounds) for sel, w in zip(made, weights_t)]
+            both = [functools.partial(ak.sparse_linear, x, w, None, shape.seg_bounds, keeps, keep=keep,
+                                      path=ak.GemvPath.LIST, thr_guess=guess) for x, w in zip(xs, weights_t)]
+            rows = max(keeps)  # the bench's budgets are one per shape
+            ideal = [functools.partial(torch.mm, x[:, :rows], w[:rows]) for x, w in zip(xs, weights_t)]
+            t = {name: time_us(calls, xs) for name, calls in
+                 (("select", select), ("gemv", gemv), ("both", both), ("ideal", ideal))}
+            join = t["both"] - t["select"] - t["gemv"]
+            print(f"{shape.name:14s} {sparsity:4.2f} {t['select']:7.1f} {t['gemv']:7.1f} {t['both']:7.1f} {join:7.1f} "
+                  f"{t['ideal']:7.1f} {dense:7.1f}", flush=True)
+            if shape.name in LAYER:
+                sums = layer.setdefault(sparsity, {"dense": 0.0, "shipped": 0.0, "best": 0.0})
+                sums["dense"] += dense
+                sums["shipped"] += t["both"]
+                sums["best"] += min(t["gemv"], t["ideal"])
+    print(f"\nper layer ({' + '.join(LAYER)}), us; step = {args.rest_us:.0f} + {LAYERS} layers, "
+          f"against a dense step of {args.dense_step_us:.0f}")
+    print(f"{'s':>4s} {'dense':>7s} {'shipped':>8s} {'best':>7s} {'model':>7s} {'bound':>7s}")
+    for sparsity, sums in layer.items():
+        model, bound = (args.dense_step_us / (args.rest_us + LAYERS * sums[key]) for key in ("shipped", "best"))
+        print(f"{sparsity:4.2f} {sums['dense']:7.1f} {sums['shipped']:8.1f} {sums['best']:7.1f} {model:6.2f}x "
+              f"{bound:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
