@@ -7,11 +7,16 @@ tiling of a (shape, loop) is the one with the least time summed over the sparsit
 
     python3 benchmarks/gemv_plans.py                  # needs CUDA; timing as bench_kernels.time_us
     python3 benchmarks/gemv_plans.py --write          # also write kernels/measured/<this GPU>/gemv_tiles.json
+    python3 benchmarks/gemv_plans.py --launch         # instead: warps x pipeline stages at the 13B list tiles
+
+``--launch`` keeps each 13B shape's measured channel-list tiles and times the launch settings the
+tiles do not record, num_warps x num_stages, against the ones every plan uses (4 and 3).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 from pathlib import Path
@@ -22,21 +27,54 @@ from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
 import acttail_kernels as ak
 from acttail_kernels.gemv_tiles import TILES_FILE, GemvLoop, GemvTiles, ShapeTiles, TileTable
 from acttail_kernels.measured import table_path
-from acttail_kernels.sparse_gemv import RULE_TILES, plan_of, sparse_gemv
+from acttail_kernels.measured import device_name
+from acttail_kernels.sparse_gemv import RULE_TILES, GemvPlan, plan_gemv, plan_of, sparse_gemv
 from acttail_kernels.topk_select import keep_tensor, num_sms, topk_select
 
 BLOCK_N = (32, 64, 128)
 BLOCK_K = (128, 256, 512)
 PROGRAMS_PER_SM = (2, 4, 8)
 SPARSITIES = (0.5, 0.8)
+WARPS = (2, 4, 8)
+STAGES = (2, 3, 4, 5)
+
+
+def sweep_launch(dtype: torch.dtype, device: str) -> None:
+    """Per 13B shape, the list GEMV at its measured tiles with each num_warps x num_stages."""
+    sms = num_sms(torch.device(device))
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; list GEMV us at M=1, selection "
+          f"excluded, s={SPARSITIES}; w(num_warps) s(num_stages) at the measured tiles")
+    print(f"{'shape':14s} {'tiles':>12s} {'w4 s3':>11s} {'best':>6s} {'us':>11s}")
+    for shape in [s for s in GPU_SHAPES if s.name.startswith("13b") and not s.name.endswith("gate/up")]:
+        instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
+        weights_t = [ak.prepare_weight(torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02)
+                     for _ in range(instances)]
+        xs = [torch.randn(1, shape.k, dtype=dtype, device=device) for _ in range(instances)]
+        shipped = plan_gemv(shape.seg_widths, shape.k, device_name(torch.device(device)), sms, GemvLoop.CHANNEL_LIST)
+        plans = [dataclasses.replace(shipped, num_warps=w, num_stages=st) for w, st in itertools.product(WARPS, STAGES)]
+        timings: dict[GemvPlan, list[float]] = {plan: [] for plan in plans}
+        for sparsity in SPARSITIES:
+            sels = [topk_select(x, keep_tensor(keeps_for(shape, sparsity), device), with_list=True) for x in xs]
+            for plan in plans:
+                calls = [functools.partial(sparse_gemv, sel, w, None, shape.seg_bounds, plan)
+                         for sel, w in zip(sels, weights_t)]
+                timings[plan].append(time_us(calls, [sel.xs for sel in sels]))
+        best = min(plans, key=lambda p: sum(timings[p]))
+        tiles = f"n{shipped.block_n} k{shipped.block_k} x{shipped.splits}"
+        print(f"{shape.name:14s} {tiles:>12s} {'/'.join(f'{u:.1f}' for u in timings[shipped]):>11s} "
+              f"{f'w{best.num_warps} s{best.num_stages}':>6s} {'/'.join(f'{u:.1f}' for u in timings[best]):>11s}",
+              flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", type=Path, nargs="?", const=True,
                         help="write the table (default: this GPU's file under kernels/measured/)")
+    parser.add_argument("--launch", action="store_true", help="instead: num_warps x num_stages at the 13B list tiles")
     args = parser.parse_args()
     dtype, device = torch.bfloat16, "cuda"
+    if args.launch:
+        return sweep_launch(dtype, device)
     if args.write is True:
         args.write = table_path(TILES_FILE, torch.cuda.get_device_name())
     sms = num_sms(torch.device(device))
