@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import tempfile
 import time
-from pathlib import Path
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 import torch  # noqa: E402
 
-from benchmarks.dummy_llama import write_config  # noqa: E402
-from benchmarks.vllm_decode_bench import make_llm, token_prompts  # noqa: E402
+from benchmarks.vllm_decode_bench import add_engine_args, shape_engine, token_prompts  # noqa: E402
 
 
 def kernel_times(prof: torch.profiler.profile) -> dict[str, list[float]]:
@@ -37,19 +34,15 @@ def kernel_times(prof: torch.profiler.profile) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="13b")
-    parser.add_argument("--sparsity", default="dense")
+    add_engine_args(parser)
     parser.add_argument("--batches", default="1,16", type=lambda s: [int(b) for b in s.split(",")])
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
-    if args.sparsity != "dense" and os.environ.get("ACTTAIL_SPARSITY") != args.sparsity:
-        raise SystemExit(f"set ACTTAIL_SPARSITY={args.sparsity} (the loader hook reads it)")
 
     from vllm import SamplingParams
 
-    model = write_config(args.shape, Path(tempfile.mkdtemp(prefix="acttail-prof-")) / f"llama-2-{args.shape}-shape")
-    llm = make_llm(str(model), args.sparsity, 64 + args.steps + 16, max(args.batches))
+    llm = shape_engine(args, 64 + args.steps + 16, max(args.batches))
     params = SamplingParams(max_tokens=args.steps, ignore_eos=True, temperature=0.0, detokenize=False)
     for batch in args.batches:
         prompts = token_prompts(batch, 64)

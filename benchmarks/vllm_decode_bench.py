@@ -6,8 +6,12 @@ Runs on a CUDA host with vLLM installed (see ../shared/gpu/README.md for the off
 
 Each configuration runs in its own process (a fresh vLLM engine: `--load-format dummy`, bf16, default
 torch.compile and CUDA graphs), generates `--new-tokens` tokens after a `--prompt-len` prompt for
-every request of a batch (ignore_eos), and reports decode tokens/s = batch * new_tokens / seconds
-(prefill included, as in the dense baseline quoted in the README). ActTail budgets come from the
+every request of a batch (ignore_eos), and reports tokens/s = batch * new_tokens / seconds (prefill
+included, as in the dense baseline quoted in the README) and decode-only tokens/s: the tokens after
+the first over the time after the first, the best time of a 1-token generate of the same prompts
+subtracted. The two differ most at batch 1, where the engine captures CUDA graphs only up to 2
+tokens (max_num_seqs 1), so the prefill runs uncaptured and ActTail's op pays its host time there
+(benchmarks/host_overhead.py). ActTail budgets come from the
 loader hook (alphas of the random weights, cached under $ACTTAIL_CACHE between configurations).
 ``--extend PRIOR.json`` adds sparsities to an earlier run: its dense tok/s are reused (no dense
 engine) and its rows are kept, so one shape's table can be measured in two calls under 10 minutes.
@@ -50,6 +54,23 @@ def make_llm(model: str, sparsity: str, max_model_len: int, max_num_seqs: int, o
     )
 
 
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """--shape, --sparsity and --options of the one engine an in-process study runs (profile_decode,
+    stall_probe)."""
+    parser.add_argument("--shape", default="13b")
+    parser.add_argument("--sparsity", default="dense")
+    parser.add_argument("--options", type=json.loads, default={}, help="more ActTail options, a JSON object")
+
+
+def shape_engine(args: argparse.Namespace, max_model_len: int, max_num_seqs: int):
+    """``make_llm`` on random weights of ``args.shape``, as ``add_engine_args`` parsed it."""
+    if args.sparsity != "dense" and os.environ.get("ACTTAIL_SPARSITY") != args.sparsity:
+        raise SystemExit(f"set ACTTAIL_SPARSITY={args.sparsity} (the loader hook reads it)")
+    model = write_config(args.shape, Path(tempfile.mkdtemp(prefix="acttail-engine-")) / f"llama-2-{args.shape}-shape")
+    return make_llm(str(model), args.sparsity, max_model_len, max_num_seqs, args.options)
+
+
 def token_prompts(batch: int, prompt_len: int) -> list:
     from vllm.inputs import TokensPrompt
 
@@ -62,17 +83,22 @@ def run_worker(args: argparse.Namespace) -> None:
 
     llm = make_llm(args.model, args.sparsity, args.prompt_len + args.new_tokens + 16, max(args.batches), args.options)
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
+    first_token = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
     for batch in args.batches:
         prompts = token_prompts(batch, args.prompt_len)
         # Warm up with the whole batch, so no first-time work at its prefill and step sizes is timed.
         llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
-        best = float("inf")
+        best = {}
         for _ in range(args.repeats):
-            start = time.perf_counter()
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            best = min(best, time.perf_counter() - start)
+            for name, sampling in (("first", first_token), ("all", params)):
+                start = time.perf_counter()
+                outputs = llm.generate(prompts, sampling, use_tqdm=False)
+                best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-        print(json.dumps({"batch": batch, "tokens": generated, "seconds": best, "tok_s": generated / best}), flush=True)
+        decode_s = best["all"] - best["first"]
+        print(json.dumps({"batch": batch, "tokens": generated, "seconds": best["all"], "tok_s": generated / best["all"],
+                          "first_token_seconds": best["first"], "decode_tok_s": (generated - batch) / decode_s}),
+              flush=True)
 
 
 def run_config(model: Path, sparsity: str, args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
@@ -118,24 +144,30 @@ def main() -> None:
     results = json.loads(args.extend.read_text()) if args.extend else []
     for shape in args.shapes.split(","):
         model = write_config(shape, root / f"llama-2-{shape}-shape")
-        earlier = {r["batch"]: r["dense_tok_s"] for r in results if r["shape"] == shape}
+        earlier = {r["batch"]: {"tok_s": r["dense_tok_s"], "decode_tok_s": r.get("dense_decode_tok_s")}
+                   for r in results if r["shape"] == shape}
         if set(args.batches) <= set(earlier):
             dense = earlier
             print(f"# {model.name} dense: tok/s from {args.extend}", flush=True)
         else:
-            dense = {r["batch"]: r["tok_s"] for r in run_config(model, "dense", args, env)}
+            dense = {r["batch"]: r for r in run_config(model, "dense", args, env)}
         for sparsity in args.sparsities.split(","):
             same = (shape, float(sparsity), args.options)
             results = [r for r in results if (r["shape"], r["sparsity"], r.get("options", {})) != same]
             for row in run_config(model, sparsity, args, env):
                 results.append({"shape": shape, "sparsity": float(sparsity), "options": args.options,
-                                "dense_tok_s": dense[row["batch"]], **row})
+                                "dense_tok_s": dense[row["batch"]]["tok_s"],
+                                "dense_decode_tok_s": dense[row["batch"]].get("decode_tok_s"), **row})
     results.sort(key=lambda r: (r["shape"], r["sparsity"], json.dumps(r.get("options", {})), r["batch"]))
-    print("\n| shape | batch | sparsity | options | dense tok/s | acttail tok/s | speedup |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| shape | batch | sparsity | options | dense tok/s | acttail tok/s | speedup "
+          "| decode only: dense | acttail | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        dense_decode, decode = r.get("dense_decode_tok_s"), r.get("decode_tok_s")  # absent in older runs
+        decode_cols = (f"{dense_decode:.0f} | {decode:.0f} | {decode / dense_decode:.2f}x" if dense_decode and decode
+                       else "- | - | -")
         print(f"| {r['shape']} | {r['batch']} | {r['sparsity']:.1f} | {json.dumps(r.get('options', {}))} | "
-              f"{r['dense_tok_s']:.0f} | {r['tok_s']:.0f} | {r['tok_s'] / r['dense_tok_s']:.2f}x |")
+              f"{r['dense_tok_s']:.0f} | {r['tok_s']:.0f} | {r['tok_s'] / r['dense_tok_s']:.2f}x | {decode_cols} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
