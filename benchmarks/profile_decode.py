@@ -20,7 +20,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 import torch  # noqa: E402
 
-from benchmarks.vllm_decode_bench import add_engine_args, shape_engine, token_prompts  # noqa: E402
+from benchmarks.vllm_decode_bench import add_engine_args, greedy_tokens, shape_engine, token_prompts  # noqa: E402
 
 
 def kernel_times(prof: torch.profiler.profile) -> dict[str, list[float]]:
@@ -40,10 +40,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
 
-    from vllm import SamplingParams
-
     llm = shape_engine(args, 64 + args.steps + 16, max(args.batches))
-    params = SamplingParams(max_tokens=args.steps, ignore_eos=True, temperature=0.0, detokenize=False)
+    params = greedy_tokens(args.steps)
     for batch in args.batches:
         prompts = token_prompts(batch, 64)
         llm.generate(prompts, params, use_tqdm=False)  # warm: every graph and kernel compiled

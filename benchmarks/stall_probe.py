@@ -17,14 +17,14 @@ import time
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from benchmarks.vllm_decode_bench import add_engine_args, shape_engine  # noqa: E402
+from benchmarks.vllm_decode_bench import add_engine_args, greedy_tokens, shape_engine  # noqa: E402
 
 COMPILED: list[str] = []
 
 
 def record_compile(*args, **kwargs) -> bool:
     """Triton's jit_cache_hook: called before each compilation (or disk-cache load) of a kernel."""
-    COMPILED.append(kwargs["fn"].name if "fn" in kwargs else str(kwargs.get("key"))[:60])
+    COMPILED.append(kwargs["fn"].name)
     return False  # compile as usual
 
 
@@ -35,7 +35,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import triton
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = shape_engine(args, 1024, 1)
@@ -51,7 +50,7 @@ def main() -> None:
     print(f"{'call':32s} {'s':>7s} {'tok/s':>7s}  Triton compilations during the call")
     for name, tokens, new_tokens in calls:
         del COMPILED[:]
-        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
+        params = greedy_tokens(new_tokens)
         start = time.perf_counter()
         llm.generate([tokens], params, use_tqdm=False)
         wall = time.perf_counter() - start

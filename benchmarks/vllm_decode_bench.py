@@ -54,6 +54,12 @@ def make_llm(model: str, sparsity: str, max_model_len: int, max_num_seqs: int, o
     )
 
 
+def greedy_tokens(max_tokens: int):
+    """Sampling for a timed generate: exactly ``max_tokens`` greedy tokens, ids only."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
+
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """--shape, --sparsity and --options of the one engine an in-process study runs (profile_decode,
@@ -82,8 +88,7 @@ def run_worker(args: argparse.Namespace) -> None:
     from vllm import SamplingParams
 
     llm = make_llm(args.model, args.sparsity, args.prompt_len + args.new_tokens + 16, max(args.batches), args.options)
-    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
-    first_token = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
+    params, first_token = greedy_tokens(args.new_tokens), greedy_tokens(1)
     for batch in args.batches:
         prompts = token_prompts(batch, args.prompt_len)
         # Warm up with the whole batch, so no first-time work at its prefill and step sizes is timed.
