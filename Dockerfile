@@ -12,7 +12,7 @@ COPY kernels ./kernels
 # resolver run could swap its CUDA build of torch. The import check fails the build if one is missing,
 # and the entry-point check fails it if vLLM would not find the plugins.
 RUN uv pip install --system --no-cache --no-deps . \
- && python3 -c "import acttail_vllm.plugin, acttail_vllm.stat_logger, acttail_kernels" \
+ && python3 -c "import acttail_vllm.plugin, acttail_vllm.serving.stat_logger, acttail_kernels" \
  && python3 -c "from importlib.metadata import entry_points as e; \
 assert {'acttail'} <= {p.name for p in e(group='vllm.general_plugins')}; \
 assert {'acttail'} <= {p.name for p in e(group='vllm.stat_logger_plugins')}"

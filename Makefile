@@ -10,7 +10,7 @@ setup: $(PY)
 
 # The main job: serve SmolLM2-135M with ActTail through vLLM's OpenAI API and query it.
 demo: $(PY)
-	$(PY) -m acttail_vllm.demo
+	$(PY) -m acttail_vllm.dev.demo
 
 # Everything CI runs, on two workers, a test file per worker at a time, each worker and the vLLM
 # servers it starts pinned to its own core (tests/conftest.py): 12.5 min of tests on 2 cores, 16.3

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from acttail_vllm import __version__
-from acttail_vllm.models import ModelSetupError
+from acttail_vllm.dev.models import ModelSetupError
 
 #: Modules that register further commands on import.
-COMMAND_MODULES: tuple[str, ...] = ("acttail_vllm.evaluate",)
+COMMAND_MODULES: tuple[str, ...] = ("acttail_vllm.eval.cli",)
 EXIT_USAGE = 2
 
 
@@ -55,9 +55,8 @@ def _fraction(text: str) -> float:
 
 
 def _configure_profile(parser: argparse.ArgumentParser) -> None:
-    from acttail_vllm.allocation import METHODS
-    from acttail_vllm.esd import ESTIMATORS
-    from acttail_vllm.profiler import DEFAULT_EPS, DEFAULT_ESTIMATOR, DEFAULT_METHOD, DEFAULT_S_MAX
+    from acttail_vllm.profiling.allocation import DEFAULT_EPS, DEFAULT_ESTIMATOR, DEFAULT_METHOD, DEFAULT_S_MAX, METHODS
+    from acttail_vllm.profiling.esd import ESTIMATORS
 
     parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory, GGUF file, or hub id")
     parser.add_argument("--sparsity", type=_fraction, required=True, help="global target sparsity, e.g. 0.8")
@@ -77,15 +76,12 @@ def _configure_profile(parser: argparse.ArgumentParser) -> None:
 def _profile(args: argparse.Namespace) -> None:
     import torch
 
-    from acttail_vllm.profiler import profile_model
+    from acttail_vllm.profiling.allocation import AllocationSpec
+    from acttail_vllm.profiling.builder import profile_model
 
     profile = profile_model(
         args.model,
-        target=args.sparsity,
-        method=args.method,
-        estimator=args.estimator,
-        eps=args.eps,
-        s_max=args.s_max,
+        AllocationSpec(args.sparsity, args.method, args.estimator, args.eps, args.s_max),
         device=args.device,
         eigen_dtype=None if args.eigen_dtype == "auto" else getattr(torch, args.eigen_dtype),
         progress=True,
@@ -108,7 +104,7 @@ def _configure_inspect(parser: argparse.ArgumentParser) -> None:
 
 def format_table(profile) -> str:
     """Per-layer table: alpha and sparsity of each projection."""
-    from acttail_vllm.profile import PROJECTION_NAMES
+    from acttail_vllm.profiling.profile import PROJECTION_NAMES
 
     cell = 15
     header = "layer" + "".join(f"{name:>{cell}}" for name in PROJECTION_NAMES)
@@ -137,7 +133,7 @@ def plot_profile(profile, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from acttail_vllm.profile import PROJECTION_NAMES
+    from acttail_vllm.profiling.profile import PROJECTION_NAMES
 
     index = [layer.index for layer in profile.layers]
     fig, (ax_alpha, ax_sparsity) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
@@ -160,7 +156,7 @@ def plot_profile(profile, path: str) -> None:
 
 @register_command("inspect", "print a profile's per-layer table, optionally plot it", _configure_inspect)
 def _inspect(args: argparse.Namespace) -> None:
-    from acttail_vllm.profile import Profile
+    from acttail_vllm.profiling.profile import Profile
 
     profile = Profile.load(args.profile)
     print(format_table(profile))
@@ -173,7 +169,7 @@ def _inspect(args: argparse.Namespace) -> None:
     "prepare-smollm2", "print the cached SmolLM2-135M-Instruct model directory, creating it if needed", lambda parser: None
 )
 def _prepare_smollm2(args: argparse.Namespace) -> None:
-    from acttail_vllm.models import ensure_smollm2
+    from acttail_vllm.dev.models import ensure_smollm2
 
     print(ensure_smollm2())
 

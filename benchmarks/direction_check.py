@@ -14,10 +14,12 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from acttail_vllm.evaluate import DEFAULT_CONTEXT, Evaluator, RunSettings
-from acttail_vllm.models import ensure_smollm2
-from acttail_vllm.profile import Profile
-from acttail_vllm.profiler import DEFAULT_ESTIMATOR, DEFAULT_S_MAX, reallocated
+from acttail_vllm.dev.models import ensure_smollm2
+from acttail_vllm.eval.evaluator import DEFAULT_CONTEXT, Evaluator
+from acttail_vllm.eval.records import RunSettings
+from acttail_vllm.profiling.allocation import DEFAULT_ESTIMATOR, DEFAULT_S_MAX, AllocationSpec
+from acttail_vllm.profiling.builder import reallocated
+from acttail_vllm.profiling.profile import Profile
 
 
 def mirrored(profile: Profile) -> Profile:
@@ -45,7 +47,7 @@ def main() -> None:
     evaluator = Evaluator(RunSettings(model=args.model or str(ensure_smollm2()), device=args.device), progress=False)
     stream = evaluator.token_stream(args.text, args.max_tokens)
     work = Path(tempfile.mkdtemp(prefix="acttail-direction-"))
-    base = evaluator.load_profile(evaluator.build_profile(work, "uniform", 0.5, DEFAULT_ESTIMATOR, 0.0, DEFAULT_S_MAX))
+    base = evaluator.load_profile(evaluator.build_profile(work, AllocationSpec(0.5, "uniform", DEFAULT_ESTIMATOR, 0.0, DEFAULT_S_MAX)))
     sources = {"acttail": base, "mirrored": mirrored(base)}
     print(f"{args.text}: {len(stream.ids)} tokens, context {args.context}, estimator {DEFAULT_ESTIMATOR}")
     print("| sparsity | budgets | eps | ppl |\n|---|---|---|---|")
@@ -54,7 +56,7 @@ def main() -> None:
         runs += [(name, src, "acttail", float(eps)) for eps in args.eps.split(",") for name, src in sources.items()]
         for name, source, method, eps in runs:
             path = work / f"{name}-eps{eps:g}-s{sparsity:g}.json"
-            reallocated(source, target=sparsity, method=method, eps=eps, s_max=DEFAULT_S_MAX).save(path)
+            reallocated(source, AllocationSpec(sparsity, method, DEFAULT_ESTIMATOR, eps, DEFAULT_S_MAX)).save(path)
             result = evaluator.perplexity(stream, path, args.context)
             print(f"| {sparsity:.0%} | {name} | {eps:g} | {result.ppl:.1f} |", flush=True)
 

@@ -264,7 +264,7 @@ def measure(label: str, url: str, model: str, spec: LoadSpec, warmup: int) -> Lo
 
 
 def _bench_started_servers(args: argparse.Namespace, spec: LoadSpec, vllm_args: list[str]) -> list[LoadSummary]:
-    from acttail_vllm.server import VllmServer
+    from acttail_vllm.dev.server import VllmServer
 
     acttail_env = {"ACTTAIL_PROFILE": str(args.profile)} if args.profile else {"ACTTAIL_SPARSITY": str(args.sparsity)}
     runs = [("dense", vllm_args, {}), ("acttail", [*vllm_args, "--quantization", "acttail"], acttail_env)]

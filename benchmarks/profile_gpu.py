@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from acttail_vllm.profile import PROJECTION_NAMES
-from acttail_vllm.profiler import DEFAULT_ESTIMATOR, STAGES, profile_from_weights
+from acttail_vllm.profiling.profile import PROJECTION_NAMES
+from acttail_vllm.profiling.allocation import DEFAULT_ESTIMATOR, AllocationSpec
+from acttail_vllm.profiling.builder import STAGES, profile_from_weights
 
 
 def projection_shapes(hidden: int, intermediate: int, kv_dim: int) -> dict[str, tuple[int, int]]:
@@ -76,8 +77,7 @@ def main() -> None:
                 "LlamaForCausalLM",
                 args.layers,
                 random_weights(args.layers, shapes, device, getattr(torch, args.weight_dtype), seed=0),
-                target=args.target,
-                estimator=estimator,
+                AllocationSpec(args.target, estimator=estimator),
                 eigen_dtype=getattr(torch, eigen_dtype),
                 stage_seconds=stages,
             )

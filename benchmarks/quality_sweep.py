@@ -30,23 +30,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from acttail_vllm.cli import _fraction
-from acttail_vllm.esd import ESTIMATORS
-from acttail_vllm.evaluate import (
-    DEFAULT_CONTEXT,
-    DEFAULT_TASKS,
-    DTYPES,
-    Evaluator,
-    MultipleChoiceResult,
-    PerplexityResult,
-    RunSettings,
-    SweepResult,
-    markdown_table,
-    plot_sweep,
-    run_sweep,
-    sweep_table,
-    write_json,
-)
-from acttail_vllm.profiler import DEFAULT_S_MAX
+from acttail_vllm.profiling.esd import ESTIMATORS
+from acttail_vllm.eval.data import DEFAULT_TASKS
+from acttail_vllm.eval.evaluator import DEFAULT_CONTEXT, Evaluator, run_sweep
+from acttail_vllm.eval.records import DTYPES, MultipleChoiceResult, PerplexityResult, RunSettings, SweepResult
+from acttail_vllm.eval.report import markdown_table, plot_sweep, sweep_table, write_json
+from acttail_vllm.profiling.allocation import DEFAULT_S_MAX, AllocationSpec
 
 TUNING_TEXT = "tuning.txt"
 REPORT_TEXT = "report.txt"
@@ -113,7 +102,7 @@ def tune(evaluator: Evaluator, args: argparse.Namespace, profiles: Path) -> tupl
     stream = evaluator.token_stream(str(args.data_dir / TUNING_TEXT), args.max_tokens)
     dense = evaluator.perplexity(stream, None, args.context)
     uniform = [
-        evaluator.perplexity(stream, evaluator.build_profile(profiles, "uniform", s, args.estimators[0], 0.0, args.s_max), args.context)
+        evaluator.perplexity(stream, evaluator.build_profile(profiles, AllocationSpec(s, "uniform", args.estimators[0], 0.0, args.s_max)), args.context)
         for s in args.tune_sparsities
     ]
     points = [
@@ -121,7 +110,7 @@ def tune(evaluator: Evaluator, args: argparse.Namespace, profiles: Path) -> tupl
             estimator=estimator,
             eps=eps,
             runs=[
-                evaluator.perplexity(stream, evaluator.build_profile(profiles, "acttail", s, estimator, eps, args.s_max), args.context)
+                evaluator.perplexity(stream, evaluator.build_profile(profiles, AllocationSpec(s, "acttail", estimator, eps, args.s_max)), args.context)
                 for s in args.tune_sparsities
             ],
         )
@@ -162,10 +151,12 @@ def main() -> None:
     best = min(points, key=lambda p: p.mean_nll)
 
     report_stream = evaluator.token_stream(str(args.data_dir / REPORT_TEXT), args.max_tokens)
-    report = run_sweep(
-        evaluator, report_stream, profiles, args.sparsities, ["uniform", "acttail"], best.estimator, best.eps,
-        args.s_max, args.context,
-    )  # fmt: skip
+    specs = [
+        AllocationSpec(s, method, best.estimator, best.eps, args.s_max)
+        for s in args.sparsities
+        for method in ("uniform", "acttail")
+    ]
+    report = run_sweep(evaluator, report_stream, profiles, specs, args.context)
     data_dir = str(args.data_dir)
     multiple_choice = [
         evaluator.multiple_choice(args.tasks, None if run.profile is None else Path(run.profile.path), args.mc_limit, data_dir)

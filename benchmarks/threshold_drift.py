@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from acttail_kernels.reference import topk_mask
 from acttail_kernels.topk_select import THRESHOLD_WINDOW, mantissa_bits
-from acttail_vllm.data import text_slice
-from acttail_vllm.models import ensure_smollm2
+from acttail_vllm.eval.data import text_slice
+from acttail_vllm.dev.models import ensure_smollm2
 
 INPUTS = {"q_proj": "qkv", "gate_proj": "gate_up", "o_proj": "o", "down_proj": "down"}  # one per input
 

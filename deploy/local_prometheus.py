@@ -20,7 +20,7 @@ from typing import Literal, Sequence
 import requests
 from pydantic import BaseModel, Field, ValidationError
 
-from acttail_vllm.server import free_port, wait_until_ok
+from acttail_vllm.dev.server import free_port, wait_until_ok
 from deploy.stack import GlobalConfig, PrometheusConfig, ScrapeConfig, StaticConfig
 
 PROMETHEUS_BINARY = "prometheus"

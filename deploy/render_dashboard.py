@@ -215,7 +215,7 @@ def render(dashboard: Dashboard, data: DashboardData, out: Path) -> None:
 
 
 def run_and_collect(args: argparse.Namespace, dashboard: Dashboard) -> DashboardData:
-    from acttail_vllm.server import VllmServer
+    from acttail_vllm.dev.server import VllmServer
     from benchmarks.load_bench import LoadSpec, run_load
 
     env = {"ACTTAIL_PROFILE": str(args.profile), "ACTTAIL_METRICS_INTERVAL_S": "0.5"}

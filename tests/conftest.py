@@ -27,7 +27,7 @@ def pytest_configure(config) -> None:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a cached safetensors directory (built once, ~30 s)."""
-    from acttail_vllm.models import ensure_smollm2
+    from acttail_vllm.dev.models import ensure_smollm2
 
     return ensure_smollm2()
 

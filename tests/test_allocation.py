@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from acttail_vllm.allocation import allocate, weighted_mean
+from acttail_vllm.profiling.allocation import AllocationSpec, allocate, weighted_mean
 
 #: The weighted mean must hold the target this tightly (the requirement is 1e-3).
 MEAN_TOL = 1e-6
@@ -33,7 +33,7 @@ CASES = [
 @pytest.mark.parametrize("seed", range(3))
 def test_acttail_invariants(target, eps, s_max, seed):
     alphas, counts = random_case(seed)
-    sparsities = allocate(alphas, counts, target, "acttail", eps, s_max)
+    sparsities = allocate(alphas, counts, AllocationSpec(target, "acttail", eps=eps, s_max=s_max))
     assert len(sparsities) == len(alphas)
     assert weighted_mean(sparsities, counts) == pytest.approx(target, abs=MEAN_TOL)
     assert all(0.0 <= s <= s_max for s in sparsities)
@@ -43,7 +43,7 @@ def test_acttail_invariants(target, eps, s_max, seed):
 
 def test_clipping_is_exercised_and_still_holds_the_target():
     alphas, counts = random_case(0)
-    sparsities = allocate(alphas, counts, 0.9, "acttail", 0.5, 0.95)
+    sparsities = allocate(alphas, counts, AllocationSpec(0.9, "acttail", eps=0.5, s_max=0.95))
     assert sum(s == 0.95 for s in sparsities) > 1
     assert weighted_mean(sparsities, counts) == pytest.approx(0.9, abs=MEAN_TOL)
 
@@ -51,7 +51,7 @@ def test_clipping_is_exercised_and_still_holds_the_target():
 def test_without_clipping_it_is_alphapruning_linear_map_rescaled():
     alphas, counts = [1.0, 2.0, 4.0], [100, 100, 200]
     target, eps = 0.5, 0.2
-    sparsities = allocate(alphas, counts, target, "acttail", eps, 0.95)
+    sparsities = allocate(alphas, counts, AllocationSpec(target, "acttail", eps=eps, s_max=0.95))
     raw = [target * (1 - eps + 2 * eps * a) for a in (0.0, 1 / 3, 1.0)]
     scale = target / weighted_mean(raw, counts)
     assert sparsities == pytest.approx([r * scale for r in raw], abs=1e-12)
@@ -60,22 +60,22 @@ def test_without_clipping_it_is_alphapruning_linear_map_rescaled():
 
 def test_equal_alphas_give_uniform_budgets():
     counts = [10, 20, 30, 40]
-    assert allocate([3.0] * 4, counts, 0.7, "acttail", 0.3, 0.95) == pytest.approx([0.7] * 4, abs=1e-12)
+    assert allocate([3.0] * 4, counts, AllocationSpec(0.7, "acttail", eps=0.3, s_max=0.95)) == pytest.approx([0.7] * 4, abs=1e-12)
 
 
 def test_uniform_method_ignores_alpha():
     alphas, counts = random_case(1)
-    assert allocate(alphas, counts, 0.8, "uniform", 0.3, 0.95) == [0.8] * len(alphas)
+    assert allocate(alphas, counts, AllocationSpec(0.8, "uniform", eps=0.3, s_max=0.95)) == [0.8] * len(alphas)
 
 
 def test_target_at_s_max_puts_everything_at_the_cap():
     alphas, counts = random_case(2)
-    sparsities = allocate(alphas, counts, 0.9, "acttail", 0.2, 0.9)
+    sparsities = allocate(alphas, counts, AllocationSpec(0.9, "acttail", eps=0.2, s_max=0.9))
     assert sparsities == pytest.approx([0.9] * len(alphas), abs=1e-6)
 
 
 def test_zero_target_is_dense():
-    assert allocate([1.0, 5.0], [1, 1], 0.0, "acttail", 0.2, 0.95) == [0.0, 0.0]
+    assert allocate([1.0, 5.0], [1, 1], AllocationSpec(0.0, "acttail", eps=0.2, s_max=0.95)) == [0.0, 0.0]
 
 
 @pytest.mark.parametrize(
@@ -100,4 +100,5 @@ def test_bad_inputs_raise_specific_errors(kwargs, message):
     args = {"alphas": [1.0, 2.0, 3.0], "param_counts": [1, 1, 1], "target": 0.8, "method": "acttail", "eps": 0.2, "s_max": 0.95}
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
-        allocate(**args)
+        spec = AllocationSpec(args["target"], args["method"], eps=args["eps"], s_max=args["s_max"])
+        allocate(args["alphas"], args["param_counts"], spec)

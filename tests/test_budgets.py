@@ -2,7 +2,7 @@
 
 import pytest
 
-from acttail_vllm.budgets import ModuleBudget, decoder_projection, kept_count
+from acttail_vllm.serving.budgets import ModuleBudget, decoder_projection, kept_count
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ import importlib.metadata
 import pytest
 from pydantic import ValidationError
 
-from acttail_vllm import data
-from acttail_vllm.data import McTask, MultipleChoiceItem, TextSlice, WikiArticle
+from acttail_vllm.eval import data
+from acttail_vllm.eval.data import McTask, MultipleChoiceItem, TextSlice, WikiArticle
 
 needs_data = pytest.mark.skipif(
     not data.eval_data_available(),

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from acttail_vllm import esd
-from acttail_vllm.esd import (
+from acttail_vllm.profiling import esd
+from acttail_vllm.profiling.esd import (
     ESTIMATORS,
     alpha_hill,
     alpha_ww,
@@ -151,8 +151,8 @@ def _weightwatcher_alphas(weights: list[torch.Tensor]) -> list[float]:
 
 
 def _smollm2_projections(layers: set[int] | None) -> list[tuple[str, torch.Tensor]]:
-    from acttail_vllm.models import smollm2_gguf
-    from acttail_vllm.weights import open_gguf
+    from acttail_vllm.dev.models import smollm2_gguf
+    from acttail_vllm.profiling.weights import open_gguf
 
     return [
         (f"layer {layer} {proj}", weight)

@@ -13,23 +13,16 @@ import shlex
 import pytest
 import torch
 
-from acttail_vllm import data
 from acttail_vllm.cli import main
-from acttail_vllm.data import McTask, MultipleChoiceItem
-from acttail_vllm.evaluate import (
-    Evaluator,
-    ReferenceEngine,
-    RunSettings,
-    SweepResult,
-    export_data,
-    load_text,
-    multiple_choice_items,
-    score_requests,
-    task_accuracy,
-    windowed_nll,
-)
-from acttail_vllm.perplexity import ScoreRequest, continuation_request, perplexity, pick_choice, sliding_windows
-from acttail_vllm.profile import ProfileError
+from acttail_vllm.eval import data
+from acttail_vllm.eval.data import McTask, MultipleChoiceItem
+from acttail_vllm.eval.data import export_data, load_text, multiple_choice_items
+from acttail_vllm.eval.engines import ReferenceEngine, score_requests, windowed_nll
+from acttail_vllm.eval.evaluator import Evaluator, task_accuracy
+from acttail_vllm.eval.records import RunSettings, SweepResult
+from acttail_vllm.eval.scoring import ScoreRequest, continuation_request, perplexity, pick_choice, sliding_windows
+from acttail_vllm.profiling.allocation import AllocationSpec
+from acttail_vllm.profiling.profile import ProfileError
 
 needs_data = pytest.mark.skipif(
     not data.eval_data_available(),
@@ -163,7 +156,7 @@ def profile_of(evaluator, tmp_path_factory):
     """profile_of(method, sparsity) -> path; each profile is built on first use (5-100 s, depending
     on what else the machine runs), then reused from the module's directory."""
     directory = tmp_path_factory.mktemp("profiles")
-    return lambda method, sparsity: evaluator.build_profile(directory, method, sparsity, ESTIMATOR, EPS, S_MAX)
+    return lambda method, sparsity: evaluator.build_profile(directory, AllocationSpec(sparsity, method, ESTIMATOR, EPS, S_MAX))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from acttail_vllm.server import VllmServer
+from acttail_vllm.dev.server import VllmServer
 from benchmarks.load_bench import LoadRun, LoadSpec, LoadSummary, RequestRecord, run_load
 from deploy.local_prometheus import LocalPrometheus, finite_values, prometheus_binary
 from deploy.stack import (

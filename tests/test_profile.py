@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from acttail_vllm.allocation import weighted_mean
-from acttail_vllm.profile import PROJECTION_NAMES, Profile, ProfileError, model_fingerprint
+from acttail_vllm.profiling.allocation import weighted_mean
+from acttail_vllm.profiling.fingerprint import model_fingerprint
+from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile, ProfileError
 
 SHAPES = {  # (out, in) of a tiny Llama layer
     "q_proj": (64, 64),

@@ -17,10 +17,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from acttail_vllm import cli, models
-from acttail_vllm.profile import PROJECTION_NAMES, Profile, model_fingerprint
-from acttail_vllm.profiler import STAGES, cached_profile, profile_from_weights, profile_model, reallocated
-from acttail_vllm.weights import WeightsError, hf_tensor_name, open_model, unpermute_rotary_rows
+from acttail_vllm import cli
+from acttail_vllm.dev import models
+from acttail_vllm.profiling.allocation import AllocationSpec
+from acttail_vllm.profiling.fingerprint import model_fingerprint
+from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile
+from acttail_vllm.profiling.builder import STAGES, cached_profile, profile_from_weights, profile_model, reallocated
+from acttail_vllm.profiling.weights import WeightsError, hf_tensor_name, open_model, unpermute_rotary_rows
 
 HIDDEN, INTERMEDIATE, KV = 64, 128, 32
 SHAPES = dict(zip(PROJECTION_NAMES, [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
@@ -44,9 +47,9 @@ def tiny_stream(weights):
     return ((layer, proj, w) for (layer, proj), w in weights.items())
 
 
-def profile_tiny(stream, **kwargs) -> Profile:
-    options = {"target": 0.6, "estimator": "hill"} | kwargs
-    return profile_from_weights("tiny", "LlamaForCausalLM", NUM_LAYERS, stream, **options)
+def profile_tiny(stream, stage_seconds: dict[str, float] | None = None, **kwargs) -> Profile:
+    spec = AllocationSpec(**({"target": 0.6, "estimator": "hill"} | kwargs))
+    return profile_from_weights("tiny", "LlamaForCausalLM", NUM_LAYERS, stream, spec, stage_seconds=stage_seconds)
 
 
 def write_hf_dir(directory: Path, weights, architecture: str = "LlamaForCausalLM") -> Path:
@@ -83,7 +86,7 @@ def test_reallocated_profile_equals_one_computed_from_the_weights():
     first = profile_tiny(tiny_stream(tiny_weights()))
     for options in ({"target": 0.8, "method": "acttail", "eps": 0.3}, {"target": 0.5, "method": "uniform", "eps": 0.2}):
         expected = profile_tiny(tiny_stream(tiny_weights()), s_max=0.95, **options)
-        assert reallocated(first, s_max=0.95, **options) == expected
+        assert reallocated(first, AllocationSpec(s_max=0.95, **options)) == expected
 
 
 def test_cached_profile_computes_once_then_reallocates_then_reuses(tmp_path):
@@ -94,15 +97,14 @@ def test_cached_profile_computes_once_then_reallocates_then_reuses(tmp_path):
         return profile_tiny(tiny_stream(tiny_weights()), s_max=0.95)
 
     def get(target, estimator="hill"):
-        return cached_profile(tmp_path, "fp-", Profile.load, compute, target=target, method="acttail",
-                              estimator=estimator, eps=0.2, s_max=0.95)  # fmt: skip
+        return cached_profile(tmp_path, "fp-", Profile.load, compute, AllocationSpec(target, "acttail", estimator, 0.2, 0.95))
 
     first = get(0.6)
     assert (first.reused, first.alphas_from, len(computed)) == (False, None, 1)
     assert first.path.name == "fp-acttail-hill-eps0.2-smax0.95-s0.6.json" and first.path.is_file()
     second = get(0.8)
     assert (second.reused, second.alphas_from, len(computed)) == (False, first.path, 1)
-    assert second.profile == reallocated(first.profile, target=0.8, method="acttail", eps=0.2, s_max=0.95)
+    assert second.profile == reallocated(first.profile, AllocationSpec(0.8, "acttail", eps=0.2, s_max=0.95))
     again = get(0.8)
     assert (again.reused, again.profile, len(computed)) == (True, second.profile, 1)
     get(0.6, estimator="ww")  # other alphas: computed, not re-allocated
@@ -200,7 +202,7 @@ def test_sharded_hf_directory_is_read_tensor_by_tensor(tmp_path):
 
 def test_profile_model_on_a_directory(tmp_path):
     directory = write_hf_dir(tmp_path / "tiny", tiny_weights())
-    profile = profile_model(str(directory), target=0.5, eigen_dtype=torch.float32)
+    profile = profile_model(str(directory), AllocationSpec(0.5), eigen_dtype=torch.float32)
     assert profile.model.name == "tiny" and profile.achieved_sparsity == pytest.approx(0.5, abs=1e-9)
 
 

@@ -1,21 +1,27 @@
 """Where budgets come from: precedence and validation (no vLLM needed)."""
 
+import shutil
+
 import pytest
 
-from acttail_vllm.settings import (
+from acttail_vllm.serving.settings import (
     DEFAULT_SERVE_SPARSITY,
     MODEL_DIR_PROFILE_NAME,
     SettingsError,
     SparsityPolicy,
     resolve_budget_source,
 )
+from tests.conftest import shipped_profile
+
+
+def copy_profile(path):
+    shutil.copy(shipped_profile("acttail", 50), path)
+    return path
 
 
 @pytest.fixture
 def profile_file(tmp_path):
-    path = tmp_path / "p.json"
-    path.write_text("{}")  # existence is all resolution checks; loading validates content
-    return path
+    return copy_profile(tmp_path / "p.json")
 
 
 def test_default_is_loader_hook_at_default_target(tmp_path):
@@ -26,7 +32,7 @@ def test_default_is_loader_hook_at_default_target(tmp_path):
 
 
 def test_explicit_beats_env_and_model_dir(tmp_path, profile_file):
-    (tmp_path / MODEL_DIR_PROFILE_NAME).write_text("{}")
+    copy_profile(tmp_path / MODEL_DIR_PROFILE_NAME)
     source = resolve_budget_source(
         {"quant_method": "acttail", "sparsity": 0.7}, tmp_path, env={"ACTTAIL_PROFILE": str(profile_file)}
     )
@@ -35,7 +41,7 @@ def test_explicit_beats_env_and_model_dir(tmp_path, profile_file):
 
 
 def test_env_beats_model_dir(tmp_path):
-    (tmp_path / MODEL_DIR_PROFILE_NAME).write_text("{}")
+    copy_profile(tmp_path / MODEL_DIR_PROFILE_NAME)
     source = resolve_budget_source(None, tmp_path, env={"ACTTAIL_SPARSITY": "0.6"})
     assert (source.kind, source.settings.sparsity, source.origin) == (
         "loader_hook", 0.6, "env ACTTAIL_SPARSITY"
@@ -43,10 +49,23 @@ def test_env_beats_model_dir(tmp_path):
 
 
 def test_model_dir_profile_found(tmp_path):
-    (tmp_path / MODEL_DIR_PROFILE_NAME).write_text("{}")
+    copy_profile(tmp_path / MODEL_DIR_PROFILE_NAME)
     source = resolve_budget_source(None, tmp_path, env={})
     assert source.kind == "profile"
     assert source.settings.profile == tmp_path / MODEL_DIR_PROFILE_NAME
+    assert source.profile.target_sparsity == 0.5  # read once, here
+
+
+def test_a_profile_read_before_is_not_read_again(tmp_path, profile_file):
+    first = resolve_budget_source(None, None, env={"ACTTAIL_PROFILE": str(profile_file)})
+    profile_file.write_text("{}")  # unreadable now: only a second read would notice
+    again = resolve_budget_source(None, tmp_path, env={"ACTTAIL_PROFILE": str(profile_file)}, known=first)
+    assert again.profile is first.profile
+
+
+def test_sparsity_above_s_max_is_refused_with_the_settings(tmp_path):
+    with pytest.raises(SettingsError, match="s_max 0.6 is below the target sparsity 0.8"):
+        resolve_budget_source({"s_max": 0.6}, tmp_path, env={"ACTTAIL_SPARSITY": "0.8"})
 
 
 def test_options_without_source_keep_their_values(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from acttail_kernels import reference
-from acttail_vllm import sparse_op
-from acttail_vllm.stats import ModuleStats, new_stats
+from acttail_vllm.serving import op as sparse_op
+from acttail_vllm.serving.stats import ModuleStats, new_stats
 
 K, BOUNDS, KEEPS = 16, [0, 8, 12], [4, 10]
 

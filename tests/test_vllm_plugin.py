@@ -14,9 +14,9 @@ import openai
 import pytest
 import torch
 
-from acttail_vllm.budgets import kept_count
-from acttail_vllm.profile import Profile
-from acttail_vllm.server import VllmServer
+from acttail_vllm.serving.budgets import kept_count
+from acttail_vllm.profiling.profile import Profile
+from acttail_vllm.dev.server import VllmServer
 from tests.conftest import shipped_profile
 
 pytestmark = pytest.mark.slow
@@ -113,7 +113,7 @@ def test_openai_completions_and_chat(served_50, smollm2_dir):
 def test_prompt_logprobs_match_reference(served_50, smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from acttail_vllm.reference import sparsified
+    from acttail_vllm.eval.reference import sparsified
 
     server, profile = served_50
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
@@ -161,7 +161,7 @@ def test_decode_steps_alone_sparsified(smollm2_dir, option):
     greedy token's."""
     from transformers import AutoModelForCausalLM
 
-    from acttail_vllm.reference import sparsified
+    from acttail_vllm.eval.reference import sparsified
 
     profile_path = shipped_profile("acttail", 50)
     config = {"quant_method": "acttail", "profile": str(profile_path), **option}
@@ -267,9 +267,9 @@ def failed_start(model: str, args: tuple[str, ...], env: dict[str, str]) -> str:
 def test_bad_input_stops_the_config_before_any_engine(tmp_path, monkeypatch):
     """`vllm serve` builds the quantization config in its front-end process, before any engine:
     bad settings and unreadable profiles must stop it there, in seconds."""
-    from acttail_vllm.profile import ProfileError
-    from acttail_vllm.quant_config import ActTailConfig
-    from acttail_vllm.settings import SettingsError
+    from acttail_vllm.profiling.profile import ProfileError
+    from acttail_vllm.serving.config import ActTailConfig
+    from acttail_vllm.serving.settings import SettingsError
 
     monkeypatch.setenv("ACTTAIL_SPARSITY", "1.2")
     with pytest.raises(SettingsError, match="env ACTTAIL_SPARSITY"):

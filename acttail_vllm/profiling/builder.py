@@ -4,17 +4,8 @@
 (out, in) layout on any device; the vLLM plugin's loader hook feeds it views of loaded weights, the
 CLI feeds it tensors read from files (``profile_model``).
 
-Defaults (the one place they are set):
+Allocation settings and their defaults: ``allocation.AllocationSpec``.
 
-- ``DEFAULT_METHOD = "acttail"``.
-- ``DEFAULT_ESTIMATOR = "hill"``: on SmolLM2 the KS-selected xmin of ``ww`` often lands on a tiny
-  tail and gives outliers (alpha 10-22 next to typical 2-6), which min-max normalisation turns into
-  near-uniform budgets for everything else; ``hill`` stays within 1.4-4.2. AlphaPruning also found
-  its ``alpha_mid`` (Hill) metric best.
-- ``DEFAULT_EPS = 0.1``: tuned on SmolLM2-135M (benchmarks/quality_sweep.py: hill and ww x eps
-  0.1/0.2/0.3 at 70% and 80% on the held-out ``tuning`` text; lowest mean log-perplexity: hill, 0.1).
-  Perplexity rose with eps for both estimators: on that model budgets closer to uniform are better.
-- ``DEFAULT_S_MAX = 0.95``.
 - eigenvalue dtype ``None`` = by device: ``CPU_EIGEN_DTYPE = torch.float64`` on the CPU,
   ``CUDA_EIGEN_DTYPE = torch.float32`` on CUDA. On an H100, a Llama-2-13B-shaped model (280
   projections, 5120x5120 Gram matrices) took 60.0 s in float64 and 48.6 s in float32, ~99% of it in
@@ -31,23 +22,12 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import torch
 
 from acttail_vllm import __version__
-from acttail_vllm.allocation import allocate, check_allocation_args, weighted_mean
-from acttail_vllm.esd import gram_eigenvalues, get_estimator
-from acttail_vllm.profile import (
-    FINGERPRINT_ROW_VALUES,
-    PROJECTION_NAMES,
-    LayerProfile,
-    ModelInfo,
-    Profile,
-    ProjectionProfile,
-    model_fingerprint,
-)
-from acttail_vllm.weights import open_model
+from acttail_vllm.profiling.allocation import AllocationSpec, allocate, weighted_mean
+from acttail_vllm.profiling.esd import get_estimator, gram_eigenvalues
+from acttail_vllm.profiling.fingerprint import WeightSample, model_fingerprint, weight_sample
+from acttail_vllm.profiling.profile import PROJECTION_NAMES, LayerProfile, ModelInfo, Profile, ProjectionProfile
+from acttail_vllm.profiling.weights import open_model
 
-DEFAULT_METHOD = "acttail"
-DEFAULT_ESTIMATOR = "hill"
-DEFAULT_EPS = 0.1
-DEFAULT_S_MAX = 0.95
 CPU_EIGEN_DTYPE = torch.float64
 CUDA_EIGEN_DTYPE = torch.float32
 #: Keys of ``stage_seconds``: waiting on the weight stream, eigenvalues, tail fit, rest.
@@ -79,12 +59,8 @@ def profile_from_weights(
     architecture: str,
     num_layers: int,
     weights: WeightStream,
+    spec: AllocationSpec,
     *,
-    target: float,
-    method: str = DEFAULT_METHOD,
-    estimator: str = DEFAULT_ESTIMATOR,
-    eps: float = DEFAULT_EPS,
-    s_max: float = DEFAULT_S_MAX,
     eigen_dtype: torch.dtype | None = None,
     progress: bool = False,
     stage_seconds: dict[str, float] | None = None,
@@ -96,10 +72,9 @@ def profile_from_weights(
 see the module docstring). If given,
     ``stage_seconds`` receives seconds per entry of ``STAGES``.
     """
-    check_allocation_args(target, method, eps, s_max)
-    fit = get_estimator(estimator)
+    fit = get_estimator(spec.estimator)
     alphas: dict[tuple[int, str], float] = {}
-    samples: dict[tuple[int, str], tuple[int, int, torch.Tensor]] = {}
+    samples: dict[tuple[int, str], WeightSample] = {}
     stream: Iterator = iter(weights)
     with _progress(num_layers * len(PROJECTION_NAMES), progress) as bar:
         while (item := _timed(stage_seconds, "read", next, stream, None)) is not None:
@@ -119,8 +94,7 @@ see the module docstring). If given,
                 alphas[key] = _timed(stage_seconds, "fit", fit, evals)
             except ValueError as exc:
                 raise ValueError(f"layer {layer} {proj}: {exc}") from None
-            first_row = _timed(stage_seconds, "fingerprint", lambda: weight[0, :FINGERPRINT_ROW_VALUES].to("cpu"))
-            samples[key] = (weight.shape[0], weight.shape[1], first_row)
+            samples[key] = _timed(stage_seconds, "fingerprint", weight_sample, weight)
             bar.update()
 
     expected = [(layer, proj) for layer in range(num_layers) for proj in PROJECTION_NAMES]
@@ -131,28 +105,16 @@ see the module docstring). If given,
 
     fingerprint = _timed(stage_seconds, "fingerprint", model_fingerprint, architecture, samples)
     model = ModelInfo(name=model_name, architecture=architecture, num_layers=num_layers, fingerprint=fingerprint)
-    tails = {key: (alphas[key], samples[key][0], samples[key][1]) for key in expected}
-    return _timed(
-        stage_seconds, "allocate", assemble_profile, model, tails,
-        target=target, method=method, estimator=estimator, eps=eps, s_max=s_max,
-    )  # fmt: skip
+    tails = {key: (alphas[key], samples[key].out_features, samples[key].in_features) for key in expected}
+    return _timed(stage_seconds, "allocate", assemble_profile, model, tails, spec)
 
 
-def assemble_profile(
-    model: ModelInfo,
-    tails: dict[tuple[int, str], tuple[float, int, int]],
-    *,
-    target: float,
-    method: str,
-    estimator: str,
-    eps: float,
-    s_max: float,
-) -> Profile:
+def assemble_profile(model: ModelInfo, tails: dict[tuple[int, str], tuple[float, int, int]], spec: AllocationSpec) -> Profile:
     """The profile of ``model`` whose (layer, proj) -> (alpha, out_features, in_features) are
-    ``tails``, with budgets allocated for ``target``."""
+    ``tails``, with budgets allocated by ``spec``."""
     keys = sorted(tails)
     counts = [tails[key][1] * tails[key][2] for key in keys]
-    sparsities = dict(zip(keys, allocate([tails[key][0] for key in keys], counts, target, method, eps, s_max)))
+    sparsities = dict(zip(keys, allocate([tails[key][0] for key in keys], counts, spec)))
     layers = [
         LayerProfile(
             index=layer,
@@ -171,38 +133,33 @@ def assemble_profile(
     return Profile(
         tool_version=__version__,
         model=model,
-        method=method,
-        estimator=estimator,
-        eps=eps,
-        s_max=s_max,
-        target_sparsity=target,
+        method=spec.method,
+        estimator=spec.estimator,
+        eps=spec.eps,
+        s_max=spec.s_max,
+        target_sparsity=spec.target,
         achieved_sparsity=weighted_mean(list(sparsities.values()), counts),
         layers=layers,
     )
 
 
-def reallocated(profile: Profile, *, target: float, method: str, eps: float, s_max: float) -> Profile:
-    """``profile``'s model and alphas with budgets allocated anew: alpha depends only on the weights
-    and the estimator, so a new target, method or eps needs no eigenvalues."""
-    check_allocation_args(target, method, eps, s_max)
+def reallocated(profile: Profile, spec: AllocationSpec) -> Profile:
+    """``profile``'s model and alphas with budgets allocated anew by ``spec``: alpha depends only on
+    the weights and the estimator, so a new target, method or eps needs no eigenvalues."""
+    if spec.estimator != profile.estimator:
+        raise ValueError(f"alphas of estimator {profile.estimator!r} cannot be re-allocated as {spec.estimator!r}")
     tails = {
         (layer.index, proj): (p.alpha, p.out_features, p.in_features)
         for layer in profile.layers
         for proj, p in layer.projections.items()
     }
-    return assemble_profile(
-        profile.model, tails, target=target, method=method, estimator=profile.estimator, eps=eps, s_max=s_max
-    )
+    return assemble_profile(profile.model, tails, spec)
 
 
 def profile_model(
     model: str,
+    spec: AllocationSpec,
     *,
-    target: float,
-    method: str = DEFAULT_METHOD,
-    estimator: str = DEFAULT_ESTIMATOR,
-    eps: float = DEFAULT_EPS,
-    s_max: float = DEFAULT_S_MAX,
     device: str | torch.device = "cpu",
     eigen_dtype: torch.dtype | None = None,
     progress: bool = False,
@@ -219,11 +176,7 @@ def profile_model(
         source.architecture,
         source.num_layers,
         on_device,
-        target=target,
-        method=method,
-        estimator=estimator,
-        eps=eps,
-        s_max=s_max,
+        spec,
         eigen_dtype=eigen_dtype,
         progress=progress,
         stage_seconds=stage_seconds,
@@ -243,24 +196,19 @@ def cached_profile(
     prefix: str,
     load: Callable[[Path], Profile],
     compute: Callable[[], Profile],
-    *,
-    target: float,
-    method: str,
-    estimator: str,
-    eps: float,
-    s_max: float,
+    spec: AllocationSpec,
 ) -> CachedProfile:
-    """The profile for these settings in ``directory``, file ``{prefix}{method}-{estimator}-eps..
-    -smax..-s...json``: read with ``load`` if it is there; else re-allocated from the alphas of a
-    profile there with the same prefix and estimator (alpha depends only on the weights and the
-    estimator); else ``compute()``d. New profiles are saved."""
-    path = directory / f"{prefix}{method}-{estimator}-eps{eps:g}-smax{s_max:g}-s{target:g}.json"
+    """The profile for ``spec`` in ``directory``, file ``{prefix}{spec.file_stem}.json``: read with
+    ``load`` if it is there; else re-allocated from the alphas of a profile there with the same
+    prefix and estimator (alpha depends only on the weights and the estimator); else
+    ``compute()``d. New profiles are saved."""
+    path = directory / f"{prefix}{spec.file_stem}.json"
     if path.is_file():
         return CachedProfile(load(path), path, reused=True, alphas_from=None)
-    same_alphas = sorted(directory.glob(f"{prefix}*-{estimator}-eps*.json"))
+    same_alphas = sorted(directory.glob(f"{prefix}*-{spec.estimator}-eps*.json"))
     alphas_from = same_alphas[0] if same_alphas else None
     if alphas_from is not None:
-        profile = reallocated(load(alphas_from), target=target, method=method, eps=eps, s_max=s_max)
+        profile = reallocated(load(alphas_from), spec)
     else:
         profile = compute()
     profile.save(path)

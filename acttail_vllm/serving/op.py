@@ -12,7 +12,7 @@ import torch
 from torch.library import Library
 
 from acttail_kernels import reference
-from acttail_vllm.stats import STAT_DENSE_TOKENS, STAT_SPARSE_TOKENS, STAT_UNSPARSIFIED_TOKENS
+from acttail_vllm.serving.stats import STAT_DENSE_TOKENS, STAT_SPARSE_TOKENS, STAT_UNSPARSIFIED_TOKENS
 
 _LIB = Library("acttail", "FRAGMENT")  # noqa: TID251 -- the op's lifetime is this module's
 

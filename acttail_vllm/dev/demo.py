@@ -1,7 +1,7 @@
 """The main job on the shipped default model: serve SmolLM2-135M-Instruct with ActTail through
 vLLM's OpenAI-compatible server, ask it something, and show the sparsity it applied.
 
-    python -m acttail_vllm.demo [--profile PATH]
+    python -m acttail_vllm.dev.demo [--profile PATH]
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import openai
 
-from acttail_vllm.models import ensure_smollm2
-from acttail_vllm.server import VllmServer
+from acttail_vllm.dev.models import ensure_smollm2
+from acttail_vllm.dev.server import VllmServer
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "smollm2-135m-instruct-acttail-50.json"
 

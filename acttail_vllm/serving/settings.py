@@ -21,8 +21,16 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from acttail_vllm.models import cache_root
-from acttail_vllm.profiler import DEFAULT_EPS, DEFAULT_ESTIMATOR, DEFAULT_METHOD, DEFAULT_S_MAX
+from acttail_vllm.cache import cache_root
+from acttail_vllm.profiling.allocation import (
+    DEFAULT_EPS,
+    DEFAULT_ESTIMATOR,
+    DEFAULT_METHOD,
+    DEFAULT_S_MAX,
+    AllocationSpec,
+    Method,
+)
+from acttail_vllm.profiling.profile import Profile
 
 #: Target used by the loader hook when nothing else names one: conservative, since quality
 #: drops quickly past ~70% on small models (see the README's quality table).
@@ -51,7 +59,7 @@ class ActTailSettings(BaseModel):
     quant_method: Literal["acttail"] = "acttail"
     profile: Path | None = None
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
-    method: Literal["acttail", "uniform"] = DEFAULT_METHOD
+    method: Method = DEFAULT_METHOD
     estimator: str = DEFAULT_ESTIMATOR
     eps: float = Field(default=DEFAULT_EPS, ge=0.0)
     s_max: float = Field(default=DEFAULT_S_MAX, gt=0.0, lt=1.0)
@@ -68,7 +76,14 @@ class ActTailSettings(BaseModel):
                 "give either 'profile' or 'sparsity', not both: a profile already fixes every "
                 "projection's sparsity"
             )
+        if self.sparsity is not None:
+            _ = self.allocation  # AllocationSpec checks the five together (a sparsity above s_max, ...)
         return self
+
+    @property
+    def allocation(self) -> AllocationSpec:
+        """What the loader hook allocates (a profile source has none: its file fixes the budgets)."""
+        return AllocationSpec(self.sparsity, self.method, self.estimator, self.eps, self.s_max)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], origin: str) -> "ActTailSettings":
@@ -85,13 +100,15 @@ class ActTailSettings(BaseModel):
 
 
 class BudgetSource(BaseModel):
-    """The resolved answer to "where do this server's budgets come from"."""
+    """The resolved answer to "where do this server's budgets come from". A profile source holds
+    the profile, read and validated once when the source is resolved."""
 
     model_config = ConfigDict(frozen=True)
 
     kind: Literal["profile", "loader_hook"]
     origin: str
     settings: ActTailSettings
+    profile: Profile | None = None
 
     def describe(self) -> str:
         s = self.settings
@@ -124,8 +141,10 @@ def resolve_budget_source(
     explicit: Mapping[str, Any] | None,
     model_dir: str | os.PathLike[str] | None,
     env: Mapping[str, str] = os.environ,
+    known: BudgetSource | None = None,
 ) -> BudgetSource:
-    """Pick the budget source by the documented precedence and validate it."""
+    """Pick the budget source by the documented precedence and validate it. A profile that
+    ``known`` (an earlier answer in this process) already read is not read again."""
     if explicit is not None and ({"profile", "sparsity"} & set(explicit)):
         settings = ActTailSettings.parse(explicit, "vLLM quantization_config")
         origin = "vLLM quantization_config"
@@ -148,7 +167,11 @@ def resolve_budget_source(
                 f"ActTail profile {settings.profile} (from {origin}) does not exist: build one with "
                 "`acttail profile MODEL --sparsity S -o FILE` or fix the path"
             )
-        return BudgetSource(kind="profile", origin=origin, settings=settings)
+        if known is not None and known.profile is not None and known.settings.profile == settings.profile:
+            profile = known.profile
+        else:
+            profile = Profile.load(settings.profile)
+        return BudgetSource(kind="profile", origin=origin, settings=settings, profile=profile)
     return BudgetSource(kind="loader_hook", origin=origin, settings=settings)
 
 

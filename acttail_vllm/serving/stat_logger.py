@@ -9,7 +9,7 @@ from pathlib import Path
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
-from acttail_vllm.metrics import ENV_STATS_DIR, ActTailCollector
+from acttail_vllm.serving.metrics import ENV_STATS_DIR, ActTailCollector
 
 
 class ActTailStatLogger(StatLoggerBase):

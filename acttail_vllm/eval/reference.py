@@ -11,8 +11,8 @@ from typing import Iterator
 import torch
 
 from acttail_kernels.reference import topk_mask
-from acttail_vllm.budgets import kept_count
-from acttail_vllm.profile import PROJECTION_NAMES, Profile
+from acttail_vllm.serving.budgets import kept_count
+from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile
 
 
 def _projection_modules(model: torch.nn.Module) -> Iterator[tuple[int, str, torch.nn.Linear]]:

@@ -1,0 +1,118 @@
+"""The two engines of ``acttail eval``, which answer the same ``ScoreRequest``s (``scoring.py``):
+``ReferenceEngine``, the transformers model (with the profile's TopK budgets applied by hooks,
+``reference.sparsified``), and ``VllmEngine``, a real ``vllm serve`` with the plugin, asked for
+prompt log-probabilities of token-id prompts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from acttail_vllm.eval.records import RunSettings
+from acttail_vllm.eval.scoring import ScoreRequest, sliding_windows, token_logprobs
+
+#: Seconds one batch may take on the vLLM server (long windows on a 2-core CPU are slow).
+VLLM_REQUEST_TIMEOUT_S = 3600.0
+
+
+@dataclass
+class ReferenceEngine:
+    """Scores requests with one batched forward of a transformers causal LM (right padding)."""
+
+    model: torch.nn.Module
+    device: torch.device
+
+    @torch.inference_mode()
+    def log_likelihoods(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
+        lengths = [len(r.ids) for r in requests]
+        ids = torch.zeros(len(requests), max(lengths), dtype=torch.long)
+        for row, request in enumerate(requests):
+            ids[row, : lengths[row]] = torch.tensor(request.ids)
+        # Padding sits after every real token, so a causal mask already hides it; the padding mask
+        # is only needed (and only paid for) when lengths differ.
+        mask = None
+        if min(lengths) != max(lengths):
+            mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long().to(self.device)
+        ids = ids.to(self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return [
+            token_logprobs(logits[row, r.start - 1 : lengths[row] - 1], ids[row, r.start : lengths[row]]).cpu()
+            for row, r in enumerate(requests)
+        ]
+
+
+class VllmEngine:
+    """A ``vllm serve`` of the model (with ``--quantization acttail`` under a profile), asked for
+    the log-probabilities of token-id prompts through the OpenAI completions API."""
+
+    def __init__(self, settings: RunSettings, profile_path: Path | None, max_model_len: int):
+        from acttail_vllm.dev.server import VllmServer
+
+        args = ["--dtype", settings.dtype, "--max-model-len", str(max_model_len), "--max-num-seqs", str(settings.batch_size)]
+        if settings.device == "cpu":
+            args.append("--enforce-eager")  # torch.compile costs minutes per start on a small CPU
+        env = {}
+        if profile_path is not None:
+            args += ["--quantization", "acttail"]
+            env["ACTTAIL_PROFILE"] = str(profile_path.resolve())
+        self.model = settings.model
+        self.server = VllmServer(settings.model, args, env=env)
+        self.client = None
+
+    def __enter__(self) -> "VllmEngine":
+        import openai
+
+        self.server.__enter__()
+        self.client = openai.OpenAI(base_url=f"{self.server.url}/v1", api_key="none", timeout=VLLM_REQUEST_TIMEOUT_S)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.__exit__(*exc)
+
+    def log_likelihoods(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
+        # echo=True returns the prompt's tokens with their log-probabilities (the first has none),
+        # followed by the one generated token that the API insists on.
+        out = self.client.completions.create(
+            model=self.model, prompt=[list(r.ids) for r in requests], max_tokens=1, echo=True, logprobs=0, temperature=0.0
+        )
+        results = []
+        for request, choice in zip(requests, sorted(out.choices, key=lambda c: c.index)):
+            logprobs = choice.logprobs.token_logprobs
+            if len(logprobs) != len(request.ids) + 1:
+                raise RuntimeError(
+                    f"vLLM returned {len(logprobs)} log-probabilities for a prompt of {len(request.ids)} tokens "
+                    "plus one generated token: its echo behaviour is not what this code expects"
+                )
+            results.append(torch.tensor(logprobs[request.start : len(request.ids)], dtype=torch.float64))
+        return results
+
+
+def score_requests(
+    engine: ReferenceEngine | VllmEngine, requests: Sequence[ScoreRequest], batch_size: int, desc: str = "", progress: bool = False
+) -> list[torch.Tensor]:
+    """Log-probabilities per request (in order), scored in batches of similar length."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].ids), reverse=True)
+    results: list[torch.Tensor | None] = [None] * len(requests)
+    with tqdm(total=len(requests), desc=desc, unit="seq", disable=not progress) as bar:
+        for first in range(0, len(order), batch_size):
+            batch = order[first : first + batch_size]
+            for index, logprobs in zip(batch, engine.log_likelihoods([requests[i] for i in batch])):
+                results[index] = logprobs
+            bar.update(len(batch))
+    return results
+
+
+def windowed_nll(
+    engine: ReferenceEngine | VllmEngine, ids: Sequence[int], context: int, stride: int | None, batch_size: int,
+    desc: str = "", progress: bool = False,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) and number of the tokens scored over ``sliding_windows``."""
+    requests = [window.request(ids) for window in sliding_windows(len(ids), context, stride)]
+    logprobs = score_requests(engine, requests, batch_size, desc, progress)
+    return -math.fsum(lp.sum().item() for lp in logprobs), sum(len(lp) for lp in logprobs)

@@ -1,0 +1,170 @@
+"""``ActTailLinearMethod``: the linear method vLLM gives every decoder projection under ``acttail``.
+
+Shaped like vLLM's own methods (``fp8.py``, ``awq_triton.py``): weights stay as vLLM loads them
+(re-laid out once for the kernels on CUDA) and ``apply`` calls the ``acttail::sparse_linear`` op.
+Everything ActTail keeps for one module lives in one ``SparseLinearState``, registered on vLLM's
+layer as ``layer.acttail``; ``SparseModules`` (one per worker) collects them and applies the budgets
+the ``BudgetResolver`` returns once the last module is loaded.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterator
+
+import torch
+from vllm.model_executor.layers.linear import LinearMethodBase, UnquantizedLinearMethod
+from vllm.platforms import current_platform
+from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
+
+from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
+from acttail_vllm.serving.resolver import BudgetResolver, LoadedModule
+from acttail_vllm.serving.settings import SettingsError, SparsityPolicy
+from acttail_vllm.serving.stats import new_stats
+
+
+class SparseLinearState(torch.nn.Module):
+    """One module's ActTail state: its output segments, budget, kernel layout and counters.
+
+    The tensors the op reads and updates are buffers, so they follow the layer's device and
+    torch.compile sees them as module state: ``keep`` (int32, kept channels per segment; read on
+    the device, so a captured graph follows the budget), ``thr_guess`` (int32, where the selection
+    starts the next search) and ``stats`` (int64 counters, see ``stats.py``; on a GPU a mapped view
+    of pinned host memory ``stats_host``, read by the metrics thread without touching the GPU).
+    """
+
+    def __init__(self, proj: DecoderProjection, out_sizes: list[int], counts_stats: bool, on_gpu: bool):
+        super().__init__()
+        self.proj = proj
+        self.out_sizes = tuple(out_sizes)
+        self.seg_bounds = [0, *itertools.accumulate(out_sizes)]
+        #: On CPU every module counts its kept channels from the masks it applies. On a GPU every
+        #: counter update is one more tiny kernel per step, so only the first module counts (tokens
+        #: per path); the kernels keep exactly ``keep`` channels per row by construction.
+        self.counts_stats = counts_stats
+        #: The weight was re-laid out as [in, out] for the kernels (CUDA).
+        self.kernel_layout = False
+        self.budget: ModuleBudget | None = None
+        num_segments = len(out_sizes)
+        self.register_buffer("keep", torch.zeros(num_segments, dtype=torch.int32), persistent=False)
+        self.register_buffer("thr_guess", torch.zeros(num_segments, dtype=torch.int32), persistent=False)
+        self.stats_host = new_stats(num_segments, pin_memory=on_gpu)
+        stats = get_accelerator_view_from_cpu_tensor(self.stats_host) if on_gpu else self.stats_host
+        self.register_buffer("stats", stats, persistent=False)
+
+    def set_budget(self, budget: ModuleBudget) -> None:
+        self.budget = budget
+        self.keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
+
+    def projection_weights(self, weight: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Each projection's [out, in] view of the module's weight, in order."""
+        hf_weight = weight.t() if self.kernel_layout else weight
+        yield from torch.split(hf_weight, self.out_sizes)
+
+
+class SparseModules:
+    """This worker's ActTail modules; once the last one is loaded, their budgets."""
+
+    def __init__(self, resolver: BudgetResolver):
+        self.resolver = resolver
+        self.layers: list[torch.nn.Module] = []
+        self._loaded: set[int] = set()
+
+    @property
+    def states(self) -> list[SparseLinearState]:
+        return [layer.acttail for layer in self.layers]
+
+    def register(self, layer: torch.nn.Module) -> None:
+        self.layers.append(layer)
+
+    def loaded(self, layer: torch.nn.Module) -> bool:
+        """Mark ``layer`` processed; True when it was the last one and every budget is set."""
+        self._loaded.add(id(layer))
+        if self.resolver.profile is not None or len(self._loaded) < len(self.layers):
+            return False
+        modules = [LoadedModule(layer.acttail.proj, tuple(layer.acttail.projection_weights(layer.weight)))
+                   for layer in self.layers]  # fmt: skip
+        for layer, budget in zip(self.layers, self.resolver.resolve(modules)):
+            layer.acttail.set_budget(budget)
+        return True
+
+
+class ActTailLinearMethod(LinearMethodBase):
+    """TopK-sparse inputs for one decoder module (merged qkv / gate_up keep one budget each)."""
+
+    def __init__(self, modules: SparseModules, proj: DecoderProjection) -> None:
+        self.modules = modules
+        self.proj = proj
+        self.dense = UnquantizedLinearMethod()
+        settings = modules.resolver.source.settings
+        self.decode_only = settings.policy is SparsityPolicy.DECODE
+        self.max_sparse_tokens = settings.max_sparse_tokens
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        self.dense.create_weights(
+            layer,
+            input_size_per_partition,
+            output_partition_sizes,
+            input_size,
+            output_size,
+            params_dtype,
+            **extra_weight_attrs,
+        )
+        if len(output_partition_sizes) != len(self.proj.projections):
+            raise SettingsError(
+                f"ActTail: {self.proj.module} of layer {self.proj.layer} has "
+                f"{len(output_partition_sizes)} output segments, expected {self.proj.projections}"
+            )
+        on_gpu = current_platform.is_cuda_alike()
+        counts_stats = not on_gpu or not self.modules.layers
+        layer.acttail = SparseLinearState(self.proj, output_partition_sizes, counts_stats, on_gpu)
+        self.modules.register(layer)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if layer.weight.is_cuda:
+            import acttail_kernels  # the top-level kernels/ folder (pyproject.toml installs it so)
+
+            available, reason = acttail_kernels.kernels_available(layer.weight.device)
+            if not available:
+                raise RuntimeError(
+                    f"ActTail needs its Triton kernels on {layer.weight.device}: {reason}. "
+                    "Install triton>=3.4 for this CUDA device, or serve on CPU"
+                )
+            layer.weight = torch.nn.Parameter(
+                acttail_kernels.prepare_weight(layer.weight.data), requires_grad=False
+            )
+            layer.acttail.kernel_layout = True
+        if self.modules.loaded(layer):
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            from acttail_vllm.serving.metrics import start_snapshot_writer
+
+            if get_tensor_model_parallel_rank() == 0:
+                start_snapshot_writer(self.modules)
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        state = layer.acttail
+        return torch.ops.acttail.sparse_linear(
+            x,
+            layer.weight,
+            bias,
+            state.seg_bounds,
+            list(state.budget.seg_keep),
+            state.keep,
+            state.thr_guess,
+            state.stats,
+            state.counts_stats,
+            self.decode_only,
+            self.max_sparse_tokens,
+        )
