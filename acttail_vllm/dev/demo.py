@@ -15,7 +15,7 @@ import openai
 from acttail_vllm.dev.models import ensure_smollm2
 from acttail_vllm.dev.server import VllmServer
 
-DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "smollm2-135m-instruct-acttail-50.json"
+DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / "profiles" / "smollm2-135m-instruct-acttail-50.json"
 
 
 def main() -> None:

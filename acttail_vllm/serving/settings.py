@@ -45,7 +45,11 @@ class SettingsError(ValueError):
 
 
 class SparsityPolicy(str, Enum):
-    #: every token's inputs are sparsified, prefill included (what the paper evaluates)
+    #: sparsify a step where the GPU's measured kernels make it faster than the dense layer (the
+    #: crossover table of its shape and sparsity: on an H200, single-token steps), run other steps
+    #: as the dense model; off CUDA (the PyTorch reference path) every token is sparsified
+    AUTO = "auto"
+    #: every token's inputs are sparsified, prefill included (the paper's protocol)
     ALL = "all"
     #: only decode tokens (requests generating one token this step); prefill stays dense
     DECODE = "decode"
@@ -63,7 +67,7 @@ class ActTailSettings(BaseModel):
     estimator: str = DEFAULT_ESTIMATOR
     eps: float = Field(default=DEFAULT_EPS, ge=0.0)
     s_max: float = Field(default=DEFAULT_S_MAX, gt=0.0, lt=1.0)
-    policy: SparsityPolicy = SparsityPolicy.ALL
+    policy: SparsityPolicy = SparsityPolicy.AUTO
     #: steps of more tokens than this run the dense model, unsparsified: where the GPU runs the
     #: dense fallback anyway, the selection only costs time (vLLM pads a decode batch to its CUDA
     #: graph size, and that padded size counts). None: every step is sparsified.
