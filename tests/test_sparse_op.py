@@ -20,10 +20,23 @@ def run_op(
     stats = new_stats(len(KEEPS)) if stats is None else stats
     keep = torch.tensor(KEEPS, dtype=torch.int32)
     thr_guess = torch.zeros(len(KEEPS), dtype=torch.int32)
-    y = sparse_op._sparse_linear(
-        x, weight, None, BOUNDS, KEEPS, keep, thr_guess, stats, True, decode_only, max_sparse_tokens
-    )
+    policy = "decode" if decode_only else "all"
+    y = sparse_op._sparse_linear(x, weight, None, BOUNDS, KEEPS, keep, thr_guess, stats, True, policy, max_sparse_tokens)
     return y, ModuleStats.read(stats)
+
+
+@pytest.mark.parametrize("policy", ["all", "auto"])
+def test_off_cuda_every_policy_but_decode_sparsifies_every_row(policy):
+    """policy auto follows the GPU's crossover table; off CUDA, where the reference runs, it
+    sparsifies every token like policy all."""
+    x, weight = torch.randn(5, K), torch.randn(BOUNDS[-1], K)
+    stats = new_stats(len(KEEPS))
+    y = sparse_op._sparse_linear(
+        x, weight, None, BOUNDS, KEEPS, torch.tensor(KEEPS, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
+        stats, True, policy, None,
+    )
+    torch.testing.assert_close(y, reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS))
+    assert ModuleStats.read(stats).dense_tokens == 5
 
 
 def test_every_row_keeps_its_budget():
@@ -64,3 +77,28 @@ def test_steps_over_the_token_limit_run_dense(decode_only, monkeypatch):
     torch.testing.assert_close(y_large, large @ weight.T)
     assert counts.kept_channels == (4 * 3 + K * 4, 10 * 3 + K * 4)
     assert (counts.sparse_tokens, counts.dense_tokens, counts.unsparsified_tokens) == (0, 3, 4)
+
+
+@pytest.mark.parametrize(
+    ("policy", "rows", "limit", "expected"),
+    [
+        ("auto", 1, None, sparse_op.CallPath.SPARSE_KERNEL),
+        ("auto", 4, None, sparse_op.CallPath.UNSPARSIFIED),  # the table says dense: not sparsified
+        ("all", 4, None, sparse_op.CallPath.SELECTION_DENSE),  # every token, through the fallback
+        ("decode", 4, None, sparse_op.CallPath.SELECTION_DENSE),
+        ("all", 4, 3, sparse_op.CallPath.UNSPARSIFIED),  # over the token limit
+    ],
+)
+def test_call_path_on_cuda_follows_the_crossover_table(monkeypatch, policy, rows, limit, expected):
+    """On a GPU whose crossover table runs one token through the sparse GEMV and more through the
+    dense fallback (the H200's table at every measured shape)."""
+    import acttail_kernels
+
+    def gemv_path(m, n, k, seg_bounds, seg_keep, device):
+        return acttail_kernels.GemvPath.LIST if m == 1 else acttail_kernels.GemvPath.DENSE
+
+    monkeypatch.setattr(acttail_kernels, "gemv_path", gemv_path)
+    sparse_op.call_path.cache_clear()
+    path, _ = sparse_op.call_path(rows, 12, K, tuple(BOUNDS), tuple(KEEPS), torch.device("cuda"), policy, limit)
+    sparse_op.call_path.cache_clear()
+    assert path is expected

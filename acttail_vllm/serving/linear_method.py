@@ -10,6 +10,8 @@ the ``BudgetResolver`` returns once the last module is loaded.
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from typing import Any, Iterator
 
 import torch
@@ -19,8 +21,13 @@ from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
 from acttail_vllm.serving.resolver import BudgetResolver, LoadedModule
-from acttail_vllm.serving.settings import SettingsError, SparsityPolicy
+from acttail_vllm.serving.settings import SettingsError
 from acttail_vllm.serving.stats import new_stats
+
+logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM prints it
+#: Step sizes the warm-up runs: up to one past the sparse GEMV's largest batch (16 tokens), after
+#: which every larger step launches the same kernel variants.
+WARM_UP_MAX_ROWS = 17
 
 
 class SparseLinearState(torch.nn.Module):
@@ -86,7 +93,38 @@ class SparseModules:
                    for layer in self.layers]  # fmt: skip
         for layer, budget in zip(self.layers, self.resolver.resolve(modules)):
             layer.acttail.set_budget(budget)
+        if self.layers[0].weight.is_cuda:
+            self.warm_up()
         return True
+
+    def warm_up(self, max_rows: int = WARM_UP_MAX_ROWS) -> None:
+        """Run every distinct module once per step size up to ``max_rows`` tokens, so that each
+        Triton variant serving can launch is compiled now, not inside a request (variants depend on
+        the shape, the budget and the step size only up to the sparse GEMV's largest batch)."""
+        settings = self.resolver.source.settings
+        start, calls = time.perf_counter(), 0
+        seen = set()
+        for layer in self.layers:
+            state = layer.acttail
+            bias = getattr(layer, "bias", None)
+            key = (tuple(layer.weight.shape), layer.weight.dtype, tuple(state.seg_bounds), state.budget.seg_keep,
+                   bias is None)  # fmt: skip
+            if key in seen:
+                continue
+            seen.add(key)
+            scratch = torch.zeros_like(state.stats)
+            for rows in range(1, max_rows + 1):
+                x = torch.randn(rows, state.budget.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
+                torch.ops.acttail.sparse_linear(
+                    x, layer.weight, bias, state.seg_bounds, list(state.budget.seg_keep), state.keep,
+                    state.thr_guess, scratch, False, settings.policy.value, settings.max_sparse_tokens,
+                )  # fmt: skip
+                calls += 1
+        torch.cuda.synchronize()
+        logger.info(
+            "ActTail: kernel warm-up: %d module shapes x %d step sizes in %.1f s",
+            len(seen), max_rows, time.perf_counter() - start,
+        )  # fmt: skip
 
 
 class ActTailLinearMethod(LinearMethodBase):
@@ -97,7 +135,7 @@ class ActTailLinearMethod(LinearMethodBase):
         self.proj = proj
         self.dense = UnquantizedLinearMethod()
         settings = modules.resolver.source.settings
-        self.decode_only = settings.policy is SparsityPolicy.DECODE
+        self.policy = settings.policy.value
         self.max_sparse_tokens = settings.max_sparse_tokens
 
     def create_weights(
@@ -165,6 +203,6 @@ class ActTailLinearMethod(LinearMethodBase):
             state.thr_guess,
             state.stats,
             state.counts_stats,
-            self.decode_only,
+            self.policy,
             self.max_sparse_tokens,
         )

@@ -8,11 +8,19 @@ reference (TopK mask, then a dense GEMM on the sparsified input).
 
 from __future__ import annotations
 
+import enum
+import functools
+from typing import TYPE_CHECKING
+
 import torch
 from torch.library import Library
 
 from acttail_kernels import reference
+from acttail_vllm.serving.settings import SparsityPolicy
 from acttail_vllm.serving.stats import STAT_DENSE_TOKENS, STAT_SPARSE_TOKENS, STAT_UNSPARSIFIED_TOKENS
+
+if TYPE_CHECKING:
+    from acttail_kernels import GemvPath
 
 _LIB = Library("acttail", "FRAGMENT")  # noqa: TID251 -- the op's lifetime is this module's
 
@@ -50,6 +58,38 @@ def _dense_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.nn.functional.linear(x2, weight, bias)
 
 
+class CallPath(enum.Enum):
+    """What one call of the op runs."""
+
+    UNSPARSIFIED = "unsparsified"  # the dense layer on the whole input
+    SPARSE_KERNEL = "sparse kernel"  # selection + the sparse GEMV (channel list or walk)
+    SELECTION_DENSE = "selection + dense"  # selection + a dense GEMM on the sparsified input
+
+
+@functools.lru_cache(maxsize=4096)
+def call_path(
+    rows: int, n: int, k: int, seg_bounds: tuple[int, ...], keep: tuple[int, ...], device: torch.device,
+    policy: str, max_sparse_tokens: int | None,
+) -> tuple[CallPath, "GemvPath | None"]:
+    """The one place that decides what a call runs, from shapes alone (so a captured CUDA graph of
+    a batch size always replays the same choice): a step over the token limit runs dense; on CUDA
+    the GPU's crossover table picks the sparse GEMV's loop or the dense fallback, and under policy
+    auto a step the sparse GEMV would not speed up is not sparsified; other devices run the
+    PyTorch reference (selection + dense)."""
+    if max_sparse_tokens is not None and rows > max_sparse_tokens:
+        return CallPath.UNSPARSIFIED, None
+    if device.type != "cuda":
+        return CallPath.SELECTION_DENSE, None
+    import acttail_kernels
+
+    gemv = acttail_kernels.gemv_path(rows, n, k, list(seg_bounds), list(keep), device)
+    if gemv is not acttail_kernels.GemvPath.DENSE:
+        return CallPath.SPARSE_KERNEL, gemv
+    if policy == SparsityPolicy.AUTO.value:
+        return CallPath.UNSPARSIFIED, None
+    return CallPath.SELECTION_DENSE, gemv
+
+
 def _sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -60,38 +100,38 @@ def _sparse_linear(
     thr_guess: torch.Tensor,
     stats: torch.Tensor,
     count_stats: bool,
-    decode_only: bool,
+    policy: str,
     max_sparse_tokens: int | None,
 ) -> torch.Tensor:
     """``weight`` is [N, K] on CPU and the kernel layout [K, N] (``prepare_weight``) on CUDA.
 
     ``seg_keep`` (int32, one per output segment) is what the masks and kernels read: a tensor, so
     compiled graphs and CUDA graphs never bake a budget in (vLLM's compile cache does not key on
-    budgets). ``keep_hint`` holds the same values as ints and only picks sparse kernel vs dense.
+    budgets). ``keep_hint`` holds the same values as ints and only picks the path (``call_path``).
     ``thr_guess`` (int32, one per segment) is where the CUDA selection leaves each threshold and
-    starts the next step's search (speed only, never the result). A step of more than
-    ``max_sparse_tokens`` tokens runs the dense layer on the whole input.
+    starts the next step's search (speed only, never the result). ``policy`` is a
+    ``SparsityPolicy`` value; under ``decode`` the prefill rows of a mixed step stay dense.
     With ``count_stats``, ``stats`` (int64, see ``stats.py``) accumulates, per output segment, the
     input channels kept, then the sparsified tokens through the sparse kernel and through the dense
     fallback, and the tokens left unsparsified.
     """
     x2 = x.reshape(-1, x.shape[-1])
-    rows = x2.shape[0]
-    dense_step = max_sparse_tokens is not None and rows > max_sparse_tokens
-    sparse_rows = decode_token_mask(rows, x2.device) if decode_only and not dense_step else None
-    if dense_step:
+    rows, n = x2.shape[0], seg_bounds[-1]
+    path, gemv = call_path(
+        rows, n, x2.shape[1], tuple(seg_bounds), tuple(keep_hint), x2.device, policy, max_sparse_tokens
+    )
+    decode_only = policy == SparsityPolicy.DECODE.value
+    sparse_rows = decode_token_mask(rows, x2.device) if decode_only and path is not CallPath.UNSPARSIFIED else None
+    if path is CallPath.UNSPARSIFIED:
         y = _dense_linear(x2, weight, bias)
-        used_kernel = False
     elif x2.is_cuda:
         import acttail_kernels
 
-        path = acttail_kernels.gemv_path(rows, weight.shape[1], weight.shape[0], seg_bounds, keep_hint, x2.device)
         y = acttail_kernels.sparse_linear(
-            x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=path, thr_guess=thr_guess
+            x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=gemv, thr_guess=thr_guess
         )
         if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
             y = torch.where(sparse_rows[:, None], y, _dense_linear(x2, weight, bias))
-        used_kernel = path is not acttail_kernels.GemvPath.DENSE
     else:
         masks = [reference.topk_mask(x2, keep) for keep in seg_keep.tolist()]
         if sparse_rows is not None:
@@ -105,16 +145,17 @@ def _sparse_linear(
             ],
             dim=1,
         )
-        used_kernel = False
     if count_stats:  # only then: each op here is one more kernel per module and step on a GPU
-        n_seg = len(seg_bounds) - 1
-        sparsified = 0 if dense_step else rows if sparse_rows is None else sparse_rows.sum()
+        num_segs = len(seg_bounds) - 1
+        unsparsified = path is CallPath.UNSPARSIFIED
+        sparsified = 0 if unsparsified else rows if sparse_rows is None else sparse_rows.sum()
         # A sparsified row keeps exactly seg_keep channels (tests/test_kernels.py checks the kernels'
         # sets, the reference is exact by construction); a row left dense keeps all of them.
-        stats[:n_seg] += seg_keep.to(torch.int64) * sparsified + x2.shape[1] * (rows - sparsified)
-        stats[n_seg + (STAT_SPARSE_TOKENS if used_kernel else STAT_DENSE_TOKENS)] += sparsified
-        stats[n_seg + STAT_UNSPARSIFIED_TOKENS] += rows - sparsified
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+        stats[:num_segs] += seg_keep.to(torch.int64) * sparsified + x2.shape[1] * (rows - sparsified)
+        token_stat = STAT_SPARSE_TOKENS if path is CallPath.SPARSE_KERNEL else STAT_DENSE_TOKENS
+        stats[num_segs + token_stat] += sparsified
+        stats[num_segs + STAT_UNSPARSIFIED_TOKENS] += rows - sparsified
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _sparse_linear_fake(
@@ -127,7 +168,7 @@ def _sparse_linear_fake(
     thr_guess: torch.Tensor,
     stats: torch.Tensor,
     count_stats: bool,
-    decode_only: bool,
+    policy: str,
     max_sparse_tokens: int | None,
 ) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], seg_bounds[-1]))
