@@ -431,7 +431,7 @@ def test_broken_measured_table_says_which_file_and_what_to_do(loader, file_name,
     broken.write_text('{"device": "NVIDIA H100 80GB HBM3", "shapes": [{"name": "q"}]}')
     loader.cache_clear()
     with pytest.raises(ValueError, match=r"NVIDIA_H100_80GB_HBM3/\w+\.json is not a valid \w+Table .*first at "
-                       r"shapes\.0\.\w+: Field required.*measure it with `python3 benchmarks/\w+\.py "
+                       r"shapes\.0\.\w+: Field required.*measure it with `python3 -m tools\.tune_\w+ "
                        r"--write.*or delete it"):
         loader("NVIDIA H100 80GB HBM3")
 
