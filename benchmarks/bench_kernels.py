@@ -40,7 +40,7 @@ from acttail_kernels import reference  # noqa: E402
 from acttail_kernels.sparse_gemv import sparse_gemv  # noqa: E402
 from acttail_kernels.topk_select import guess_tensor, keep_tensor, pdl_launch, topk_select  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    GPU_SHAPES, Shape, instance_count, keeps_for, random_inputs, random_weights, time_us,
+    GPU_SHAPES, Shape, keeps_for, random_inputs, random_instances, time_us,
 )
 
 QUICK_SHAPES = [s for s in GPU_SHAPES if s.name in ("13b.q/k/v/o", "13b.gate/up", "13b.down")]
@@ -76,9 +76,8 @@ class Row:
 def measure(shape: Shape, m: int, sparsities: list[float], dtype: torch.dtype, device: str) -> list[Row]:
     """One Row per sparsity for this shape and batch size (dense timed once, shared)."""
     elem = torch.finfo(dtype).bits // 8
-    instances = instance_count(shape, dtype)
-    weights = random_weights(shape, instances, dtype, device)
-    weights_t = [ak.prepare_weight(w) for w in weights]
+    weights, weights_t = random_instances(shape, dtype, device)
+    instances = len(weights)
     xs = random_inputs(m, shape.k, instances, dtype, device)
     bounds = shape.seg_bounds
 

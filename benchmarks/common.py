@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from acttail_kernels import prepare_weight
 from benchmarks.dummy_llama import write_config
 
 
@@ -68,16 +69,14 @@ def keeps_for(shape: Shape, sparsity: float) -> list[int]:
     return [round((1.0 - sparsity) * shape.k)] * len(shape.seg_widths)
 
 
-def instance_count(shape: Shape, dtype: torch.dtype) -> int:
-    """Problem instances (distinct weights) whose weights overflow L2 about four times over, so no
-    timed call finds its weight in L2."""
+def random_instances(shape: Shape, dtype: torch.dtype, device: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Distinct random weights of ``shape`` at a trained layer's scale, as [N, K] (nn.Linear's layout)
+    and in the kernels' layout: enough of them to overflow L2 about four times over, so no timed call
+    finds its weight in L2."""
     weight_bytes = shape.n * shape.k * torch.finfo(dtype).bits // 8
-    return min(16, max(2, -(-4 * L2_BYTES // weight_bytes)))
-
-
-def random_weights(shape: Shape, count: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
-    """``count`` random [N, K] weights (nn.Linear's layout) of a trained layer's scale."""
-    return [torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02 for _ in range(count)]
+    count = min(16, max(2, -(-4 * L2_BYTES // weight_bytes)))
+    weights = [torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02 for _ in range(count)]
+    return weights, [prepare_weight(w) for w in weights]
 
 
 def random_inputs(m: int, k: int, count: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:

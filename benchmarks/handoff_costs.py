@@ -35,7 +35,7 @@ import torch
 import acttail_kernels as ak
 from acttail_kernels.sparse_gemv import sparse_gemv
 from acttail_kernels.topk_select import guess_tensor, keep_tensor, topk_select
-from benchmarks.common import instance_count, keeps_for, random_inputs, random_weights, shapes_named, time_us
+from benchmarks.common import keeps_for, random_inputs, random_instances, shapes_named, time_us
 
 
 LAYER = ("13b.qkv", "13b.q/k/v/o", "13b.gate_up", "13b.down")  # a decoder layer's four calls
@@ -52,10 +52,8 @@ def main() -> None:
     print(f"{'shape':14s} {'s':>4s} {'select':>7s} {'gemv':>7s} {'both':>7s} {'join':>7s} {'ideal':>7s} {'dense':>7s}")
     layer: dict[float, dict[str, float]] = {}
     for shape in shapes_named("13b"):
-        count = instance_count(shape, dtype)
-        weights = random_weights(shape, count, dtype, device)
-        weights_t = [ak.prepare_weight(w) for w in weights]
-        xs = random_inputs(1, shape.k, count, dtype, device)
+        weights, weights_t = random_instances(shape, dtype, device)
+        xs = random_inputs(1, shape.k, len(weights), dtype, device)
         dense = time_us([functools.partial(torch.nn.functional.linear, x, w) for x, w in zip(xs, weights)], xs)
         for sparsity in (0.5, 0.8):
             keeps = keeps_for(shape, sparsity)

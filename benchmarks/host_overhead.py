@@ -18,7 +18,7 @@ import torch
 
 import acttail_kernels as ak
 from acttail_kernels.topk_select import guess_tensor, keep_tensor
-from benchmarks.common import keeps_for, random_weights, shapes_named, time_us
+from benchmarks.common import keeps_for, random_instances, shapes_named, time_us
 
 SPARSITY = 0.8
 CALLS = 300
@@ -45,7 +45,7 @@ def main() -> None:
     print(f"{'shape':14s} {'M':>3s} {'path':>6s} {'eager':>7s} {'graph':>7s} {'dense eager':>11s} {'dense graph':>11s}")
     profiles = {}
     for shape in shapes_named("13b"):
-        weight_t = ak.prepare_weight(random_weights(shape, 1, dtype, device)[0])
+        weight_t = random_instances(shape, dtype, device)[1][0]
         keeps = keeps_for(shape, SPARSITY)
         keep, guess = keep_tensor(keeps, device), guess_tensor(len(keeps), device)
         for m in (1, 16, 64):

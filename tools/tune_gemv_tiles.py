@@ -24,14 +24,11 @@ from pathlib import Path
 
 import torch
 
-import acttail_kernels as ak
 from acttail_kernels.gemv_tiles import TILES_FILE, GemvLoop, GemvTiles, ShapeTiles, TileTable
 from acttail_kernels.measured import device_name, table_path
 from acttail_kernels.sparse_gemv import RULE_TILES, GemvPlan, plan_gemv, plan_of, sparse_gemv
 from acttail_kernels.topk_select import keep_tensor, num_sms, topk_select
-from benchmarks.common import (
-    GPU_SHAPES, Shape, instance_count, keeps_for, random_inputs, random_weights, shapes_named, time_us,
-)
+from benchmarks.common import GPU_SHAPES, keeps_for, random_inputs, random_instances, shapes_named, time_us
 
 BLOCK_N = (32, 64, 128)
 BLOCK_K = (128, 256, 512)
@@ -41,13 +38,6 @@ WARPS = (2, 4, 8)
 STAGES = (2, 3, 4, 5)
 
 
-def one_token_instances(shape: Shape, dtype: torch.dtype, device: str) -> tuple[list, list]:
-    """Weights in the kernel layout and one-token inputs, enough instances to overflow L2."""
-    count = instance_count(shape, dtype)
-    weights_t = [ak.prepare_weight(w) for w in random_weights(shape, count, dtype, device)]
-    return weights_t, random_inputs(1, shape.k, count, dtype, device)
-
-
 def sweep_launch(dtype: torch.dtype, device: str) -> None:
     """Per 13B shape, the list GEMV at its measured tiles with each num_warps x num_stages."""
     sms = num_sms(torch.device(device))
@@ -55,7 +45,8 @@ def sweep_launch(dtype: torch.dtype, device: str) -> None:
           f"excluded, s={SPARSITIES}; w(num_warps) s(num_stages) at the measured tiles")
     print(f"{'shape':14s} {'tiles':>12s} {'w4 s3':>11s} {'best':>6s} {'us':>11s}")
     for shape in [s for s in shapes_named("13b") if not s.name.endswith("gate/up")]:
-        weights_t, xs = one_token_instances(shape, dtype, device)
+        _, weights_t = random_instances(shape, dtype, device)
+        xs = random_inputs(1, shape.k, len(weights_t), dtype, device)
         shipped = plan_gemv(shape.seg_widths, shape.k, device_name(torch.device(device)), sms, GemvLoop.CHANNEL_LIST)
         plans = [dataclasses.replace(shipped, num_warps=w, num_stages=st) for w, st in itertools.product(WARPS, STAGES)]
         timings: dict[GemvPlan, list[float]] = {plan: [] for plan in plans}
@@ -88,10 +79,12 @@ def main() -> None:
                   for n, k, p in itertools.product(BLOCK_N, BLOCK_K, PROGRAMS_PER_SM)]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; GEMV us at M=1, selection excluded,"
           f" s={SPARSITIES}; tiles n(columns) k(rows per step) p(programs per SM)")
-    print(f"{'shape':14s} {'loop':>4s} {'rule':>12s} {'us':>13s} {'TB/s':>11s}   {'best':>12s} {'us':>13s} {'TB/s':>11s}")
+    print(f"{'shape':14s} {'loop':>4s} {'rule':>12s} {'us':>13s} {'TB/s':>11s}   "
+          f"{'best':>12s} {'us':>13s} {'TB/s':>11s}")
     shapes = []
     for shape in [s for s in GPU_SHAPES if not s.name.endswith("gate/up")]:  # vLLM merges gate and up
-        weights_t, xs = one_token_instances(shape, dtype, device)
+        _, weights_t = random_instances(shape, dtype, device)
+        xs = random_inputs(1, shape.k, len(weights_t), dtype, device)
         best = {}
         for loop in (GemvLoop.CHANNEL_LIST, GemvLoop.TOKEN_WALK):
             with_list = loop is GemvLoop.CHANNEL_LIST

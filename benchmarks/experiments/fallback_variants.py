@@ -27,10 +27,9 @@ import functools
 
 import torch
 
-import acttail_kernels as ak
 from acttail_kernels.dispatch import batched_dense, per_segment_dense, stacked_dense
 from acttail_kernels.topk_select import SelectOptions, keep_tensor, topk_select
-from benchmarks.common import GPU_SHAPES, instance_count, keeps_for, random_inputs, random_weights, time_us
+from benchmarks.common import GPU_SHAPES, keeps_for, random_inputs, random_instances, time_us
 
 
 def main() -> None:
@@ -40,10 +39,8 @@ def main() -> None:
           f"{'bmm':>7s} {'select':>7s}")
     for shape in GPU_SHAPES:
         for m in (2, 4, 8, 16):
-            count = instance_count(shape, dtype)
-            weights = random_weights(shape, count, dtype, device)
-            weights_t = [ak.prepare_weight(w) for w in weights]
-            xs = random_inputs(m, shape.k, count, dtype, device)
+            weights, weights_t = random_instances(shape, dtype, device)
+            xs = random_inputs(m, shape.k, len(weights), dtype, device)
             keep = keep_tensor(keeps_for(shape, 0.5), device)
             sels = [topk_select(x, keep, with_list=False).xs for x in xs]
             bounds = shape.seg_bounds

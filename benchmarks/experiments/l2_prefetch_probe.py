@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from acttail_kernels import prepare_weight
-from benchmarks.common import GPU_SHAPES, L2_BYTES, instance_count, random_inputs, random_weights, time_us
+from benchmarks.common import GPU_SHAPES, L2_BYTES, random_inputs, random_instances, time_us
 
 SPIN_CYCLES = 20_000  # ~10 us at an H200's clock
 SLICES = 8
@@ -65,9 +64,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {dtype}, "
           f"M={m}, L2 {L2_BYTES >> 20} MiB: microseconds per call")
     for shape in (s for s in GPU_SHAPES if s.name in ("13b.qkv", "13b.down")):
-        count = instance_count(shape, dtype)
-        weights_t = [prepare_weight(w) for w in random_weights(shape, count, dtype, device)]
-        xs = random_inputs(m, shape.k, count, dtype, device)
+        _, weights_t = random_instances(shape, dtype, device)
+        xs = random_inputs(m, shape.k, len(weights_t), dtype, device)
         spin = time_us([functools.partial(torch.cuda._sleep, SPIN_CYCLES) for _ in xs], xs)
         for sliced, share in [(False, 0.0), (False, 0.25), (False, 0.5), (False, 1.0), (True, 0.5), (True, 1.0)]:
             us = time_us([functools.partial(gemm_after, x, w, share, sliced) for x, w in zip(xs, weights_t)], xs)

@@ -44,9 +44,7 @@ import torch
 
 import acttail_kernels as ak
 from acttail_kernels.topk_select import SHIPPED_OPTIONS, guess_tensor, keep_tensor
-from benchmarks.common import (
-    GPU_SHAPES, instance_count, keeps_for, random_inputs, random_weights, shapes_named, time_us,
-)
+from benchmarks.common import GPU_SHAPES, keeps_for, random_inputs, random_instances, shapes_named, time_us
 
 ONE_TOKEN = [(1, ak.GemvPath.LIST), (1, ak.GemvPath.WALK)]
 FALLBACK_4_16 = [(4, ak.GemvPath.DENSE), (16, ak.GemvPath.DENSE)]
@@ -100,10 +98,9 @@ def main() -> None:
           f"microseconds per call, median of {args.rounds} alternating rounds (min-max)")
     print(f"{'shape':14s} {'M':>3s} {'s':>4s} {'path':>5s} {'off':>17s} {'on':>17s}")
     for shape in (s for s in GPU_SHAPES if s.name in args.shapes):
-        count = instance_count(shape, dtype)
-        weights_t = [ak.prepare_weight(w) for w in random_weights(shape, count, dtype, device)]
+        _, weights_t = random_instances(shape, dtype, device)
         for m, path in runs:
-            xs = random_inputs(m, shape.k, count, dtype, device)
+            xs = random_inputs(m, shape.k, len(weights_t), dtype, device)
             for sparsity in (0.5, 0.8):
                 keeps = keeps_for(shape, sparsity)
                 keep = keep_tensor(keeps, device)
