@@ -1,6 +1,6 @@
 """Llama-2-shaped model directories for `--load-format dummy` (random weights, real speed).
 
-    python -m benchmarks.dummy_llama 13b /tmp/llama-2-13b-shape [--tokenizer DIR]
+    python3 -m benchmarks.dummy_llama 13b /tmp/llama-2-13b-shape [--tokenizer DIR]
 
 writes config.json of that shape. vLLM's dummy loader makes the weights. ``--tokenizer`` copies a
 tokenizer in (for servers that take text) and sets the vocabulary to its size; the linear layers,

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Every GPU number quoted in the README and the issue notes, one step per command, each step well
-# under 10 minutes on one H100. Run from the repo root on a CUDA host where vLLM 0.26 and this
-# project are installed (offline hosts: ../shared/gpu/README.md, then `source .gpu/kit/env.sh`).
-# tiles, kernels and switches need no vLLM: `source benchmarks/kernel_env.sh` is enough there.
+# The GPU numbers of the docs, one step per command, each step well under 10 minutes on one H200. Run
+# from the repo root on a CUDA host where vLLM 0.26 and this project are installed (offline hosts:
+# ../shared/gpu/README.md, whose setup installs the project; then `source .gpu/kit/env.sh`).
+# tiles, kernels and switches need no vLLM, only torch, Triton, pydantic and the project installed:
+#   python3 -m pip install --no-index --no-deps --no-build-isolation -e .
+# On a host without pydantic, `bash benchmarks/gpu_session.sh pydantic-wheels` here first takes its wheels from the
+# vLLM bundle into .gpu/pydantic; carry that folder and run there, before the line above:
+#   python3 -m pip install --no-index --no-deps .gpu/pydantic/*.whl
 #
 #   bash benchmarks/gpu_session.sh tiles       # one-token GEMV tiles per shape (kernels/measured/<GPU>/gemv_tiles.json)
 #   bash benchmarks/gpu_session.sh kernels     # kernel tests (bf16), kernel table + crossover (.../crossover.json)
-#   bash benchmarks/gpu_session.sh switches    # A/B of the kernel switches (benchmarks/switch_ab.py)
+#   bash benchmarks/gpu_session.sh switches    # A/B of the selection options (benchmarks/experiments/switch_ab.py)
 #   bash benchmarks/gpu_session.sh profile     # time to build a 13B-shape profile (ESD + alpha fits) on the GPU
 #   bash benchmarks/gpu_session.sh serve       # `vllm serve` 13B shape, CUDA graphs: load test dense vs acttail 50%
 #   bash benchmarks/gpu_session.sh decode13b   # vLLM decode tok/s, 13B shape, dense vs s in {0.5,0.7,0.8,0.9}
 #   bash benchmarks/gpu_session.sh decode7b    # the same at the 7B shape
-#   (SPARSITIES=0.5,0.8 / BATCHES=1,16 pick a part; EXTEND=benchmarks/results/decode_13b.json adds
+#   (SPARSITIES=0.5,0.8 / BATCHES=1,16 pick a part; EXTEND=benchmarks/results/h200/decode_13b.json adds
 #   sparsities to an earlier run, reusing its dense numbers: one table in two calls of < 10 min;
 #   OPTIONS='{"max_sparse_tokens": 1}' passes more ActTail options, TAG=name suffixes the result files)
 #   bash benchmarks/gpu_session.sh quality     # SmolLM2 perplexity / accuracy study (benchmarks/quality_sweep.py)
@@ -32,24 +36,30 @@ print(table_path(sys.argv[1], torch.cuda.get_device_name()))" "$1"
 }
 
 case "${1:-}" in
+pydantic-wheels)
+  # Here, not on the host: the vLLM bundle of ../shared/gpu/build_vllm_bundle.sh holds these wheels.
+  rm -rf .gpu/pydantic && mkdir -p .gpu/pydantic
+  cat .gpu/vb1/part00 .gpu/vb2/part01 .gpu/vb3/part02 | xz -d | tar -x -C .gpu/pydantic --strip-components=1 \
+    --wildcards 'deps/pydantic-2*' 'deps/pydantic_core*' 'deps/annotated_types*' 'deps/typing_inspection*'
+  ls .gpu/pydantic
+  ;;
 tiles)
   # Into this GPU's folder (the crossover, step kernels, is measured with these tiles) and $OUT.
-  $python benchmarks/gemv_plans.py --write 2>&1 | tee "$OUT/gemv_plans.txt"
+  $python -m tools.tune_gemv_tiles --write 2>&1 | tee "$OUT/gemv_tiles.txt"
   cp "$(measured gemv_tiles.json)" "$OUT/"
   ;;
 kernels)
   { $python -m pytest -q tests/test_kernels.py 2>&1 || true; } | tail -5 | tee "$OUT/kernel_tests.txt"
-  $python benchmarks/bench_kernels.py --check --write-crossover 2>&1 \
-    | grep -v "^  measured" | tee "$OUT/bench_kernels.txt"
+  $python -m tools.tune_crossover --check --write 2>&1 | grep -v "^  measured" | tee "$OUT/bench_kernels.txt"
   cp "$(measured crossover.json)" "$OUT/"
   ;;
 switches)
   for switch in pdl row-chunk row-chunk-batches thr-window range-programs; do
-    (cd benchmarks && $python switch_ab.py --switch $switch) 2>&1 | tee "$OUT/switch_$switch.txt"
+    $python -m benchmarks.experiments.switch_ab --switch $switch 2>&1 | tee "$OUT/switch_$switch.txt"
   done
   ;;
 profile)
-  $python benchmarks/profile_gpu.py 2>&1 | tail -15 | tee "$OUT/profile_gpu.txt"
+  $python -m benchmarks.profile_gpu 2>&1 | tail -15 | tee "$OUT/profile_gpu.txt"
   ;;
 serve)
   model=/tmp/llama-2-13b-shape-tok
@@ -69,11 +79,11 @@ decode13b | decode7b)
   ;;
 quality)
   model=${SMOLLM2_DIR:-$($python -m acttail_vllm.cli prepare-smollm2)}
-  $python benchmarks/quality_sweep.py --model "$model" --data-dir "${EVAL_DATA:-.gpu/evaldata}" \
+  $python -m benchmarks.quality_sweep --model "$model" --data-dir "${EVAL_DATA:-.gpu/evaldata}" \
     --out "$OUT/quality" --device cuda --dtype float32 --mc-limit 300 "${@:2}" 2>&1 | tail -40
   ;;
 *)
-  sed -n '2,20p' "$0"
+  sed -n '2,26p' "$0"
   exit 2
   ;;
 esac

@@ -1,7 +1,7 @@
 """Where a one-token call's microseconds go: the selection, the GEMV, and what joining them costs;
 and how fast batch-1 decode could get if the selection cost nothing.
 
-    python3 benchmarks/handoff_costs.py [--rest-us 1282 --dense-step-us 8208]        # needs CUDA
+    python3 -m benchmarks.handoff_costs [--rest-us 1282 --dense-step-us 8208]        # needs CUDA
 
 At the 13B shapes, M = 1, the channel-list path, per call:
 
@@ -22,7 +22,7 @@ of wall time, results/h200/profile_decode_13b.txt); ``bound`` is dense step / (r
 layers), the speedup decode would reach with that rest; ``model`` is the same sum with the shipped
 calls, to check against the measured decode speedup (results/h200/decode_13b.txt).
 
-Timing: bench_kernels.time_us (CUDA graph, L2 flushed, median microseconds per call).
+Timing: ``benchmarks.common.time_us`` (CUDA graph, L2 flushed, median microseconds per call).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import argparse
 import functools
 
 import torch
-from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
 
 import acttail_kernels as ak
 from acttail_kernels.sparse_gemv import sparse_gemv
 from acttail_kernels.topk_select import guess_tensor, keep_tensor, topk_select
+from benchmarks.common import keeps_for, random_inputs, random_instances, shapes_named, time_us
 
 
 LAYER = ("13b.qkv", "13b.q/k/v/o", "13b.gate_up", "13b.down")  # a decoder layer's four calls
@@ -51,11 +51,9 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; microseconds per call, M = 1, list path")
     print(f"{'shape':14s} {'s':>4s} {'select':>7s} {'gemv':>7s} {'both':>7s} {'join':>7s} {'ideal':>7s} {'dense':>7s}")
     layer: dict[float, dict[str, float]] = {}
-    for shape in (s for s in GPU_SHAPES if s.name.startswith("13b")):
-        instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
-        weights = [torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02 for _ in range(instances)]
-        weights_t = [ak.prepare_weight(w) for w in weights]
-        xs = [torch.randn(1, shape.k, dtype=dtype, device=device) for _ in range(instances)]
+    for shape in shapes_named("13b"):
+        weights, weights_t = random_instances(shape, dtype, device)
+        xs = random_inputs(1, shape.k, len(weights), dtype, device)
         dense = time_us([functools.partial(torch.nn.functional.linear, x, w) for x, w in zip(xs, weights)], xs)
         for sparsity in (0.5, 0.8):
             keeps = keeps_for(shape, sparsity)

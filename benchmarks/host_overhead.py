@@ -3,7 +3,7 @@ larger than the largest captured size, ``enforce_eager``): per call, the wall ti
 back-to-back calls, against the GPU time of the same call replayed from a CUDA graph. Where wall
 exceeds GPU time, the host is the bottleneck; cProfile then shows where its time goes.
 
-    python3 benchmarks/host_overhead.py [--profile 13b.qkv]        # needs CUDA
+    python3 -m benchmarks.host_overhead [--profile 13b.qkv]        # needs CUDA
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pstats
 import time
 
 import torch
-from bench_kernels import GPU_SHAPES, keeps_for, time_us
 
 import acttail_kernels as ak
 from acttail_kernels.topk_select import guess_tensor, keep_tensor
+from benchmarks.common import keeps_for, random_instances, shapes_named, time_us
 
 SPARSITY = 0.8
 CALLS = 300
@@ -44,8 +44,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; s = {SPARSITY}, microseconds per call")
     print(f"{'shape':14s} {'M':>3s} {'path':>6s} {'eager':>7s} {'graph':>7s} {'dense eager':>11s} {'dense graph':>11s}")
     profiles = {}
-    for shape in (s for s in GPU_SHAPES if s.name.startswith("13b")):
-        weight_t = ak.prepare_weight(torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02)
+    for shape in shapes_named("13b"):
+        weight_t = random_instances(shape, dtype, device)[1][0]
         keeps = keeps_for(shape, SPARSITY)
         keep, guess = keep_tensor(keeps, device), guess_tensor(len(keeps), device)
         for m in (1, 16, 64):

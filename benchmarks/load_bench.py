@@ -3,12 +3,12 @@
 
 Against running servers (label=URL; the served model name is asked from /v1/models):
 
-    python -m benchmarks.load_bench --url dense=http://gpu:8000 --url acttail=http://gpu:8001
+    python3 -m benchmarks.load_bench --url dense=http://gpu:8000 --url acttail=http://gpu:8001
 
 Or let it start the servers one after the other with the same vLLM arguments (dense first, then
 ``--quantization acttail`` with the profile), each on loopback:
 
-    python -m benchmarks.load_bench --model /models/Llama-3.1-8B-Instruct \\
+    python3 -m benchmarks.load_bench --model /models/Llama-3.1-8B-Instruct \\
         --profile profiles/llama-3.1-8b-acttail-50.json --vllm-args "--max-model-len 4096" \\
         --requests 500 --concurrency 32 --max-tokens 256 --output bench.json
 

@@ -5,8 +5,8 @@ kernels, CUDA graph replays included; generates ``--steps`` tokens for ``--batch
 random weights of a Llama-2 shape, and prints per decode step and batch size: kernels launched,
 GPU microseconds, and the kernels by total time (name shortened). Compare dense with ActTail:
 
-    python -m benchmarks.profile_decode --shape 13b --sparsity dense --batches 1,16
-    ACTTAIL_SPARSITY=0.8 python -m benchmarks.profile_decode --shape 13b --sparsity 0.8 --batches 1,16
+    python3 -m benchmarks.profile_decode --shape 13b --sparsity dense --batches 1,16
+    ACTTAIL_SPARSITY=0.8 python3 -m benchmarks.profile_decode --shape 13b --sparsity 0.8 --batches 1,16
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 import torch  # noqa: E402
 
-from benchmarks.vllm_decode_bench import add_engine_args, greedy_tokens, shape_engine, token_prompts  # noqa: E402
+from benchmarks.common import add_engine_args, greedy_tokens, shape_engine, token_prompts  # noqa: E402
 
 
 def kernel_times(prof: torch.profiler.profile) -> dict[str, list[float]]:

@@ -5,8 +5,8 @@ device one projection at a time (never the whole model in memory), profiled once
 dtype and estimator. Prints total and per-stage seconds (stages: ``profiler.STAGES``; "read" is the
 time spent generating the weights). Target on an H100: under 60 s per run.
 
-    python benchmarks/profile_gpu.py                              # the full model on CUDA
-    python benchmarks/profile_gpu.py --layers 2 --device cpu      # a quick check without a GPU
+    python3 -m benchmarks.profile_gpu                              # the full model on CUDA
+    python3 -m benchmarks.profile_gpu --layers 2 --device cpu      # a quick check without a GPU
 """
 
 from __future__ import annotations

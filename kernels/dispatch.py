@@ -8,7 +8,7 @@ from .crossover import GemvPath, load_crossover
 from .measured import device_name
 from .reference import check_segments
 from .sparse_gemv import MAX_TOKENS, sparse_gemv
-from .topk_select import keep_tensor, topk_select
+from .topk_select import SHIPPED_OPTIONS, SelectOptions, keep_tensor, topk_select
 
 
 def weight_sparsity(k: int, seg_bounds: list[int], seg_keep: list[int]) -> float:
@@ -62,9 +62,8 @@ def dense_on_sparsified(
 
 def batched_dense(xs: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Equally wide segments: one strided batched GEMM, segment i reading weight_t's columns
-    [i*w, (i+1)*w) and writing the same columns of the [M, N] output in place (no copy follows).
-    13B QKV at M=16 on an H100: 58.9 us, as fast as x @ weight_t, against 62.2 for ``stacked_dense``
-    (benchmarks/results/fallback_variants.txt)."""
+    [i*w, (i+1)*w) and writing the same columns of the [M, N] output in place (no copy follows):
+    as fast as one GEMM on x, faster than ``stacked_dense`` (benchmarks/experiments/README.md)."""
     num_segs, m, k = xs.shape
     width = weight_t.shape[1] // num_segs
     out = torch.empty(m, weight_t.shape[1], dtype=xs.dtype, device=xs.device)
@@ -77,7 +76,7 @@ def stacked_dense(
 ) -> torch.Tensor:
     """One GEMM over all S copies stacked as [S*M, K] rows, then each segment's own rows: bound by
     weight reads, S*M rows cost what M rows cost, while a GEMM per segment pays its launch and tail
-    S times (13B QKV at M=16 on an H100: 62 vs 70 us, benchmarks/results/fallback_variants.txt)."""
+    S times (benchmarks/experiments/README.md)."""
     num_segs, m, k = xs.shape
     rows = xs.reshape(num_segs * m, k)
     out = rows @ weight_t if bias is None else torch.addmm(bias, rows, weight_t)
@@ -103,6 +102,7 @@ def sparse_linear(
     keep: torch.Tensor | None = None,
     path: GemvPath | None = None,
     thr_guess: torch.Tensor | None = None,
+    options: SelectOptions = SHIPPED_OPTIONS,
 ) -> torch.Tensor:
     """[M, N]: output columns [seg_bounds[i], seg_bounds[i+1]) see x with only its seg_keep[i]
     largest-|x| channels per token; same semantics as ``reference.sparse_linear_ref`` on weight_t.T.
@@ -114,13 +114,14 @@ def sparse_linear(
     from memory instead of baking them in (``seg_keep`` then only picks the path). ``thr_guess``
     (int32 [S], zeros to start, one per call site): the selection starts from the threshold it left
     there the last call, faster where consecutive tokens' thresholds are close, exact either way.
+    ``options`` (``SelectOptions``): how the selection splits its work and launches, speed only.
     """
     _check_inputs(x, weight_t, bias)
     k, n = weight_t.shape
     check_segments(n, k, seg_bounds, seg_keep)
     keep = keep_tensor(seg_keep, x.device) if keep is None else keep
     path = gemv_path(x.shape[0], n, k, seg_bounds, seg_keep, x.device) if path is None else path
-    sel = topk_select(x, keep, with_list=path is GemvPath.LIST, thr_guess=thr_guess)
+    sel = topk_select(x, keep, with_list=path is GemvPath.LIST, thr_guess=thr_guess, options=options)
     if path is GemvPath.DENSE:
         return dense_on_sparsified(sel.xs, weight_t, bias, seg_bounds)
     return sparse_gemv(sel, weight_t, bias, seg_bounds)

@@ -2,8 +2,8 @@
 
 Decode at batch 1 runs the GEMV once per projection per token, and the best tiling differs by shape
 (13B on H100: 64-column tiles beat 32 on every shape, while how many programs share a tile's
-channels depends on how many tiles the shape has). ``benchmarks/gemv_plans.py --write`` times a
-grid of tilings per shape and loop on one GPU model and writes ``measured/<GPU>/gemv_tiles.json``;
+channels depends on how many tiles the shape has). ``tools/tune_gemv_tiles.py`` times a grid of
+tilings per shape and loop on one GPU model and writes ``measured/<GPU>/gemv_tiles.json``;
 ``sparse_gemv.plan_gemv`` reads it, and falls back to its rule for shapes never measured.
 """
 
@@ -14,7 +14,7 @@ import functools
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .measured import read_measured_table, table_path
+from .measured import read_measured_table
 
 TILES_FILE = "gemv_tiles.json"
 
@@ -67,6 +67,5 @@ def load_tiles(device: str) -> TileTable:
     """The tiles measured on the GPU named ``device``, or an empty table (the rule everywhere) if that
     GPU was never measured."""
     return read_measured_table(
-        TileTable, table_path(TILES_FILE, device), device, TileTable(device=device, shapes=[]),
-        "measure it with `python3 benchmarks/gemv_plans.py --write`",
+        TileTable, TILES_FILE, device, "measure it with `python3 -m tools.tune_gemv_tiles --write`"
     )

@@ -28,12 +28,13 @@ def table_path(file_name: str, device: str) -> Path:
     return MEASURED_DIR / re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_") / file_name
 
 
-def read_measured_table(model: type[Table], path: Path, device: str, empty: Table, remedy: str) -> Table:
-    """The table in ``path``, measured on ``device``; ``empty`` (the built-in defaults everywhere)
-    if there is none; a ValueError naming the file, its first problem and ``remedy`` if it does not
-    parse or was measured on another GPU."""
+def read_measured_table(model: type[Table], file_name: str, device: str, remedy: str) -> Table:
+    """The table ``file_name`` measured on the GPU named ``device``; an empty one (the built-in
+    defaults everywhere) if there is none; a ValueError naming the file, its first problem and
+    ``remedy`` if it does not parse or was measured on another GPU."""
+    path = table_path(file_name, device)
     if not path.exists():
-        return empty
+        return model(device=device, shapes=[])
     try:
         table = model.model_validate_json(path.read_text())
     except ValidationError as err:

@@ -9,15 +9,16 @@ A step costs mostly the latency of one block-wide sum, so the search starts in p
 row's programs each own one slice of the threshold range and test it with a single two-count step;
 the one whose slice holds ``thr`` finishes it by bisection, the others exit. Without a guess the
 slices split the range evenly (2**b programs decide the top b bits). With ``thr_guess``, each
-segment's threshold of its last call, the slices are narrow and tile a window of THRESHOLD_WINDOW
-binades around the guess, with one open slice below it and one above: a token whose threshold is
-near its predecessor's (the usual case, benchmarks/threshold_drift.py) then takes a few steps
-instead of a dozen, and one outside the window takes the whole range, never a wrong answer.
+segment's threshold of its last call, the slices are narrow and tile a window of a few binades
+(``SelectOptions.threshold_window``) around the guess, with one open slice below it and one above:
+a token whose threshold is near its predecessor's (the usual case,
+benchmarks/experiments/threshold_drift.py) then takes a few steps instead of a dozen, and one
+outside the window takes the whole range, never a wrong answer.
 
-Which entries equal to ``thr`` are kept takes a scan, and a scan over the whole row costs about
-0.45 us per 1024 entries on an H200. So a row of a small batch is written in chunks of ROW_CHUNK,
-each by its own group of range-test programs: every group finds thr over the whole row, ranks its
-chunk by counts of the entries before it, and scans only its chunk.
+Which entries equal to ``thr`` are kept takes a scan, and a scan costs in proportion to the row
+it covers. So a row of a small batch is written in chunks (``SelectOptions.row_chunk``), each by
+its own group of range-test programs: every group finds thr over the whole row, ranks its chunk by
+counts of the entries before it, and scans only its chunk.
 
 For a single token (decode) the kept channels are also listed in order, ``idx[seg, :count[seg]]``
 with their values in ``xv[seg, :]``: all the GEMV then reads. The same scan ranks them.
@@ -25,9 +26,10 @@ with their values in ``xv[seg, :]``: all the GEMV then reads. The same scan rank
 On Hopper and newer both kernels use programmatic dependent launch (PDL), so the GEMV's programs
 are on their SMs, waiting on the selection's writes, while the selection still runs. Without a
 channel list the selection lets the GEMV launch as soon as it starts; with one, once its finishing
-programs know the thresholds (released at the start, the list's GEMV was up to 15 us slower).
-Measured on an H200 (benchmarks/results/h200/pdl_gain.txt, switch_pdl.txt, and
-switch_pdl_late_release.txt): 0.4-0.9 us faster per call for the walk, 0.6-1.0 for lists.
+programs know the thresholds (a release at the start measured slower for lists).
+
+``SelectOptions`` holds these choices (chunks, window, programs, PDL): the defaults ship, and the
+benchmarks pass others to compare them. The measurements behind them: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -41,25 +43,35 @@ import triton.language as tl
 
 MAX_SEGMENTS = 4  # QKV needs 3, gate_up 2; the GEMV takes segment bounds as scalar arguments
 MAX_CHANNELS = 32767  # two counts share one int32 in the range test sum and the list scan
-# Range-test programs to spread over the GPU. A program holds its row in registers (at K = 5120, 8
-# warps of ~200 registers a thread: over half an SM's register file), so more than one per SM runs
-# in waves. With the window, 1 per SM against 2: a tie at one token, up to 3 us faster at 16 tokens
-# but for 13B qkv (1.1 us slower: its 48 rows get no window); 4 and 8 are slower everywhere
-# (benchmarks/results/h200/switch_range-programs*.txt).
-RANGE_PROGRAMS_PER_SM = 1
-USE_PDL = True  # programmatic dependent launch where the GPU has it (benchmarks turn it off to compare)
-# Channels one program writes and lists (a power of 2; a shorter row is one chunk): more chunks
-# mean fewer threshold bits tested in parallel. 13B lists on an H200: 2048 as fast as 1024 or
-# faster, 512 slower for QKV (benchmarks/results/h200/list_chunk.txt).
-ROW_CHUNK = 2048
-# Larger batches write each row whole: there the range test already runs short of programs, and
-# chunks measured 1.5-6 us slower at 16 tokens, 0.1-4.7 us faster at 4 (switch_row-chunk.txt).
-# With the threshold window they gain at 8 and 16 tokens only where a chunk keeps 5 range-test
-# programs or more, in Llama the o projection alone (switch_row-chunk-batches.txt).
-ROW_CHUNK_MAX_TOKENS = 4
-# Width of the window of thresholds tested in narrow slices, in binades (factors of 2 of |x|)
-# centred on the guess; 0 turns the window off (benchmarks compare).
-THRESHOLD_WINDOW = 2
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """How ``topk_select`` splits its work and launches: speed only, the outputs never depend on it.
+    The defaults ship; benchmarks pass others to compare."""
+
+    # Range-test programs to spread over the GPU, per SM. A program holds its row in registers (at
+    # K = 5120, over half an SM's register file), so more than one per SM runs in waves.
+    range_programs_per_sm: int = 1
+    # Programmatic dependent launch where the GPU has it (compute capability 9.0+).
+    use_pdl: bool = True
+    # Channels one program writes and lists (a power of 2; a shorter row is one chunk): more chunks
+    # scan less each but leave fewer programs to test threshold bits in parallel.
+    row_chunk: int = 2048
+    # Larger batches write each row whole: there the range test already runs short of programs.
+    row_chunk_max_tokens: int = 4
+    # Width of the window of thresholds tested in narrow slices, in binades (factors of 2 of |x|)
+    # centred on the guess; 0 turns the window off.
+    threshold_window: int = 2
+
+    def __post_init__(self) -> None:
+        if self.row_chunk < 1 or self.row_chunk & (self.row_chunk - 1):
+            raise ValueError(f"row_chunk must be a power of 2 (a Triton block), got {self.row_chunk}")
+        if self.range_programs_per_sm < 1 or self.threshold_window < 0 or self.row_chunk_max_tokens < 0:
+            raise ValueError(f"range_programs_per_sm >= 1, threshold_window >= 0, row_chunk_max_tokens >= 0: {self}")
+
+
+SHIPPED_OPTIONS = SelectOptions()
 
 
 def triton_interpreted() -> bool:
@@ -67,11 +79,11 @@ def triton_interpreted() -> bool:
     return not isinstance(_topk_select_kernel, triton.runtime.JITFunction)
 
 
-def pdl_launch(device: torch.device) -> bool:
+def pdl_launch(device: torch.device, options: SelectOptions = SHIPPED_OPTIONS) -> bool:
     """Whether the selection and GEMV of a call launch with PDL (compute capability 9.0+, compiled
     kernels)."""
     return (
-        USE_PDL
+        options.use_pdl
         and device.type == "cuda"
         and not triton_interpreted()
         and torch.cuda.get_device_capability(device)[0] >= 9
@@ -217,7 +229,7 @@ def _topk_select_kernel(
             (above.to(tl.int64) << 32) | ((above & before).to(tl.int64) << 16) | (equal & before).to(tl.int64), axis=0
         )
         ties = keep - (row_counts >> 32).to(tl.int32)
-        if CHUNK == BLOCK_K:  # one chunk, the row already held (batches above ROW_CHUNK_MAX_TOKENS)
+        if CHUNK == BLOCK_K:  # one chunk, the row already held (batches above row_chunk_max_tokens)
             offs_c, in_chunk, v_c, above_c, equal_c = offs, in_row, v, above, equal
         else:
             offs_c = start + tl.arange(0, CHUNK)
@@ -275,22 +287,25 @@ def select_config(k: int) -> tuple[int, int]:
     return block_k, min(16, max(4, block_k // 1024))
 
 
-def row_chunk(m: int, k: int) -> int:
-    """Channels of a row one group of programs writes: ROW_CHUNK up to ROW_CHUNK_MAX_TOKENS tokens,
-    else the whole (padded) row."""
+def row_chunk(m: int, k: int, options: SelectOptions = SHIPPED_OPTIONS) -> int:
+    """Channels of a row one group of programs writes: ``options.row_chunk`` up to
+    ``options.row_chunk_max_tokens`` tokens, else the whole (padded) row."""
     block_k = triton.next_power_of_2(k)
-    return min(ROW_CHUNK, block_k) if m <= ROW_CHUNK_MAX_TOKENS else block_k
+    return min(options.row_chunk, block_k) if m <= options.row_chunk_max_tokens else block_k
 
 
-def range_layout(m: int, num_segs: int, k: int, dtype: torch.dtype, sms: int, guessed: bool) -> tuple[int, int, bool]:
+def range_layout(
+    m: int, num_segs: int, k: int, dtype: torch.dtype, sms: int, guessed: bool,
+    options: SelectOptions = SHIPPED_OPTIONS,
+) -> tuple[int, int, bool]:
     """(SLICES, LOG_W, WINDOW) of a call on m tokens, num_segs segments and k channels: range-test
-    programs per row chunk (``row_chunk``), about RANGE_PROGRAMS_PER_SM per SM, and the width of
-    their slices. With a guess and 3 programs or more, all but the two open ones tile
-    THRESHOLD_WINDOW binades (WINDOW); else 2**b even slices."""
-    rows = m * num_segs * triton.cdiv(k, row_chunk(m, k))
-    spare = RANGE_PROGRAMS_PER_SM * sms // max(1, rows)
-    if guessed and THRESHOLD_WINDOW > 0 and spare >= 3:
-        span = THRESHOLD_WINDOW << mantissa_bits(dtype)
+    programs per row chunk (``row_chunk``), about ``options.range_programs_per_sm`` per SM, and the
+    width of their slices. With a guess and 3 programs or more, all but the two open ones tile
+    ``options.threshold_window`` binades (WINDOW); else 2**b even slices."""
+    rows = m * num_segs * triton.cdiv(k, row_chunk(m, k, options))
+    spare = options.range_programs_per_sm * sms // max(1, rows)
+    if guessed and options.threshold_window > 0 and spare >= 3:
+        span = options.threshold_window << mantissa_bits(dtype)
         return spare, (-(-span // (spare - 2)) - 1).bit_length(), True
     bits = min(value_bits(dtype), spare.bit_length() - 1 if spare >= 1 else 0)
     return 1 << bits, value_bits(dtype) - bits, False
@@ -308,12 +323,17 @@ def guess_tensor(num_segs: int, device: torch.device | str) -> torch.Tensor:
 
 
 def topk_select(
-    x: torch.Tensor, keep: torch.Tensor, with_list: bool, thr_guess: torch.Tensor | None = None
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    with_list: bool,
+    thr_guess: torch.Tensor | None = None,
+    options: SelectOptions = SHIPPED_OPTIONS,
 ) -> Selection:
     """Sparsify x [M, K] once per budget in ``keep`` (int32 [S] on x's device, each in [0, K], see
     ``keep_tensor``); ``with_list`` (one token only) also lists the kept channels. One launch, no
     host sync: the budgets are read on the device, so they are checked where they are made.
-    ``thr_guess`` (``guess_tensor``) only makes the search faster: the outputs never depend on it."""
+    ``thr_guess`` (``guess_tensor``) and ``options`` only make the search faster or slower: the
+    outputs never depend on them."""
     m, k = x.shape
     if keep.dim() != 1 or not 1 <= keep.numel() <= MAX_SEGMENTS:
         raise ValueError(f"1 to {MAX_SEGMENTS} output segments are supported, got keep of shape {tuple(keep.shape)}")
@@ -331,7 +351,7 @@ def topk_select(
         x = x.contiguous()
     num_segs = keep.numel()
     xs = torch.empty(num_segs, m, k, dtype=x.dtype, device=x.device)
-    pdl = pdl_launch(x.device)
+    pdl = pdl_launch(x.device, options)
     if with_list:
         sel = Selection(xs, torch.empty(num_segs, k, dtype=torch.int32, device=x.device), torch.empty_like(xs[:, 0]),
                         torch.empty(num_segs, dtype=torch.int32, device=x.device), pdl)
@@ -340,9 +360,9 @@ def topk_select(
     if m == 0:
         return sel
     block_k, num_warps = select_config(k)
-    chunk = row_chunk(m, k)
+    chunk = row_chunk(m, k, options)
     groups = triton.cdiv(k, chunk)
-    slices, log_w, window = range_layout(m, num_segs, k, x.dtype, num_sms(x.device), thr_guess is not None)
+    slices, log_w, window = range_layout(m, num_segs, k, x.dtype, num_sms(x.device), thr_guess is not None, options)
     _topk_select_kernel[(m, num_segs, groups * slices)](
         x,
         x.stride(0),

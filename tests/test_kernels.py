@@ -134,18 +134,18 @@ def test_bad_segments_are_rejected(bounds, keeps, message):
 @pytest.mark.parametrize("row_chunk", [None, 16], ids=["", "chunks_of_16"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_selection_matches_reference_exactly(kernels, shape, dtype, row_chunk, monkeypatch):
+def test_selection_matches_reference_exactly(kernels, shape, dtype, row_chunk):
     """Also with rows written and listed in many chunks (exact ties in the first quarter of the row
     span several of them)."""
     _, _, topk_select = kernels
-    if row_chunk:
-        monkeypatch.setattr(topk_select, "ROW_CHUNK", row_chunk)
+    options = topk_select.SelectOptions(row_chunk=row_chunk) if row_chunk else topk_select.SHIPPED_OPTIONS
     widths, k = shape
     for seed, (m, sparsity) in enumerate((m, s) for m in TOKENS for s in SPARSITIES):
         x = activations(m, k, dtype, seed)
         keeps = keeps_for(k, widths, sparsity, seed)
         for with_list in {m == 1, False}:  # one token both ways: with its channel list, and without
-            sel = topk_select.topk_select(x, topk_select.keep_tensor(keeps, DEVICE), with_list=with_list)
+            keep_t = topk_select.keep_tensor(keeps, DEVICE)
+            sel = topk_select.topk_select(x, keep_t, with_list=with_list, options=options)
             for i, keep in enumerate(keeps):
                 expect = torch.where(reference.topk_mask(x, keep), x, 0)
                 assert torch.equal(sel.xs[i], expect), f"M={m} s={sparsity} list={with_list} segment {i} keep {keep}"
@@ -165,13 +165,13 @@ def magnitude_bits(v: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_selection_with_a_threshold_guess(kernels, shape, dtype, monkeypatch):
+def test_selection_with_a_threshold_guess(kernels, shape, dtype):
     """A guess only narrows the search: the outputs stay exact whether the threshold falls in the
     window (the guess the previous call left) or below it (guess 0) or above it (the top pattern),
     and a windowed search leaves token 0's threshold as the next guess."""
     _, _, topk_select = kernels
-    if not ON_GPU:  # enough range-test programs for windows on the interpreter's 4 "SMs"
-        monkeypatch.setattr(topk_select, "RANGE_PROGRAMS_PER_SM", 6)
+    # On the interpreter's 4 "SMs", enough range-test programs for windows.
+    options = topk_select.SHIPPED_OPTIONS if ON_GPU else topk_select.SelectOptions(range_programs_per_sm=6)
     widths, k = shape
     guess = topk_select.guess_tensor(len(widths), DEVICE)
     windows = 0
@@ -181,13 +181,14 @@ def test_selection_with_a_threshold_guess(kernels, shape, dtype, monkeypatch):
         if seed % 3:  # else keep the previous call's
             guess.fill_(0 if seed % 3 == 1 else (1 << topk_select.value_bits(dtype)) - 1)
         before = guess.clone()
-        sel = topk_select.topk_select(x, topk_select.keep_tensor(keeps, DEVICE), with_list=m == 1, thr_guess=guess)
+        sel = topk_select.topk_select(x, topk_select.keep_tensor(keeps, DEVICE), with_list=m == 1, thr_guess=guess,
+                                      options=options)
         for i, keep in enumerate(keeps):
             expect = torch.where(reference.topk_mask(x, keep), x, 0)
             assert torch.equal(sel.xs[i], expect), f"M={m} s={sparsity} guess {int(before[i])} segment {i} keep {keep}"
             if m == 1:
                 assert torch.equal(sel.xv[i, : int(sel.count[i])], expect[0, expect[0].nonzero().flatten()])
-        _, _, window = topk_select.range_layout(m, len(widths), k, dtype, topk_select.num_sms(x.device), True)
+        _, _, window = topk_select.range_layout(m, len(widths), k, dtype, topk_select.num_sms(x.device), True, options)
         windows += window
         for i, keep in enumerate(keeps):
             if window and keep > 0:
@@ -257,6 +258,30 @@ def test_sparse_linear_every_path(kernels, dtype):
             assert out.shape == (m, bounds[-1]) and out.dtype == dtype
             assert rel_err(out, ref) < tolerance(dtype), (m, path)
     assert GemvPath.DENSE in chosen and len(chosen) > 1
+
+
+def test_sparse_linear_passes_select_options_on(kernels):
+    """Options change how the selection splits its work, never what it selects."""
+    dispatch, _, topk_select = kernels
+    widths, k = SHAPES[1]
+    bounds = bounds_of(widths)
+    weight_t = prepare_weight((torch.randn(bounds[-1], k) * 0.05).to(DTYPES[0]).to(DEVICE))
+    keeps = keeps_for(k, widths, 0.8, 0)
+    guess = topk_select.guess_tensor(len(widths), DEVICE)
+    variants = [topk_select.SelectOptions(row_chunk=16, row_chunk_max_tokens=16, use_pdl=False),
+                topk_select.SelectOptions(range_programs_per_sm=6, threshold_window=1)]
+    for options, m in itertools.product(variants, (1, 5)):
+        x = activations(m, k, DTYPES[0], m)
+        expect = dispatch.sparse_linear(x, weight_t, None, bounds, keeps, path=GemvPath.DENSE)
+        out = dispatch.sparse_linear(x, weight_t, None, bounds, keeps, path=GemvPath.DENSE, thr_guess=guess,
+                                     options=options)
+        assert torch.equal(out, expect), (options, m)
+
+
+def test_select_options_reject_chunks_triton_cannot_build(kernels):
+    _, _, topk_select = kernels
+    with pytest.raises(ValueError, match="power of 2"):
+        topk_select.SelectOptions(row_chunk=48)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -406,7 +431,7 @@ def test_broken_measured_table_says_which_file_and_what_to_do(loader, file_name,
     broken.write_text('{"device": "NVIDIA H100 80GB HBM3", "shapes": [{"name": "q"}]}')
     loader.cache_clear()
     with pytest.raises(ValueError, match=r"NVIDIA_H100_80GB_HBM3/\w+\.json is not a valid \w+Table .*first at "
-                       r"shapes\.0\.\w+: Field required.*measure it with `python3 benchmarks/\w+\.py "
+                       r"shapes\.0\.\w+: Field required.*measure it with `python3 -m tools\.tune_\w+ "
                        r"--write.*or delete it"):
         loader("NVIDIA H100 80GB HBM3")
 

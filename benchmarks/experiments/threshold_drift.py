@@ -2,14 +2,15 @@
 
 The selection kernel (kernels/topk_select.py) starts each call's search from the threshold its call
 site left the call before, and is fastest when the new threshold lies in a window of
-THRESHOLD_WINDOW binades around it; outside, it searches the whole range (slower, never wrong). This
+``SelectOptions.threshold_window`` binades around it; outside, it searches the whole range (slower, never wrong). This
 runs SmolLM2-135M-Instruct (real weights) over consecutive tokens of the corpus's tuning slice, takes
 every projection input in bf16, and prints per projection and sparsity how many tokens' thresholds
 fall in the window centred on the previous token's (one sequence decoding), and the typical move in
 bit patterns; then the same against a random other token of the text (a batch, whose rows all
 start from the guess token 0 of the call before left).
 
-    python3 benchmarks/threshold_drift.py [--tokens 1024] [--sparsities 0.5 0.8] [--window 2]   # CPU, ~2 min
+    python3 -m benchmarks.experiments.threshold_drift [--tokens 1024] [--sparsities 0.5 0.8] [--window 2]
+    # CPU, ~2 min
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from acttail_kernels.reference import topk_mask
-from acttail_kernels.topk_select import THRESHOLD_WINDOW, mantissa_bits
+from acttail_kernels.topk_select import SHIPPED_OPTIONS, mantissa_bits
 from acttail_vllm.eval.data import text_slice
 from acttail_vllm.dev.models import ensure_smollm2
 
@@ -38,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.8])
-    parser.add_argument("--window", type=int, default=THRESHOLD_WINDOW, help="binades (default: the kernels')")
+    parser.add_argument("--window", type=int, default=SHIPPED_OPTIONS.threshold_window, help="binades (default: the kernels')")
     args = parser.parse_args()
     model_dir = ensure_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -1,16 +1,17 @@
-"""Tiles for the one-token sparse GEMV, measured: a grid of tilings per 7B/13B shape and loop (the
-channel list, the walk over all channels), against the rule ``plan_gemv`` falls back to.
+"""Measure on this GPU the tiles of the one-token sparse GEMV per 7B/13B shape and loop (the channel
+list, the walk over all channels), against the rule ``plan_gemv`` falls back to, and write the tile
+table it reads (kernels/measured/<GPU>/gemv_tiles.json).
 
 The selection is made once, outside the timing: these are GEMV microseconds alone, so they also show
 how far each shape's GEMV is from the weight bytes it must read (TB/s on those bytes). The best
 tiling of a (shape, loop) is the one with the least time summed over the sparsities.
 
-    python3 benchmarks/gemv_plans.py                  # needs CUDA; timing as bench_kernels.time_us
-    python3 benchmarks/gemv_plans.py --write          # also write kernels/measured/<this GPU>/gemv_tiles.json
-    python3 benchmarks/gemv_plans.py --launch         # instead: warps x pipeline stages at the 13B list tiles
+    python3 -m tools.tune_gemv_tiles --write      # needs CUDA; without --write it only prints
+    python3 -m tools.tune_gemv_tiles --launch     # instead: warps x pipeline stages at the 13B list tiles
 
 ``--launch`` keeps each 13B shape's measured channel-list tiles and times the launch settings the
 tiles do not record, num_warps x num_stages, against the ones every plan uses (4 and 3).
+Timing: ``benchmarks.common.time_us``.
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ import itertools
 from pathlib import Path
 
 import torch
-from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
 
-import acttail_kernels as ak
 from acttail_kernels.gemv_tiles import TILES_FILE, GemvLoop, GemvTiles, ShapeTiles, TileTable
-from acttail_kernels.measured import table_path
-from acttail_kernels.measured import device_name
+from acttail_kernels.measured import device_name, table_path
 from acttail_kernels.sparse_gemv import RULE_TILES, GemvPlan, plan_gemv, plan_of, sparse_gemv
 from acttail_kernels.topk_select import keep_tensor, num_sms, topk_select
+from benchmarks.common import GPU_SHAPES, keeps_for, random_inputs, random_instances, shapes_named, time_us
 
 BLOCK_N = (32, 64, 128)
 BLOCK_K = (128, 256, 512)
@@ -45,11 +44,9 @@ def sweep_launch(dtype: torch.dtype, device: str) -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; list GEMV us at M=1, selection "
           f"excluded, s={SPARSITIES}; w(num_warps) s(num_stages) at the measured tiles")
     print(f"{'shape':14s} {'tiles':>12s} {'w4 s3':>11s} {'best':>6s} {'us':>11s}")
-    for shape in [s for s in GPU_SHAPES if s.name.startswith("13b") and not s.name.endswith("gate/up")]:
-        instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
-        weights_t = [ak.prepare_weight(torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02)
-                     for _ in range(instances)]
-        xs = [torch.randn(1, shape.k, dtype=dtype, device=device) for _ in range(instances)]
+    for shape in [s for s in shapes_named("13b") if not s.name.endswith("gate/up")]:
+        _, weights_t = random_instances(shape, dtype, device)
+        xs = random_inputs(1, shape.k, len(weights_t), dtype, device)
         shipped = plan_gemv(shape.seg_widths, shape.k, device_name(torch.device(device)), sms, GemvLoop.CHANNEL_LIST)
         plans = [dataclasses.replace(shipped, num_warps=w, num_stages=st) for w, st in itertools.product(WARPS, STAGES)]
         timings: dict[GemvPlan, list[float]] = {plan: [] for plan in plans}
@@ -82,13 +79,12 @@ def main() -> None:
                   for n, k, p in itertools.product(BLOCK_N, BLOCK_K, PROGRAMS_PER_SM)]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; GEMV us at M=1, selection excluded,"
           f" s={SPARSITIES}; tiles n(columns) k(rows per step) p(programs per SM)")
-    print(f"{'shape':14s} {'loop':>4s} {'rule':>12s} {'us':>13s} {'TB/s':>11s}   {'best':>12s} {'us':>13s} {'TB/s':>11s}")
+    print(f"{'shape':14s} {'loop':>4s} {'rule':>12s} {'us':>13s} {'TB/s':>11s}   "
+          f"{'best':>12s} {'us':>13s} {'TB/s':>11s}")
     shapes = []
     for shape in [s for s in GPU_SHAPES if not s.name.endswith("gate/up")]:  # vLLM merges gate and up
-        instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
-        weights_t = [ak.prepare_weight(torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02)
-                     for _ in range(instances)]
-        xs = [torch.randn(1, shape.k, dtype=dtype, device=device) for _ in range(instances)]
+        _, weights_t = random_instances(shape, dtype, device)
+        xs = random_inputs(1, shape.k, len(weights_t), dtype, device)
         best = {}
         for loop in (GemvLoop.CHANNEL_LIST, GemvLoop.TOKEN_WALK):
             with_list = loop is GemvLoop.CHANNEL_LIST

@@ -1,6 +1,6 @@
 """What exact TopK selection costs on one GPU, by building block (one bf16 row, one program).
 
-    python3 benchmarks/selection_costs.py        # needs CUDA
+    python3 -m benchmarks.experiments.selection_costs        # needs CUDA
 
 Each variant loads one row of K bf16 activations and then does one kind of step, so the rows of the
 output price the blocks a selection kernel is made of: a block-wide count ("steps": 0, 1, 9 or 15
@@ -8,8 +8,8 @@ bisection steps over the row held in registers; "ternary": steps that each keep 
 range, two counts in one sum; "chunked": bisection steps over the row reloaded in chunks), a 256-bin
 `tl.histogram` pass, a scan that lists channels ("list", and the same in two levels: pieces of the
 row scanned alone, then their totals), and a range test over 1, 128 or 256 programs; then
-``topk_select`` itself, whole. Timing: bench_kernels.time_us (CUDA graph, L2 flushed, median
-microseconds per call, the input rewrite subtracted).
+``topk_select`` itself, whole. Timing: ``benchmarks.common.time_us`` (CUDA graph, L2 flushed,
+median microseconds per call, the input rewrite subtracted).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from bench_kernels import time_us
 
 from acttail_kernels.topk_select import _magnitude_bits, guess_tensor, keep_tensor, topk_select
+from benchmarks.common import time_us
 
 KEEP = tl.constexpr(1000)  # any budget: the cost does not depend on it
 

@@ -1,6 +1,6 @@
 """Can an L2 prefetch of its weight speed up the dense fallback's cuBLAS GEMM at decode batches?
 
-    python3 benchmarks/l2_prefetch_probe.py        # needs CUDA
+    python3 -m benchmarks.experiments.l2_prefetch_probe        # needs CUDA
 
 At 13B qkv and down shapes and M=16, each timed call is: a prefetch kernel (one PTX L2 prefetch per
 128-byte line, spread over a program per SM) asking L2 for part of the weight, a ~10 us spin (the
@@ -8,7 +8,7 @@ selection's time, in which the prefetch lands), then x @ weight_t. The spin alon
 subtracted, so "gemm" rows are the GEMM's own time with that much of its weight already asked for:
 the head (the first rows of [K, N], what a GEMM walking K from 0 reads first) or the heads of 8
 equal slices of K (what a split-K GEMM reads first).
-Timing: bench_kernels.time_us (CUDA graph, L2 flushed, median microseconds per call).
+Timing: ``benchmarks.common.time_us`` (CUDA graph, L2 flushed, median microseconds per call).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from bench_kernels import GPU_SHAPES, L2_BYTES, time_us
 
-from acttail_kernels import prepare_weight
+from benchmarks.common import GPU_SHAPES, L2_BYTES, random_inputs, random_instances, time_us
 
 SPIN_CYCLES = 20_000  # ~10 us at an H200's clock
 SLICES = 8
@@ -65,10 +64,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {dtype}, "
           f"M={m}, L2 {L2_BYTES >> 20} MiB: microseconds per call")
     for shape in (s for s in GPU_SHAPES if s.name in ("13b.qkv", "13b.down")):
-        instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
-        weights_t = [prepare_weight(torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02)
-                     for _ in range(instances)]
-        xs = [torch.randn(m, shape.k, dtype=dtype, device=device) for _ in range(instances)]
+        _, weights_t = random_instances(shape, dtype, device)
+        xs = random_inputs(m, shape.k, len(weights_t), dtype, device)
         spin = time_us([functools.partial(torch.cuda._sleep, SPIN_CYCLES) for _ in xs], xs)
         for sliced, share in [(False, 0.0), (False, 0.25), (False, 0.5), (False, 1.0), (True, 0.5), (True, 1.0)]:
             us = time_us([functools.partial(gemm_after, x, w, share, sliced) for x, w in zip(xs, weights_t)], xs)

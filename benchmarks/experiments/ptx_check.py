@@ -2,7 +2,7 @@
 shared memory, async copies (``cp.async``: software-pipelined loads) and global loads in the PTX.
 Catches lowering errors before device time is spent, and shows whether a loop pipelines.
 
-    python3 benchmarks/ptx_check.py      # any machine with Triton's CUDA backend (ptxas ships with it)
+    python3 -m benchmarks.experiments.ptx_check      # any machine with Triton's CUDA backend (ptxas ships with it)
 
 Uses ``triton.compiler.ASTSource``, whose signature format follows the installed Triton.
 """

@@ -5,7 +5,7 @@ This script scores, on one text through the PyTorch reference, uniform budgets, 
 the same mapping with alphas mirrored (alpha' = min + max - alpha: heavier tail, more sparsity),
 all re-allocated from one profile's alphas, at each target and eps:
 
-    python -m benchmarks.direction_check --text tuning --max-tokens 8192 --sparsities 0.7,0.8 --eps 0.2
+    python3 -m benchmarks.experiments.direction_check --text tuning --max-tokens 8192 --sparsities 0.7,0.8 --eps 0.2
 """
 
 from __future__ import annotations

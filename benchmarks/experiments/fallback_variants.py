@@ -14,10 +14,11 @@ per segment, ``xs`` [S, M, K]. This prints, per shape and batch size, microsecon
               [M, N], so no copy follows;
 * select:     topk_select alone, writing xs.
 
-Then selection alone against the number of range-test programs per SM (topk_select's
-RANGE_PROGRAMS_PER_SM): more programs decide more threshold bits at once, each loads the row.
+Then selection alone against the number of range-test programs per SM
+(``SelectOptions.range_programs_per_sm``): more programs decide more threshold bits at once, each
+loads the row.
 
-    python3 benchmarks/fallback_variants.py          # needs CUDA; timing as bench_kernels.time_us
+    python3 -m benchmarks.experiments.fallback_variants     # needs CUDA; timing: benchmarks.common.time_us
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ from __future__ import annotations
 import functools
 
 import torch
-from bench_kernels import GPU_SHAPES, L2_BYTES, keeps_for, time_us
 
-import acttail_kernels as ak
 from acttail_kernels.dispatch import batched_dense, per_segment_dense, stacked_dense
-from acttail_kernels import topk_select as select_module
-from acttail_kernels.topk_select import keep_tensor, topk_select
+from acttail_kernels.topk_select import SelectOptions, keep_tensor, topk_select
+from benchmarks.common import GPU_SHAPES, keeps_for, random_inputs, random_instances, time_us
 
 
 def main() -> None:
@@ -40,10 +39,8 @@ def main() -> None:
           f"{'bmm':>7s} {'select':>7s}")
     for shape in GPU_SHAPES:
         for m in (2, 4, 8, 16):
-            instances = min(16, max(2, -(-4 * L2_BYTES // (shape.n * shape.k * 2))))
-            weights = [torch.randn(shape.n, shape.k, dtype=dtype, device=device) * 0.02 for _ in range(instances)]
-            weights_t = [ak.prepare_weight(w) for w in weights]
-            xs = [torch.randn(m, shape.k, dtype=dtype, device=device) for _ in range(instances)]
+            weights, weights_t = random_instances(shape, dtype, device)
+            xs = random_inputs(m, shape.k, len(weights), dtype, device)
             keep = keep_tensor(keeps_for(shape, 0.5), device)
             sels = [topk_select(x, keep, with_list=False).xs for x in xs]
             bounds = shape.seg_bounds
@@ -67,18 +64,17 @@ def main() -> None:
                   flush=True)
 
     per_sm = (1, 2, 4, 8, 16)
-    shipped_per_sm = select_module.RANGE_PROGRAMS_PER_SM
     print(f"\nselection us by range programs per SM {per_sm}")
     for k, segs in ((5120, 1), (5120, 3), (13824, 1)):
         for m in (1, 4, 16):
-            xs = [torch.randn(m, k, dtype=dtype, device=device) for _ in range(8)]
+            xs = random_inputs(m, k, 8, dtype, device)
             keep = keep_tensor([k // 2] * segs, device)
             cols = []
             for programs in per_sm:
-                select_module.RANGE_PROGRAMS_PER_SM = programs
-                cols.append(time_us([functools.partial(topk_select, x, keep, with_list=False) for x in xs], xs))
+                options = SelectOptions(range_programs_per_sm=programs)
+                calls = [functools.partial(topk_select, x, keep, False, options=options) for x in xs]
+                cols.append(time_us(calls, xs))
             print(f"K={k:5d} S={segs} M={m:2d} " + " ".join(f"{c:6.1f}" for c in cols), flush=True)
-    select_module.RANGE_PROGRAMS_PER_SM = shipped_per_sm
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Tuners that measure this GPU and write the tables under kernels/measured/<GPU>/: ``python3 -m tools.NAME``."""
