@@ -169,7 +169,7 @@ class ActTailLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if layer.weight.is_cuda:
-            import acttail_kernels  # the top-level kernels/ folder (pyproject.toml installs it so)
+            import acttail_kernels
 
             available, reason = acttail_kernels.kernels_available(layer.weight.device)
             if not available:
