@@ -12,7 +12,10 @@
 #   bash benchmarks/gpu_session.sh kernels     # kernel tests (bf16), kernel table + crossover (.../crossover.json)
 #   bash benchmarks/gpu_session.sh switches    # A/B of the selection options (benchmarks/experiments/switch_ab.py)
 #   bash benchmarks/gpu_session.sh profile     # time to build a 13B-shape profile (ESD + alpha fits) on the GPU
-#   bash benchmarks/gpu_session.sh serve       # `vllm serve` 13B shape, CUDA graphs: load test dense vs acttail 50%
+#   bash benchmarks/gpu_session.sh serve13b    # `vllm serve` 13B shape: dense vs acttail defaults at 50/80%, concurrency 1-64
+#   bash benchmarks/gpu_session.sh serve7b     # the same at the 7B shape
+#   bash benchmarks/gpu_session.sh host        # host time per eager op call against the dense layer's
+#   bash benchmarks/gpu_session.sh stall       # Triton compilations after startup, 1,000 mixed-length requests
 #   bash benchmarks/gpu_session.sh decode13b   # vLLM decode tok/s, 13B shape, dense vs s in {0.5,0.7,0.8,0.9}
 #   bash benchmarks/gpu_session.sh decode7b    # the same at the 7B shape
 #   (SPARSITIES=0.5,0.8 / BATCHES=1,16 pick a part; EXTEND=benchmarks/results/h200/decode_13b.json adds
@@ -61,15 +64,28 @@ switches)
 profile)
   $python -m benchmarks.profile_gpu 2>&1 | tail -15 | tee "$OUT/profile_gpu.txt"
   ;;
-serve)
-  model=/tmp/llama-2-13b-shape-tok
-  $python -m benchmarks.dummy_llama 13b "$model" --tokenizer "${TOKENIZER_DIR:-.gpu/tok}"
-  $python -m benchmarks.load_bench --model "$model" --sparsity 0.5 \
-    --vllm-args "--load-format dummy --dtype bfloat16 --max-model-len 1024 --gpu-memory-utilization 0.85" \
-    --requests 200 --concurrency 16 --max-tokens 128 --output "$OUT/load_13b.json" \
-    --server-logs "$OUT/serve_13b" 2>&1 | tail -8 | tee "$OUT/load_13b.txt"
-  grep -hiE "acttail|cuda ?graph|captur" "$OUT/serve_13b/acttail.log" | cut -c1-300 | tail -20
-  grep -E "^acttail_(info|tokens_total|profile_build)" "$OUT/serve_13b/acttail.metrics"
+serve13b | serve7b)
+  # Defaults against dense as a user sees them: `vllm serve` of the shape (random weights, CUDA graphs),
+  # dense then acttail at each sparsity, each at every concurrency (256-token prompts, 128 new tokens).
+  shape=${1#serve}
+  model=/tmp/llama-2-$shape-shape-tok
+  $python -m benchmarks.dummy_llama "$shape" "$model" --tokenizer "${TOKENIZER_DIR:-.gpu/tok}"
+  $python -m benchmarks.load_bench --model "$model" --sparsity "${SPARSITIES:-0.5,0.8}" \
+    --vllm-args "--load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 \
+      --gpu-memory-utilization 0.85 --compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64]}'" \
+    --concurrency "${CONCURRENCY:-1,4,16,64}" --rounds 4 --prompt-tokens 256 --max-tokens 128 \
+    --output "$OUT/serve_$shape.json" --server-logs "$OUT/serve_$shape" 2>&1 | grep -v "^starting" | tee "$OUT/serve_$shape.txt"
+  grep -hE "ActTail" "$OUT"/serve_"$shape"/acttail_*.log | cut -c1-300 | tail -12
+  grep -hE "^acttail_(info|tokens_total)" "$OUT"/serve_"$shape"/acttail_*.metrics
+  ;;
+host)
+  $python -m benchmarks.host_overhead 2>&1 | tee "$OUT/host_overhead.txt"
+  ;;
+stall)
+  # Triton compilations after startup over 1,000 requests of 1-2000-token prompts, acttail defaults.
+  ACTTAIL_SPARSITY=${SPARSITY:-0.8} $python -m benchmarks.stall_probe --shape "${SHAPE:-13b}" \
+    --sparsity "${SPARSITY:-0.8}" --mixed 1000 --new-tokens 8 2>&1 | grep -vE "^(INFO|WARNING|\(EngineCore)" \
+    | tee "$OUT/stall_probe.txt"
   ;;
 decode13b | decode7b)
   shape=${1#decode}

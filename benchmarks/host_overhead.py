@@ -1,9 +1,12 @@
-"""Host time of ``sparse_linear`` called eagerly, as vLLM calls it outside CUDA graphs (prefills
-larger than the largest captured size, ``enforce_eager``): per call, the wall time of a long run of
-back-to-back calls, against the GPU time of the same call replayed from a CUDA graph. Where wall
-exceeds GPU time, the host is the bottleneck; cProfile then shows where its time goes.
+"""Host time of ActTail's vLLM op called eagerly, as vLLM calls it outside CUDA graphs (prefills
+larger than the largest captured size, ``enforce_eager``), against the dense layer it replaces
+(``F.linear`` on vLLM's [N, K] weight): per call, the wall time of a long run of back-to-back calls,
+and the GPU time of the same call replayed from a CUDA graph. Where wall exceeds GPU time, the host
+is the bottleneck; cProfile then shows where its time goes. The op runs under policy ``auto`` (the
+default: a step the sparse GEMV would not speed up runs the dense layer) and ``all`` (every token
+sparsified).
 
-    python3 -m benchmarks.host_overhead [--profile 13b.qkv]        # needs CUDA
+    python3 -m benchmarks.host_overhead [--profile 13b.qkv]        # needs CUDA and vLLM
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import torch
 
 import acttail_kernels as ak
 from acttail_kernels.topk_select import guess_tensor, keep_tensor
+from acttail_vllm.serving.op import register_sparse_linear_op
+from acttail_vllm.serving.stats import new_stats
 from benchmarks.common import keeps_for, random_instances, shapes_named, time_us
 
 SPARSITY = 0.8
@@ -38,35 +43,45 @@ def eager_us(call) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="13b.qkv", help="shape to run under cProfile at each M")
+    parser.add_argument("--profile", default="13b.qkv", help="shape to run under cProfile (policy all) at each M")
+    parser.add_argument("--ms", type=int, nargs="+", default=[1, 16, 64, 512])
     args = parser.parse_args()
+    register_sparse_linear_op()
     dtype, device = torch.bfloat16, "cuda"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; s = {SPARSITY}, microseconds per call")
-    print(f"{'shape':14s} {'M':>3s} {'path':>6s} {'eager':>7s} {'graph':>7s} {'dense eager':>11s} {'dense graph':>11s}")
+    print(f"{'shape':14s} {'M':>4s} {'kernel':>6s} | {'auto eager':>10s} {'all eager':>9s} {'dense eager':>11s} | "
+          f"{'all graph':>9s} {'dense graph':>11s} | {'auto - dense':>12s}")
     profiles = {}
     for shape in shapes_named("13b"):
         weight_t = random_instances(shape, dtype, device)[1][0]
+        weight = weight_t.t().contiguous()  # vLLM's dense layout, [N, K]
         keeps = keeps_for(shape, SPARSITY)
         keep, guess = keep_tensor(keeps, device), guess_tensor(len(keeps), device)
-        for m in (1, 16, 64):
+        stats = new_stats(len(keeps)).to(device)
+        for m in args.ms:
             x = torch.randn(m, shape.k, dtype=dtype, device=device)
-            # As the vLLM op calls it: the path picked per call, budgets and guess persistent.
-            sparse = functools.partial(ak.sparse_linear, x, weight_t, None, shape.seg_bounds, keeps, keep=keep,
-                                       thr_guess=guess)
-            dense = functools.partial(torch.mm, x, weight_t)
+
+            def op(policy: str, x=x):
+                return torch.ops.acttail.sparse_linear(
+                    x, weight_t, None, shape.seg_bounds, keeps, keep, guess, stats, False, policy, None
+                )
+
+            auto, every = functools.partial(op, "auto"), functools.partial(op, "all")
+            dense = functools.partial(torch.nn.functional.linear, x, weight)
             path = ak.gemv_path(m, shape.n, shape.k, shape.seg_bounds, keeps, x.device)
-            print(f"{shape.name:14s} {m:3d} {path.value:>6s} {eager_us(sparse):7.1f} {time_us([sparse], [x]):7.1f} "
-                  f"{eager_us(dense):11.1f} {time_us([dense], [x]):11.1f}", flush=True)
+            auto_us, dense_us = eager_us(auto), eager_us(dense)
+            print(f"{shape.name:14s} {m:4d} {path.value:>6s} | {auto_us:10.1f} {eager_us(every):9.1f} {dense_us:11.1f} | "
+                  f"{time_us([every], [x]):9.1f} {time_us([dense], [x]):11.1f} | {auto_us - dense_us:12.1f}", flush=True)
             if shape.name == args.profile:
                 profiler = cProfile.Profile()
                 profiler.enable()
                 for _ in range(CALLS):
-                    sparse()
+                    every()
                 profiler.disable()
                 torch.cuda.synchronize()
                 profiles[m] = profiler
     for m, profiler in profiles.items():
-        print(f"\ncProfile, {args.profile}, M = {m}, {CALLS} calls (tottime, cumtime in s):")
+        print(f"\ncProfile, {args.profile}, policy all, M = {m}, {CALLS} calls (tottime, cumtime in s):")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
 
 

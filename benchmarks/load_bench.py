@@ -48,10 +48,13 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "Write a product description for a solar-powered backpack.",
 )
 PERCENTILES = (50, 90, 95, 99)
+#: Random prompt token ids stay below this (every Llama-2-shaped and SmolLM2 vocabulary is larger).
+TOKEN_ID_LIMIT = 30000
 
 
 class LoadSpec(BaseModel):
-    """What one load run sends."""
+    """What one load run sends: ``prompts``, or with ``prompt_tokens`` prompts of that many random
+    token ids (each request its own, so prefix caching skips none of them)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -60,6 +63,13 @@ class LoadSpec(BaseModel):
     max_tokens: int = Field(64, gt=0)
     request_timeout_s: float = Field(300.0, gt=0)
     prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, min_length=1)
+    prompt_tokens: int | None = Field(None, gt=0)
+
+    def prompt_list(self) -> list[str | list[int]]:
+        if self.prompt_tokens is None:
+            return [prompt for prompt, _ in zip(cycle(self.prompts), range(self.num_requests))]
+        rng = np.random.default_rng(int(time.time() * 1e6) % 2**32)
+        return [rng.integers(100, TOKEN_ID_LIMIT, self.prompt_tokens).tolist() for _ in range(self.num_requests)]
 
 
 class RequestRecord(BaseModel):
@@ -157,7 +167,9 @@ class BenchReport(BaseModel):
     vllm_args: list[str] = Field(default_factory=list)
 
 
-async def _stream_one(client: openai.AsyncOpenAI, model: str, prompt: str, spec: LoadSpec, t0: float) -> RequestRecord:
+async def _stream_one(
+    client: openai.AsyncOpenAI, model: str, prompt: str | list[int], spec: LoadSpec, t0: float
+) -> RequestRecord:
     sent = time.perf_counter()
     ttft = None
     usage = None
@@ -190,8 +202,7 @@ async def _stream_one(client: openai.AsyncOpenAI, model: str, prompt: str, spec:
 async def run_load_async(url: str, model: str, spec: LoadSpec) -> LoadRun:
     """Send ``spec.num_requests`` streaming completions, at most ``spec.concurrency`` at a time."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=spec.request_timeout_s)
-    prompts = cycle(spec.prompts)
-    queue = [next(prompts) for _ in range(spec.num_requests)]
+    queue = spec.prompt_list()
     records: list[RequestRecord] = []
     started_at = time.time()
     t0 = time.perf_counter()
@@ -228,22 +239,33 @@ def served_model(url: str) -> str:
 
 
 def format_table(summaries: Sequence[LoadSummary]) -> str:
+    """One row per run; beside each non-dense run, its output tok/s and TTFT p50 against the dense
+    run at the same concurrency (the first run labelled ``dense``)."""
+
     def ms(p: Percentiles | None, key: str) -> str:
         return "-" if p is None else f"{1000 * getattr(p, key):.1f}"
 
+    dense = {s.spec.concurrency: s for s in summaries if s.label == "dense"}
     header = (
-        f"{'label':<10} {'ok':>5} {'fail':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p95':>9} "
-        f"{'TPOT p50':>9} {'E2E p50':>9} {'E2E p95':>9}   (ms)"
+        f"{'label':<13} {'conc':>4} {'ok':>5} {'fail':>4} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'TPOT p50':>9} {'TPOT p99':>9} {'decode tok/s':>12} {'vs dense: out tok/s':>19} {'TTFT p50':>9}   (ms)"
     )
-    rows = [
-        f"{s.label:<10} {s.requests_ok:>5} {s.requests_failed:>4} {s.requests_per_s:>7.2f} {s.output_tokens_per_s:>10.1f} "
-        f"{ms(s.ttft_s, 'p50'):>9} {ms(s.ttft_s, 'p95'):>9} {ms(s.tpot_s, 'p50'):>9} {ms(s.e2e_s, 'p50'):>9} {ms(s.e2e_s, 'p95'):>9}"
-        for s in summaries
-    ]
-    if len(summaries) == 2 and summaries[0].output_tokens_per_s > 0:
-        ratio = summaries[1].output_tokens_per_s / summaries[0].output_tokens_per_s
-        rows.append(f"output tokens/s, {summaries[1].label} / {summaries[0].label}: {ratio:.3f}x")
-    return "\n".join([header, *rows])
+    rows = []
+    for s in summaries:
+        base = dense.get(s.spec.concurrency)
+        decode = "-" if s.tpot_s is None else f"{s.spec.concurrency / s.tpot_s.p50:.0f}"
+        ratios = ["", ""]
+        if base is not None and s is not base and base.output_tokens_per_s > 0:
+            ratios[0] = f"{s.output_tokens_per_s / base.output_tokens_per_s:.3f}x"
+            if s.ttft_s is not None and base.ttft_s is not None:
+                ratios[1] = f"{s.ttft_s.p50 / base.ttft_s.p50:.3f}x"
+        rows.append(
+            f"{s.label:<13} {s.spec.concurrency:>4} {s.requests_ok:>5} {s.requests_failed:>4} "
+            f"{s.output_tokens_per_s:>10.1f} {ms(s.ttft_s, 'p50'):>9} {ms(s.ttft_s, 'p99'):>9} "
+            f"{ms(s.tpot_s, 'p50'):>9} {ms(s.tpot_s, 'p99'):>9} {decode:>12} {ratios[0]:>19} {ratios[1]:>9}"
+        )
+    note = "decode tok/s: concurrency / TPOT p50, the aggregate decode rate of a full batch"
+    return "\n".join([header, *rows, note])
 
 
 def _parse_urls(values: Sequence[str]) -> list[tuple[str, str]]:
@@ -263,21 +285,35 @@ def measure(label: str, url: str, model: str, spec: LoadSpec, warmup: int) -> Lo
     return LoadSummary.of(label, run_load(url, model, spec))
 
 
-def _bench_started_servers(args: argparse.Namespace, spec: LoadSpec, vllm_args: list[str]) -> list[LoadSummary]:
+def _bench_started_servers(args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str]) -> list[LoadSummary]:
     from acttail_vllm.dev.server import VllmServer
 
-    acttail_env = {"ACTTAIL_PROFILE": str(args.profile)} if args.profile else {"ACTTAIL_SPARSITY": str(args.sparsity)}
-    runs = [("dense", vllm_args, {}), ("acttail", [*vllm_args, "--quantization", "acttail"], acttail_env)]
+    runs = [("dense", vllm_args, {})]
+    acttail_args = [*vllm_args, "--quantization", "acttail"]
+    if args.profile:
+        runs.append(("acttail", acttail_args, {"ACTTAIL_PROFILE": str(args.profile)}))
+    runs += [(f"acttail {s:.0%}", acttail_args, {"ACTTAIL_SPARSITY": str(s)}) for s in args.sparsity or []]
     summaries = []
     for label, server_args, env in runs:
         print(f"starting the {label} server ...", file=sys.stderr)
         with VllmServer(str(args.model), server_args, env=env) as server:
-            summaries.append(measure(label, server.url, served_model(server.url), spec, args.warmup))
+            model = served_model(server.url)
+            for spec in specs:
+                summaries.append(measure(label, server.url, model, spec, args.warmup))
+                print(format_table(summaries[-1:]), file=sys.stderr)
             if args.server_logs:  # evidence: startup log (budgets, CUDA graphs) and final /metrics
                 args.server_logs.mkdir(parents=True, exist_ok=True)
-                (args.server_logs / f"{label}.metrics").write_text(requests.get(f"{server.url}/metrics", timeout=30).text)
-                (args.server_logs / f"{label}.log").write_text(server.log())
+                name = label.replace(" ", "_").replace("%", "")
+                (args.server_logs / f"{name}.metrics").write_text(requests.get(f"{server.url}/metrics", timeout=30).text)
+                (args.server_logs / f"{name}.log").write_text(server.log())
     return summaries
+
+
+def _numbers(parse):
+    def parse_list(text: str) -> list:
+        return [parse(item) for item in text.split(",") if item.strip()]
+
+    return parse_list
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -287,11 +323,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     target.add_argument("--model", type=Path, help="model directory: start a dense and an ActTail server on it")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--profile", type=Path, help="ActTail profile JSON for the started ActTail server")
-    budget.add_argument("--sparsity", type=float, help="ActTail target sparsity when no --profile (budgets built at load)")
+    budget.add_argument("--sparsity", type=_numbers(float),
+                        help="ActTail target sparsities, one server each, comma-separated (budgets built at load)")
     parser.add_argument("--vllm-args", default="", help='extra `vllm serve` arguments for both servers, one string')
     parser.add_argument("--model-name", help="model name for --url servers (default: what /v1/models lists)")
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, help="requests per concurrency (default: --rounds x concurrency)")
+    parser.add_argument("--rounds", type=int, default=4, help="requests per concurrency = rounds x concurrency, at least 8")
+    parser.add_argument("--concurrency", type=_numbers(int), default=[16], help="comma-separated, measured in order")
+    parser.add_argument("--prompt-tokens", type=int, help="prompts of this many random token ids instead of the text prompts")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--warmup", type=int, default=8, help="requests sent before measuring (not reported)")
@@ -299,20 +338,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--server-logs", type=Path, help="with --model: keep each server's log and final /metrics here")
     args = parser.parse_args(argv)
 
-    spec = LoadSpec(
-        num_requests=args.requests, concurrency=args.concurrency, max_tokens=args.max_tokens, request_timeout_s=args.timeout
-    )
+    specs = [
+        LoadSpec(
+            num_requests=args.requests or max(8, args.rounds * c), concurrency=c, max_tokens=args.max_tokens,
+            request_timeout_s=args.timeout, prompt_tokens=args.prompt_tokens,
+        )
+        for c in args.concurrency
+    ]  # fmt: skip
     vllm_args = shlex.split(args.vllm_args)
     if args.model is not None:
         if args.profile is None and args.sparsity is None:
             parser.error("--model needs --profile or --sparsity for the ActTail server")
         if args.profile is not None and not args.profile.is_file():
             parser.error(f"--profile {args.profile} does not exist: build one with `acttail profile MODEL --sparsity S -o FILE`")
-        summaries = _bench_started_servers(args, spec, vllm_args)
+        summaries = _bench_started_servers(args, specs, vllm_args)
     else:
         summaries = [
             measure(label, url, args.model_name or served_model(url), spec, args.warmup)
             for label, url in _parse_urls(args.url)
+            for spec in specs
         ]
 
     print(format_table(summaries))
