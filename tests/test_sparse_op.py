@@ -102,3 +102,24 @@ def test_call_path_on_cuda_follows_the_crossover_table(monkeypatch, policy, rows
     path, _ = sparse_op.call_path(rows, 12, K, tuple(BOUNDS), tuple(KEEPS), torch.device("cuda"), policy, limit)
     sparse_op.call_path.cache_clear()
     assert path is expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_eager_single_token_calls_replay_a_graph_with_the_same_result():
+    """Outside vLLM's graphs a sparse-kernel call is captured once per call site and replayed: each
+    replay must compute what a direct kernel call computes on its own input."""
+    import acttail_kernels
+
+    sparse_op.register_sparse_linear_op()
+    k, n, keeps = 1024, 768, [300, 100, 50]
+    bounds = [0, 512, 640, 768]
+    weight_t = acttail_kernels.prepare_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16))
+    keep = torch.tensor(keeps, dtype=torch.int32, device="cuda")
+    guess = torch.zeros(3, dtype=torch.int32, device="cuda")
+    stats = new_stats(3).cuda()
+    for _ in range(3):  # the first call captures, the others replay
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        y = torch.ops.acttail.sparse_linear(x, weight_t, None, bounds, keeps, keep, guess, stats, False, "auto", None)
+        expected = acttail_kernels.sparse_linear(x, weight_t, None, bounds, keeps, keep=keep)
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert any(key[0] == weight_t.data_ptr() for key in sparse_op._EAGER_REPLAYS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch.library import Library
@@ -90,6 +90,52 @@ def call_path(
     return CallPath.SELECTION_DENSE, gemv
 
 
+class EagerReplay:
+    """A call site's sparse-kernel call at one step size, captured once as a CUDA graph and replayed
+    when vLLM calls the op outside its own graphs (``--enforce-eager``, shapes it did not capture):
+    a replay costs the host a copy in, one launch and a copy out, where the two Triton launches and
+    their Python cost about 100 us more than the dense layer (benchmarks/host_overhead.py)."""
+
+    _pool = None  # one memory pool for every replay: they run one after the other on one stream
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+        if EagerReplay._pool is None:
+            EagerReplay._pool = torch.cuda.graph_pool_handle()
+        self.run = run  # keeps the tensors the graph reads alive, so their addresses stay theirs
+        self.x = x.clone()
+        run(self.x)  # compiled and allocated (the kernels' ticket buffer) before the capture
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=EagerReplay._pool):
+            self.y = run(self.x)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x)
+        self.graph.replay()
+        return self.y.clone()  # the next replay overwrites self.y
+
+
+#: (weight, thr_guess, input shape) -> its replay: a weight and a guess buffer are one call site.
+_EAGER_REPLAYS: dict[tuple[int, int, tuple[int, ...]], EagerReplay] = {}
+
+
+def _sparse_kernel(x2, weight, bias, seg_bounds, keep_hint, seg_keep, thr_guess, gemv) -> torch.Tensor:
+    """The selection and the sparse GEMV on CUDA; outside a graph capture, as a replay."""
+    import acttail_kernels
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return acttail_kernels.sparse_linear(
+            x, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=gemv, thr_guess=thr_guess
+        )
+
+    if torch.cuda.is_current_stream_capturing():
+        return run(x2)
+    key = (weight.data_ptr(), thr_guess.data_ptr(), tuple(x2.shape))
+    replay = _EAGER_REPLAYS.get(key)
+    if replay is None:
+        replay = _EAGER_REPLAYS[key] = EagerReplay(run, x2)
+    return replay(x2)
+
+
 def _sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -125,11 +171,14 @@ def _sparse_linear(
     if path is CallPath.UNSPARSIFIED:
         y = _dense_linear(x2, weight, bias)
     elif x2.is_cuda:
-        import acttail_kernels
+        if path is CallPath.SPARSE_KERNEL and sparse_rows is None:
+            y = _sparse_kernel(x2, weight, bias, seg_bounds, keep_hint, seg_keep, thr_guess, gemv)
+        else:
+            import acttail_kernels
 
-        y = acttail_kernels.sparse_linear(
-            x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=gemv, thr_guess=thr_guess
-        )
+            y = acttail_kernels.sparse_linear(
+                x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=gemv, thr_guess=thr_guess
+            )
         if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
             y = torch.where(sparse_rows[:, None], y, _dense_linear(x2, weight, bias))
     else:
