@@ -5,6 +5,7 @@ prompt log-probabilities of token-id prompts."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,10 @@ class VllmEngine:
             args.append("--enforce-eager")  # torch.compile costs minutes per start on a small CPU
         env = {}
         if profile_path is not None:
-            args += ["--quantization", "acttail"]
+            # policy all: every token of every step sparsified, whatever the batch (the paper's
+            # protocol, and what the reference engine computes)
+            overrides = json.dumps({"quantization_config": {"quant_method": "acttail", "policy": "all"}})
+            args += ["--quantization", "acttail", "--hf-overrides", overrides]
             env["ACTTAIL_PROFILE"] = str(profile_path.resolve())
         self.model = settings.model
         self.server = VllmServer(settings.model, args, env=env)
