@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from acttail_vllm import cli
 from acttail_vllm.dev import models
 from acttail_vllm.profiling.allocation import AllocationSpec
+from acttail_vllm.profiling.families import UnsupportedArchitecture
 from acttail_vllm.profiling.fingerprint import model_fingerprint
 from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile
 from acttail_vllm.profiling.builder import STAGES, cached_profile, profile_from_weights, profile_model, reallocated
@@ -55,7 +56,8 @@ def profile_tiny(stream, stage_seconds: dict[str, float] | None = None, **kwargs
 def write_hf_dir(directory: Path, weights, architecture: str = "LlamaForCausalLM") -> Path:
     """A Hugging Face style directory with the projections split over two shards."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": [architecture], "num_hidden_layers": NUM_LAYERS, "hidden_size": HIDDEN}
+    config = {"architectures": [architecture], "num_hidden_layers": NUM_LAYERS, "hidden_size": HIDDEN,
+              "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
     (directory / "config.json").write_text(json.dumps(config))
     tensors = {hf_tensor_name(layer, proj): w.to(torch.bfloat16) for (layer, proj), w in weights.items()}
     names = sorted(tensors)
@@ -218,7 +220,10 @@ def made(path: Path, content: bytes | None) -> Path:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda p: write_hf_dir(p / "gpt", tiny_weights(), "GPT2LMHeadModel"), r"is a GPT2LMHeadModel model; acttail reads Llama-family decoders only"),
+        (
+            lambda p: write_hf_dir(p / "gpt", tiny_weights(), "GPT2LMHeadModel"),
+            r"is a GPT2LMHeadModel model, which acttail does not support; it supports LlamaForCausalLM, ",
+        ),
         (lambda p: made(p / "empty", None), r"cannot read .*config.json"),
         (lambda p: made(p / "w.bin", b"x"), r"is a file but not a GGUF file"),
         (lambda p: made(p / "bad.gguf", b"not gguf"), r"cannot read GGUF file"),
@@ -226,7 +231,7 @@ def made(path: Path, content: bytes | None) -> Path:
     ],
 )
 def test_unreadable_models_raise_specific_errors(tmp_path, make, message):
-    with pytest.raises(WeightsError, match=message):
+    with pytest.raises((WeightsError, UnsupportedArchitecture), match=message):
         open_model(make(tmp_path))
 
 

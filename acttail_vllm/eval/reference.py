@@ -5,22 +5,28 @@ The plain-PyTorch twin of what the vLLM plugin serves; tests and ``acttail eval`
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 
-from acttail_kernels.reference import topk_mask
-from acttail_vllm.serving.budgets import kept_count
-from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile
+from acttail_kernels.reference import sparse_linear_ref, topk_mask
+from acttail_vllm.profiling.profile import Profile
+from acttail_vllm.serving.budgets import MERGED_PROJECTIONS, kept_count
 
 
-def _projection_modules(model: torch.nn.Module) -> Iterator[tuple[int, str, torch.nn.Linear]]:
+def sparse_modules(model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Linear, tuple[str, ...]]]:
+    """(layer, linear, the projections stacked in its output) of every decoder linear ActTail
+    sparsifies: one projection each, or three and two in Phi-3's fused ``qkv_proj`` and
+    ``gate_up_proj``. A mixture-of-experts block has none of these modules: its experts stay dense."""
     decoder = getattr(model, "model", model)
     for index, layer in enumerate(decoder.layers):
-        for name in PROJECTION_NAMES:
-            parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-            yield index, name, getattr(parent, name)
+        for parent in (layer.self_attn, getattr(layer, "mlp", None)):
+            for name, projections in MERGED_PROJECTIONS.items():
+                module = getattr(parent, name, None)
+                if isinstance(module, torch.nn.Linear):
+                    yield index, module, projections
 
 
 def _topk_hook(keep: int):
@@ -32,16 +38,42 @@ def _topk_hook(keep: int):
     return hook
 
 
+def _segments_hook(seg_bounds: list[int], keeps: list[int]):
+    """A fused module's output recomputed with one TopK per output segment on the same input, as
+    vLLM's merged modules compute it (a pre-hook could sparsify the input only once)."""
+
+    def hook(module: torch.nn.Linear, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        flat = x.reshape(-1, x.shape[-1])
+        return sparse_linear_ref(flat, module.weight, module.bias, seg_bounds, keeps).reshape(output.shape)
+
+    return hook
+
+
 @contextmanager
 def sparsified(model: torch.nn.Module, profile: Profile) -> Iterator[torch.nn.Module]:
     """Within the block, every projection of ``model`` sees its inputs TopK-sparsified."""
-    handles = [
-        module.register_forward_pre_hook(
-            _topk_hook(kept_count(profile.sparsity(layer, name), module.in_features))
-        )
-        for layer, name, module in _projection_modules(model)
-    ]
+    handles, hooked = [], 0
     try:
+        for layer, module, projections in sparse_modules(model):
+            keeps = [kept_count(profile.sparsity(layer, name), module.in_features) for name in projections]
+            hooked += len(projections)
+            if len(projections) == 1:
+                handles.append(module.register_forward_pre_hook(_topk_hook(keeps[0])))
+                continue
+            rows = [profile.layers[layer].projections[name].out_features for name in projections]
+            if sum(rows) != module.out_features:
+                raise ValueError(
+                    f"the profile of {profile.model.name} gives layer {layer} {', '.join(projections)} "
+                    f"{sum(rows)} output rows, the model has {module.out_features}: it was made for another model"
+                )
+            handles.append(module.register_forward_hook(_segments_hook([0, *itertools.accumulate(rows)], keeps)))
+        profiled = sum(len(layer.projections) for layer in profile.layers)
+        if hooked != profiled:
+            raise ValueError(
+                f"the profile of {profile.model.name} has {profiled} projections, the model {hooked}: "
+                "it was made for another model"
+            )
         yield model
     finally:
         for handle in handles:
