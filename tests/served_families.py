@@ -9,6 +9,8 @@ merged modules hold the projections the profiler read (Phi-3's fused tensors, Mo
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import time
 from pathlib import Path
@@ -70,27 +72,37 @@ def test_completion_answers(served):
     assert out.usage.completion_tokens == 8 and out.choices[0].text
 
 
-def test_prompt_logprobs_match_reference(served):
-    from acttail_vllm.eval.reference import sparsified
-
-    family, server, profile = served
+def served_prompt_logprobs(server: VllmServer) -> list[float]:
     out = client(server).completions.create(
         model=server.model, prompt=PROMPT, max_tokens=1, echo=True, logprobs=0, temperature=0.0
     )
-    served_logprobs = out.choices[0].logprobs.token_logprobs[1:-1]  # the first has none; the last is generated
-    model, ids = hf_model(server.model), torch.tensor([PROMPT])
+    return out.choices[0].logprobs.token_logprobs[1:-1]  # the first has none; the last is generated
 
-    def logprobs() -> list[float]:
+
+def reference_logprobs(directory: str, profile: Profile | None, tp_size: int = 1) -> list[float]:
+    """PROMPT's log-probabilities in the PyTorch reference: dense without a profile."""
+    from acttail_vllm.eval.reference import sparsified
+
+    model, ids = hf_model(directory), torch.tensor([PROMPT])
+    with torch.no_grad(), sparsified(model, profile, tp_size) if profile else contextlib.nullcontext():
         logits = model(ids).logits[0, :-1].double()
-        return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0].tolist()
+    return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0].tolist()
 
-    with torch.no_grad():
-        with sparsified(model, profile):
-            reference = logprobs()
-        dense = logprobs()
-    diffs = [abs(a - b) for a, b in zip(served_logprobs, reference, strict=True)]
-    assert sum(diffs) / len(diffs) < LOGPROB_MEAN_TOL and max(diffs) < LOGPROB_MAX_TOL, (family, max(diffs))
-    assert sum(abs(a - b) for a, b in zip(dense, reference)) / len(dense) > DENSE_MEAN_DIFF, family
+
+def mean_diff(a: list[float], b: list[float]) -> float:
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def assert_logprobs_close(served: list[float], reference: list[float], what: str) -> None:
+    diffs = [abs(a - b) for a, b in zip(served, reference, strict=True)]
+    assert sum(diffs) / len(diffs) < LOGPROB_MEAN_TOL and max(diffs) < LOGPROB_MAX_TOL, (what, max(diffs))
+
+
+def test_prompt_logprobs_match_reference(served):
+    family, server, profile = served
+    reference = reference_logprobs(server.model, profile)
+    assert_logprobs_close(served_prompt_logprobs(server), reference, family)
+    assert mean_diff(reference_logprobs(server.model, None), reference) > DENSE_MEAN_DIFF, family
 
 
 def test_metrics_list_the_profiled_projections(served):
@@ -138,3 +150,21 @@ def unsupported_architecture_stops_startup(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert f"model {directory} is a GPT2LMHeadModel model, which acttail does not support; it supports " in server.log()
+
+
+def tensor_parallel_keeps_topk_within_each_shard(family: str, tiny_model, tmp_path: Path) -> None:
+    """At --tensor-parallel-size 2 vLLM serves the reference whose o_proj and down_proj keep the
+    TopK of each rank's half of their input, not the TP=1 reference (Gemma 3: its one KV head is
+    replicated on both ranks, which the profile's shape check must allow). Both ranks run on this
+    worker's core."""
+    directory = str(tiny_model(family))
+    profile_path = tmp_path / "profile.json"
+    assert cli.main(["profile", directory, "--sparsity", "0.5", "-o", str(profile_path)]) == 0
+    env = {"ACTTAIL_PROFILE": str(profile_path)}
+    if core := os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):  # one binding per rank
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"{core}|{core}"
+    with VllmServer(directory, (*SERVE_ARGS, "--tensor-parallel-size", "2"), env=env) as server:
+        served_logprobs = served_prompt_logprobs(server)
+    profile = Profile.load(profile_path)
+    assert_logprobs_close(served_logprobs, reference_logprobs(directory, profile, tp_size=2), f"{family} TP=2")
+    assert mean_diff(served_logprobs, reference_logprobs(directory, profile)) > 10 * LOGPROB_MEAN_TOL

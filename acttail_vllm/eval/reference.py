@@ -13,27 +13,30 @@ import torch
 
 from acttail_kernels.reference import sparse_linear_ref, topk_mask
 from acttail_vllm.profiling.profile import Profile
-from acttail_vllm.serving.budgets import MERGED_PROJECTIONS, kept_count
+from acttail_vllm.serving.budgets import MERGED_PROJECTIONS, DecoderProjection, kept_count
 
 
-def sparse_modules(model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Linear, tuple[str, ...]]]:
-    """(layer, linear, the projections stacked in its output) of every decoder linear ActTail
-    sparsifies: one projection each, or three and two in Phi-3's fused ``qkv_proj`` and
-    ``gate_up_proj``. A mixture-of-experts block has none of these modules: its experts stay dense."""
+def sparse_modules(model: torch.nn.Module) -> Iterator[tuple[DecoderProjection, torch.nn.Linear]]:
+    """Every decoder linear ActTail sparsifies, with what it is (its layer, name, and projections
+    stacked in its output: one each, or three and two in Phi-3's fused ``qkv_proj`` and
+    ``gate_up_proj``). A mixture-of-experts block has none of these modules: its experts stay dense."""
     decoder = getattr(model, "model", model)
     for index, layer in enumerate(decoder.layers):
         for parent in (layer.self_attn, getattr(layer, "mlp", None)):
             for name, projections in MERGED_PROJECTIONS.items():
                 module = getattr(parent, name, None)
                 if isinstance(module, torch.nn.Linear):
-                    yield index, module, projections
+                    yield DecoderProjection(index, name, projections), module
 
 
-def _topk_hook(keep: int):
+def _topk_hook(keep: int, shards: int):
+    """Keep the ``keep`` largest entries of each of ``shards`` equal slices of the input."""
+
     def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = args[0]
         flat = x.reshape(-1, x.shape[-1])
-        return (x * topk_mask(flat, keep).reshape(x.shape), *args[1:])
+        mask = torch.cat([topk_mask(part, keep) for part in flat.chunk(shards, dim=1)], dim=1)
+        return (x * mask.reshape(x.shape), *args[1:])
 
     return hook
 
@@ -51,15 +54,19 @@ def _segments_hook(seg_bounds: list[int], keeps: list[int]):
 
 
 @contextmanager
-def sparsified(model: torch.nn.Module, profile: Profile) -> Iterator[torch.nn.Module]:
-    """Within the block, every projection of ``model`` sees its inputs TopK-sparsified."""
+def sparsified(model: torch.nn.Module, profile: Profile, tp_size: int = 1) -> Iterator[torch.nn.Module]:
+    """Within the block, every projection of ``model`` sees its inputs TopK-sparsified. With
+    ``tp_size``, the row-parallel ones (o_proj, down_proj) keep the TopK of each of ``tp_size``
+    input shards, as vLLM's tensor-parallel ranks do."""
     handles, hooked = [], 0
     try:
-        for layer, module, projections in sparse_modules(model):
-            keeps = [kept_count(profile.sparsity(layer, name), module.in_features) for name in projections]
+        for proj, module in sparse_modules(model):
+            layer, projections = proj.layer, proj.projections
+            shards = tp_size if proj.row_parallel else 1
+            keeps = [kept_count(profile.sparsity(layer, name), module.in_features // shards) for name in projections]
             hooked += len(projections)
             if len(projections) == 1:
-                handles.append(module.register_forward_pre_hook(_topk_hook(keeps[0])))
+                handles.append(module.register_forward_pre_hook(_topk_hook(keeps[0], shards)))
                 continue
             rows = [profile.layers[layer].projections[name].out_features for name in projections]
             if sum(rows) != module.out_features:
