@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -24,7 +23,7 @@ from acttail_vllm.profiling.families import UnsupportedArchitecture
 from acttail_vllm.profiling.fingerprint import model_fingerprint
 from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile
 from acttail_vllm.profiling.builder import STAGES, cached_profile, profile_from_weights, profile_model, reallocated
-from acttail_vllm.profiling.weights import WeightsError, hf_tensor_name, open_model, unpermute_rotary_rows
+from acttail_vllm.profiling.weights import WeightsError, hf_tensor_name, open_model
 
 HIDDEN, INTERMEDIATE, KV = 64, 128, 32
 SHAPES = dict(zip(PROJECTION_NAMES, [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
@@ -241,16 +240,6 @@ def test_hub_id_when_offline_says_to_pass_a_local_directory(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(WeightsError, match=r"could not fetch 'someorg/somemodel' .* pass a local model directory or GGUF file"):
         open_model("someorg/somemodel")
-
-
-def test_unpermute_inverts_llama_cpp_rotary_permutation():
-    def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:  # convert_hf_to_gguf.py
-        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    hf = np.arange(6 * 8 * 5, dtype=np.float32).reshape(6 * 8, 5)  # 6 heads of dim 8
-    permuted = llama_cpp_permute(hf, 6)
-    assert not np.array_equal(permuted, hf)
-    np.testing.assert_array_equal(unpermute_rotary_rows(permuted, 6), hf)
 
 
 @needs_smollm2
