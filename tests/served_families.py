@@ -23,6 +23,7 @@ from acttail_vllm import cli
 from acttail_vllm.dev.server import VllmServer
 from acttail_vllm.profiling.profile import Profile
 from tests.test_vllm_plugin import metric_values
+from tests.tiny_models import hf_model
 
 SERVE_ARGS = ("--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4", "--enforce-eager",
               "--quantization", "acttail")  # fmt: skip
@@ -35,12 +36,6 @@ PROMPT = list(b"The history of the city goes back more than two thousand years, 
 LOGPROB_MEAN_TOL = 1e-4
 LOGPROB_MAX_TOL = 1e-3
 DENSE_MEAN_DIFF = 1e-2
-
-
-def hf_model(directory: str | Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def served(request, tiny_model, tmp_path_factory):

