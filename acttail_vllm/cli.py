@@ -109,12 +109,14 @@ def format_table(profile) -> str:
     cell = 15
     header = "layer" + "".join(f"{name:>{cell}}" for name in PROJECTION_NAMES)
     units = "     " + "".join(f"{'alpha  spars':>{cell}}" for _ in PROJECTION_NAMES)
+
+    def entry(projection) -> str:
+        if projection is None:  # a mixture-of-experts layer's MLP: experts, dense
+            return f"{'-':>{cell - 7}}{'-':>7}"
+        return f"{projection.alpha:>{cell - 7}.3f}{projection.sparsity:>7.3f}"
+
     rows = [
-        f"{layer.index:5d}"
-        + "".join(
-            f"{layer.projections[name].alpha:>{cell - 7}.3f}{layer.projections[name].sparsity:>7.3f}"
-            for name in PROJECTION_NAMES
-        )
+        f"{layer.index:5d}" + "".join(entry(layer.projections.get(name)) for name in PROJECTION_NAMES)
         for layer in profile.layers
     ]
     model = profile.model
@@ -137,9 +139,11 @@ def plot_profile(profile, path: str) -> None:
 
     index = [layer.index for layer in profile.layers]
     fig, (ax_alpha, ax_sparsity) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    nan = float("nan")  # a mixture-of-experts layer has no MLP projections: a gap in their lines
     for name in PROJECTION_NAMES:
-        ax_alpha.plot(index, [layer.projections[name].alpha for layer in profile.layers], marker=".", label=name)
-        ax_sparsity.plot(index, [layer.projections[name].sparsity for layer in profile.layers], marker=".", label=name)
+        entries = [layer.projections.get(name) for layer in profile.layers]
+        ax_alpha.plot(index, [nan if p is None else p.alpha for p in entries], marker=".", label=name)
+        ax_sparsity.plot(index, [nan if p is None else p.sparsity for p in entries], marker=".", label=name)
     ax_sparsity.axhline(profile.target_sparsity, color="black", linestyle="--", linewidth=1, label="target")
     ax_alpha.set_ylabel(f"alpha ({profile.estimator})")
     ax_sparsity.set_ylabel("sparsity")

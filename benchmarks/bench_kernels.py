@@ -40,7 +40,7 @@ from acttail_kernels import reference  # noqa: E402
 from acttail_kernels.sparse_gemv import sparse_gemv  # noqa: E402
 from acttail_kernels.topk_select import guess_tensor, keep_tensor, pdl_launch, topk_select  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    GPU_SHAPES, Shape, keeps_for, random_inputs, random_instances, time_us,
+    ALL_SHAPES, GPU_SHAPES, Shape, keeps_for, random_inputs, random_instances, time_us,
 )
 
 QUICK_SHAPES = [s for s in GPU_SHAPES if s.name in ("13b.q/k/v/o", "13b.gate/up", "13b.down")]
@@ -162,7 +162,7 @@ def add_table_args(parser: argparse.ArgumentParser) -> None:
     """The grid of the kernel table, and its correctness pass."""
     parser.add_argument("--quick", action="store_true", help="13B q/o, gate and down; M 1,4; s 0.5,0.8")
     parser.add_argument("--check", action="store_true", help="full-size correctness pass before timing")
-    parser.add_argument("--shapes", nargs="*", help="shape names to run (default: all)")
+    parser.add_argument("--shapes", nargs="*", help="shape or model names to run (13b.down, llama3-8b; default: 7b 13b)")
     parser.add_argument("--ms", type=int, nargs="*", help="batch sizes (default 1 2 4 8 16)")
     parser.add_argument("--sparsities", type=float, nargs="*", help="default 0.5 0.7 0.8 0.9")
 
@@ -176,7 +176,7 @@ def kernel_table(args: argparse.Namespace, timing: bool = True) -> list[Row] | N
     dtype = torch.bfloat16 if on_gpu else torch.float16  # bf16 gives NaN in the interpreter
     shapes = (QUICK_SHAPES if args.quick else GPU_SHAPES) if on_gpu else CPU_SHAPES
     if args.shapes:
-        shapes = [s for s in GPU_SHAPES + CPU_SHAPES if s.name in args.shapes]
+        shapes = [s for s in ALL_SHAPES + CPU_SHAPES if s.name in args.shapes or s.model in args.shapes]
     ms = args.ms or ([1, 4] if args.quick else [1, 2, 4, 8, 16])
     sparsities = args.sparsities or ([0.5, 0.8] if args.quick else [0.5, 0.7, 0.8, 0.9])
     available, reason = ak.kernels_available(device)

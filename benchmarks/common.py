@@ -1,6 +1,6 @@
-"""What the benchmarks, experiments and tuners share: the Llama-2 7B/13B projection shapes, budgets
-for a sparsity, random problem instances, CUDA-graph timing with L2 flushed, and the vLLM engines of
-the end-to-end benches (random weights of a Llama-2 shape).
+"""What the benchmarks, experiments and tuners share: the projection shapes (Llama-2 7B/13B, Llama-3-8B,
+Qwen2.5-7B), budgets for a sparsity, random problem instances, CUDA-graph timing with L2 flushed, and
+the vLLM engines of the end-to-end benches (random weights of a model's shape).
 
 Every script runs from the repository root as a module (``python3 -m benchmarks.NAME``,
 ``python3 -m benchmarks.experiments.NAME``, ``python3 -m tools.NAME``), with this project installed
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from acttail_kernels import prepare_weight
-from benchmarks.dummy_llama import write_config
+from benchmarks.dummy_models import write_config
 
 
 @dataclass(frozen=True)
@@ -44,24 +44,49 @@ class Shape:
         return bounds
 
 
-def llama_shapes(tag: str, hidden: int, inter: int) -> list[Shape]:
-    """A Llama-2 layer's projections, apart (q/k/v/o, gate/up, down) and as vLLM merges them."""
-    return [
-        Shape(f"{tag}.q/k/v/o", (hidden,), hidden),
-        Shape(f"{tag}.qkv", (hidden, hidden, hidden), hidden),
-        Shape(f"{tag}.gate/up", (inter,), hidden),
-        Shape(f"{tag}.gate_up", (inter, inter), hidden),
-        Shape(f"{tag}.down", (hidden,), inter),
+    @property
+    def model(self) -> str:
+        """The model shape it belongs to: "13b", "llama3-8b", ..."""
+        return self.name.rsplit(".", 1)[0]
+
+
+def decoder_shapes(model: str, hidden: int, inter: int, kv_width: int | None = None) -> list[Shape]:
+    """A decoder layer's projections, apart (q/o and k/v, one q/k/v/o where the model has as many
+    KV heads as heads; gate/up; down) and as vLLM merges them (qkv with its GQA widths, gate_up)."""
+    kv = kv_width or hidden
+    apart = ([Shape(f"{model}.q/k/v/o", (hidden,), hidden)] if kv == hidden
+             else [Shape(f"{model}.q/o", (hidden,), hidden), Shape(f"{model}.k/v", (kv,), hidden)])  # fmt: skip
+    return apart + [
+        Shape(f"{model}.qkv", (hidden, kv, kv), hidden),
+        Shape(f"{model}.gate/up", (inter,), hidden),
+        Shape(f"{model}.gate_up", (inter, inter), hidden),
+        Shape(f"{model}.down", (hidden,), inter),
     ]
 
 
-GPU_SHAPES = llama_shapes("7b", 4096, 11008) + llama_shapes("13b", 5120, 13824)
+#: Llama-2 7B and 13B: the shapes the tools measure by default.
+GPU_SHAPES = decoder_shapes("7b", 4096, 11008) + decoder_shapes("13b", 5120, 13824)
+#: Deployed GQA families (benchmarks/dummy_models.py has their configs). Mistral-7B's projections
+#: are Llama-3-8B's: 4096 hidden, 14336 intermediate, 8 of 32 heads for k/v (head_dim 128).
+FAMILY_SHAPES = decoder_shapes("llama3-8b", 4096, 14336, 8 * 128) + decoder_shapes("qwen2.5-7b", 3584, 18944, 4 * 128)
+ALL_SHAPES = GPU_SHAPES + FAMILY_SHAPES
 L2_BYTES = 50 * 2**20  # the L2 of the Hopper GPUs measured
 
 
-def shapes_named(prefix: str) -> list[Shape]:
-    """The GPU shapes whose names start with ``prefix`` ("13b", "7b")."""
-    return [s for s in GPU_SHAPES if s.name.startswith(prefix)]
+def shapes_of(*models: str) -> list[Shape]:
+    """The shapes of these models ("13b", "llama3-8b", ...)."""
+    return [s for s in ALL_SHAPES if s.model in models]
+
+
+def write_measured(path: Path, table) -> None:
+    """Write a measured table (GEMV tiles, crossover) to ``path``, keeping the shapes of the table
+    already there that this run did not measure (so one model's shapes can be added to it)."""
+    if path.is_file():
+        measured = {s.name for s in table.shapes}
+        earlier = [s for s in type(table).model_validate_json(path.read_text()).shapes if s.name not in measured]
+        table = table.model_copy(update={"shapes": earlier + list(table.shapes)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table.model_dump_json(indent=2) + "\n")
 
 
 def keeps_for(shape: Shape, sparsity: float) -> list[int]:
@@ -157,7 +182,7 @@ def shape_engine(args: argparse.Namespace, max_model_len: int, max_num_seqs: int
     """``make_llm`` on random weights of ``args.shape``, as ``add_engine_args`` parsed it."""
     if args.sparsity != "dense" and os.environ.get("ACTTAIL_SPARSITY") != args.sparsity:
         raise SystemExit(f"set ACTTAIL_SPARSITY={args.sparsity} (the loader hook reads it)")
-    model = write_config(args.shape, Path(tempfile.mkdtemp(prefix="acttail-engine-")) / f"llama-2-{args.shape}-shape")
+    model = write_config(args.shape, Path(tempfile.mkdtemp(prefix="acttail-engine-")) / f"{args.shape}-shape")
     return make_llm(str(model), args.sparsity, max_model_len, max_num_seqs, args.options)
 
 

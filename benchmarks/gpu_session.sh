@@ -22,6 +22,10 @@
 #   sparsities to an earlier run, reusing its dense numbers: one table in two calls of < 10 min;
 #   OPTIONS='{"max_sparse_tokens": 1}' passes more ActTail options, TAG=name suffixes the result files)
 #   bash benchmarks/gpu_session.sh quality     # SmolLM2 perplexity / accuracy study (benchmarks/quality_sweep.py)
+#   bash benchmarks/gpu_session.sh familytables  # tiles, kernel table, crossover at the Llama-3-8B (= Mistral-7B)
+#                                                # and Qwen2.5-7B shapes, added to this GPU's tables (SHAPES= one of them)
+#   bash benchmarks/gpu_session.sh familydecode llama3-8b   # batch-1 decode tok/s, dense vs 50% and 80%, one
+#                                                # model per call: llama3-8b, qwen2.5-7b or mistral-7b
 #
 # Results land in $OUT (default out/gpu). Budgets built by vLLM's loader hook are cached in
 # $ACTTAIL_CACHE (default /tmp/acttail-cache), so later steps re-allocate instead of recomputing alphas.
@@ -69,7 +73,7 @@ serve13b | serve7b)
   # dense then acttail at each sparsity, each at every concurrency (256-token prompts, 128 new tokens).
   shape=${1#serve}
   model=/tmp/llama-2-$shape-shape-tok
-  $python -m benchmarks.dummy_llama "$shape" "$model" --tokenizer "${TOKENIZER_DIR:-.gpu/tok}"
+  $python -m benchmarks.dummy_models "$shape" "$model" --tokenizer "${TOKENIZER_DIR:-.gpu/tok}"
   $python -m benchmarks.load_bench --model "$model" --sparsity "${SPARSITIES:-0.5,0.8}" \
     --vllm-args "--load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 \
       --gpu-memory-utilization 0.85 --compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64]}'" \
@@ -93,13 +97,28 @@ decode13b | decode7b)
     --new-tokens 128 --repeats 3 --json "$OUT/decode_$shape${TAG:+_$TAG}.json" ${EXTEND:+--extend "$EXTEND"} \
     ${OPTIONS:+--options "$OPTIONS"} 2>&1 | tee "$OUT/decode_$shape${TAG:+_$TAG}.txt"
   ;;
+familytables)
+  # The kernel test (tests/test_kernels.py) has the GQA qkv shapes; this adds those models' shapes to the
+  # tables the dispatch reads, with a full-size correctness pass at each before timing.
+  models=${SHAPES:-llama3-8b qwen2.5-7b}
+  $python -m tools.tune_gemv_tiles --write --shapes $models 2>&1 | tee "$OUT/gemv_tiles_families.txt"
+  $python -m tools.tune_crossover --check --write --shapes $models 2>&1 | grep -v "^  measured" \
+    | tee "$OUT/bench_kernels_families.txt"
+  cp "$(measured gemv_tiles.json)" "$(measured crossover.json)" "$OUT/"
+  ;;
+familydecode)
+  # Three engines (dense, 50%, 80%) of one model's shape, random weights, CUDA graphs; decode-only tok/s.
+  shape=${2:?name a model: llama3-8b, qwen2.5-7b or mistral-7b}
+  $python -m benchmarks.vllm_decode_bench --shapes "$shape" --sparsities 0.5,0.8 --batches 1 --new-tokens 64 \
+    --repeats 2 --json "$OUT/decode_$shape.json" 2>&1 | tee "$OUT/decode_$shape.txt"
+  ;;
 quality)
   model=${SMOLLM2_DIR:-$($python -m acttail_vllm.cli prepare-smollm2)}
   $python -m benchmarks.quality_sweep --model "$model" --data-dir "${EVAL_DATA:-.gpu/evaldata}" \
     --out "$OUT/quality" --device cuda --dtype float32 --mc-limit 300 "${@:2}" 2>&1 | tail -40
   ;;
 *)
-  sed -n '2,26p' "$0"
+  sed -n '2,30p' "$0"
   exit 2
   ;;
 esac

@@ -35,7 +35,7 @@ import torch
 import acttail_kernels as ak
 from acttail_kernels.sparse_gemv import sparse_gemv
 from acttail_kernels.topk_select import guess_tensor, keep_tensor, topk_select
-from benchmarks.common import keeps_for, random_inputs, random_instances, shapes_named, time_us
+from benchmarks.common import keeps_for, random_inputs, random_instances, shapes_of, time_us
 
 
 LAYER = ("13b.qkv", "13b.q/k/v/o", "13b.gate_up", "13b.down")  # a decoder layer's four calls
@@ -51,7 +51,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; microseconds per call, M = 1, list path")
     print(f"{'shape':14s} {'s':>4s} {'select':>7s} {'gemv':>7s} {'both':>7s} {'join':>7s} {'ideal':>7s} {'dense':>7s}")
     layer: dict[float, dict[str, float]] = {}
-    for shape in shapes_named("13b"):
+    for shape in shapes_of("13b"):
         weights, weights_t = random_instances(shape, dtype, device)
         xs = random_inputs(1, shape.k, len(weights), dtype, device)
         dense = time_us([functools.partial(torch.nn.functional.linear, x, w) for x, w in zip(xs, weights)], xs)

@@ -23,7 +23,7 @@ import acttail_kernels as ak
 from acttail_kernels.topk_select import guess_tensor, keep_tensor
 from acttail_vllm.serving.op import register_sparse_linear_op
 from acttail_vllm.serving.stats import new_stats
-from benchmarks.common import keeps_for, random_instances, shapes_named, time_us
+from benchmarks.common import keeps_for, random_instances, shapes_of, time_us
 
 SPARSITY = 0.8
 CALLS = 300
@@ -52,7 +52,7 @@ def main() -> None:
     print(f"{'shape':14s} {'M':>4s} {'kernel':>6s} | {'auto eager':>10s} {'all eager':>9s} {'dense eager':>11s} | "
           f"{'all graph':>9s} {'dense graph':>11s} | {'auto - dense':>12s}")
     profiles = {}
-    for shape in shapes_named("13b"):
+    for shape in shapes_of("13b"):
         weight_t = random_instances(shape, dtype, device)[1][0]
         weight = weight_t.t().contiguous()  # vLLM's dense layout, [N, K]
         keeps = keeps_for(shape, SPARSITY)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import greedy_tokens, make_llm, token_prompts
-from benchmarks.dummy_llama import write_config
+from benchmarks.dummy_models import write_config
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -99,7 +99,7 @@ def main() -> None:
     env = {**os.environ, "ACTTAIL_CACHE": os.environ.get("ACTTAIL_CACHE", str(root / "cache"))}
     results = json.loads(args.extend.read_text()) if args.extend else []
     for shape in args.shapes.split(","):
-        model = write_config(shape, root / f"llama-2-{shape}-shape")
+        model = write_config(shape, root / f"{shape}-shape")
         earlier = {r["batch"]: {"tok_s": r["dense_tok_s"], "decode_tok_s": r.get("dense_decode_tok_s")}
                    for r in results if r["shape"] == shape}
         if set(args.batches) <= set(earlier):

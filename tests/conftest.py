@@ -32,5 +32,21 @@ def smollm2_dir() -> Path:
     return ensure_smollm2()
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(family) -> the directory of that family's tiny random-weight checkpoint
+    (tests/tiny_models.py), built on first use in this process."""
+    from tests import tiny_models
+
+    root, built = tmp_path_factory.mktemp("tiny-models"), {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = tiny_models.build(family, root / family)
+        return built[family]
+
+    return get
+
+
 def shipped_profile(method: str, percent: int) -> Path:
     return PROFILES / f"smollm2-135m-instruct-{method}-{percent}.json"

@@ -37,7 +37,8 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
 # (seg_widths, K): a plain projection and merged ones with unequal odd segments.
 SHAPES = (
-    [((5120,), 5120), ((5120, 5120, 5120), 5120), ((13824, 13824), 5120), ((5120,), 13824), ((4096,), 11008)]
+    [((5120,), 5120), ((5120, 5120, 5120), 5120), ((13824, 13824), 5120), ((5120,), 13824), ((4096,), 11008),
+     ((4096, 1024, 1024), 4096), ((3584, 512, 512), 3584)]  # GQA qkv: Llama-3-8B / Mistral-7B, Qwen2.5-7B
     if ON_GPU
     else [((37,), 100), ((11, 13, 9), 100), ((20, 17), 63)]
 )

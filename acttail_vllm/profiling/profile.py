@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -24,10 +24,18 @@ PROJECTION_NAMES: tuple[str, ...] = (
     "up_proj",
     "down_proj",
 )
+#: What a mixture-of-experts layer has: its MLP is experts, which stay dense.
+ATTENTION_PROJECTIONS: tuple[str, ...] = PROJECTION_NAMES[:4]
 #: Stored achieved sparsity may differ this much from the recomputed weighted mean (JSON rounding).
 RECOMPUTE_TOLERANCE = 1e-6
 #: Achieved sparsity may differ this much from the target.
 TARGET_TOLERANCE = 1e-3
+
+
+def layer_projection_names(present: Iterable[str]) -> tuple[str, ...]:
+    """The projections a decoder layer has, given those present: all seven, or the attention ones
+    where no MLP projection is present (a mixture-of-experts layer)."""
+    return PROJECTION_NAMES if set(present) - set(ATTENTION_PROJECTIONS) else ATTENTION_PROJECTIONS
 
 
 class ProfileError(ValueError):
@@ -66,15 +74,15 @@ class LayerProfile(_Strict):
 
     @model_validator(mode="after")
     def _all_projections(self) -> "LayerProfile":
-        for name in PROJECTION_NAMES:
-            if name not in self.projections:
-                raise ValueError(f"layer {self.index} is missing projection {name!r}")
         unknown = sorted(set(self.projections) - set(PROJECTION_NAMES))
         if unknown:
             raise ValueError(
                 f"layer {self.index} has unknown projection(s) {', '.join(unknown)}: "
                 f"expected {', '.join(PROJECTION_NAMES)}"
             )
+        for name in layer_projection_names(self.projections):
+            if name not in self.projections:
+                raise ValueError(f"layer {self.index} is missing projection {name!r}")
         return self
 
 
@@ -186,10 +194,10 @@ class Profile(_Strict):
         """Sparsity of one projection; KeyError naming what is missing."""
         if not 0 <= layer_index < len(self.layers):
             raise KeyError(f"layer {layer_index} is not in this profile (it has {len(self.layers)} layers)")
-        try:
-            return self.layers[layer_index].projections[proj_name].sparsity
-        except KeyError:
-            raise KeyError(f"unknown projection {proj_name!r}: expected one of {', '.join(PROJECTION_NAMES)}") from None
+        projections = self.layers[layer_index].projections
+        if proj_name not in projections:
+            raise KeyError(f"layer {layer_index} has no projection {proj_name!r}: it has {', '.join(projections)}")
+        return projections[proj_name].sparsity
 
     def content_hash(self) -> str:
         """Short sha256 of the canonical JSON (sorted keys, no whitespace)."""

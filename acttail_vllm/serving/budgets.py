@@ -23,7 +23,9 @@ MERGED_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "gate_proj": ("gate_proj",),
     "up_proj": ("up_proj",),
 }
-_LAYER_PREFIX = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+#: A text decoder layer's attention or MLP module: ``model.layers.N.`` (``language_model.`` before it
+#: in multimodal wrappers), never a vision tower's layers, a router (``mlp.gate``) or an expert.
+_LAYER_PREFIX = re.compile(r"^(?:language_model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 
 
 def kept_count(sparsity: float, in_features: int) -> int:
@@ -43,6 +45,13 @@ class DecoderProjection:
     def row_parallel(self) -> bool:
         """vLLM shards these along the input dimension under tensor parallelism."""
         return self.module in ("o_proj", "down_proj")
+
+    def rank_shards(self, tp_size: int, kv_head_replicas: int) -> tuple[int, ...]:
+        """Over how many tensor-parallel ranks each projection is split: its input in row-parallel
+        modules, its output rows in the others. With fewer KV heads than ranks, vLLM replicates
+        each KV head on ``kv_head_replicas`` ranks, so k and v rows are split over fewer ranks."""
+        kv_shards = tp_size // kv_head_replicas
+        return tuple(kv_shards if name in ("k_proj", "v_proj") else tp_size for name in self.projections)
 
 
 def decoder_projection(prefix: str) -> DecoderProjection | None:

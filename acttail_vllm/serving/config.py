@@ -16,6 +16,7 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.platforms import current_platform
 
+from acttail_vllm.profiling.families import family_of
 from acttail_vllm.serving.budgets import decoder_projection
 from acttail_vllm.serving.linear_method import ActTailLinearMethod, SparseModules
 from acttail_vllm.serving.resolver import BudgetResolver
@@ -79,6 +80,8 @@ class ActTailConfig(QuantizationConfig):
     def _make_resolver(self) -> BudgetResolver:
         vllm_config = get_current_vllm_config()
         model_config = vllm_config.model_config
+        architecture = (getattr(model_config.hf_config, "architectures", None) or ["<none>"])[0]
+        family_of(architecture, f"model {model_config.model}")  # UnsupportedArchitecture names the supported ones
         # The model directory may hold a profile, which the front end could not know of; a profile
         # the front end already read is not read again.
         source = resolve_budget_source(self.explicit, model_config.model, known=self.source)
@@ -92,16 +95,16 @@ class ActTailConfig(QuantizationConfig):
         if source.settings.policy is SparsityPolicy.DECODE:
             _check_decode_policy_graph_mode(vllm_config)
         logger.info("ActTail budgets: %s", source.describe())
-        architectures = getattr(model_config.hf_config, "architectures", None) or ["unknown"]
-        return BudgetResolver(source, model_config.model, architectures[0], tp_size)
+        return BudgetResolver(source, model_config.model, architecture, tp_size)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        modules = self.modules  # the first call checks the architecture and the settings
         if not isinstance(layer, LinearBase):
-            return None
+            return None  # embeddings, attention, experts: vLLM's unquantized methods
         proj = decoder_projection(prefix)
         if proj is None:
-            return UnquantizedLinearMethod()
-        return ActTailLinearMethod(self.modules, proj)
+            return UnquantizedLinearMethod()  # lm_head, routers, shared experts, vision towers: dense
+        return ActTailLinearMethod(modules, proj)
 
 
 def _check_decode_policy_graph_mode(vllm_config: Any) -> None:

@@ -40,10 +40,14 @@ class SparseLinearState(torch.nn.Module):
     of pinned host memory ``stats_host``, read by the metrics thread without touching the GPU).
     """
 
-    def __init__(self, proj: DecoderProjection, out_sizes: list[int], counts_stats: bool, on_gpu: bool):
+    def __init__(
+        self, proj: DecoderProjection, out_sizes: list[int], rank_shards: tuple[int, ...], counts_stats: bool,
+        on_gpu: bool,
+    ):  # fmt: skip
         super().__init__()
         self.proj = proj
         self.out_sizes = tuple(out_sizes)
+        self.rank_shards = rank_shards
         self.seg_bounds = [0, *itertools.accumulate(out_sizes)]
         #: On CPU every module counts its kept channels from the masks it applies. On a GPU every
         #: counter update is one more tiny kernel per step, so only the first module counts (tokens
@@ -89,8 +93,8 @@ class SparseModules:
         self._loaded.add(id(layer))
         if self.resolver.profile is not None or len(self._loaded) < len(self.layers):
             return False
-        modules = [LoadedModule(layer.acttail.proj, tuple(layer.acttail.projection_weights(layer.weight)))
-                   for layer in self.layers]  # fmt: skip
+        modules = [LoadedModule(layer.acttail.proj, tuple(layer.acttail.projection_weights(layer.weight)),
+                                layer.acttail.rank_shards) for layer in self.layers]  # fmt: skip
         for layer, budget in zip(self.layers, self.resolver.resolve(modules)):
             layer.acttail.set_budget(budget)
         if self.layers[0].weight.is_cuda:
@@ -164,7 +168,9 @@ class ActTailLinearMethod(LinearMethodBase):
             )
         on_gpu = current_platform.is_cuda_alike()
         counts_stats = not on_gpu or not self.modules.layers
-        layer.acttail = SparseLinearState(self.proj, output_partition_sizes, counts_stats, on_gpu)
+        # vLLM sets both before create_weights; k/v heads are replicated when tp > KV heads
+        shards = self.proj.rank_shards(layer.tp_size, getattr(layer, "num_kv_head_replicas", 1))
+        layer.acttail = SparseLinearState(self.proj, output_partition_sizes, shards, counts_stats, on_gpu)
         self.modules.register(layer)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:

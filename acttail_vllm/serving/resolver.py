@@ -19,7 +19,7 @@ import torch
 
 from acttail_vllm.profiling.builder import cached_profile, profile_from_weights
 from acttail_vllm.profiling.fingerprint import fingerprint_of
-from acttail_vllm.profiling.profile import Profile, ProfileError
+from acttail_vllm.profiling.profile import ATTENTION_PROJECTIONS, Profile, ProfileError
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
 from acttail_vllm.serving.settings import BudgetSource, profile_cache_dir
 
@@ -32,6 +32,7 @@ class LoadedModule:
 
     proj: DecoderProjection
     weights: tuple[torch.Tensor, ...]
+    rank_shards: tuple[int, ...]  # DecoderProjection.rank_shards: ranks each projection is split over
 
     @property
     def in_features(self) -> int:
@@ -73,6 +74,8 @@ class BudgetResolver:
             self.build_seconds,
             self.source.describe(),
         )
+        if (experts := experts_note(modules)) is not None:
+            logger.info("ActTail: %s", experts)
         return budgets
 
     def _cached_or_built(
@@ -103,7 +106,7 @@ class BudgetResolver:
     def _budget(self, module: LoadedModule) -> ModuleBudget:
         proj = module.proj
         sparsities = []
-        for name, weight in zip(proj.projections, module.weights):
+        for name, weight, shards in zip(proj.projections, module.weights, module.rank_shards):
             try:
                 entry = self.profile.layers[proj.layer].projections[name]
             except (IndexError, KeyError):
@@ -114,9 +117,9 @@ class BudgetResolver:
             # row-parallel modules shard the input dimension, the others the output dimension
             out_full, in_full = weight.shape
             if proj.row_parallel:
-                in_full *= self.tp_size
+                in_full *= shards
             else:
-                out_full *= self.tp_size
+                out_full *= shards
             if (entry.out_features, entry.in_features) != (out_full, in_full):
                 raise ProfileError(
                     f"profile {self.profile_path} gives layer {proj.layer} {name} the shape "
@@ -132,3 +135,17 @@ def _projection_weights(modules: Sequence[LoadedModule]) -> Iterator[tuple[int, 
     for module in modules:
         for name, weight in zip(module.proj.projections, module.weights):
             yield module.proj.layer, name, weight
+
+
+def experts_note(modules: Sequence[LoadedModule]) -> str | None:
+    """For a mixture-of-experts model (a layer without MLP modules), one line saying what is sparse
+    and that experts stay dense; None for a dense model."""
+    num_layers = 1 + max(m.proj.layer for m in modules)
+    mlp_layers = sorted({m.proj.layer for m in modules if set(m.proj.projections) - set(ATTENTION_PROJECTIONS)})
+    if len(mlp_layers) == num_layers:
+        return None
+    dense_mlps = f"and the dense MLP of layer(s) {', '.join(map(str, mlp_layers))}" if mlp_layers else "alone"
+    return (
+        f"mixture of experts: the attention of all {num_layers} layers {dense_mlps} is sparse; "
+        "routers and experts (routed and shared) stay dense"
+    )

@@ -44,7 +44,7 @@ import torch
 
 import acttail_kernels as ak
 from acttail_kernels.topk_select import SHIPPED_OPTIONS, guess_tensor, keep_tensor
-from benchmarks.common import GPU_SHAPES, keeps_for, random_inputs, random_instances, shapes_named, time_us
+from benchmarks.common import GPU_SHAPES, keeps_for, random_inputs, random_instances, shapes_of, time_us
 
 ONE_TOKEN = [(1, ak.GemvPath.LIST), (1, ak.GemvPath.WALK)]
 FALLBACK_4_16 = [(4, ak.GemvPath.DENSE), (16, ak.GemvPath.DENSE)]
@@ -80,7 +80,7 @@ def main() -> None:
     mode.add_argument("--base", type=Path, help="a checkout holding the other build's kernels/ (off)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--on", type=int, help="row-chunk, range-programs: the value to try (default: see above)")
-    parser.add_argument("--shapes", nargs="*", default=[s.name for s in shapes_named("13b")])
+    parser.add_argument("--shapes", nargs="*", default=[s.name for s in shapes_of("13b")])
     args = parser.parse_args()
     if args.on is not None and args.switch not in ("row-chunk", "range-programs"):
         parser.error("--on goes with --switch row-chunk or range-programs")
