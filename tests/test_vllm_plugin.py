@@ -264,6 +264,16 @@ def failed_start(model: str, args: tuple[str, ...], env: dict[str, str]) -> str:
     return server.log()
 
 
+def acttail_error(log: str) -> str:
+    """The one ERROR line acttail logs for a startup error (its message), which must come before
+    vLLM's own report of the failure (a traceback, or "Engine core initialization failed")."""
+    lines = [line for line in log.splitlines() if re.search(r" ERROR .*\[errors\.py:\d+\] ", line)]
+    assert len(lines) == 1, log[-3000:]
+    first_traceback = log.find("Traceback (most recent call last)")
+    assert first_traceback == -1 or log.index(lines[0]) < first_traceback
+    return lines[0].split("] ", 1)[1]
+
+
 def test_bad_input_stops_the_config_before_any_engine(tmp_path, monkeypatch):
     """`vllm serve` builds the quantization config in its front-end process, before any engine:
     bad settings and unreadable profiles must stop it there, in seconds."""
@@ -286,17 +296,25 @@ def test_corrupt_profile_stops_startup(smollm2_dir, tmp_path):
     bad = tmp_path / "corrupt.json"
     bad.write_text(shipped_profile("acttail", 50).read_text()[:500])
     log = failed_start(str(smollm2_dir), (), {"ACTTAIL_PROFILE": str(bad)})
-    assert f"profile {bad} is not valid JSON" in log
+    assert acttail_error(log).startswith(f"profile {bad} (from env ACTTAIL_PROFILE) is not valid JSON")
 
 
 def test_profile_for_another_model_stops_startup(smollm2_dir):
+    """In the engine process, after the weights load: the reason comes as acttail's ERROR line
+    before vLLM's generic 'Engine core initialization failed'."""
     # Random weights of the same shapes are another model: the fingerprint must catch it.
     profile = shipped_profile("acttail", 50)
     log = failed_start(str(smollm2_dir), ("--load-format", "dummy"), {"ACTTAIL_PROFILE": str(profile)})
-    assert f"profile {profile} was made for model" in log
+    message = acttail_error(log)
+    assert message.startswith(f"profile {profile} (from env ACTTAIL_PROFILE) was made for model")
+    fix = f"build one for this model with `acttail profile {smollm2_dir} --sparsity S -o FILE` and pass that"
+    assert message.endswith(fix)
+    assert log.index(message) < log.index("Engine core initialization failed")
 
 
 def test_sparsity_out_of_range_stops_startup(smollm2_dir):
     log = failed_start(str(smollm2_dir), (), {"ACTTAIL_SPARSITY": "1.2"})
-    assert "invalid ActTail settings from env ACTTAIL_SPARSITY" in log
-    assert "sparsity" in log and "less than 1" in log
+    assert acttail_error(log) == (
+        "invalid ActTail settings from env ACTTAIL_SPARSITY: sparsity: Input should be less than 1 (got 1.2): "
+        "correct or unset ACTTAIL_SPARSITY"
+    )

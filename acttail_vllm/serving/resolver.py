@@ -19,7 +19,7 @@ import torch
 
 from acttail_vllm.profiling.builder import cached_profile, profile_from_weights
 from acttail_vllm.profiling.fingerprint import fingerprint_of
-from acttail_vllm.profiling.profile import Profile, ProfileError
+from acttail_vllm.profiling.profile import Profile, ProfileError, named
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
 from acttail_vllm.serving.settings import BudgetSource, profile_cache_dir
 
@@ -61,7 +61,7 @@ class BudgetResolver:
         if self.source.kind == "profile":
             self.profile, self.profile_path = self.source.profile, self.source.settings.profile
             if fingerprint is not None:
-                self.profile.check_model(fingerprint, self.profile_path, self.model_name)
+                self.profile.check_model(fingerprint, self.profile_path, self.model_name, self.source.origin.name)
         else:
             self.profile = self._cached_or_built(fingerprint, modules, weights)
         budgets = [self._budget(module) for module in modules]
@@ -100,6 +100,11 @@ class BudgetResolver:
             logger.info("ActTail: wrote profile %s", cached.path)
         return cached.profile
 
+    @property
+    def _profile_name(self) -> str:
+        origin = self.source.origin.name if self.source.kind == "profile" else "the profile cache"
+        return named(self.profile_path, origin)
+
     def _budget(self, module: LoadedModule) -> ModuleBudget:
         proj = module.proj
         sparsities = []
@@ -108,8 +113,8 @@ class BudgetResolver:
                 entry = self.profile.layers[proj.layer].projections[name]
             except (IndexError, KeyError):
                 raise ProfileError(
-                    f"profile {self.profile_path} has no entry for layer {proj.layer} {name}: it was "
-                    "made for another model; build one with `acttail profile`"
+                    f"{self._profile_name} has no entry for layer {proj.layer} {name}: it was made for "
+                    f"another model; build one for {self.model_name} with `acttail profile`"
                 ) from None
             # row-parallel modules shard the input dimension, the others the output dimension
             out_full, in_full = weight.shape
@@ -119,10 +124,10 @@ class BudgetResolver:
                 out_full *= self.tp_size
             if (entry.out_features, entry.in_features) != (out_full, in_full):
                 raise ProfileError(
-                    f"profile {self.profile_path} gives layer {proj.layer} {name} the shape "
+                    f"{self._profile_name} gives layer {proj.layer} {name} the shape "
                     f"{entry.out_features}x{entry.in_features}, the loaded model has "
                     f"{tuple(weight.shape)} per rank (tensor parallel {self.tp_size}): it was made "
-                    "for another model; build one with `acttail profile`"
+                    f"for another model; build one for {self.model_name} with `acttail profile`"
                 )
             sparsities.append(entry.sparsity)
         return ModuleBudget.from_sparsities(tuple(sparsities), module.in_features)
