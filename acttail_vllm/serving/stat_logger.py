@@ -27,4 +27,6 @@ class ActTailStatLogger(StatLoggerBase):
         """Nothing per step: the collector reads the worker's counters at scrape time."""
 
     def log_engine_initialized(self) -> None:
-        """Nothing to log."""
+        """The engine is ready and no request has run: count from here (see ``metrics.py``)."""
+        if ActTailStatLogger._collector is not None:
+            ActTailStatLogger._collector.engine_ready()
