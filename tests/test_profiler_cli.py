@@ -22,7 +22,7 @@ from acttail_vllm.dev import models
 from acttail_vllm.profiling.allocation import AllocationSpec
 from acttail_vllm.profiling.fingerprint import model_fingerprint
 from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile
-from acttail_vllm.profiling.builder import STAGES, cached_profile, profile_from_weights, profile_model, reallocated
+from acttail_vllm.profiling.builder import STAGES, profile_from_weights, profile_model, reallocated
 from acttail_vllm.profiling.weights import WeightsError, hf_tensor_name, open_model, unpermute_rotary_rows
 
 HIDDEN, INTERMEDIATE, KV = 64, 128, 32
@@ -87,28 +87,6 @@ def test_reallocated_profile_equals_one_computed_from_the_weights():
     for options in ({"target": 0.8, "method": "acttail", "eps": 0.3}, {"target": 0.5, "method": "uniform", "eps": 0.2}):
         expected = profile_tiny(tiny_stream(tiny_weights()), s_max=0.95, **options)
         assert reallocated(first, AllocationSpec(s_max=0.95, **options)) == expected
-
-
-def test_cached_profile_computes_once_then_reallocates_then_reuses(tmp_path):
-    computed = []
-
-    def compute():
-        computed.append(1)
-        return profile_tiny(tiny_stream(tiny_weights()), s_max=0.95)
-
-    def get(target, estimator="hill"):
-        return cached_profile(tmp_path, "fp-", Profile.load, compute, AllocationSpec(target, "acttail", estimator, 0.2, 0.95))
-
-    first = get(0.6)
-    assert (first.reused, first.alphas_from, len(computed)) == (False, None, 1)
-    assert first.path.name == "fp-acttail-hill-eps0.2-smax0.95-s0.6.json" and first.path.is_file()
-    second = get(0.8)
-    assert (second.reused, second.alphas_from, len(computed)) == (False, first.path, 1)
-    assert second.profile == reallocated(first.profile, AllocationSpec(0.8, "acttail", eps=0.2, s_max=0.95))
-    again = get(0.8)
-    assert (again.reused, again.profile, len(computed)) == (True, second.profile, 1)
-    get(0.6, estimator="ww")  # other alphas: computed, not re-allocated
-    assert len(computed) == 2
 
 
 def test_order_of_the_stream_does_not_matter():

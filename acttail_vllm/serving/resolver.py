@@ -13,17 +13,20 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from acttail_vllm.profiling.builder import cached_profile, profile_from_weights
+from acttail_vllm.profiling.builder import profile_from_weights
 from acttail_vllm.profiling.fingerprint import fingerprint_of
 from acttail_vllm.profiling.profile import Profile, ProfileError, named
+from acttail_vllm.profiling.profile_cache import cached_profile
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
 from acttail_vllm.serving.settings import BudgetSource, profile_cache_dir
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM prints it
+#: Progress lines while the loader hook computes alphas (a 13B model takes a minute on a GPU).
+PROGRESS_LINES = 10
 
 
 @dataclass(frozen=True)
@@ -83,27 +86,36 @@ class BudgetResolver:
         spec = self.source.settings.allocation
 
         def from_weights() -> Profile:
-            logger.info("ActTail: computing budgets from the loaded weights (first start)")
+            logger.info(
+                "ActTail: computing budgets from the loaded weights: alpha of %d projections "
+                "(first start of this model with estimator %s; the result is cached)", len(weights), spec.estimator,
+            )  # fmt: skip
             num_layers = 1 + max(m.proj.layer for m in modules)
-            return profile_from_weights(self.model_name, self.architecture, num_layers, weights, spec)
+            return profile_from_weights(
+                self.model_name, self.architecture, num_layers, weights, spec, on_projection=_progress_logger()
+            )
 
         def load(path: Path) -> Profile:
             return Profile.load(path, expected_fingerprint=fingerprint)
 
         cached = cached_profile(profile_cache_dir(), f"{fingerprint[:16]}-", load, from_weights, spec)
+        for problem in cached.problems:
+            logger.warning("ActTail: %s", problem)
         self.profile_path = cached.path
         if cached.reused:
             logger.info("ActTail: reusing cached profile %s", cached.path)
         else:
             if cached.alphas_from is not None:
                 logger.info("ActTail: budgets re-allocated from the alphas in %s", cached.alphas_from)
-            logger.info("ActTail: wrote profile %s", cached.path)
+            if cached.path is not None:
+                logger.info("ActTail: wrote profile %s", cached.path)
         return cached.profile
 
     @property
     def _profile_name(self) -> str:
-        origin = self.source.origin.name if self.source.kind == "profile" else "the profile cache"
-        return named(self.profile_path, origin)
+        if self.source.kind == "profile":
+            return named(self.profile_path, self.source.origin.name)
+        return named(self.profile_path or "kept in memory", "the loader hook")
 
     def _budget(self, module: LoadedModule) -> ModuleBudget:
         proj = module.proj
@@ -131,6 +143,17 @@ class BudgetResolver:
                 )
             sparsities.append(entry.sparsity)
         return ModuleBudget.from_sparsities(tuple(sparsities), module.in_features)
+
+
+def _progress_logger(lines: int = PROGRESS_LINES) -> Callable[[int, int], None]:
+    """``on_projection`` for ``profile_from_weights``: about ``lines`` log lines over the whole run."""
+    start = time.perf_counter()
+
+    def log(done: int, total: int) -> None:
+        if done == total or done % max(1, total // lines) == 0:
+            logger.info("ActTail: alpha of %d/%d projections in %.1f s", done, total, time.perf_counter() - start)
+
+    return log
 
 
 def _projection_weights(modules: Sequence[LoadedModule]) -> Iterator[tuple[int, str, torch.Tensor]]:
