@@ -15,9 +15,13 @@ from acttail_vllm.serving.budgets import kept_count
 from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a Llama-family transformers model (``model.model.layers``)."""
+    return getattr(model, "model", model).layers
+
+
 def _projection_modules(model: torch.nn.Module) -> Iterator[tuple[int, str, torch.nn.Linear]]:
-    decoder = getattr(model, "model", model)
-    for index, layer in enumerate(decoder.layers):
+    for index, layer in enumerate(decoder_layers(model)):
         for name in PROJECTION_NAMES:
             parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
             yield index, name, getattr(parent, name)
