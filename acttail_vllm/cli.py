@@ -55,7 +55,8 @@ class HelpWithDefaults(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         help = action.help or ""
         default = action.default
-        if action.option_strings and default not in (None, False, argparse.SUPPRESS) and "%(default)" not in help:
+        shows = default is not None and default is not False and default != "" and default != argparse.SUPPRESS
+        if action.option_strings and shows and "%(default)" not in help:
             shown = ",".join(str(getattr(v, "value", v)) for v in default) if isinstance(default, list) else default
             help += f" (default: {shown})".replace("%", "%%")
         return help
@@ -75,7 +76,8 @@ def _configure_profile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory, GGUF file, or hub id")
     parser.add_argument("--sparsity", type=_fraction, required=True, help="global target sparsity, e.g. 0.8")
     parser.add_argument(
-        "--method", choices=METHODS, default=DEFAULT_METHOD, help="acttail: budgets by alpha; uniform: the target everywhere"
+        "--method", choices=METHODS, default=DEFAULT_METHOD,
+        help="acttail: budgets by alpha; uniform: the target everywhere",
     )
     parser.add_argument("--estimator", choices=sorted(ESTIMATORS), default=DEFAULT_ESTIMATOR, help="alpha estimator")
     parser.add_argument("--eps", type=_fraction, default=DEFAULT_EPS, help="relative spread of budgets around the target")

@@ -36,7 +36,8 @@ from acttail_vllm.profiling.profile import Profile
 from acttail_vllm.profiling.profile_cache import cached_profile
 from tests.test_profiler_cli import profile_tiny, tiny_stream, tiny_weights
 
-directory, computed, sleep_s, go, mode = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
+directory, computed, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[4])
+sleep_s, mode = float(sys.argv[3]), sys.argv[5]
 
 def compute():
     with computed.open("a") as f:

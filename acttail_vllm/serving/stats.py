@@ -51,7 +51,3 @@ class ModuleStats:
         values = stats.tolist()
         num_segments = len(values) - len(TOKEN_PATHS)
         return cls(tuple(values[:num_segments]), dict(zip(TOKEN_PATHS, values[num_segments:])))
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.tokens.values())
