@@ -194,7 +194,7 @@ def _alive(pid: int) -> bool:
 
 
 def read_snapshots(directory: Path, max_age_s: float, now: float | None = None) -> list[WorkerSnapshot]:
-    """The snapshots of live workers, rewritten within ``max_age_s`` seconds, oldest pid first."""
+    """The snapshots of live workers, rewritten within ``max_age_s`` seconds, by pid."""
     now = time.time() if now is None else now
     snapshots = []
     for path in sorted(directory.glob(f"*{SNAPSHOT_SUFFIX}")):
