@@ -17,10 +17,12 @@ than asked. Checks (all must hold):
   got its first token, so each prompt was prefilled); ``vllm:generation_tokens_total`` adds the
   tokens vLLM generated for the cancelled streams, which lie between what their clients read and
   what they asked for (tokens in flight when a client leaves are generated but never read);
-- the resident memory of the server's processes at the end is less than ``--rss-growth`` above
-  their memory after the first ``--baseline-after`` requests;
-- after SIGTERM to the API server every process of the server has exited with status 0 within
-  ``--shutdown-limit`` seconds.
+- the resident memory of the server's processes at the end is less than 5% above their memory
+  after the first ``--baseline-after`` streams (``SoakSpec.rss_growth``);
+- after SIGTERM to the API server every process of the server has exited, the API server with
+  status 0, within 10 s (``SoakSpec.shutdown_limit_s``).
+
+``--dense`` runs the same load against vLLM without ActTail, as a control.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ from acttail_vllm.cli import HelpWithDefaults
 from acttail_vllm.dev.models import ensure_smollm2
 from acttail_vllm.dev.server import VllmServer
 
-SERVE_ARGS = ("--quantization", "acttail", "--enforce-eager", "--max-model-len", "512")
+SERVE_ARGS = ("--enforce-eager", "--max-model-len", "512")
+ACTTAIL_ARGS = ("--quantization", "acttail")
 #: Prompt token ids are drawn from here (ordinary tokens of the SmolLM2 vocabulary).
 TOKEN_IDS = (1000, 40000)
 #: vLLM's counters the checks read, summed over their series.
@@ -89,7 +92,8 @@ class Stream(BaseModel):
 class RssSample(BaseModel):
     seconds: float
     streams_done: int
-    rss_bytes: int
+    rss_bytes: int  # the server's processes together
+    by_process: dict[str, int]  # "pid name" -> bytes
 
 
 class Check(BaseModel):
@@ -105,8 +109,10 @@ class SoakResult(BaseModel):
     counters_before: dict[str, float]
     counters_after: dict[str, float]
     rss: list[RssSample]
+    #: the resident memory of the server's processes that live from the baseline to the end (a
+    #: compiler the worker runs for a moment is not the server growing)
     rss_baseline_bytes: int | None
-    rss_end_bytes: int
+    rss_end_bytes: int | None
     shutdown_s: float
     exit_code: int | None
     processes_left: int
@@ -162,14 +168,15 @@ def process_tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def rss_bytes(pid: int) -> int:
-    total = 0
+def rss_by_process(pid: int) -> dict[str, int]:
+    """Resident bytes of each process of the server (API server, engine core, ...)."""
+    rss = {}
     for process in process_tree(pid):
         try:
-            total += process.memory_info().rss
+            rss[f"{process.pid} {process.name()}"] = process.memory_info().rss
         except psutil.NoSuchProcess:
             pass
-    return total
+    return rss
 
 
 def counters(metrics_text: str) -> dict[str, float]:
@@ -193,8 +200,10 @@ async def load(
     start = time.perf_counter()
 
     def sample() -> None:
-        rss = rss_bytes(server.process.pid)
-        samples.append(RssSample(seconds=time.perf_counter() - start, streams_done=done, rss_bytes=rss))
+        rss = rss_by_process(server.process.pid)
+        samples.append(
+            RssSample(seconds=time.perf_counter() - start, streams_done=done, rss_bytes=sum(rss.values()), by_process=rss)
+        )
 
     async def worker() -> None:
         nonlocal done
@@ -223,7 +232,7 @@ async def load(
 
 def check(
     spec: SoakSpec, streams: list[Stream], before: dict[str, float], after: dict[str, float], baseline: int | None,
-    end: int, shutdown_s: float, exit_code: int | None, left: int,
+    end: int | None, shutdown_s: float, exit_code: int | None, left: int,
 ) -> list[Check]:
     delta = {name: after[name] - before[name] for name in COUNTERS}
     completed = [s for s in streams if s.outcome == "completed"]
@@ -239,7 +248,7 @@ def check(
     prompt_counted, generated = delta["vllm:prompt_tokens_total"], delta["vllm:generation_tokens_total"]
     cancelled_generated = generated - completed_sum
     cancelled_read, cancelled_asked = sum(s.received for s in cancelled), sum(s.max_tokens for s in cancelled)
-    growth = None if not baseline else end / baseline - 1
+    growth = None if not baseline or end is None else end / baseline - 1
     return [
         Check(name="no 5xx", ok=not server_errors, detail=f"{len(server_errors)} responses with status >= 500"),
         Check(
@@ -296,9 +305,10 @@ def shut_down(server: VllmServer, limit_s: float) -> tuple[float, int | None, in
     return seconds, server.process.wait(), len(alive)
 
 
-def soak(model: str, spec: SoakSpec, extra_args: Sequence[str] = ()) -> SoakResult:
+def soak(model: str, spec: SoakSpec, extra_args: Sequence[str] = (), dense: bool = False) -> SoakResult:
+    """``dense``: the same server without ActTail, a control."""
     streams, prompts = plan(spec)
-    vllm_args = [*SERVE_ARGS, "--max-num-seqs", str(spec.concurrency), *extra_args]
+    vllm_args = [*SERVE_ARGS, *(() if dense else ACTTAIL_ARGS), "--max-num-seqs", str(spec.concurrency), *extra_args]
     with VllmServer(model, vllm_args) as server:
         before = counters(server.metrics())
         start = time.perf_counter()
@@ -306,8 +316,11 @@ def soak(model: str, spec: SoakSpec, extra_args: Sequence[str] = ()) -> SoakResu
         duration = time.perf_counter() - start
         time.sleep(2.0)  # aborted requests settle in the counters
         after = counters(server.metrics())
-        end = rss_bytes(server.process.pid)
-        baseline = next((s.rss_bytes for s in samples if s.streams_done >= spec.baseline_after), None)
+        at_end = rss_by_process(server.process.pid)
+        at_baseline = next((s.by_process for s in samples if s.streams_done >= spec.baseline_after), {})
+        lasting = [name for name in at_baseline if name in at_end]
+        baseline = sum(at_baseline[name] for name in lasting) if lasting else None
+        end = sum(at_end[name] for name in lasting) if lasting else None
         shutdown_s, exit_code, left = shut_down(server, spec.shutdown_limit_s)
     checks = check(spec, streams, before, after, baseline, end, shutdown_s, exit_code, left)
     return SoakResult(
@@ -350,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random plan")
     parser.add_argument("--vllm-args", default="", help="more `vllm serve` arguments, one string")
+    parser.add_argument("--dense", action="store_true", help="serve without ActTail (a control run)")
     parser.add_argument("--output", type=Path, help="write the result here as JSON")
     args = parser.parse_args(argv)
 
@@ -357,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         requests=args.requests, concurrency=args.concurrency, prompt_tokens=args.prompt_tokens,
         max_tokens=args.max_tokens, cancel=args.cancel, seed=args.seed, baseline_after=args.baseline_after,
     )  # fmt: skip
-    result = soak(args.model or str(ensure_smollm2()), spec, shlex.split(args.vllm_args))
+    result = soak(args.model or str(ensure_smollm2()), spec, shlex.split(args.vllm_args), args.dense)
     print(format_table(result))
     if args.output:
         args.output.write_text(result.model_dump_json(indent=1) + "\n")
