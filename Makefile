@@ -1,12 +1,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast
+.PHONY: setup prometheus demo test test-fast
 
 $(PY):
 	bash scripts/setup.sh
 
 setup: $(PY)
+
+# Opt-in, system-wide (apt-get, as root): the Prometheus server tests/test_observability.py runs.
+prometheus:
+	bash scripts/install_prometheus.sh
 
 # The main job: serve SmolLM2-135M with ActTail through vLLM's OpenAI API and query it.
 demo: $(PY)

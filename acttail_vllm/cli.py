@@ -2,9 +2,11 @@
 
 Commands live in a registry: ``register_command(name, help, configure)`` decorates the function that
 runs the command, ``configure`` adds its arguments to its subparser. Modules that add commands are
-listed in ``COMMAND_MODULES`` and imported when the parser is built, so keep their heavy imports
-(vLLM, transformers) inside the command function. Errors a user can fix (ValueError and its
-subclasses, OSError, ModelSetupError) print one line and exit 2.
+listed in ``COMMAND_MODULES`` and imported when the parser is built. Only the command being run is
+configured, so that ``acttail --help`` and ``--version`` start in a fraction of a second: keep every
+heavy import (torch, pydantic models, vLLM, transformers) inside ``configure`` and the command
+function, never at the top of a command module (``tests/test_profiler_cli.py`` checks it). Errors a
+user can fix (``ActTailError``, ValueError and its subclasses, OSError) print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from acttail_vllm import __version__
-from acttail_vllm.dev.models import ModelSetupError
+from acttail_vllm.errors import ActTailError, one_line
 
 #: Modules that register further commands on import.
 COMMAND_MODULES: tuple[str, ...] = ("acttail_vllm.eval.cli",)
@@ -47,6 +49,19 @@ def register_command(name: str, help: str, configure: Callable[[argparse.Argumen
     return decorate
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        default = action.default
+        shows = default is not None and default is not False and default != "" and default != argparse.SUPPRESS
+        if action.option_strings and shows and "%(default)" not in help:
+            shown = ",".join(str(getattr(v, "value", v)) for v in default) if isinstance(default, list) else default
+            help += f" (default: {shown})".replace("%", "%%")
+        return help
+
+
 def _fraction(text: str) -> float:
     try:
         return float(text)
@@ -60,8 +75,11 @@ def _configure_profile(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory, GGUF file, or hub id")
     parser.add_argument("--sparsity", type=_fraction, required=True, help="global target sparsity, e.g. 0.8")
-    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
-    parser.add_argument("--estimator", choices=sorted(ESTIMATORS), default=DEFAULT_ESTIMATOR)
+    parser.add_argument(
+        "--method", choices=METHODS, default=DEFAULT_METHOD,
+        help="acttail: budgets by alpha; uniform: the target everywhere",
+    )
+    parser.add_argument("--estimator", choices=sorted(ESTIMATORS), default=DEFAULT_ESTIMATOR, help="alpha estimator")
     parser.add_argument("--eps", type=_fraction, default=DEFAULT_EPS, help="relative spread of budgets around the target")
     parser.add_argument("--s-max", type=_fraction, default=DEFAULT_S_MAX, help="cap on any projection's sparsity")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where eigenvalues are computed")
@@ -178,31 +196,39 @@ def _prepare_smollm2(args: argparse.Namespace) -> None:
     print(ensure_smollm2())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; only ``command``'s arguments are added (that may import)."""
     for module in COMMAND_MODULES:
         importlib.import_module(module)
     parser = argparse.ArgumentParser(prog="acttail", description="ActTail activation sparsity for vLLM")
     parser.add_argument("--version", action="version", version=f"acttail {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS.values():
-        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
-        command.configure(sub)
-        sub.set_defaults(run=command.run)
+    for registered in COMMANDS.values():
+        sub = subparsers.add_parser(
+            registered.name, help=registered.help, description=registered.help, formatter_class=HelpWithDefaults
+        )
+        if registered.name == command:
+            registered.configure(sub)
+        sub.set_defaults(run=registered.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The top level has only flags without values, so the first other word names the command.
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return args.run(args) or 0
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, OSError, ModelSetupError) as exc:
-        message = " ".join(str(exc).split())
-        print(f"acttail {args.command}: error: {message}", file=sys.stderr)
+    except (ActTailError, ValueError, OSError) as exc:
+        print(f"acttail {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m acttail_vllm.cli`: commands register with the imported module
+    from acttail_vllm.cli import main as package_main
+
+    sys.exit(package_main())

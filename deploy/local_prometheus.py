@@ -97,7 +97,7 @@ class LocalPrometheus(PrometheusClient):
         binary = prometheus_binary()
         if binary is None:
             raise PrometheusError(
-                "the prometheus binary is not on PATH: apt-get install prometheus (Debian/Ubuntu)"
+                "the prometheus binary is not on PATH: make prometheus (apt-get install prometheus, as root)"
             )
         self.binary = binary
         self.targets = list(targets)

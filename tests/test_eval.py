@@ -107,6 +107,20 @@ def test_scores_come_back_in_request_order_whatever_the_batching():
         torch.testing.assert_close(a, b)
 
 
+def test_progress_hears_of_every_decoder_layer_of_a_batch():
+    """A batch of windows is one forward: progress moves per decoder layer, not once per batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    engine = ReferenceEngine(LlamaForCausalLM(config).eval(), torch.device("cpu"))
+    heard = []
+    engine.log_likelihoods([ScoreRequest(tuple(range(1, 9)), 1)] * 4, heard.append)
+    assert heard == pytest.approx([4 / 3] * 3)
+
+
 def test_continuation_is_scored_from_the_first_token_it_changes():
     assert continuation_request([5, 6], [5, 6, 7, 8]) == ScoreRequest((5, 6, 7, 8), 2)
     # BPE merged the context's last token with the continuation: the merged token is scored too

@@ -160,7 +160,7 @@ def served_counter(server: VllmServer, name: str) -> float:
 @pytest.mark.slow
 def test_every_dashboard_query_has_data_under_load(smollm2_dir):
     if prometheus_binary() is None:
-        pytest.skip("the prometheus binary is not installed (apt-get install prometheus)")
+        pytest.skip("the prometheus binary is not installed: make prometheus (apt-get, as root)")
     model = str(smollm2_dir)
     env = {"ACTTAIL_PROFILE": str(shipped_profile("acttail", 50)), "ACTTAIL_METRICS_INTERVAL_S": "0.5"}
     with (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -142,10 +143,13 @@ def test_fingerprint_mismatch_tells_how_to_fix(tmp_path):
     assert Profile.load(path, expected_fingerprint="a1b2c3d4e5f6a7b8").model.name == "tiny"
     expected = (
         r"was made for model tiny \(fingerprint a1b2c3d4e5f6\.\.\.\), this model is SmolLM2 "
-        r"\(ffff00001111\.\.\.\): build one with `acttail profile`"
+        r"\(ffff00001111\.\.\.\): build one for this model with `acttail profile SmolLM2 --sparsity S -o FILE`"
     )
     with pytest.raises(ProfileError, match=expected):
         Profile.load(path, expected_fingerprint="ffff000011112222", model_name="SmolLM2")
+    expected = rf"profile {re.escape(str(path))} \(from env ACTTAIL_PROFILE\) was made for model tiny"
+    with pytest.raises(ProfileError, match=expected):
+        Profile.load(path, expected_fingerprint="ffff000011112222", origin="env ACTTAIL_PROFILE")
 
 
 def fingerprint_samples(dtype: torch.dtype) -> dict:

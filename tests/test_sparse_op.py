@@ -8,9 +8,14 @@ import torch
 
 from acttail_kernels import reference
 from acttail_vllm.serving import op as sparse_op
-from acttail_vllm.serving.stats import ModuleStats, new_stats
+from acttail_vllm.serving.stats import ModuleStats, TokenPath, new_stats
 
 K, BOUNDS, KEEPS = 16, [0, 8, 12], [4, 10]
+
+
+def counts(selection: int = 0, unsparsified: int = 0) -> dict[TokenPath, int]:
+    """Token counts off CUDA, where no token takes the sparse GEMV."""
+    return {TokenPath.SPARSE_GEMV: 0, TokenPath.SELECTION_DENSE_GEMM: selection, TokenPath.UNSPARSIFIED: unsparsified}
 
 
 def run_op(
@@ -36,7 +41,7 @@ def test_off_cuda_every_policy_but_decode_sparsifies_every_row(policy):
         stats, True, policy, None,
     )
     torch.testing.assert_close(y, reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS))
-    assert ModuleStats.read(stats).dense_tokens == 5
+    assert ModuleStats.read(stats).tokens == counts(selection=5)
 
 
 def test_every_row_keeps_its_budget():
@@ -44,7 +49,7 @@ def test_every_row_keeps_its_budget():
     y, stats = run_op(x, weight, decode_only=False)
     torch.testing.assert_close(y, reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS))
     assert stats.kept_channels == (4 * 5, 10 * 5)
-    assert (stats.sparse_tokens, stats.dense_tokens, stats.unsparsified_tokens) == (0, 5, 0)
+    assert stats.tokens == counts(selection=5)
 
 
 def test_decode_policy_leaves_prefill_rows_dense_and_counts_them_whole(monkeypatch):
@@ -56,8 +61,7 @@ def test_decode_policy_leaves_prefill_rows_dense_and_counts_them_whole(monkeypat
     torch.testing.assert_close(y[decode_rows], sparse[decode_rows])
     torch.testing.assert_close(y[~decode_rows], x[~decode_rows] @ weight.T)
     assert stats.kept_channels == (4 * 3 + K * 2, 10 * 3 + K * 2)
-    assert stats.kept_fractions(K) == pytest.approx(((12 + 32) / 80, (30 + 32) / 80))
-    assert (stats.sparse_tokens, stats.dense_tokens, stats.unsparsified_tokens) == (0, 3, 2)
+    assert stats.tokens == counts(selection=3, unsparsified=2)
 
 
 @pytest.mark.parametrize("decode_only", [False, True])
@@ -73,20 +77,20 @@ def test_steps_over_the_token_limit_run_dense(decode_only, monkeypatch):
     small, large = torch.randn(3, K), torch.randn(4, K)
     y_small, _ = run_op(small, weight, decode_only, max_sparse_tokens=3, stats=stats)
     torch.testing.assert_close(y_small, reference.sparse_linear_ref(small, weight, None, BOUNDS, KEEPS))
-    y_large, counts = run_op(large, weight, decode_only, max_sparse_tokens=3, stats=stats)
+    y_large, both = run_op(large, weight, decode_only, max_sparse_tokens=3, stats=stats)
     torch.testing.assert_close(y_large, large @ weight.T)
-    assert counts.kept_channels == (4 * 3 + K * 4, 10 * 3 + K * 4)
-    assert (counts.sparse_tokens, counts.dense_tokens, counts.unsparsified_tokens) == (0, 3, 4)
+    assert both.kept_channels == (4 * 3 + K * 4, 10 * 3 + K * 4)
+    assert both.tokens == counts(selection=3, unsparsified=4)
 
 
 @pytest.mark.parametrize(
     ("policy", "rows", "limit", "expected"),
     [
-        ("auto", 1, None, sparse_op.CallPath.SPARSE_KERNEL),
-        ("auto", 4, None, sparse_op.CallPath.UNSPARSIFIED),  # the table says dense: not sparsified
-        ("all", 4, None, sparse_op.CallPath.SELECTION_DENSE),  # every token, through the fallback
-        ("decode", 4, None, sparse_op.CallPath.SELECTION_DENSE),
-        ("all", 4, 3, sparse_op.CallPath.UNSPARSIFIED),  # over the token limit
+        ("auto", 1, None, TokenPath.SPARSE_GEMV),
+        ("auto", 4, None, TokenPath.UNSPARSIFIED),  # the table says dense: not sparsified
+        ("all", 4, None, TokenPath.SELECTION_DENSE_GEMM),  # every token, through the fallback
+        ("decode", 4, None, TokenPath.SELECTION_DENSE_GEMM),
+        ("all", 4, 3, TokenPath.UNSPARSIFIED),  # over the token limit
     ],
 )
 def test_call_path_on_cuda_follows_the_crossover_table(monkeypatch, policy, rows, limit, expected):

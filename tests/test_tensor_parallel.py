@@ -16,7 +16,6 @@ from acttail_vllm.serving.budgets import decoder_projection, kept_count
 from acttail_vllm.serving.op import _sparse_linear
 from acttail_vllm.serving.resolver import BudgetResolver, LoadedModule
 from acttail_vllm.serving.settings import resolve_budget_source
-from tests.tiny_models import HEADS
 
 TP = 2
 

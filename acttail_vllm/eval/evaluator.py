@@ -7,6 +7,7 @@ in the same windows.
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from acttail_vllm.errors import ActTailError
 from acttail_vllm.eval.data import McTask, MultipleChoiceItem, load_text, multiple_choice_items
 from acttail_vllm.eval.engines import ReferenceEngine, VllmEngine, score_requests, windowed_nll
 from acttail_vllm.eval.records import (
@@ -98,12 +100,19 @@ class Evaluator:
     def build_profile(self, directory: Path, spec: AllocationSpec) -> Path:
         """A profile of this model in ``directory``, computed once (or re-allocated from the alphas of
         another one there) and reused on later calls."""
-        from acttail_vllm.profiling.builder import cached_profile, profile_model
+        from acttail_vllm.profiling.builder import profile_model
+        from acttail_vllm.profiling.profile_cache import cached_profile
 
         def compute() -> Profile:
             return profile_model(self.settings.model, spec, device=self.settings.device, progress=self.progress)
 
         cached = cached_profile(Path(directory), "", self.load_profile, compute, spec)
+        for problem in cached.problems:
+            print(f"acttail eval: warning: {problem}", file=sys.stderr)
+        if cached.path is None:
+            raise ActTailError(
+                f"the profiles of a sweep are files, and {directory} cannot be written: choose another --out"
+            )
         if cached.profile.allocation != spec:
             raise ProfileError(
                 f"{cached.path} holds a profile of {cached.profile.allocation.describe()}, not of "

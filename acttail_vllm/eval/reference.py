@@ -20,13 +20,17 @@ def sparse_modules(model: torch.nn.Module) -> Iterator[tuple[DecoderProjection, 
     """Every decoder linear ActTail sparsifies, with what it is (its layer, name, and projections
     stacked in its output: one each, or three and two in Phi-3's fused ``qkv_proj`` and
     ``gate_up_proj``). A mixture-of-experts block has none of these modules: its experts stay dense."""
-    decoder = getattr(model, "model", model)
-    for index, layer in enumerate(decoder.layers):
+    for index, layer in enumerate(decoder_layers(model)):
         for parent in (layer.self_attn, getattr(layer, "mlp", None)):
             for name, projections in MERGED_PROJECTIONS.items():
                 module = getattr(parent, name, None)
                 if isinstance(module, torch.nn.Linear):
                     yield DecoderProjection(index, name, projections), module
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a transformers causal LM (``model.model.layers``)."""
+    return getattr(model, "model", model).layers
 
 
 def _topk_hook(keep: int, shards: int):

@@ -16,8 +16,7 @@ Allocation settings and their defaults: ``allocation.AllocationSpec``.
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -70,6 +69,7 @@ def profile_from_weights(
     *,
     eigen_dtype: torch.dtype | None = None,
     progress: bool = False,
+    on_projection: Callable[[int, int], None] | None = None,
     stage_seconds: dict[str, float] | None = None,
 ) -> Profile:
     """Profile a model from its projection weights.
@@ -77,13 +77,15 @@ def profile_from_weights(
     ``weights`` must yield every (layer, proj_name) of ``num_layers`` layers once, in any order: all
     of PROJECTION_NAMES, or for a mixture-of-experts layer the attention projections alone. Alpha
     is computed on each tensor's own device in ``eigen_dtype`` (None: by device, see the module
-    docstring). If given, ``stage_seconds`` receives seconds per entry of ``STAGES``.
+    docstring). ``progress`` shows a progress bar; ``on_projection(done, total)`` is called after
+    each projection. If given, ``stage_seconds`` receives seconds per entry of ``STAGES``.
     """
     fit = get_estimator(spec.estimator)
     alphas: dict[tuple[int, str], float] = {}
     samples: dict[tuple[int, str], WeightSample] = {}
     stream: Iterator = iter(weights)
-    with _progress(num_layers * len(PROJECTION_NAMES), progress) as bar:
+    total = num_layers * len(PROJECTION_NAMES)
+    with _progress(total, progress) as bar:
         while (item := _timed(stage_seconds, "read", next, stream, None)) is not None:
             layer, proj, weight = item
             key = (layer, proj)
@@ -103,6 +105,8 @@ def profile_from_weights(
                 raise ValueError(f"layer {layer} {proj}: {exc}") from None
             samples[key] = _timed(stage_seconds, "fingerprint", weight_sample, weight)
             bar.update()
+            if on_projection is not None:
+                on_projection(len(alphas), total)
 
     given = [{proj for (index, proj) in alphas if index == layer} for layer in range(num_layers)]
     expected = [(layer, proj) for layer in range(num_layers) for proj in layer_projection_names(given[layer])]
@@ -190,35 +194,3 @@ def profile_model(
         progress=progress,
         stage_seconds=stage_seconds,
     )
-
-
-
-class CachedProfile(NamedTuple):
-    profile: Profile
-    path: Path
-    reused: bool  # the file was already there
-    alphas_from: Path | None  # new, re-allocated from this file's alphas (None: computed or reused)
-
-
-def cached_profile(
-    directory: Path,
-    prefix: str,
-    load: Callable[[Path], Profile],
-    compute: Callable[[], Profile],
-    spec: AllocationSpec,
-) -> CachedProfile:
-    """The profile for ``spec`` in ``directory``, file ``{prefix}{spec.file_stem}.json``: read with
-    ``load`` if it is there; else re-allocated from the alphas of a profile there with the same
-    prefix and estimator (alpha depends only on the weights and the estimator); else
-    ``compute()``d. New profiles are saved."""
-    path = directory / f"{prefix}{spec.file_stem}.json"
-    if path.is_file():
-        return CachedProfile(load(path), path, reused=True, alphas_from=None)
-    same_alphas = sorted(directory.glob(f"{prefix}*-{spec.estimator}-eps*.json"))
-    alphas_from = same_alphas[0] if same_alphas else None
-    if alphas_from is not None:
-        profile = reallocated(load(alphas_from), spec)
-    else:
-        profile = compute()
-    profile.save(path)
-    return CachedProfile(profile, path, reused=False, alphas_from=alphas_from)

@@ -11,6 +11,7 @@ from typing import Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from acttail_vllm.errors import ActTailError
 from acttail_vllm.profiling.allocation import AllocationSpec, weighted_mean
 
 SCHEMA_VERSION = 1
@@ -38,12 +39,17 @@ def layer_projection_names(present: Iterable[str]) -> tuple[str, ...]:
     return PROJECTION_NAMES if set(present) - set(ATTENTION_PROJECTIONS) else ATTENTION_PROJECTIONS
 
 
-class ProfileError(ValueError):
+class ProfileError(ActTailError, ValueError):
     """A profile file that cannot be used; the message says what is wrong and what to do."""
 
 
 def _short(fingerprint: str) -> str:
     return f"{fingerprint[:12]}..."
+
+
+def named(path: str | os.PathLike[str], origin: str | None) -> str:
+    """How messages name a profile file: its path, and who pointed at it (an env variable, a flag)."""
+    return f"profile {path}" if origin is None else f"profile {path} (from {origin})"
 
 
 class _Strict(BaseModel):
@@ -127,23 +133,30 @@ class Profile(_Strict):
         expected_fingerprint: str | None = None,
         *,
         model_name: str | None = None,
+        origin: str | None = None,
     ) -> "Profile":
-        """Read and validate ``path``; with ``expected_fingerprint``, also ``check_model``."""
+        """Read and validate ``path``; with ``expected_fingerprint``, also ``check_model``.
+        ``origin`` (e.g. ``env ACTTAIL_PROFILE``) says in errors who pointed at the file."""
         path = Path(path)
+        name = named(path, origin)
         try:
             raw = json.loads(path.read_text())
         except OSError as exc:
-            raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from None
+            raise ProfileError(f"cannot read {name}: {exc.strerror or exc}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ProfileError(f"profile {path} is not valid JSON ({exc}): rebuild it with `acttail profile`") from None
+            raise ProfileError(f"{name} is not valid JSON ({exc}): rebuild it with `acttail profile`") from None
         if not isinstance(raw, dict):
-            raise ProfileError(f"profile {path} holds a JSON {type(raw).__name__}, not an object")
+            raise ProfileError(
+                f"{name} holds a JSON {type(raw).__name__}, not an object: rebuild it with `acttail profile`"
+            )
         if "schema_version" not in raw:
-            raise ProfileError(f"profile {path} has no schema_version: is it an ActTail profile? Build one with `acttail profile`")
+            raise ProfileError(
+                f"{name} has no schema_version: is it an ActTail profile? Build one with `acttail profile`"
+            )
         found = raw["schema_version"]
         if found != SCHEMA_VERSION:
             raise ProfileError(
-                f"profile {path} has schema_version {found!r}; this acttail supports version "
+                f"{name} has schema_version {found!r}; this acttail supports version "
                 f"{SCHEMA_VERSION}: rebuild it with `acttail profile`"
             )
         try:
@@ -153,19 +166,22 @@ class Profile(_Strict):
                 f"{'.'.join(str(p) for p in err['loc']) or 'profile'}: {err['msg'].removeprefix('Value error, ')}"
                 for err in exc.errors()
             )
-            raise ProfileError(f"profile {path} is invalid: {problems}") from None
+            raise ProfileError(f"{name} is invalid: {problems}: rebuild it with `acttail profile`") from None
         if expected_fingerprint is not None:
-            profile.check_model(expected_fingerprint, path, model_name)
+            profile.check_model(expected_fingerprint, path, model_name, origin)
         return profile
 
-    def check_model(self, fingerprint: str, path: str | os.PathLike[str], model_name: str | None = None) -> None:
-        """ProfileError unless this profile (read from ``path``) was made for the model whose
-        fingerprint is ``fingerprint``; ``model_name`` only names that model in the message."""
+    def check_model(
+        self, fingerprint: str, path: str | os.PathLike[str], model_name: str | None = None, origin: str | None = None
+    ) -> None:
+        """ProfileError unless this profile (read from ``path``, pointed at by ``origin``) was made
+        for the model whose fingerprint is ``fingerprint``; ``model_name`` names that model."""
         if self.model.fingerprint != fingerprint:
             raise ProfileError(
-                f"profile {path} was made for model {self.model.name} (fingerprint "
+                f"{named(path, origin)} was made for model {self.model.name} (fingerprint "
                 f"{_short(self.model.fingerprint)}), this model is {model_name or 'a different one'} "
-                f"({_short(fingerprint)}): build one with `acttail profile`"
+                f"({_short(fingerprint)}): build one for this model with `acttail profile "
+                f"{model_name or 'MODEL'} --sparsity S -o FILE` and pass that"
             )
 
     @property

@@ -19,6 +19,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase, UnquantizedLinea
 from vllm.platforms import current_platform
 from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 
+from acttail_vllm.errors import ActTailError, logs_startup_errors
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
 from acttail_vllm.serving.resolver import BudgetResolver, LoadedModule
 from acttail_vllm.serving.settings import SettingsError
@@ -142,6 +143,7 @@ class ActTailLinearMethod(LinearMethodBase):
         self.policy = settings.policy.value
         self.max_sparse_tokens = settings.max_sparse_tokens
 
+    @logs_startup_errors
     def create_weights(
         self,
         layer: torch.nn.Module,
@@ -173,13 +175,14 @@ class ActTailLinearMethod(LinearMethodBase):
         layer.acttail = SparseLinearState(self.proj, output_partition_sizes, shards, counts_stats, on_gpu)
         self.modules.register(layer)
 
+    @logs_startup_errors
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if layer.weight.is_cuda:
             import acttail_kernels
 
             available, reason = acttail_kernels.kernels_available(layer.weight.device)
             if not available:
-                raise RuntimeError(
+                raise ActTailError(
                     f"ActTail needs its Triton kernels on {layer.weight.device}: {reason}. "
                     "Install triton>=3.4 for this CUDA device, or serve on CPU"
                 )

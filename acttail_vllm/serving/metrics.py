@@ -4,7 +4,13 @@ The counters live in the worker process (next to the model), but vLLM serves ``/
 API-server process. The worker writes a small JSON snapshot of its counters every few seconds into a
 directory shared through the environment; vLLM's stat-logger plugin hook (entry point
 ``vllm.stat_logger_plugins``) registers a collector in the API server that turns the snapshots into
-metric families at scrape time. Labels are bounded: layer and projection only.
+metric families at scrape time. Labels are bounded: layer, projection and token path only.
+
+Counts start when the engine is ready: vLLM's profile and warm-up runs (dummy batches, CUDA graph
+captures) go through the sparse modules before any request. When vLLM reports the engine ready,
+before it serves a request, the collector waits for a snapshot written after that moment and
+subtracts it from everything it exports later. A snapshot whose worker died, or that has not been
+rewritten for ``STALE_INTERVALS`` intervals, is not exported.
 """
 
 from __future__ import annotations
@@ -15,13 +21,15 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import BaseModel, ValidationError
 
-from acttail_vllm.serving.stats import ModuleStats
+from acttail_vllm.errors import ActTailError
+from acttail_vllm.serving.stats import TOKEN_PATHS, ModuleStats, TokenPath
 
 if TYPE_CHECKING:
     from acttail_vllm.serving.linear_method import SparseModules
@@ -29,19 +37,31 @@ if TYPE_CHECKING:
 logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM prints it
 ENV_STATS_DIR = "ACTTAIL_STATS_DIR"
 ENV_INTERVAL = "ACTTAIL_METRICS_INTERVAL_S"
+DEFAULT_INTERVAL_S = 2.0
 SNAPSHOT_SUFFIX = ".acttail.json"
+#: A snapshot not rewritten for this many intervals is a dead or hung worker's, not exported.
+STALE_INTERVALS = 10
+#: How long the collector waits, at engine ready, for the worker's first snapshot after it.
+READY_WAIT_INTERVALS = 3
 
 
 class ProjectionSnapshot(BaseModel):
     layer: int
     projection: str
     configured_sparsity: float
-    kept_fraction: float | None  # None before the first token
+    in_features: int
+    #: input channels kept, summed over tokens; None where the device does not count them (GPUs:
+    #: the kernels keep exactly ``budget_kept_fraction`` of a sparsified token's channels)
+    kept_channels: int | None
+    budget_kept_fraction: float
 
 
 class WorkerSnapshot(BaseModel):
-    """What one worker reports; the file format between worker and API server."""
+    """What one worker reports, counted since it started; the file format between worker and API
+    server."""
 
+    pid: int
+    written_at: float  # unix time
     model: str
     profile_hash: str
     method: str
@@ -49,10 +69,42 @@ class WorkerSnapshot(BaseModel):
     policy: str
     max_sparse_tokens: int | None = None
     profile_build_seconds: float
-    sparse_path_tokens: int
-    dense_path_tokens: int
-    unsparsified_tokens: int
+    tokens: dict[TokenPath, int]
     projections: list[ProjectionSnapshot]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens.values())
+
+    def since(self, baseline: "WorkerSnapshot") -> "WorkerSnapshot":
+        """The counts this snapshot adds to ``baseline`` (an earlier one of the same worker)."""
+        tokens = {path: count - baseline.tokens.get(path, 0) for path, count in self.tokens.items()}
+        projections = [
+            p.model_copy(update={"kept_channels": p.kept_channels - b.kept_channels})
+            if p.kept_channels is not None and b.kept_channels is not None else p
+            for p, b in zip(self.projections, baseline.projections)
+        ]  # fmt: skip
+        return self.model_copy(update={"tokens": tokens, "projections": projections})
+
+    def kept_fraction(self, projection: ProjectionSnapshot) -> float | None:
+        """Mean fraction of the projection's input channels kept per token (None before a token)."""
+        if projection.kept_channels is None:
+            return projection.budget_kept_fraction
+        if self.total_tokens == 0:
+            return None
+        return projection.kept_channels / (self.total_tokens * projection.in_features)
+
+
+def metrics_interval_s() -> float:
+    """Seconds between a worker's snapshots (``ACTTAIL_METRICS_INTERVAL_S``)."""
+    raw = os.environ.get(ENV_INTERVAL)
+    try:
+        interval = DEFAULT_INTERVAL_S if raw is None else float(raw)
+    except ValueError:
+        interval = -1.0
+    if not interval > 0:
+        raise ActTailError(f"{ENV_INTERVAL}={raw!r} is not a positive number of seconds: set e.g. 2, or unset it")
+    return interval
 
 
 def share_metrics_across_processes() -> None:
@@ -68,26 +120,26 @@ def take_snapshot(modules: "SparseModules") -> WorkerSnapshot:
     resolver = modules.resolver
     profile = resolver.profile
     projections: list[ProjectionSnapshot] = []
-    tokens = (0, 0, 0)
+    tokens = dict.fromkeys(TOKEN_PATHS, 0)
     for index, state in enumerate(modules.states):
         stats = ModuleStats.read(state.stats_host)
         if index == 0:  # every token passes every module: count it once
-            tokens = (stats.sparse_tokens, stats.dense_tokens, stats.unsparsified_tokens)
-        if state.counts_stats:
-            fractions = stats.kept_fractions(state.budget.in_features)
-        else:  # GPU: the kernel's exact per-segment k
-            fractions = state.budget.kept_fractions
-        for name, kept in zip(state.proj.projections, fractions):
+            tokens = stats.tokens
+        for segment, name in enumerate(state.proj.projections):
             projections.append(
                 ProjectionSnapshot(
                     layer=state.proj.layer,
                     projection=name,
                     configured_sparsity=profile.sparsity(state.proj.layer, name),
-                    kept_fraction=None if kept != kept else kept,
+                    in_features=state.budget.in_features,
+                    kept_channels=stats.kept_channels[segment] if state.counts_stats else None,
+                    budget_kept_fraction=state.budget.kept_fractions[segment],
                 )
             )
     settings = resolver.source.settings
     return WorkerSnapshot(
+        pid=os.getpid(),
+        written_at=time.time(),
         model=resolver.model_name,
         profile_hash=profile.content_hash(),
         method=profile.method,
@@ -95,15 +147,13 @@ def take_snapshot(modules: "SparseModules") -> WorkerSnapshot:
         policy=settings.policy.value,
         max_sparse_tokens=settings.max_sparse_tokens,
         profile_build_seconds=resolver.build_seconds,
-        sparse_path_tokens=tokens[0],
-        dense_path_tokens=tokens[1],
-        unsparsified_tokens=tokens[2],
+        tokens=tokens,
         projections=projections,
     )
 
 
 def write_snapshot(snapshot: WorkerSnapshot, directory: Path) -> None:
-    path = directory / f"worker-{os.getpid()}{SNAPSHOT_SUFFIX}"
+    path = directory / f"worker-{snapshot.pid}{SNAPSHOT_SUFFIX}"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(snapshot.model_dump_json())
     os.replace(tmp, path)  # a scrape never reads half a file
@@ -114,7 +164,7 @@ def start_snapshot_writer(modules: "SparseModules") -> threading.Thread | None:
     directory = os.environ.get(ENV_STATS_DIR)
     if not directory:
         return None
-    interval = float(os.environ.get(ENV_INTERVAL, "2"))
+    interval = metrics_interval_s()
     stop = threading.Event()
 
     def run() -> None:
@@ -133,14 +183,29 @@ def start_snapshot_writer(modules: "SparseModules") -> threading.Thread | None:
     return thread
 
 
-def read_snapshots(directory: Path) -> list[WorkerSnapshot]:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def read_snapshots(directory: Path, max_age_s: float, now: float | None = None) -> list[WorkerSnapshot]:
+    """The snapshots of live workers, rewritten within ``max_age_s`` seconds, by pid."""
+    now = time.time() if now is None else now
     snapshots = []
     for path in sorted(directory.glob(f"*{SNAPSHOT_SUFFIX}")):
         try:
-            snapshots.append(WorkerSnapshot.model_validate_json(path.read_text()))
+            snapshot = WorkerSnapshot.model_validate_json(path.read_text())
         except (OSError, ValidationError) as exc:
             logger.warning("ActTail metrics: skipping unreadable snapshot %s: %s", path, exc)
-    return snapshots
+            continue
+        if _alive(snapshot.pid) and now - snapshot.written_at <= max_age_s:
+            snapshots.append(snapshot)
+    return sorted(snapshots, key=lambda s: s.pid)
 
 
 class ActTailCollector:
@@ -148,9 +213,38 @@ class ActTailCollector:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.interval_s = metrics_interval_s()
+        #: by worker pid: its counts when the engine became ready (vLLM's warm-up runs)
+        self.baselines: dict[int, WorkerSnapshot] = {}
+
+    def snapshots(self, now: float | None = None) -> list[WorkerSnapshot]:
+        return read_snapshots(self.directory, STALE_INTERVALS * self.interval_s, now)
+
+    def engine_ready(self) -> None:
+        """Take every live worker's counts now as the baseline: called when vLLM reports the engine
+        ready, before it serves a request, so what they count from here on is served tokens."""
+        ready_at = time.time()
+        wait_s = READY_WAIT_INTERVALS * self.interval_s
+        deadline = time.monotonic() + wait_s
+        while True:
+            live = self.snapshots()
+            fresh = [s for s in live if s.written_at >= ready_at]
+            if live and len(fresh) == len(live):
+                break
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "ActTail metrics: no worker snapshot came within %.1f s of the engine being ready; "
+                    "acttail_tokens_total counts vLLM's warm-up tokens too", wait_s
+                )
+                return
+            time.sleep(min(0.05, self.interval_s / 4))
+        self.baselines = {s.pid: s for s in fresh}
+        warm_up = sum(s.total_tokens for s in fresh)
+        logger.info("ActTail metrics: counting from engine ready (%d tokens of vLLM's warm-up runs left out)",
+                    warm_up)
 
     def collect(self) -> Iterator[Metric]:
-        snapshots = read_snapshots(self.directory)
+        snapshots = [s.since(self.baselines[s.pid]) if s.pid in self.baselines else s for s in self.snapshots()]
         info = GaugeMetricFamily(
             "acttail_info",
             "ActTail configuration of the served model (value is always 1).",
@@ -163,16 +257,17 @@ class ActTailCollector:
         )
         kept = GaugeMetricFamily(
             "acttail_kept_fraction_ratio",
-            "Mean fraction of input channels kept per token: measured from the applied TopK masks "
-            "on CPU; on GPUs the kernels' per-segment k of a sparsified token (exact by construction, "
-            "kernel-tested).",
+            "Mean fraction of input channels kept per served token: counted from the applied TopK "
+            "masks on CPU; on GPUs the kernels' per-segment k of a sparsified token (exact by "
+            "construction, kernel-tested).",
             labels=["layer", "projection"],
         )
         tokens = CounterMetricFamily(
             "acttail_tokens",
-            "Tokens by path, counted at one module: sparsified through the sparse kernel (sparse) or "
-            "the dense fallback (dense), or left unsparsified by policy=decode or max_sparse_tokens "
-            "(unsparsified).",
+            "Served tokens by path, counted at one module: TopK selection then the sparse GEMV "
+            "(sparse_gemv), TopK selection then a dense GEMM on the sparsified input "
+            "(selection_dense_gemm: cuBLAS on GPUs, every token on CPU), or the dense layer on the "
+            "whole input (unsparsified: policy, max_sparse_tokens). vLLM's warm-up runs are not counted.",
             labels=["path"],
         )
         build = GaugeMetricFamily(
@@ -183,14 +278,14 @@ class ActTailCollector:
             info.add_metric(
                 [snap.model, snap.profile_hash, snap.method, f"{snap.target_sparsity:g}", snap.policy,
                  "none" if snap.max_sparse_tokens is None else str(snap.max_sparse_tokens)], 1
-            )
+            )  # fmt: skip
             for proj in snap.projections:
                 labels = [str(proj.layer), proj.projection]
                 configured.add_metric(labels, proj.configured_sparsity)
-                if proj.kept_fraction is not None:
-                    kept.add_metric(labels, proj.kept_fraction)
-            tokens.add_metric(["sparse"], snap.sparse_path_tokens)
-            tokens.add_metric(["dense"], snap.dense_path_tokens)
-            tokens.add_metric(["unsparsified"], snap.unsparsified_tokens)
+                fraction = snap.kept_fraction(proj)
+                if fraction is not None:
+                    kept.add_metric(labels, fraction)
+            for path in TOKEN_PATHS:
+                tokens.add_metric([path.value], snap.tokens.get(path, 0))
             build.add_metric([], snap.profile_build_seconds)
         yield from (info, configured, kept, tokens, build)

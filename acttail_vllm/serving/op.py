@@ -8,7 +8,6 @@ reference (TopK mask, then a dense GEMM on the sparsified input).
 
 from __future__ import annotations
 
-import enum
 import functools
 from typing import TYPE_CHECKING, Callable
 
@@ -17,7 +16,7 @@ from torch.library import Library
 
 from acttail_kernels import reference
 from acttail_vllm.serving.settings import SparsityPolicy
-from acttail_vllm.serving.stats import STAT_DENSE_TOKENS, STAT_SPARSE_TOKENS, STAT_UNSPARSIFIED_TOKENS
+from acttail_vllm.serving.stats import TokenPath, token_stat
 
 if TYPE_CHECKING:
     from acttail_kernels import GemvPath
@@ -58,36 +57,28 @@ def _dense_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.nn.functional.linear(x2, weight, bias)
 
 
-class CallPath(enum.Enum):
-    """What one call of the op runs."""
-
-    UNSPARSIFIED = "unsparsified"  # the dense layer on the whole input
-    SPARSE_KERNEL = "sparse kernel"  # selection + the sparse GEMV (channel list or walk)
-    SELECTION_DENSE = "selection + dense"  # selection + a dense GEMM on the sparsified input
-
-
 @functools.lru_cache(maxsize=4096)
 def call_path(
     rows: int, n: int, k: int, seg_bounds: tuple[int, ...], keep: tuple[int, ...], device: torch.device,
     policy: str, max_sparse_tokens: int | None,
-) -> tuple[CallPath, "GemvPath | None"]:
+) -> tuple[TokenPath, "GemvPath | None"]:
     """The one place that decides what a call runs, from shapes alone (so a captured CUDA graph of
     a batch size always replays the same choice): a step over the token limit runs dense; on CUDA
     the GPU's crossover table picks the sparse GEMV's loop or the dense fallback, and under policy
     auto a step the sparse GEMV would not speed up is not sparsified; other devices run the
     PyTorch reference (selection + dense)."""
     if max_sparse_tokens is not None and rows > max_sparse_tokens:
-        return CallPath.UNSPARSIFIED, None
+        return TokenPath.UNSPARSIFIED, None
     if device.type != "cuda":
-        return CallPath.SELECTION_DENSE, None
+        return TokenPath.SELECTION_DENSE_GEMM, None
     import acttail_kernels
 
     gemv = acttail_kernels.gemv_path(rows, n, k, list(seg_bounds), list(keep), device)
     if gemv is not acttail_kernels.GemvPath.DENSE:
-        return CallPath.SPARSE_KERNEL, gemv
+        return TokenPath.SPARSE_GEMV, gemv
     if policy == SparsityPolicy.AUTO.value:
-        return CallPath.UNSPARSIFIED, None
-    return CallPath.SELECTION_DENSE, gemv
+        return TokenPath.UNSPARSIFIED, None
+    return TokenPath.SELECTION_DENSE_GEMM, gemv
 
 
 class EagerReplay:
@@ -158,8 +149,8 @@ def _sparse_linear(
     starts the next step's search (speed only, never the result). ``policy`` is a
     ``SparsityPolicy`` value; under ``decode`` the prefill rows of a mixed step stay dense.
     With ``count_stats``, ``stats`` (int64, see ``stats.py``) accumulates, per output segment, the
-    input channels kept, then the sparsified tokens through the sparse kernel and through the dense
-    fallback, and the tokens left unsparsified.
+    input channels kept, then the tokens of each ``TokenPath`` (the call's path for its sparsified
+    rows; under policy=decode a mixed step's prefill rows count as unsparsified).
     """
     x2 = x.reshape(-1, x.shape[-1])
     rows, n = x2.shape[0], seg_bounds[-1]
@@ -167,11 +158,11 @@ def _sparse_linear(
         rows, n, x2.shape[1], tuple(seg_bounds), tuple(keep_hint), x2.device, policy, max_sparse_tokens
     )
     decode_only = policy == SparsityPolicy.DECODE.value
-    sparse_rows = decode_token_mask(rows, x2.device) if decode_only and path is not CallPath.UNSPARSIFIED else None
-    if path is CallPath.UNSPARSIFIED:
+    sparse_rows = decode_token_mask(rows, x2.device) if decode_only and path is not TokenPath.UNSPARSIFIED else None
+    if path is TokenPath.UNSPARSIFIED:
         y = _dense_linear(x2, weight, bias)
     elif x2.is_cuda:
-        if path is CallPath.SPARSE_KERNEL and sparse_rows is None:
+        if path is TokenPath.SPARSE_GEMV and sparse_rows is None:
             y = _sparse_kernel(x2, weight, bias, seg_bounds, keep_hint, seg_keep, thr_guess, gemv)
         else:
             import acttail_kernels
@@ -196,14 +187,14 @@ def _sparse_linear(
         )
     if count_stats:  # only then: each op here is one more kernel per module and step on a GPU
         num_segs = len(seg_bounds) - 1
-        unsparsified = path is CallPath.UNSPARSIFIED
+        unsparsified = path is TokenPath.UNSPARSIFIED
         sparsified = 0 if unsparsified else rows if sparse_rows is None else sparse_rows.sum()
         # A sparsified row keeps exactly seg_keep channels (tests/test_kernels.py checks the kernels'
         # sets, the reference is exact by construction); a row left dense keeps all of them.
         stats[:num_segs] += seg_keep.to(torch.int64) * sparsified + x2.shape[1] * (rows - sparsified)
-        token_stat = STAT_SPARSE_TOKENS if path is CallPath.SPARSE_KERNEL else STAT_DENSE_TOKENS
-        stats[num_segs + token_stat] += sparsified
-        stats[num_segs + STAT_UNSPARSIFIED_TOKENS] += rows - sparsified
+        if not unsparsified:
+            stats[token_stat(path, num_segs)] += sparsified
+        stats[token_stat(TokenPath.UNSPARSIFIED, num_segs)] += rows - sparsified
     return y.reshape(*x.shape[:-1], n)
 
 

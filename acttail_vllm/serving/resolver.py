@@ -13,17 +13,20 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from acttail_vllm.profiling.builder import cached_profile, profile_from_weights
+from acttail_vllm.profiling.builder import profile_from_weights
 from acttail_vllm.profiling.fingerprint import fingerprint_of
-from acttail_vllm.profiling.profile import ATTENTION_PROJECTIONS, Profile, ProfileError
+from acttail_vllm.profiling.profile import ATTENTION_PROJECTIONS, Profile, ProfileError, named
+from acttail_vllm.profiling.profile_cache import cached_profile
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
 from acttail_vllm.serving.settings import BudgetSource, profile_cache_dir
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM prints it
+#: Progress lines while the loader hook computes alphas (a 13B model takes a minute on a GPU).
+PROGRESS_LINES = 10
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class BudgetResolver:
         if self.source.kind == "profile":
             self.profile, self.profile_path = self.source.profile, self.source.settings.profile
             if fingerprint is not None:
-                self.profile.check_model(fingerprint, self.profile_path, self.model_name)
+                self.profile.check_model(fingerprint, self.profile_path, self.model_name, self.source.origin.name)
         else:
             self.profile = self._cached_or_built(fingerprint, modules, weights)
         budgets = [self._budget(module) for module in modules]
@@ -86,22 +89,36 @@ class BudgetResolver:
         spec = self.source.settings.allocation
 
         def from_weights() -> Profile:
-            logger.info("ActTail: computing budgets from the loaded weights (first start)")
+            logger.info(
+                "ActTail: computing budgets from the loaded weights: alpha of %d projections "
+                "(first start of this model with estimator %s; the result is cached)", len(weights), spec.estimator,
+            )  # fmt: skip
             num_layers = 1 + max(m.proj.layer for m in modules)
-            return profile_from_weights(self.model_name, self.architecture, num_layers, weights, spec)
+            return profile_from_weights(
+                self.model_name, self.architecture, num_layers, weights, spec, on_projection=_progress_logger()
+            )
 
         def load(path: Path) -> Profile:
             return Profile.load(path, expected_fingerprint=fingerprint)
 
         cached = cached_profile(profile_cache_dir(), f"{fingerprint[:16]}-", load, from_weights, spec)
+        for problem in cached.problems:
+            logger.warning("ActTail: %s", problem)
         self.profile_path = cached.path
         if cached.reused:
             logger.info("ActTail: reusing cached profile %s", cached.path)
         else:
             if cached.alphas_from is not None:
                 logger.info("ActTail: budgets re-allocated from the alphas in %s", cached.alphas_from)
-            logger.info("ActTail: wrote profile %s", cached.path)
+            if cached.path is not None:
+                logger.info("ActTail: wrote profile %s", cached.path)
         return cached.profile
+
+    @property
+    def _profile_name(self) -> str:
+        if self.source.kind == "profile":
+            return named(self.profile_path, self.source.origin.name)
+        return named(self.profile_path or "kept in memory", "the loader hook")
 
     def _budget(self, module: LoadedModule) -> ModuleBudget:
         proj = module.proj
@@ -111,8 +128,8 @@ class BudgetResolver:
                 entry = self.profile.layers[proj.layer].projections[name]
             except (IndexError, KeyError):
                 raise ProfileError(
-                    f"profile {self.profile_path} has no entry for layer {proj.layer} {name}: it was "
-                    "made for another model; build one with `acttail profile`"
+                    f"{self._profile_name} has no entry for layer {proj.layer} {name}: it was made for "
+                    f"another model; build one for {self.model_name} with `acttail profile`"
                 ) from None
             # row-parallel modules shard the input dimension, the others the output dimension
             out_full, in_full = weight.shape
@@ -122,13 +139,24 @@ class BudgetResolver:
                 out_full *= shards
             if (entry.out_features, entry.in_features) != (out_full, in_full):
                 raise ProfileError(
-                    f"profile {self.profile_path} gives layer {proj.layer} {name} the shape "
+                    f"{self._profile_name} gives layer {proj.layer} {name} the shape "
                     f"{entry.out_features}x{entry.in_features}, the loaded model has "
                     f"{tuple(weight.shape)} per rank (tensor parallel {self.tp_size}): it was made "
-                    "for another model; build one with `acttail profile`"
+                    f"for another model; build one for {self.model_name} with `acttail profile`"
                 )
             sparsities.append(entry.sparsity)
         return ModuleBudget.from_sparsities(tuple(sparsities), module.in_features)
+
+
+def _progress_logger(lines: int = PROGRESS_LINES) -> Callable[[int, int], None]:
+    """``on_projection`` for ``profile_from_weights``: about ``lines`` log lines over the whole run."""
+    start = time.perf_counter()
+
+    def log(done: int, total: int) -> None:
+        if done == total or done % max(1, total // lines) == 0:
+            logger.info("ActTail: alpha of %d/%d projections in %.1f s", done, total, time.perf_counter() - start)
+
+    return log
 
 
 def _projection_weights(modules: Sequence[LoadedModule]) -> Iterator[tuple[int, str, torch.Tensor]]:

@@ -22,6 +22,7 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from acttail_vllm.cache import cache_root
+from acttail_vllm.errors import ActTailError
 from acttail_vllm.profiling.allocation import (
     DEFAULT_EPS,
     DEFAULT_ESTIMATOR,
@@ -30,7 +31,7 @@ from acttail_vllm.profiling.allocation import (
     AllocationSpec,
     Method,
 )
-from acttail_vllm.profiling.profile import Profile
+from acttail_vllm.profiling.profile import Profile, named
 
 #: Target used by the loader hook when nothing else names one: conservative, since quality
 #: drops quickly past ~70% on small models (see the README's quality table).
@@ -40,8 +41,37 @@ ENV_PROFILE = "ACTTAIL_PROFILE"
 ENV_SPARSITY = "ACTTAIL_SPARSITY"
 
 
-class SettingsError(ValueError):
-    """Invalid ActTail settings; the message says what is wrong and how to fix it."""
+class SettingsError(ActTailError, ValueError):
+    """Invalid ActTail settings; the message says what is wrong, where it came from and the fix."""
+
+
+class SettingsOrigin(BaseModel):
+    """Where settings came from, as errors and logs name it, and how the user changes them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str  # "env ACTTAIL_SPARSITY"
+    fix: str  # "correct or unset ACTTAIL_SPARSITY"
+
+    def with_options_from(self, options: "SettingsOrigin") -> "SettingsOrigin":
+        """This source's budget together with the other settings of ``options``."""
+        return SettingsOrigin(
+            name=f"{self.name} with the options of {options.name}", fix=f"{self.fix}, or {options.fix}"
+        )
+
+
+#: ``--hf-overrides '{"quantization_config": {...}}'`` (vLLM hands its dict to ``ActTailConfig``).
+OVERRIDES_ORIGIN = SettingsOrigin(
+    name="--hf-overrides quantization_config", fix="correct quantization_config in --hf-overrides"
+)
+#: ``--hf-overrides '{"quantization_config_file": "p.json"}'``.
+OVERRIDES_FILE_ORIGIN = SettingsOrigin(
+    name="--hf-overrides quantization_config_file", fix="correct quantization_config_file in --hf-overrides"
+)
+DEFAULT_ORIGIN = SettingsOrigin(
+    name=f"the default target {DEFAULT_SERVE_SPARSITY}",
+    fix=f"set a target with {ENV_SPARSITY} or 'sparsity' in --hf-overrides quantization_config",
+)
 
 
 class SparsityPolicy(str, Enum):
@@ -90,17 +120,17 @@ class ActTailSettings(BaseModel):
         return AllocationSpec(self.sparsity, self.method, self.estimator, self.eps, self.s_max)
 
     @classmethod
-    def parse(cls, raw: Mapping[str, Any], origin: str) -> "ActTailSettings":
-        """Validate ``raw``; errors name ``origin`` (where the values came from)."""
+    def parse(cls, raw: Mapping[str, Any], origin: SettingsOrigin) -> "ActTailSettings":
+        """Validate ``raw``; errors name ``origin`` (where the values came from) and its fix."""
         try:
             return cls.model_validate(dict(raw))
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']} "
-                f"(got {err['input']!r})"
+                f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: "
+                f"{err['msg'].removeprefix('Value error, ')} (got {err['input']!r})"
                 for err in exc.errors()
             )
-            raise SettingsError(f"invalid ActTail settings from {origin}: {problems}") from None
+            raise SettingsError(f"invalid ActTail settings from {origin.name}: {problems}: {origin.fix}") from None
 
 
 class BudgetSource(BaseModel):
@@ -110,21 +140,22 @@ class BudgetSource(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     kind: Literal["profile", "loader_hook"]
-    origin: str
+    origin: SettingsOrigin
     settings: ActTailSettings
     profile: Profile | None = None
 
     def describe(self) -> str:
         s = self.settings
         if self.kind == "profile":
-            return f"profile {s.profile} (from {self.origin})"
+            return f"{named(s.profile, self.origin.name)}, policy {s.policy.value}"
         return (
             f"loader hook: {s.method} budgets at target sparsity {s.sparsity} computed from the "
-            f"loaded weights (estimator {s.estimator}, eps {s.eps}; target from {self.origin})"
+            f"loaded weights (estimator {s.estimator}, eps {s.eps}; target from {self.origin.name}), "
+            f"policy {s.policy.value}"
         )
 
 
-def _env_settings(env: Mapping[str, str]) -> tuple[dict[str, Any], str] | None:
+def _env_settings(env: Mapping[str, str]) -> tuple[dict[str, Any], SettingsOrigin] | None:
     raw: dict[str, Any] = {}
     if env.get(ENV_PROFILE):
         raw["profile"] = env[ENV_PROFILE]
@@ -134,11 +165,12 @@ def _env_settings(env: Mapping[str, str]) -> tuple[dict[str, Any], str] | None:
         except ValueError:
             raise SettingsError(
                 f"{ENV_SPARSITY}={env[ENV_SPARSITY]!r} is not a number: set a sparsity in [0, 1), "
-                "e.g. 0.5"
+                "e.g. 0.5, or unset it"
             ) from None
     if not raw:
         return None
-    return raw, " and ".join(f"env {k}" for k in (ENV_PROFILE, ENV_SPARSITY) if env.get(k))
+    names = " and ".join(k for k in (ENV_PROFILE, ENV_SPARSITY) if env.get(k))
+    return raw, SettingsOrigin(name=f"env {names}", fix=f"correct or unset {names}")
 
 
 def resolve_budget_source(
@@ -146,37 +178,54 @@ def resolve_budget_source(
     model_dir: str | os.PathLike[str] | None,
     env: Mapping[str, str] = os.environ,
     known: BudgetSource | None = None,
+    explicit_origin: SettingsOrigin = OVERRIDES_ORIGIN,
 ) -> BudgetSource:
-    """Pick the budget source by the documented precedence and validate it. A profile that
-    ``known`` (an earlier answer in this process) already read is not read again."""
+    """Pick the budget source by the documented precedence and validate it. ``explicit`` came
+    from ``explicit_origin``. A profile that ``known`` (an earlier answer in this process) already
+    read is not read again."""
     if explicit is not None and ({"profile", "sparsity"} & set(explicit)):
-        settings = ActTailSettings.parse(explicit, "vLLM quantization_config")
-        origin = "vLLM quantization_config"
+        origin = explicit_origin
+        settings = ActTailSettings.parse(explicit, origin)
     else:
-        base = dict(explicit or {})
+        # Options without a budget (policy, eps, ...): wrong ones are the overrides' fault alone,
+        # whichever source the budget then comes from.
+        options = dict(explicit or {})
+        ActTailSettings.parse(options, explicit_origin)
         from_env = _env_settings(env)
         model_profile = Path(model_dir) / MODEL_DIR_PROFILE_NAME if model_dir else None
         if from_env is not None:
-            origin = from_env[1]
-            settings = ActTailSettings.parse({**base, **from_env[0]}, origin)
+            budget, origin = from_env
         elif model_profile is not None and model_profile.is_file():
-            origin = "the model directory"
-            settings = ActTailSettings.parse({**base, "profile": model_profile}, origin)
+            budget = {"profile": model_profile}
+            origin = SettingsOrigin(name="the model directory", fix=f"correct or remove {model_profile}")
         else:
-            origin = "the default target"
-            settings = ActTailSettings.parse({**base, "sparsity": DEFAULT_SERVE_SPARSITY}, origin)
+            budget, origin = {"sparsity": DEFAULT_SERVE_SPARSITY}, DEFAULT_ORIGIN
+        if set(options) - {"quant_method"}:
+            origin = origin.with_options_from(explicit_origin)
+        settings = ActTailSettings.parse({**options, **budget}, origin)
     if settings.profile is not None:
-        if not settings.profile.is_file():
-            raise SettingsError(
-                f"ActTail profile {settings.profile} (from {origin}) does not exist: build one with "
-                "`acttail profile MODEL --sparsity S -o FILE` or fix the path"
-            )
+        _check_profile_path(settings.profile, origin)
         if known is not None and known.profile is not None and known.settings.profile == settings.profile:
             profile = known.profile
         else:
-            profile = Profile.load(settings.profile)
+            profile = Profile.load(settings.profile, origin=origin.name)
         return BudgetSource(kind="profile", origin=origin, settings=settings, profile=profile)
     return BudgetSource(kind="loader_hook", origin=origin, settings=settings)
+
+
+def _check_profile_path(path: Path, origin: SettingsOrigin) -> None:
+    build = "`acttail profile MODEL --sparsity S -o FILE`"
+    if path.is_dir():
+        inside = path / MODEL_DIR_PROFILE_NAME
+        hint = f" ({inside} is one)" if inside.is_file() else ""
+        raise SettingsError(
+            f"ActTail profile {path} (from {origin.name}) is a directory, not a profile file: give the "
+            f"JSON file {build} wrote{hint}; {origin.fix}"
+        )
+    if not path.exists():
+        raise SettingsError(
+            f"ActTail profile {path} (from {origin.name}) does not exist: build one with {build}; {origin.fix}"
+        )
 
 
 def profile_cache_dir() -> Path:

@@ -9,12 +9,14 @@ from pathlib import Path
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
+from acttail_vllm.errors import logs_startup_errors
 from acttail_vllm.serving.metrics import ENV_STATS_DIR, ActTailCollector
 
 
 class ActTailStatLogger(StatLoggerBase):
     _collector: ActTailCollector | None = None  # one per API-server process
 
+    @logs_startup_errors
     def __init__(self, vllm_config, engine_index: int = 0) -> None:
         directory = os.environ.get(ENV_STATS_DIR)
         if vllm_config.model_config.quantization != "acttail" or not directory:
@@ -27,4 +29,6 @@ class ActTailStatLogger(StatLoggerBase):
         """Nothing per step: the collector reads the worker's counters at scrape time."""
 
     def log_engine_initialized(self) -> None:
-        """Nothing to log."""
+        """The engine is ready and no request has run: count from here (see ``metrics.py``)."""
+        if ActTailStatLogger._collector is not None:
+            ActTailStatLogger._collector.engine_ready()

@@ -1,56 +1,53 @@
 """Counters a sparse module keeps, and how to read them.
 
-A module's stats (int64) hold, per output segment, the input channels its TopK kept, then three
-token counts: sparsified tokens that went through the sparse kernel, sparsified tokens that went
-through the dense fallback (cuBLAS or, off CUDA, the reference on the masked input), and tokens
-policy=decode or max_sparse_tokens left unsparsified (prefill rows of a mixed step, steps over the
-token limit).
-The op adds to them in place, so CUDA-graph replays count too. On CUDA they live in pinned host
-memory that the GPU writes through a mapped view, so reading them never touches the GPU (a
-metrics thread must not call into CUDA while vLLM captures graphs).
+A module's stats (int64) hold, per output segment, the input channels its TopK kept, then one token
+count per ``TokenPath``. The op adds to them in place, so CUDA-graph replays count too. On CUDA
+they live in pinned host memory that the GPU writes through a mapped view, so reading them never
+touches the GPU (a metrics thread must not call into CUDA while vLLM captures graphs).
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
 
-STAT_SPARSE_TOKENS = 0
-STAT_DENSE_TOKENS = 1
-STAT_UNSPARSIFIED_TOKENS = 2
-TOKEN_COUNTS = 3
+
+class TokenPath(str, enum.Enum):
+    """How a token went through a sparse module; the values are the ``path`` label of
+    ``acttail_tokens_total``."""
+
+    #: TopK selection, then the sparse GEMV that reads only the kept weight rows (CUDA)
+    SPARSE_GEMV = "sparse_gemv"
+    #: TopK selection, then a dense GEMM on the sparsified input: cuBLAS where the GPU's crossover
+    #: table says the sparse GEMV would not be faster; off CUDA, the exact PyTorch reference
+    SELECTION_DENSE_GEMM = "selection_dense_gemm"
+    #: the dense layer on the whole input: steps over max_sparse_tokens, prefill rows under
+    #: policy=decode, steps policy=auto leaves dense
+    UNSPARSIFIED = "unsparsified"
+
+
+TOKEN_PATHS: tuple[TokenPath, ...] = tuple(TokenPath)
+
+
+def token_stat(path: TokenPath, num_segments: int) -> int:
+    """Index of ``path``'s token count in a module's stats."""
+    return num_segments + TOKEN_PATHS.index(path)
 
 
 def new_stats(num_segments: int, pin_memory: bool = False) -> torch.Tensor:
     """Host tensor for one module's counters (pinned when a GPU writes it through a mapped view)."""
-    return torch.zeros(num_segments + TOKEN_COUNTS, dtype=torch.int64, device="cpu", pin_memory=pin_memory)
+    return torch.zeros(num_segments + len(TOKEN_PATHS), dtype=torch.int64, device="cpu", pin_memory=pin_memory)
 
 
 @dataclass(frozen=True)
 class ModuleStats:
     kept_channels: tuple[int, ...]
-    sparse_tokens: int
-    dense_tokens: int
-    unsparsified_tokens: int
+    tokens: dict[TokenPath, int]
 
     @classmethod
     def read(cls, stats: torch.Tensor) -> "ModuleStats":
         values = stats.tolist()
-        n_seg = len(values) - TOKEN_COUNTS
-        return cls(
-            tuple(values[:n_seg]),
-            values[n_seg + STAT_SPARSE_TOKENS],
-            values[n_seg + STAT_DENSE_TOKENS],
-            values[n_seg + STAT_UNSPARSIFIED_TOKENS],
-        )
-
-    @property
-    def tokens(self) -> int:
-        return self.sparse_tokens + self.dense_tokens + self.unsparsified_tokens
-
-    def kept_fractions(self, in_features: int) -> tuple[float, ...]:
-        """Mean fraction of input channels kept per token, per segment (NaN before any token)."""
-        if self.tokens == 0:
-            return tuple(float("nan") for _ in self.kept_channels)
-        return tuple(k / (self.tokens * in_features) for k in self.kept_channels)
+        num_segments = len(values) - len(TOKEN_PATHS)
+        return cls(tuple(values[:num_segments]), dict(zip(TOKEN_PATHS, values[num_segments:])))
