@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup prometheus demo test test-fast
+.PHONY: setup prometheus demo lint test test-fast
 
 $(PY):
 	bash scripts/setup.sh
@@ -15,6 +15,11 @@ prometheus:
 # The main job: serve SmolLM2-135M with ActTail through vLLM's OpenAI API and query it.
 demo: $(PY)
 	$(PY) -m acttail_vllm.dev.demo
+
+# Style, as CI checks it before the tests (ruff's settings are in pyproject.toml).
+lint: $(PY)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # Everything CI runs, on two workers, a test file per worker at a time, each worker and the vLLM
 # servers it starts pinned to its own core (tests/conftest.py): 12.5 min of tests on 2 cores, 16.3

@@ -15,8 +15,8 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from acttail_vllm import __version__
 from acttail_vllm.errors import ActTailError, one_line
@@ -76,15 +76,21 @@ def _configure_profile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="Hugging Face model directory, GGUF file, or hub id")
     parser.add_argument("--sparsity", type=_fraction, required=True, help="global target sparsity, e.g. 0.8")
     parser.add_argument(
-        "--method", choices=METHODS, default=DEFAULT_METHOD,
+        "--method",
+        choices=METHODS,
+        default=DEFAULT_METHOD,
         help="acttail: budgets by alpha; uniform: the target everywhere",
     )
     parser.add_argument("--estimator", choices=sorted(ESTIMATORS), default=DEFAULT_ESTIMATOR, help="alpha estimator")
-    parser.add_argument("--eps", type=_fraction, default=DEFAULT_EPS, help="relative spread of budgets around the target")
+    parser.add_argument(
+        "--eps", type=_fraction, default=DEFAULT_EPS, help="relative spread of budgets around the target"
+    )
     parser.add_argument("--s-max", type=_fraction, default=DEFAULT_S_MAX, help="cap on any projection's sparsity")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where eigenvalues are computed")
     parser.add_argument(
-        "--eigen-dtype", choices=("auto", "float64", "float32"), default="auto",
+        "--eigen-dtype",
+        choices=("auto", "float64", "float32"),
+        default="auto",
         help="dtype of the eigenvalue computation (auto: float64 on cpu, float32 on cuda)",
     )
     parser.add_argument("-o", "--output", required=True, help="profile JSON to write")
@@ -141,7 +147,8 @@ def format_table(profile) -> str:
     summary = (
         f"{model.name} ({model.architecture}, {model.num_layers} layers, fingerprint {model.fingerprint[:12]}...)\n"
         f"method {profile.method}, estimator {profile.estimator}, eps {profile.eps}, s_max {profile.s_max}, "
-        f"target {profile.target_sparsity}, achieved {profile.achieved_sparsity:.6f}, content hash {profile.content_hash()}"
+        f"target {profile.target_sparsity}, achieved {profile.achieved_sparsity:.6f}, "
+        f"content hash {profile.content_hash()}"
     )
     return "\n".join([summary, header, units, *rows])
 
@@ -168,9 +175,7 @@ def plot_profile(profile, path: str) -> None:
     ax_sparsity.set_xlabel("layer")
     ax_alpha.legend(ncol=4, fontsize="small")
     ax_sparsity.legend(ncol=4, fontsize="small")
-    fig.suptitle(
-        f"{profile.model.name}: {profile.method}, target {profile.target_sparsity}, eps {profile.eps}"
-    )
+    fig.suptitle(f"{profile.model.name}: {profile.method}, target {profile.target_sparsity}, eps {profile.eps}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -188,7 +193,9 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 @register_command(
-    "prepare-smollm2", "print the cached SmolLM2-135M-Instruct model directory, creating it if needed", lambda parser: None
+    "prepare-smollm2",
+    "print the cached SmolLM2-135M-Instruct model directory, creating it if needed",
+    lambda parser: None,
 )
 def _prepare_smollm2(args: argparse.Namespace) -> None:
     from acttail_vllm.dev.models import ensure_smollm2

@@ -8,8 +8,8 @@ Installed as the ``vllm.general_plugins`` entry point ``acttail``, so after
 def register() -> None:
     from vllm.model_executor.layers.quantization import register_quantization_config
 
-    from acttail_vllm.serving.metrics import share_metrics_across_processes
     from acttail_vllm.serving.config import ActTailConfig
+    from acttail_vllm.serving.metrics import share_metrics_across_processes
     from acttail_vllm.serving.op import register_sparse_linear_op
 
     share_metrics_across_processes()

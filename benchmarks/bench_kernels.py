@@ -40,7 +40,13 @@ from acttail_kernels import reference  # noqa: E402
 from acttail_kernels.sparse_gemv import sparse_gemv  # noqa: E402
 from acttail_kernels.topk_select import guess_tensor, keep_tensor, pdl_launch, topk_select  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    ALL_SHAPES, GPU_SHAPES, Shape, keeps_for, random_inputs, random_instances, time_us,
+    ALL_SHAPES,
+    GPU_SHAPES,
+    Shape,
+    keeps_for,
+    random_inputs,
+    random_instances,
+    time_us,
 )
 
 QUICK_SHAPES = [s for s in GPU_SHAPES if s.name in ("13b.q/k/v/o", "13b.gate/up", "13b.down")]
@@ -94,18 +100,21 @@ def measure(shape: Shape, m: int, sparsities: list[float], dtype: torch.dtype, d
         keep = keep_tensor(keeps, device)
         guess = guess_tensor(len(keeps), device)  # as a vLLM layer keeps one: warm after the first call
         walk_us = timed(functools.partial(forced, keeps, keep, guess, ak.GemvPath.WALK), weights_t)
-        list_us = (timed(functools.partial(forced, keeps, keep, guess, ak.GemvPath.LIST), weights_t)
-                   if m == 1 else walk_us)
-        rows.append(Row(
-            shape=shape,
-            m=m,
-            sparsity=sparsity,
-            dense_us=dense_us,
-            sparse_us=min(walk_us, list_us),
-            fallback_us=timed(functools.partial(forced, keeps, keep, guess, ak.GemvPath.DENSE), weights_t),
-            needed=sum(needed_bytes(x, shape, keeps, elem) for x in xs) // instances,
-            one_token_walk=m == 1 and walk_us < list_us,
-        ))
+        list_us = (
+            timed(functools.partial(forced, keeps, keep, guess, ak.GemvPath.LIST), weights_t) if m == 1 else walk_us
+        )
+        rows.append(
+            Row(
+                shape=shape,
+                m=m,
+                sparsity=sparsity,
+                dense_us=dense_us,
+                sparse_us=min(walk_us, list_us),
+                fallback_us=timed(functools.partial(forced, keeps, keep, guess, ak.GemvPath.DENSE), weights_t),
+                needed=sum(needed_bytes(x, shape, keeps, elem) for x in xs) // instances,
+                one_token_walk=m == 1 and walk_us < list_us,
+            )
+        )
         print(f"  measured {shape.name} M={m} s={sparsity}: list {list_us:.1f} us, walk {walk_us:.1f} us", flush=True)
     return rows
 
@@ -143,26 +152,33 @@ def check(shapes: list[Shape], dtype: torch.dtype, device: str) -> bool:
                     print(
                         f"check {shape.name:14s} M={m:2d} s={sparsity:.2f} exact_sets={exact_sets} "
                         f"rel_err sparse={errs[0]:.1e} fallback={errs[1]:.1e} "
-                        + (f"walk={errs[2]:.1e} " if m == 1 else "") + ("ok" if good else "FAIL")
+                        + (f"walk={errs[2]:.1e} " if m == 1 else "")
+                        + ("ok" if good else "FAIL")
                     )
     return ok
 
 
 def print_kernel_table(rows: list[Row]) -> None:
     print("\n(a) sparse (selection + GEMV) vs dense cuBLAS; TB/s on the bytes the batch must read")
-    print(f"{'shape':14s} {'N':>6s} {'K':>6s} {'M':>3s} {'s':>5s} {'dense us':>9s} {'sparse us':>9s} {'path':>4s} "
-          f"{'fallbk us':>9s} {'speedup':>7s} {'TB/s':>6s}")
+    print(
+        f"{'shape':14s} {'N':>6s} {'K':>6s} {'M':>3s} {'s':>5s} {'dense us':>9s} {'sparse us':>9s} {'path':>4s} "
+        f"{'fallbk us':>9s} {'speedup':>7s} {'TB/s':>6s}"
+    )
     for r in rows:
         path = "walk" if r.m > 1 or r.one_token_walk else "list"
-        print(f"{r.shape.name:14s} {r.shape.n:6d} {r.shape.k:6d} {r.m:3d} {r.sparsity:5.2f} {r.dense_us:9.1f} "
-              f"{r.sparse_us:9.1f} {path:>4s} {r.fallback_us:9.1f} {r.speedup:6.2f}x {r.tb_per_s:6.2f}")
+        print(
+            f"{r.shape.name:14s} {r.shape.n:6d} {r.shape.k:6d} {r.m:3d} {r.sparsity:5.2f} {r.dense_us:9.1f} "
+            f"{r.sparse_us:9.1f} {path:>4s} {r.fallback_us:9.1f} {r.speedup:6.2f}x {r.tb_per_s:6.2f}"
+        )
 
 
 def add_table_args(parser: argparse.ArgumentParser) -> None:
     """The grid of the kernel table, and its correctness pass."""
     parser.add_argument("--quick", action="store_true", help="13B q/o, gate and down; M 1,4; s 0.5,0.8")
     parser.add_argument("--check", action="store_true", help="full-size correctness pass before timing")
-    parser.add_argument("--shapes", nargs="*", help="shape or model names to run (13b.down, llama3-8b; default: 7b 13b)")
+    parser.add_argument(
+        "--shapes", nargs="*", help="shape or model names to run (13b.down, llama3-8b; default: 7b 13b)"
+    )
     parser.add_argument("--ms", type=int, nargs="*", help="batch sizes (default 1 2 4 8 16)")
     parser.add_argument("--sparsities", type=float, nargs="*", help="default 0.5 0.7 0.8 0.9")
 

@@ -43,7 +43,6 @@ class Shape:
             bounds.append(bounds[-1] + width)
         return bounds
 
-
     @property
     def model(self) -> str:
         """The model shape it belongs to: "13b", "llama3-8b", ..."""
@@ -54,8 +53,11 @@ def decoder_shapes(model: str, hidden: int, inter: int, kv_width: int | None = N
     """A decoder layer's projections, apart (q/o and k/v, one q/k/v/o where the model has as many
     KV heads as heads; gate/up; down) and as vLLM merges them (qkv with its GQA widths, gate_up)."""
     kv = kv_width or hidden
-    apart = ([Shape(f"{model}.q/k/v/o", (hidden,), hidden)] if kv == hidden
-             else [Shape(f"{model}.q/o", (hidden,), hidden), Shape(f"{model}.k/v", (kv,), hidden)])  # fmt: skip
+    apart = (
+        [Shape(f"{model}.q/k/v/o", (hidden,), hidden)]
+        if kv == hidden
+        else [Shape(f"{model}.q/o", (hidden,), hidden), Shape(f"{model}.k/v", (kv,), hidden)]
+    )
     return apart + [
         Shape(f"{model}.qkv", (hidden, kv, kv), hidden),
         Shape(f"{model}.gate/up", (inter,), hidden),

@@ -37,7 +37,6 @@ from acttail_kernels.sparse_gemv import sparse_gemv
 from acttail_kernels.topk_select import guess_tensor, keep_tensor, topk_select
 from benchmarks.common import keeps_for, random_inputs, random_instances, shapes_of, time_us
 
-
 LAYER = ("13b.qkv", "13b.q/k/v/o", "13b.gate_up", "13b.down")  # a decoder layer's four calls
 LAYERS = 40
 
@@ -48,7 +47,9 @@ def main() -> None:
     parser.add_argument("--dense-step-us", type=float, default=8208.0, help="a dense decode step, wall time")
     args = parser.parse_args()
     dtype, device = torch.bfloat16, "cuda"
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; microseconds per call, M = 1, list path")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; microseconds per call, M = 1, list path"
+    )
     print(f"{'shape':14s} {'s':>4s} {'select':>7s} {'gemv':>7s} {'both':>7s} {'join':>7s} {'ideal':>7s} {'dense':>7s}")
     layer: dict[float, dict[str, float]] = {}
     for shape in shapes_of("13b"):
@@ -62,27 +63,48 @@ def main() -> None:
             select = [functools.partial(topk_select, x, keep, True, guess) for x in xs]
             made = [call() for call in select]
             gemv = [functools.partial(sparse_gemv, sel, w, None, shape.seg_bounds) for sel, w in zip(made, weights_t)]
-            both = [functools.partial(ak.sparse_linear, x, w, None, shape.seg_bounds, keeps, keep=keep,
-                                      path=ak.GemvPath.LIST, thr_guess=guess) for x, w in zip(xs, weights_t)]
+            both = [
+                functools.partial(
+                    ak.sparse_linear,
+                    x,
+                    w,
+                    None,
+                    shape.seg_bounds,
+                    keeps,
+                    keep=keep,
+                    path=ak.GemvPath.LIST,
+                    thr_guess=guess,
+                )
+                for x, w in zip(xs, weights_t)
+            ]
             rows = max(keeps)  # the bench's budgets are one per shape
             ideal = [functools.partial(torch.mm, x[:, :rows], w[:rows]) for x, w in zip(xs, weights_t)]
-            t = {name: time_us(calls, xs) for name, calls in
-                 (("select", select), ("gemv", gemv), ("both", both), ("ideal", ideal))}
+            t = {
+                name: time_us(calls, xs)
+                for name, calls in (("select", select), ("gemv", gemv), ("both", both), ("ideal", ideal))
+            }
             join = t["both"] - t["select"] - t["gemv"]
-            print(f"{shape.name:14s} {sparsity:4.2f} {t['select']:7.1f} {t['gemv']:7.1f} {t['both']:7.1f} {join:7.1f} "
-                  f"{t['ideal']:7.1f} {dense:7.1f}", flush=True)
+            print(
+                f"{shape.name:14s} {sparsity:4.2f} {t['select']:7.1f} {t['gemv']:7.1f} {t['both']:7.1f} {join:7.1f} "
+                f"{t['ideal']:7.1f} {dense:7.1f}",
+                flush=True,
+            )
             if shape.name in LAYER:
                 sums = layer.setdefault(sparsity, {"dense": 0.0, "shipped": 0.0, "best": 0.0})
                 sums["dense"] += dense
                 sums["shipped"] += t["both"]
                 sums["best"] += min(t["gemv"], t["ideal"])
-    print(f"\nper layer ({' + '.join(LAYER)}), us; step = {args.rest_us:.0f} + {LAYERS} layers, "
-          f"against a dense step of {args.dense_step_us:.0f}")
+    print(
+        f"\nper layer ({' + '.join(LAYER)}), us; step = {args.rest_us:.0f} + {LAYERS} layers, "
+        f"against a dense step of {args.dense_step_us:.0f}"
+    )
     print(f"{'s':>4s} {'dense':>7s} {'shipped':>8s} {'best':>7s} {'model':>7s} {'bound':>7s}")
     for sparsity, sums in layer.items():
         model, bound = (args.dense_step_us / (args.rest_us + LAYERS * sums[key]) for key in ("shipped", "best"))
-        print(f"{sparsity:4.2f} {sums['dense']:7.1f} {sums['shipped']:8.1f} {sums['best']:7.1f} {model:6.2f}x "
-              f"{bound:6.2f}x")
+        print(
+            f"{sparsity:4.2f} {sums['dense']:7.1f} {sums['shipped']:8.1f} {sums['best']:7.1f} {model:6.2f}x "
+            f"{bound:6.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,10 @@ def main() -> None:
     register_sparse_linear_op()
     dtype, device = torch.bfloat16, "cuda"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; s = {SPARSITY}, microseconds per call")
-    print(f"{'shape':14s} {'M':>4s} {'kernel':>6s} | {'auto eager':>10s} {'all eager':>9s} {'dense eager':>11s} | "
-          f"{'all graph':>9s} {'dense graph':>11s} | {'auto - dense':>12s}")
+    print(
+        f"{'shape':14s} {'M':>4s} {'kernel':>6s} | {'auto eager':>10s} {'all eager':>9s} {'dense eager':>11s} | "
+        f"{'all graph':>9s} {'dense graph':>11s} | {'auto - dense':>12s}"
+    )
     profiles = {}
     for shape in shapes_of("13b"):
         weight_t = random_instances(shape, dtype, device)[1][0]
@@ -70,8 +72,11 @@ def main() -> None:
             dense = functools.partial(torch.nn.functional.linear, x, weight)
             path = ak.gemv_path(m, shape.n, shape.k, shape.seg_bounds, keeps, x.device)
             auto_us, dense_us = eager_us(auto), eager_us(dense)
-            print(f"{shape.name:14s} {m:4d} {path.value:>6s} | {auto_us:10.1f} {eager_us(every):9.1f} {dense_us:11.1f} | "
-                  f"{time_us([every], [x]):9.1f} {time_us([dense], [x]):11.1f} | {auto_us - dense_us:12.1f}", flush=True)
+            print(
+                f"{shape.name:14s} {m:4d} {path.value:>6s} | {auto_us:10.1f} {eager_us(every):9.1f} {dense_us:11.1f} | "
+                f"{time_us([every], [x]):9.1f} {time_us([dense], [x]):11.1f} | {auto_us - dense_us:12.1f}",
+                flush=True,
+            )
             if shape.name == args.profile:
                 profiler = cProfile.Profile()
                 profiler.enable()

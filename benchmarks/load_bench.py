@@ -23,9 +23,9 @@ import asyncio
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from itertools import cycle
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import openai
@@ -108,7 +108,7 @@ class Percentiles(BaseModel):
     p99: float
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> "Percentiles | None":
+    def of(cls, values: Sequence[float]) -> Percentiles | None:
         if not values:
             return None
         p = np.percentile(np.asarray(values, dtype=np.float64), PERCENTILES)
@@ -133,7 +133,7 @@ class LoadSummary(BaseModel):
     first_errors: list[str]
 
     @classmethod
-    def of(cls, label: str, run: LoadRun) -> "LoadSummary":
+    def of(cls, label: str, run: LoadRun) -> LoadSummary:
         ok = [r for r in run.records if r.error is None]
         tokens_out = sum(r.completion_tokens for r in ok)
         tokens_all = tokens_out + sum(r.prompt_tokens for r in ok)
@@ -214,7 +214,9 @@ async def run_load_async(url: str, model: str, spec: LoadSpec) -> LoadRun:
             try:
                 record = await asyncio.wait_for(_stream_one(client, model, prompt, spec, t0), spec.request_timeout_s)
             except Exception as exc:  # every failure is a result to report, not a reason to stop
-                record = RequestRecord(sent_s=sent - t0, e2e_s=time.perf_counter() - sent, error=f"{type(exc).__name__}: {exc}")
+                record = RequestRecord(
+                    sent_s=sent - t0, e2e_s=time.perf_counter() - sent, error=f"{type(exc).__name__}: {exc}"
+                )
             records.append(record)
 
     try:
@@ -285,7 +287,9 @@ def measure(label: str, url: str, model: str, spec: LoadSpec, warmup: int) -> Lo
     return LoadSummary.of(label, run_load(url, model, spec))
 
 
-def _bench_started_servers(args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str]) -> list[LoadSummary]:
+def _bench_started_servers(
+    args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str]
+) -> list[LoadSummary]:
     from acttail_vllm.dev.server import VllmServer
 
     runs = [("dense", vllm_args, {})]
@@ -304,7 +308,9 @@ def _bench_started_servers(args: argparse.Namespace, specs: Sequence[LoadSpec], 
             if args.server_logs:  # evidence: startup log (budgets, CUDA graphs) and final /metrics
                 args.server_logs.mkdir(parents=True, exist_ok=True)
                 name = label.replace(" ", "_").replace("%", "")
-                (args.server_logs / f"{name}.metrics").write_text(requests.get(f"{server.url}/metrics", timeout=30).text)
+                (args.server_logs / f"{name}.metrics").write_text(
+                    requests.get(f"{server.url}/metrics", timeout=30).text
+                )
                 (args.server_logs / f"{name}.log").write_text(server.log())
     return summaries
 
@@ -317,20 +323,29 @@ def _numbers(parse):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", action="append", metavar="LABEL=URL", help="a running server (repeatable)")
     target.add_argument("--model", type=Path, help="model directory: start a dense and an ActTail server on it")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--profile", type=Path, help="ActTail profile JSON for the started ActTail server")
-    budget.add_argument("--sparsity", type=_numbers(float),
-                        help="ActTail target sparsities, one server each, comma-separated (budgets built at load)")
-    parser.add_argument("--vllm-args", default="", help='extra `vllm serve` arguments for both servers, one string')
+    budget.add_argument(
+        "--sparsity",
+        type=_numbers(float),
+        help="ActTail target sparsities, one server each, comma-separated (budgets built at load)",
+    )
+    parser.add_argument("--vllm-args", default="", help="extra `vllm serve` arguments for both servers, one string")
     parser.add_argument("--model-name", help="model name for --url servers (default: what /v1/models lists)")
     parser.add_argument("--requests", type=int, help="requests per concurrency (default: --rounds x concurrency)")
-    parser.add_argument("--rounds", type=int, default=4, help="requests per concurrency = rounds x concurrency, at least 8")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="requests per concurrency = rounds x concurrency, at least 8"
+    )
     parser.add_argument("--concurrency", type=_numbers(int), default=[16], help="comma-separated, measured in order")
-    parser.add_argument("--prompt-tokens", type=int, help="prompts of this many random token ids instead of the text prompts")
+    parser.add_argument(
+        "--prompt-tokens", type=int, help="prompts of this many random token ids instead of the text prompts"
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--warmup", type=int, default=8, help="requests sent before measuring (not reported)")
@@ -340,17 +355,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     specs = [
         LoadSpec(
-            num_requests=args.requests or max(8, args.rounds * c), concurrency=c, max_tokens=args.max_tokens,
-            request_timeout_s=args.timeout, prompt_tokens=args.prompt_tokens,
+            num_requests=args.requests or max(8, args.rounds * c),
+            concurrency=c,
+            max_tokens=args.max_tokens,
+            request_timeout_s=args.timeout,
+            prompt_tokens=args.prompt_tokens,
         )
         for c in args.concurrency
-    ]  # fmt: skip
+    ]
     vllm_args = shlex.split(args.vllm_args)
     if args.model is not None:
         if args.profile is None and args.sparsity is None:
             parser.error("--model needs --profile or --sparsity for the ActTail server")
         if args.profile is not None and not args.profile.is_file():
-            parser.error(f"--profile {args.profile} does not exist: build one with `acttail profile MODEL --sparsity S -o FILE`")
+            parser.error(
+                f"--profile {args.profile} does not exist: build one with `acttail profile MODEL --sparsity S -o FILE`"
+            )
         summaries = _bench_started_servers(args, specs, vllm_args)
     else:
         summaries = [

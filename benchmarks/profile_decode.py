@@ -47,8 +47,10 @@ def main() -> None:
         llm.generate(prompts, params, use_tqdm=False)  # warm: every graph and kernel compiled
         start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
-        print(f"\n{args.shape} {args.sparsity} batch {batch}: {(time.perf_counter() - start) * 1e6 / args.steps:.0f} us "
-              "wall per step (unprofiled)")
+        print(
+            f"\n{args.shape} {args.sparsity} batch {batch}: {(time.perf_counter() - start) * 1e6 / args.steps:.0f} us "
+            "wall per step (unprofiled)"
+        )
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             llm.generate(prompts, params, use_tqdm=False)
         print_step_profile(kernel_times(prof), f"{args.shape} {args.sparsity} batch {batch}", args.steps, args.top)
@@ -61,8 +63,11 @@ def print_step_profile(times: dict[str, list[float]], title: str, steps: int, to
     print(f"{title}: {launches / steps:.0f} kernels and {total / steps:.0f} us of kernel time per step")
     print(f"{'us/step':>8s} {'n/step':>7s} {'us each':>8s}  kernel")
     for name, durations in sorted(times.items(), key=lambda kv: -sum(kv[1]))[:top]:
-        print(f"{sum(durations) / steps:8.0f} {len(durations) / steps:7.1f} {sum(durations) / len(durations):8.1f}  "
-              f"{name[:110]}", flush=True)
+        print(
+            f"{sum(durations) / steps:8.0f} {len(durations) / steps:7.1f} {sum(durations) / len(durations):8.1f}  "
+            f"{name[:110]}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from acttail_vllm.profiling.profile import PROJECTION_NAMES
 from acttail_vllm.profiling.allocation import DEFAULT_ESTIMATOR, AllocationSpec
 from acttail_vllm.profiling.builder import STAGES, profile_from_weights
+from acttail_vllm.profiling.profile import PROJECTION_NAMES
 
 
 def projection_shapes(hidden: int, intermediate: int, kv_dim: int) -> dict[str, tuple[int, int]]:
@@ -34,7 +34,9 @@ def projection_shapes(hidden: int, intermediate: int, kv_dim: int) -> dict[str, 
     }
 
 
-def random_weights(num_layers: int, shapes: dict[str, tuple[int, int]], device: torch.device, dtype: torch.dtype, seed: int):
+def random_weights(
+    num_layers: int, shapes: dict[str, tuple[int, int]], device: torch.device, dtype: torch.dtype, seed: int
+):
     gen = torch.Generator(device=device).manual_seed(seed)
     for layer in range(num_layers):
         for proj in PROJECTION_NAMES:
@@ -51,7 +53,9 @@ def main() -> None:
     parser.add_argument("--weight-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--eigen-dtypes", nargs="+", choices=("float64", "float32"), default=["float64", "float32"])
     parser.add_argument("--estimators", nargs="+", choices=("hill", "ww"), default=[DEFAULT_ESTIMATOR])
-    parser.add_argument("--linalg", choices=("default", "cusolver", "magma"), default="default", help="CUDA linalg backend")
+    parser.add_argument(
+        "--linalg", choices=("default", "cusolver", "magma"), default="default", help="CUDA linalg backend"
+    )
     parser.add_argument("--target", type=float, default=0.8)
     args = parser.parse_args()
 
@@ -64,8 +68,10 @@ def main() -> None:
     else:
         print(f"device: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}")
     shapes = projection_shapes(args.hidden, args.intermediate, args.kv_dim or args.hidden)
-    print(f"model: {args.layers} layers x {len(PROJECTION_NAMES)} projections, hidden {args.hidden}, "
-          f"intermediate {args.intermediate}, weights {args.weight_dtype}")
+    print(
+        f"model: {args.layers} layers x {len(PROJECTION_NAMES)} projections, hidden {args.hidden}, "
+        f"intermediate {args.intermediate}, weights {args.weight_dtype}"
+    )
 
     for estimator in args.estimators:
         alphas_by_dtype: dict[str, list[float]] = {}
@@ -85,8 +91,11 @@ def main() -> None:
             alphas = [p.alpha for layer in profile.layers for p in layer.projections.values()]
             alphas_by_dtype[eigen_dtype] = alphas
             per_stage = " | ".join(f"{stage} {stages.get(stage, 0.0):.2f}" for stage in STAGES)
-            print(f"estimator {estimator}, eigen dtype {eigen_dtype}: total {total:.2f} s | {per_stage} "
-                  f"| alpha {min(alphas):.3f}..{max(alphas):.3f}", flush=True)
+            print(
+                f"estimator {estimator}, eigen dtype {eigen_dtype}: total {total:.2f} s | {per_stage} "
+                f"| alpha {min(alphas):.3f}..{max(alphas):.3f}",
+                flush=True,
+            )
         if {"float64", "float32"} <= set(alphas_by_dtype):
             worst = max(abs(a - b) / b for a, b in zip(alphas_by_dtype["float32"], alphas_by_dtype["float64"]))
             print(f"estimator {estimator}: float32 vs float64 alpha, max relative difference {worst:.2e}")

@@ -30,12 +30,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from acttail_vllm.cli import _fraction
-from acttail_vllm.profiling.esd import ESTIMATORS
 from acttail_vllm.eval.data import DEFAULT_TASKS
 from acttail_vllm.eval.evaluator import DEFAULT_CONTEXT, Evaluator, run_sweep
 from acttail_vllm.eval.records import DTYPES, MultipleChoiceResult, PerplexityResult, RunSettings, SweepResult
 from acttail_vllm.eval.report import markdown_table, plot_sweep, sweep_table, write_json
 from acttail_vllm.profiling.allocation import DEFAULT_S_MAX, AllocationSpec
+from acttail_vllm.profiling.esd import ESTIMATORS
 
 TUNING_TEXT = "tuning.txt"
 REPORT_TEXT = "report.txt"
@@ -94,15 +94,23 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"unknown estimator(s) {', '.join(unknown)}: choose from {', '.join(sorted(ESTIMATORS))}")
     for name in (TUNING_TEXT, REPORT_TEXT):
         if not (args.data_dir / name).is_file():
-            parser.error(f"{args.data_dir / name} is missing: write it with `acttail eval export-data --out {args.data_dir}`")
+            parser.error(
+                f"{args.data_dir / name} is missing: write it with `acttail eval export-data --out {args.data_dir}`"
+            )
     return args
 
 
-def tune(evaluator: Evaluator, args: argparse.Namespace, profiles: Path) -> tuple[PerplexityResult, list[PerplexityResult], list[TuningPoint]]:
+def tune(
+    evaluator: Evaluator, args: argparse.Namespace, profiles: Path
+) -> tuple[PerplexityResult, list[PerplexityResult], list[TuningPoint]]:
     stream = evaluator.token_stream(str(args.data_dir / TUNING_TEXT), args.max_tokens)
     dense = evaluator.perplexity(stream, None, args.context)
     uniform = [
-        evaluator.perplexity(stream, evaluator.build_profile(profiles, AllocationSpec(s, "uniform", args.estimators[0], 0.0, args.s_max)), args.context)
+        evaluator.perplexity(
+            stream,
+            evaluator.build_profile(profiles, AllocationSpec(s, "uniform", args.estimators[0], 0.0, args.s_max)),
+            args.context,
+        )
         for s in args.tune_sparsities
     ]
     points = [
@@ -110,7 +118,11 @@ def tune(evaluator: Evaluator, args: argparse.Namespace, profiles: Path) -> tupl
             estimator=estimator,
             eps=eps,
             runs=[
-                evaluator.perplexity(stream, evaluator.build_profile(profiles, AllocationSpec(s, "acttail", estimator, eps, args.s_max)), args.context)
+                evaluator.perplexity(
+                    stream,
+                    evaluator.build_profile(profiles, AllocationSpec(s, "acttail", estimator, eps, args.s_max)),
+                    args.context,
+                )
                 for s in args.tune_sparsities
             ],
         )
@@ -134,17 +146,19 @@ def tuning_table(study: QualityStudy, sparsities: list[float]) -> str:
 
 def mc_table(results: list[MultipleChoiceResult]) -> str:
     tasks = [t.task.value for t in results[0].tasks]
-    rows = [
-        [r.label, *(f"{t.acc:.3f} / {t.acc_norm:.3f}" for t in r.tasks), f"`{r.command()}`"]
-        for r in results
-    ]
-    return markdown_table(["budgets", *(f"{t} acc / acc_norm ({results[0].tasks[i].items})" for i, t in enumerate(tasks)), "command"], rows)
+    rows = [[r.label, *(f"{t.acc:.3f} / {t.acc_norm:.3f}" for t in r.tasks), f"`{r.command()}`"] for r in results]
+    return markdown_table(
+        ["budgets", *(f"{t} acc / acc_norm ({results[0].tasks[i].items})" for i, t in enumerate(tasks)), "command"],
+        rows,
+    )
 
 
 def main() -> None:
     args = parse_args()
     start = time.perf_counter()
-    evaluator = Evaluator(RunSettings(model=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size))
+    evaluator = Evaluator(
+        RunSettings(model=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    )
     profiles = args.out / "profiles"
 
     tuning_dense, tuning_uniform, points = tune(evaluator, args, profiles)
@@ -159,13 +173,21 @@ def main() -> None:
     report = run_sweep(evaluator, report_stream, profiles, specs, args.context)
     data_dir = str(args.data_dir)
     multiple_choice = [
-        evaluator.multiple_choice(args.tasks, None if run.profile is None else Path(run.profile.path), args.mc_limit, data_dir)
+        evaluator.multiple_choice(
+            args.tasks, None if run.profile is None else Path(run.profile.path), args.mc_limit, data_dir
+        )
         for run in [report.dense, *report.runs]
     ]
     study = QualityStudy(
-        tuning_dense=tuning_dense, tuning_uniform=tuning_uniform, tuning=points, chosen_estimator=best.estimator,
-        chosen_eps=best.eps, report=report, multiple_choice=multiple_choice, seconds=time.perf_counter() - start,
-    )  # fmt: skip
+        tuning_dense=tuning_dense,
+        tuning_uniform=tuning_uniform,
+        tuning=points,
+        chosen_estimator=best.estimator,
+        chosen_eps=best.eps,
+        report=report,
+        multiple_choice=multiple_choice,
+        seconds=time.perf_counter() - start,
+    )
 
     write_json(study, args.out / "quality.json")
     plot_sweep(report, args.out / "sweep.png")

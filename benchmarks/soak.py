@@ -35,8 +35,9 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import openai
 import psutil
@@ -140,9 +141,15 @@ async def run_stream(client: openai.AsyncOpenAI, model: str, prompt: list[int], 
     """Fill in ``stream`` from one streamed completion (each chunk's logprobs list its tokens)."""
     try:
         response = await client.completions.create(
-            model=model, prompt=prompt, max_tokens=stream.max_tokens, temperature=0.0, logprobs=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-        )  # fmt: skip
+            model=model,
+            prompt=prompt,
+            max_tokens=stream.max_tokens,
+            temperature=0.0,
+            logprobs=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         async for chunk in response:
             for choice in chunk.choices:
                 stream.received += len(choice.logprobs.tokens) if choice.logprobs else 0
@@ -187,9 +194,7 @@ def counters(metrics_text: str) -> dict[str, float]:
     return values
 
 
-async def load(
-    server: VllmServer, spec: SoakSpec, streams: list[Stream], prompts: list[list[int]]
-) -> list[RssSample]:
+async def load(server: VllmServer, spec: SoakSpec, streams: list[Stream], prompts: list[list[int]]) -> list[RssSample]:
     """Run every stream, ``spec.concurrency`` at a time, sampling the server's memory meanwhile."""
     client = openai.AsyncOpenAI(
         base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=spec.request_timeout_s
@@ -202,7 +207,9 @@ async def load(
     def sample() -> None:
         rss = rss_by_process(server.process.pid)
         samples.append(
-            RssSample(seconds=time.perf_counter() - start, streams_done=done, rss_bytes=sum(rss.values()), by_process=rss)
+            RssSample(
+                seconds=time.perf_counter() - start, streams_done=done, rss_bytes=sum(rss.values()), by_process=rss
+            )
         )
 
     async def worker() -> None:
@@ -231,8 +238,15 @@ async def load(
 
 
 def check(
-    spec: SoakSpec, streams: list[Stream], before: dict[str, float], after: dict[str, float], baseline: int | None,
-    end: int | None, shutdown_s: float, exit_code: int | None, left: int,
+    spec: SoakSpec,
+    streams: list[Stream],
+    before: dict[str, float],
+    after: dict[str, float],
+    baseline: int | None,
+    end: int | None,
+    shutdown_s: float,
+    exit_code: int | None,
+    left: int,
 ) -> list[Check]:
     delta = {name: after[name] - before[name] for name in COUNTERS}
     completed = [s for s in streams if s.outcome == "completed"]
@@ -240,8 +254,11 @@ def check(
     failed = [s for s in streams if s.outcome == "failed"]
     planned_cancels = sum(s.cancel_after is not None for s in streams)
     server_errors = [s for s in streams if s.http_status is not None and s.http_status >= 500]
-    wrong = [s for s in completed if not s.received == s.max_tokens == s.usage_completion_tokens
-             or s.usage_prompt_tokens != s.prompt_tokens]  # fmt: skip
+    wrong = [
+        s
+        for s in completed
+        if not s.received == s.max_tokens == s.usage_completion_tokens or s.usage_prompt_tokens != s.prompt_tokens
+    ]
     completed_tokens = sum(s.received for s in completed)
     prompt_tokens = sum(s.prompt_tokens for s in streams)
     successes, completed_sum = delta["vllm:request_success_total"], delta["vllm:request_generation_tokens_sum"]
@@ -252,24 +269,29 @@ def check(
     return [
         Check(name="no 5xx", ok=not server_errors, detail=f"{len(server_errors)} responses with status >= 500"),
         Check(
-            name="every stream ended as planned", ok=not failed and len(cancelled) == planned_cancels,
+            name="every stream ended as planned",
+            ok=not failed and len(cancelled) == planned_cancels,
             detail=f"{len(completed)} completed, {len(cancelled)} cancelled by the client, {len(failed)} failed"
             + (f" (first: {failed[0].error})" if failed else ""),
         ),
         Check(
-            name="completed streams got what they asked", ok=not wrong,
+            name="completed streams got what they asked",
+            ok=not wrong,
             detail=f"{len(completed) - len(wrong)}/{len(completed)} received max_tokens, as their usage says",
         ),
         Check(
-            name="vllm:request_success_total = completed streams", ok=successes == len(completed),
+            name="vllm:request_success_total = completed streams",
+            ok=successes == len(completed),
             detail=f"{successes:.0f} vs {len(completed)}",
         ),
         Check(
-            name="vllm:request_generation_tokens_sum = their tokens", ok=completed_sum == completed_tokens,
+            name="vllm:request_generation_tokens_sum = their tokens",
+            ok=completed_sum == completed_tokens,
             detail=f"{completed_sum:.0f} vs {completed_tokens}",
         ),
         Check(
-            name="vllm:prompt_tokens_total = prompt tokens sent", ok=prompt_counted == prompt_tokens,
+            name="vllm:prompt_tokens_total = prompt tokens sent",
+            ok=prompt_counted == prompt_tokens,
             detail=f"{prompt_counted:.0f} vs {prompt_tokens}",
         ),
         Check(
@@ -281,7 +303,8 @@ def check(
         Check(
             name=f"RSS growth after {spec.baseline_after} streams < {spec.rss_growth:.0%}",
             ok=growth is not None and growth < spec.rss_growth,
-            detail="no baseline" if growth is None
+            detail="no baseline"
+            if growth is None
             else f"{baseline / 2**20:.0f} MiB -> {end / 2**20:.0f} MiB ({growth:+.2%})",
         ),
         Check(
@@ -289,7 +312,7 @@ def check(
             ok=shutdown_s < spec.shutdown_limit_s and exit_code == 0 and left == 0,
             detail=f"{shutdown_s:.1f} s after SIGTERM, exit code {exit_code}, {left} processes left",
         ),
-    ]  # fmt: skip
+    ]
 
 
 def shut_down(server: VllmServer, limit_s: float) -> tuple[float, int | None, int]:
@@ -324,10 +347,20 @@ def soak(model: str, spec: SoakSpec, extra_args: Sequence[str] = (), dense: bool
         shutdown_s, exit_code, left = shut_down(server, spec.shutdown_limit_s)
     checks = check(spec, streams, before, after, baseline, end, shutdown_s, exit_code, left)
     return SoakResult(
-        spec=spec, vllm_args=vllm_args, duration_s=duration, counters_before=before, counters_after=after,
-        rss=samples, rss_baseline_bytes=baseline, rss_end_bytes=end, shutdown_s=shutdown_s, exit_code=exit_code,
-        processes_left=left, checks=checks, streams=streams,
-    )  # fmt: skip
+        spec=spec,
+        vllm_args=vllm_args,
+        duration_s=duration,
+        counters_before=before,
+        counters_after=after,
+        rss=samples,
+        rss_baseline_bytes=baseline,
+        rss_end_bytes=end,
+        shutdown_s=shutdown_s,
+        exit_code=exit_code,
+        processes_left=left,
+        checks=checks,
+        streams=streams,
+    )
 
 
 def format_table(result: SoakResult) -> str:
@@ -368,9 +401,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     spec = SoakSpec(
-        requests=args.requests, concurrency=args.concurrency, prompt_tokens=args.prompt_tokens,
-        max_tokens=args.max_tokens, cancel=args.cancel, seed=args.seed, baseline_after=args.baseline_after,
-    )  # fmt: skip
+        requests=args.requests,
+        concurrency=args.concurrency,
+        prompt_tokens=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+        cancel=args.cancel,
+        seed=args.seed,
+        baseline_after=args.baseline_after,
+    )
     result = soak(args.model or str(ensure_smollm2()), spec, shlex.split(args.vllm_args), args.dense)
     print(format_table(result))
     if args.output:

@@ -56,8 +56,10 @@ def main() -> None:
         outputs = llm.generate(prompts, greedy_tokens(args.new_tokens), use_tqdm=False)
         wall = time.perf_counter() - start
         tokens = sum(len(o.prompt_token_ids) for o in outputs)
-        print(f"{args.shape} {args.sparsity} {args.options or ''}: {args.mixed} requests, prompts of 1 to "
-              f"{args.max_prompt} tokens ({tokens} in all), {args.new_tokens} new tokens each, in {wall:.1f} s")
+        print(
+            f"{args.shape} {args.sparsity} {args.options or ''}: {args.mixed} requests, prompts of 1 to "
+            f"{args.max_prompt} tokens ({tokens} in all), {args.new_tokens} new tokens each, in {wall:.1f} s"
+        )
         print(f"Triton compilations after startup: {len(COMPILED)} {sorted(set(COMPILED))}")
         return
 

@@ -52,17 +52,42 @@ def run_worker(args: argparse.Namespace) -> None:
                 best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
         decode_s = best["all"] - best["first"]
-        print(json.dumps({"batch": batch, "tokens": generated, "seconds": best["all"], "tok_s": generated / best["all"],
-                          "first_token_seconds": best["first"], "decode_tok_s": (generated - batch) / decode_s}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "batch": batch,
+                    "tokens": generated,
+                    "seconds": best["all"],
+                    "tok_s": generated / best["all"],
+                    "first_token_seconds": best["first"],
+                    "decode_tok_s": (generated - batch) / decode_s,
+                }
+            ),
+            flush=True,
+        )
 
 
 def run_config(model: Path, sparsity: str, args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
     cmd = [
-        sys.executable, "-m", "benchmarks.vllm_decode_bench", "--worker", "--model", str(model), "--sparsity", sparsity,
-        "--batches", ",".join(map(str, args.batches)), "--prompt-len", str(args.prompt_len),
-        "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--options", json.dumps(args.options),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "benchmarks.vllm_decode_bench",
+        "--worker",
+        "--model",
+        str(model),
+        "--sparsity",
+        sparsity,
+        "--batches",
+        ",".join(map(str, args.batches)),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--repeats",
+        str(args.repeats),
+        "--options",
+        json.dumps(args.options),
+    ]
     worker_env = {**env} if sparsity == "dense" else {**env, "ACTTAIL_SPARSITY": sparsity}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=worker_env, capture_output=True, text=True)
@@ -70,9 +95,12 @@ def run_config(model: Path, sparsity: str, args: argparse.Namespace, env: dict[s
     if proc.returncode != 0 or not rows:
         sys.stderr.write(proc.stderr[-6000:])
         raise SystemExit(f"{model.name} {sparsity}: worker failed with {proc.returncode}")
-    budget_lines = [l for l in proc.stderr.splitlines() if "ActTail:" in l and "budgets ready" in l]
-    print(f"# {model.name} {sparsity}: engine run {time.perf_counter() - start:.0f} s"
-          + (f"; {budget_lines[-1].split('ActTail: ')[-1][:120]}" if budget_lines else ""), flush=True)
+    budget_lines = [line for line in proc.stderr.splitlines() if "ActTail:" in line and "budgets ready" in line]
+    print(
+        f"# {model.name} {sparsity}: engine run {time.perf_counter() - start:.0f} s"
+        + (f"; {budget_lines[-1].split('ActTail: ')[-1][:120]}" if budget_lines else ""),
+        flush=True,
+    )
     return rows
 
 
@@ -100,8 +128,11 @@ def main() -> None:
     results = json.loads(args.extend.read_text()) if args.extend else []
     for shape in args.shapes.split(","):
         model = write_config(shape, root / f"{shape}-shape")
-        earlier = {r["batch"]: {"tok_s": r["dense_tok_s"], "decode_tok_s": r.get("dense_decode_tok_s")}
-                   for r in results if r["shape"] == shape}
+        earlier = {
+            r["batch"]: {"tok_s": r["dense_tok_s"], "decode_tok_s": r.get("dense_decode_tok_s")}
+            for r in results
+            if r["shape"] == shape
+        }
         if set(args.batches) <= set(earlier):
             dense = earlier
             print(f"# {model.name} dense: tok/s from {args.extend}", flush=True)
@@ -111,19 +142,33 @@ def main() -> None:
             same = (shape, float(sparsity), args.options)
             results = [r for r in results if (r["shape"], r["sparsity"], r.get("options", {})) != same]
             for row in run_config(model, sparsity, args, env):
-                results.append({"shape": shape, "sparsity": float(sparsity), "options": args.options,
-                                "dense_tok_s": dense[row["batch"]]["tok_s"],
-                                "dense_decode_tok_s": dense[row["batch"]].get("decode_tok_s"), **row})
+                results.append(
+                    {
+                        "shape": shape,
+                        "sparsity": float(sparsity),
+                        "options": args.options,
+                        "dense_tok_s": dense[row["batch"]]["tok_s"],
+                        "dense_decode_tok_s": dense[row["batch"]].get("decode_tok_s"),
+                        **row,
+                    }
+                )
     results.sort(key=lambda r: (r["shape"], r["sparsity"], json.dumps(r.get("options", {})), r["batch"]))
-    print("\n| shape | batch | sparsity | options | dense tok/s | acttail tok/s | speedup "
-          "| decode only: dense | acttail | speedup |")
+    print(
+        "\n| shape | batch | sparsity | options | dense tok/s | acttail tok/s | speedup "
+        "| decode only: dense | acttail | speedup |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         dense_decode, decode = r.get("dense_decode_tok_s"), r.get("decode_tok_s")  # absent in older runs
-        decode_cols = (f"{dense_decode:.0f} | {decode:.0f} | {decode / dense_decode:.2f}x" if dense_decode and decode
-                       else "- | - | -")
-        print(f"| {r['shape']} | {r['batch']} | {r['sparsity']:.1f} | {json.dumps(r.get('options', {}))} | "
-              f"{r['dense_tok_s']:.0f} | {r['tok_s']:.0f} | {r['tok_s'] / r['dense_tok_s']:.2f}x | {decode_cols} |")
+        decode_cols = (
+            f"{dense_decode:.0f} | {decode:.0f} | {decode / dense_decode:.2f}x"
+            if dense_decode and decode
+            else "- | - | -"
+        )
+        print(
+            f"| {r['shape']} | {r['batch']} | {r['sparsity']:.1f} | {json.dumps(r.get('options', {}))} | "
+            f"{r['dense_tok_s']:.0f} | {r['tok_s']:.0f} | {r['tok_s'] / r['dense_tok_s']:.2f}x | {decode_cols} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -14,8 +14,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import requests
 from pydantic import BaseModel, Field, ValidationError
@@ -119,7 +120,7 @@ class LocalPrometheus(PrometheusClient):
         path = self.workdir / "prometheus.log" if self.workdir else None
         return path.read_text(errors="replace") if path and path.exists() else ""
 
-    def start(self) -> "LocalPrometheus":
+    def start(self) -> LocalPrometheus:
         self.workdir = Path(tempfile.mkdtemp(prefix="acttail-prometheus-"))
         config_path = self.workdir / "prometheus.yml"
         config_path.write_text(self.config().to_yaml())
@@ -135,9 +136,12 @@ class LocalPrometheus(PrometheusClient):
                 stderr=subprocess.STDOUT,
             )
         wait_until_ok(
-            self.process, f"{self.url}/-/ready", self.startup_timeout_s, 0.5,
+            self.process,
+            f"{self.url}/-/ready",
+            self.startup_timeout_s,
+            0.5,
             lambda why: PrometheusError(f"prometheus {why}:\n{self.log()[-3000:]}"),
-        )  # fmt: skip
+        )
         return self
 
     def stop(self) -> None:
@@ -152,7 +156,7 @@ class LocalPrometheus(PrometheusClient):
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
-    def __enter__(self) -> "LocalPrometheus":
+    def __enter__(self) -> LocalPrometheus:
         try:
             return self.start()
         except BaseException:

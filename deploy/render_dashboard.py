@@ -24,8 +24,8 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -63,7 +63,9 @@ class DashboardData(BaseModel):
     panels: dict[int, list[TargetData]]  # by panel id, one entry per target
 
 
-def collect(dashboard: Dashboard, prom: PrometheusClient, start: float, end: float, window: str, caption: str) -> DashboardData:
+def collect(
+    dashboard: Dashboard, prom: PrometheusClient, start: float, end: float, window: str, caption: str
+) -> DashboardData:
     step_s = max(1.0, math.ceil((end - start) / 600))
     panels = {}
     for panel in dashboard.query_panels():
@@ -176,7 +178,9 @@ def draw_stat(ax, panel: Panel, entries: list[TargetData]) -> None:
     values = [s.value[1] * scale for e in entries for s in e.samples]
     decimals = panel.fieldConfig.get("defaults", {}).get("decimals", 2)
     ax.axis("off")
-    ax.text(0.5, 0.4, f"{values[0]:.{decimals}f} {label}" if values else "no data", ha="center", va="center", fontsize=22)
+    ax.text(
+        0.5, 0.4, f"{values[0]:.{decimals}f} {label}" if values else "no data", ha="center", va="center", fontsize=22
+    )
 
 
 def render(dashboard: Dashboard, data: DashboardData, out: Path) -> None:
@@ -193,8 +197,12 @@ def render(dashboard: Dashboard, data: DashboardData, out: Path) -> None:
             fig.text(0.01, top - (g.y + 0.8) * unit_h, panel.title, fontsize=13, weight="bold")
             continue
         # the panel's cell, less room for its title and axis labels
-        box = (g.x * unit_w + 0.6 * unit_w, top - (g.y + g.h) * unit_h + 1.2 * unit_h,
-               g.w * unit_w - 0.9 * unit_w, (g.h - 2.0) * unit_h)  # fmt: skip
+        box = (
+            g.x * unit_w + 0.6 * unit_w,
+            top - (g.y + g.h) * unit_h + 1.2 * unit_h,
+            g.w * unit_w - 0.9 * unit_w,
+            (g.h - 2.0) * unit_h,
+        )
         entries = data.panels.get(panel.id, [])
         if panel.type == "table" and is_layer_projection_table(entries):
             draw_layer_projection_heatmaps(fig, box, panel, entries)

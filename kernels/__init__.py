@@ -37,12 +37,21 @@ if TYPE_CHECKING:
     from .topk_select import SelectOptions
 
 __all__ = [
-    "GemvPath", "SelectOptions", "gemv_path", "kernels_available", "prepare_weight", "reference", "sparse_linear"
+    "GemvPath",
+    "SelectOptions",
+    "gemv_path",
+    "kernels_available",
+    "prepare_weight",
+    "reference",
+    "sparse_linear",
 ]
 
 # Loaded on first use: the Triton modules, and pydantic for the crossover table.
 _LAZY_API = {
-    "sparse_linear": ".dispatch", "gemv_path": ".dispatch", "GemvPath": ".crossover", "SelectOptions": ".topk_select"
+    "sparse_linear": ".dispatch",
+    "gemv_path": ".dispatch",
+    "GemvPath": ".crossover",
+    "SelectOptions": ".topk_select",
 }
 
 

@@ -39,9 +39,7 @@ def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
             f"{weight_t.dtype}/{weight_t.device}"
         )
     if bias is not None and (bias.shape != (weight_t.shape[1],) or bias.device != x.device):
-        raise ValueError(
-            f"bias must be [{weight_t.shape[1]}] on {x.device}, got {tuple(bias.shape)} on {bias.device}"
-        )
+        raise ValueError(f"bias must be [{weight_t.shape[1]}] on {x.device}, got {tuple(bias.shape)} on {bias.device}")
 
 
 def dense_on_sparsified(

@@ -295,7 +295,12 @@ def row_chunk(m: int, k: int, options: SelectOptions = SHIPPED_OPTIONS) -> int:
 
 
 def range_layout(
-    m: int, num_segs: int, k: int, dtype: torch.dtype, sms: int, guessed: bool,
+    m: int,
+    num_segs: int,
+    k: int,
+    dtype: torch.dtype,
+    sms: int,
+    guessed: bool,
     options: SelectOptions = SHIPPED_OPTIONS,
 ) -> tuple[int, int, bool]:
     """(SLICES, LOG_W, WINDOW) of a call on m tokens, num_segs segments and k channels: range-test
@@ -343,18 +348,26 @@ def topk_select(
         raise ValueError(f"at most {MAX_CHANNELS} input channels are supported, got {k}")
     if with_list and m != 1:
         raise ValueError(f"channel lists are made for one token, got {m}")
-    if thr_guess is not None and (thr_guess.shape != keep.shape or thr_guess.dtype != torch.int32
-                                  or thr_guess.device != x.device):
-        raise ValueError(f"thr_guess must be int32 [{keep.numel()}] on {x.device} (guess_tensor), got "
-                         f"{thr_guess.dtype} {tuple(thr_guess.shape)} on {thr_guess.device}")
+    if thr_guess is not None and (
+        thr_guess.shape != keep.shape or thr_guess.dtype != torch.int32 or thr_guess.device != x.device
+    ):
+        raise ValueError(
+            f"thr_guess must be int32 [{keep.numel()}] on {x.device} (guess_tensor), got "
+            f"{thr_guess.dtype} {tuple(thr_guess.shape)} on {thr_guess.device}"
+        )
     if x.stride(1) != 1:
         x = x.contiguous()
     num_segs = keep.numel()
     xs = torch.empty(num_segs, m, k, dtype=x.dtype, device=x.device)
     pdl = pdl_launch(x.device, options)
     if with_list:
-        sel = Selection(xs, torch.empty(num_segs, k, dtype=torch.int32, device=x.device), torch.empty_like(xs[:, 0]),
-                        torch.empty(num_segs, dtype=torch.int32, device=x.device), pdl)
+        sel = Selection(
+            xs,
+            torch.empty(num_segs, k, dtype=torch.int32, device=x.device),
+            torch.empty_like(xs[:, 0]),
+            torch.empty(num_segs, dtype=torch.int32, device=x.device),
+            pdl,
+        )
     else:
         sel = Selection(xs, pdl=pdl)
     if m == 0:

@@ -25,8 +25,17 @@ from acttail_vllm.profiling.profile import Profile
 from tests.test_vllm_plugin import metric_values
 from tests.tiny_models import hf_model
 
-SERVE_ARGS = ("--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4", "--enforce-eager",
-              "--quantization", "acttail")  # fmt: skip
+SERVE_ARGS = (
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "128",
+    "--max-num-seqs",
+    "4",
+    "--enforce-eager",
+    "--quantization",
+    "acttail",
+)
 PROMPT = list(b"The history of the city goes back more than two thousand years, when traders settled")
 #: Served and reference prompt log-probabilities at 50%: measured over the ten families, mean |diff|
 #: <= 7e-7 and max 3.5e-6 (float32; the reference runs transformers' eager attention, the one that
@@ -61,9 +70,12 @@ def client(server: VllmServer) -> openai.OpenAI:
 def test_completion_answers(served):
     family, server, _ = served
     out = client(server).completions.create(
-        model=server.model, prompt="The capital of France is", max_tokens=8, temperature=0.0,
+        model=server.model,
+        prompt="The capital of France is",
+        max_tokens=8,
+        temperature=0.0,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     assert out.usage.completion_tokens == 8 and out.choices[0].text
 
 
@@ -106,8 +118,9 @@ def test_metrics_list_the_profiled_projections(served):
     while not (configured := metric_values(server, "acttail_projection_sparsity_ratio")):
         assert time.monotonic() < deadline, "no ActTail metrics on /metrics"
         time.sleep(0.5)
-    expected = {(str(layer.index), name): p.sparsity for layer in profile.layers
-                for name, p in layer.projections.items()}  # fmt: skip
+    expected = {
+        (str(layer.index), name): p.sparsity for layer in profile.layers for name, p in layer.projections.items()
+    }
     assert configured == pytest.approx(expected)
     moe_line = re.search(r"ActTail: mixture of experts: .*", server.log())
     assert (moe_line is not None) == any(len(layer.projections) == 4 for layer in profile.layers), family
@@ -118,15 +131,19 @@ def sparsity_zero_equals_dense(family: str, tiny_model) -> None:
     directory, prompt, new_tokens = str(tiny_model(family)), PROMPT[:24], 12
     with VllmServer(directory, SERVE_ARGS, env={"ACTTAIL_SPARSITY": "0"}) as server:
         out = client(server).completions.create(
-            model=directory, prompt=prompt, max_tokens=new_tokens, temperature=0.0, logprobs=0,
+            model=directory,
+            prompt=prompt,
+            max_tokens=new_tokens,
+            temperature=0.0,
+            logprobs=0,
             extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
-        )  # fmt: skip
+        )
     served_ids = [int(token.removeprefix("token_id:")) for token in out.choices[0].logprobs.tokens]
     model, ids = hf_model(directory), list(prompt)
     with torch.no_grad():
         for _ in range(new_tokens):  # greedy, past end-of-sequence as vLLM's ignore_eos
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert served_ids == ids[len(prompt):], family
+    assert served_ids == ids[len(prompt) :], family
 
 
 def unsupported_architecture_stops_startup(tmp_path: Path) -> None:

@@ -60,7 +60,9 @@ def test_without_clipping_it_is_alphapruning_linear_map_rescaled():
 
 def test_equal_alphas_give_uniform_budgets():
     counts = [10, 20, 30, 40]
-    assert allocate([3.0] * 4, counts, AllocationSpec(0.7, "acttail", eps=0.3, s_max=0.95)) == pytest.approx([0.7] * 4, abs=1e-12)
+    assert allocate([3.0] * 4, counts, AllocationSpec(0.7, "acttail", eps=0.3, s_max=0.95)) == pytest.approx(
+        [0.7] * 4, abs=1e-12
+    )
 
 
 def test_uniform_method_ignores_alpha():
@@ -97,7 +99,14 @@ def test_zero_target_is_dense():
     ],
 )
 def test_bad_inputs_raise_specific_errors(kwargs, message):
-    args = {"alphas": [1.0, 2.0, 3.0], "param_counts": [1, 1, 1], "target": 0.8, "method": "acttail", "eps": 0.2, "s_max": 0.95}
+    args = {
+        "alphas": [1.0, 2.0, 3.0],
+        "param_counts": [1, 1, 1],
+        "target": 0.8,
+        "method": "acttail",
+        "eps": 0.2,
+        "s_max": 0.95,
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         spec = AllocationSpec(args["target"], args["method"], eps=args["eps"], s_max=args["s_max"])

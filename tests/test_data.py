@@ -40,7 +40,10 @@ def test_split_says_which_slice_ran_out():
 
 
 def test_clean_passage_turns_latex_quotes_plain():
-    assert data.clean_passage("known as the ``energy balance''  (or\tEROEI) ") == 'known as the "energy balance" (or EROEI)'
+    assert (
+        data.clean_passage("known as the ``energy balance''  (or\tEROEI) ")
+        == 'known as the "energy balance" (or EROEI)'
+    )
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
@@ -64,7 +67,9 @@ def test_wrong_release_is_refused(monkeypatch):
 
 def test_item_answer_must_be_a_choice():
     with pytest.raises(ValidationError, match="answer_index 2 is out of range for 2 choices"):
-        MultipleChoiceItem(task=McTask.PIQA, index=0, source_id="0", context="Goal:", choices=(" a", " b"), answer_index=2)
+        MultipleChoiceItem(
+            task=McTask.PIQA, index=0, source_id="0", context="Goal:", choices=(" a", " b"), answer_index=2
+        )
 
 
 def test_unknown_task_and_bad_limit_are_refused():
@@ -128,7 +133,9 @@ def test_multiple_choice_content_and_limit():
     assert len(piqa) == 3
     first = piqa[0]
     assert first.context == "Goal: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
-    assert first.choices[first.answer_index].startswith(" Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper")
+    assert first.choices[first.answer_index].startswith(
+        " Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper"
+    )
     boolq = data.load_multiple_choice("boolq", limit=1)[0]
     assert boolq.choices == (" yes", " no")
     assert boolq.context.startswith("Ethanol fuel -- ")

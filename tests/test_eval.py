@@ -15,8 +15,7 @@ import torch
 
 from acttail_vllm.cli import main
 from acttail_vllm.eval import data
-from acttail_vllm.eval.data import McTask, MultipleChoiceItem
-from acttail_vllm.eval.data import export_data, load_text, multiple_choice_items
+from acttail_vllm.eval.data import McTask, MultipleChoiceItem, export_data, load_text, multiple_choice_items
 from acttail_vllm.eval.engines import ReferenceEngine, score_requests, windowed_nll
 from acttail_vllm.eval.evaluator import Evaluator, task_accuracy
 from acttail_vllm.eval.records import RunSettings, SweepResult
@@ -45,14 +44,24 @@ def test_windows_without_overlap_skip_each_window_start():
 
 def test_windows_with_overlap_score_every_token_but_the_first_once():
     windows = sliding_windows(11, context=4, stride=2)
-    assert [(w.begin, w.end, w.score_from) for w in windows] == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8), (8, 11, 10)]
+    assert [(w.begin, w.end, w.score_from) for w in windows] == [
+        (0, 4, 1),
+        (2, 6, 4),
+        (4, 8, 6),
+        (6, 10, 8),
+        (8, 11, 10),
+    ]
     scored = [t for w in windows for t in range(w.score_from, w.end)]
     assert scored == list(range(1, 11))
 
 
 @pytest.mark.parametrize(
     ("num_tokens", "context", "stride", "message"),
-    [(10, 1, None, "context must be at least 2"), (10, 4, 5, "stride must be in"), (1, 4, None, "at least 2 are needed")],
+    [
+        (10, 1, None, "context must be at least 2"),
+        (10, 4, 5, "stride must be in"),
+        (1, 4, None, "at least 2 are needed"),
+    ],
 )
 def test_bad_windows_are_refused(num_tokens, context, stride, message):
     with pytest.raises(ValueError, match=message):
@@ -89,7 +98,9 @@ def test_uniform_model_has_perplexity_equal_to_the_vocabulary():
 def test_bigram_perplexity_matches_the_closed_form(stride, skipped):
     model = BigramModel(30)
     ids = torch.randint(0, 30, (150,), generator=torch.Generator().manual_seed(2)).tolist()
-    nll, tokens = windowed_nll(ReferenceEngine(model, torch.device("cpu")), ids, context=40, stride=stride, batch_size=2)
+    nll, tokens = windowed_nll(
+        ReferenceEngine(model, torch.device("cpu")), ids, context=40, stride=stride, batch_size=2
+    )
     scored = [j for j in range(len(ids)) if j not in skipped]
     expected = -math.fsum(model.table[ids[j - 1], ids[j]].item() for j in scored)
     assert tokens == len(scored)
@@ -112,9 +123,13 @@ def test_progress_hears_of_every_decoder_layer_of_a_batch():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
         num_key_value_heads=2,
-    )  # fmt: skip
+    )
     engine = ReferenceEngine(LlamaForCausalLM(config).eval(), torch.device("cpu"))
     heard = []
     engine.log_likelihoods([ScoreRequest(tuple(range(1, 9)), 1)] * 4, heard.append)
@@ -140,7 +155,9 @@ def test_pick_choice_and_length_normalisation():
 
 def test_task_accuracy_counts_raw_and_normalised_picks():
     items = [
-        MultipleChoiceItem(task=McTask.PIQA, index=i, source_id=str(i), context="q", choices=choices, answer_index=answer)
+        MultipleChoiceItem(
+            task=McTask.PIQA, index=i, source_id=str(i), context="q", choices=choices, answer_index=answer
+        )
         for i, (choices, answer) in enumerate([(("a", "bbbbbbbb"), 1), (("a", "b"), 0)])
     ]
     result = task_accuracy(McTask.PIQA, items, [[-1.0, -2.0], [-1.0, -2.0]])
@@ -170,7 +187,9 @@ def profile_of(evaluator, tmp_path_factory):
     """profile_of(method, sparsity) -> path; each profile is built on first use (5-100 s, depending
     on what else the machine runs), then reused from the module's directory."""
     directory = tmp_path_factory.mktemp("profiles")
-    return lambda method, sparsity: evaluator.build_profile(directory, AllocationSpec(sparsity, method, ESTIMATOR, EPS, S_MAX))
+    return lambda method, sparsity: evaluator.build_profile(
+        directory, AllocationSpec(sparsity, method, ESTIMATOR, EPS, S_MAX)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +275,10 @@ def test_export_data_round_trips(tmp_path):
 def test_sweep_writes_results_and_each_row_reproduces(smollm2_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     common = ["--text", "ci", "--max-tokens", "96", "--context", "48"]
-    assert main(["eval", "sweep", str(smollm2_dir), *common, "--sparsities", "0.5", "--eps", str(EPS), "--out", str(out)]) == 0
+    assert (
+        main(["eval", "sweep", str(smollm2_dir), *common, "--sparsities", "0.5", "--eps", str(EPS), "--out", str(out)])
+        == 0
+    )
     table = capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"profiles", "sweep.json", "sweep.png", "sweep.md"}
     result = SweepResult.model_validate_json((out / "sweep.json").read_text())

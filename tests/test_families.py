@@ -22,6 +22,7 @@ from acttail_vllm.profiling.profile import ATTENTION_PROJECTIONS, PROJECTION_NAM
 from acttail_vllm.profiling.weights import open_model, unpermute_rotary_rows
 from tests.tiny_models import SPECS, hf_model
 
+
 def config_of(directory: Path) -> dict:
     return json.loads((directory / "config.json").read_text())
 
@@ -34,9 +35,15 @@ def expected_shapes(config: dict, layer: int) -> dict[str, tuple[int, int]]:
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
     inter = config["intermediate_size"]
-    shapes = {"q_proj": (heads * head_dim, hidden), "k_proj": (kv_heads * head_dim, hidden),
-              "v_proj": (kv_heads * head_dim, hidden), "o_proj": (hidden, heads * head_dim),
-              "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}  # fmt: skip
+    shapes = {
+        "q_proj": (heads * head_dim, hidden),
+        "k_proj": (kv_heads * head_dim, hidden),
+        "v_proj": (kv_heads * head_dim, hidden),
+        "o_proj": (hidden, heads * head_dim),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
+    }
     experts = config.get("num_local_experts") or config.get("num_experts")
     moe = experts and layer not in config.get("mlp_only_layers", [])
     return {name: shapes[name] for name in (ATTENTION_PROJECTIONS if moe else PROJECTION_NAMES)}
@@ -73,8 +80,11 @@ def test_phi3_fused_tensors_are_split_into_their_projections(tiny_model):
 
 def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """``LlamaModel.permute`` of llama.cpp's convert_hf_to_gguf.py."""
-    return (weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))  # fmt: skip
+    return (
+        weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def test_unpermute_inverts_llama_cpp_rotary_permutation():
@@ -85,9 +95,18 @@ def test_unpermute_inverts_llama_cpp_rotary_permutation():
 
 
 #: family -> the GGUF arch llama.cpp converts it to (Mistral and Mixtral are its llama).
-GGUF_ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3", "gemma2": "GEMMA2",
-              "gemma3": "GEMMA3", "phi3": "PHI3", "mixtral": "LLAMA", "qwen2_moe": "QWEN2MOE",
-              "qwen3_moe": "QWEN3MOE"}  # fmt: skip
+GGUF_ARCHS = {
+    "llama": "LLAMA",
+    "mistral": "LLAMA",
+    "qwen2": "QWEN2",
+    "qwen3": "QWEN3",
+    "gemma2": "GEMMA2",
+    "gemma3": "GEMMA3",
+    "phi3": "PHI3",
+    "mixtral": "LLAMA",
+    "qwen2_moe": "QWEN2MOE",
+    "qwen3_moe": "QWEN3MOE",
+}
 
 
 def write_gguf(directory: Path, path: Path, arch_name: str) -> Path:
@@ -203,8 +222,9 @@ def test_phi3_reference_keeps_one_topk_per_segment(tiny_model):
 
 def test_reference_refuses_a_profile_of_another_family(tiny_model):
     dense, moe = (hf_model(tiny_model(f)) for f in ("qwen2", "qwen2_moe"))
-    dense_profile, moe_profile = (profile_model(str(tiny_model(f)), AllocationSpec(0.5))
-                                  for f in ("qwen2", "qwen2_moe"))  # fmt: skip
+    dense_profile, moe_profile = (
+        profile_model(str(tiny_model(f)), AllocationSpec(0.5)) for f in ("qwen2", "qwen2_moe")
+    )
     with pytest.raises(KeyError, match=r"layer 0 has no projection '(gate|up|down)_proj'"):
         sparsified(dense, moe_profile).__enter__()
     with pytest.raises(ValueError, match="has 14 projections, the model 11: it was made for another model"):
@@ -241,13 +261,33 @@ def test_chunked_gguf_is_assembled_once_and_checked(tmp_path, monkeypatch):
         models.ensure_chunked_gguf(bad)
     assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == ["m.gguf"]  # nothing half-made
 
+
 REAL_GGUFS = {
-    "gemma3-270m": (models.GEMMA3_270M, "Gemma3ForCausalLM", 18, {"q_proj": (1024, 640), "k_proj": (256, 640),
-                    "o_proj": (640, 1024), "gate_proj": (2048, 640), "down_proj": (640, 2048)}),
-    "qwen2.5-coder-0.5b": (models.QWEN25_CODER_05B, "Qwen2ForCausalLM", 24, {"q_proj": (896, 896),
-                           "k_proj": (128, 896), "o_proj": (896, 896), "gate_proj": (4864, 896),
-                           "down_proj": (896, 4864)}),
-}  # fmt: skip
+    "gemma3-270m": (
+        models.GEMMA3_270M,
+        "Gemma3ForCausalLM",
+        18,
+        {
+            "q_proj": (1024, 640),
+            "k_proj": (256, 640),
+            "o_proj": (640, 1024),
+            "gate_proj": (2048, 640),
+            "down_proj": (640, 2048),
+        },
+    ),
+    "qwen2.5-coder-0.5b": (
+        models.QWEN25_CODER_05B,
+        "Qwen2ForCausalLM",
+        24,
+        {
+            "q_proj": (896, 896),
+            "k_proj": (128, 896),
+            "o_proj": (896, 896),
+            "gate_proj": (4864, 896),
+            "down_proj": (896, 4864),
+        },
+    ),
+}
 
 
 @pytest.mark.slow

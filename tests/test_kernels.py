@@ -18,8 +18,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import
 
-from acttail_kernels import kernels_available, prepare_weight, reference  # noqa: E402
-from acttail_kernels import measured  # noqa: E402
+from acttail_kernels import (  # noqa: E402
+    kernels_available,
+    measured,  # noqa: E402
+    prepare_weight,
+    reference,
+)
 from acttail_kernels.crossover import (  # noqa: E402
     CROSSOVER_FILE,
     DEFAULT_MAX_SPARSE_M,
@@ -37,8 +41,15 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
 # (seg_widths, K): a plain projection and merged ones with unequal odd segments.
 SHAPES = (
-    [((5120,), 5120), ((5120, 5120, 5120), 5120), ((13824, 13824), 5120), ((5120,), 13824), ((4096,), 11008),
-     ((4096, 1024, 1024), 4096), ((3584, 512, 512), 3584)]  # GQA qkv: Llama-3-8B / Mistral-7B, Qwen2.5-7B
+    [
+        ((5120,), 5120),
+        ((5120, 5120, 5120), 5120),
+        ((13824, 13824), 5120),
+        ((5120,), 13824),
+        ((4096,), 11008),
+        ((4096, 1024, 1024), 4096),
+        ((3584, 512, 512), 3584),
+    ]  # GQA qkv: Llama-3-8B / Mistral-7B, Qwen2.5-7B
     if ON_GPU
     else [((37,), 100), ((11, 13, 9), 100), ((20, 17), 63)]
 )
@@ -121,8 +132,12 @@ def test_sparse_linear_ref_per_segment_keep():
 
 @pytest.mark.parametrize(
     ("bounds", "keeps", "message"),
-    [([0, 5], [1], "end at the output width"), ([0, 2, 2, 6], [1, 1, 1], "strictly increasing"),
-     ([0, 3, 6], [1], "one entry per segment"), ([0, 6], [5], r"in \[0, 4\]")],
+    [
+        ([0, 5], [1], "end at the output width"),
+        ([0, 2, 2, 6], [1, 1, 1], "strictly increasing"),
+        ([0, 3, 6], [1], "one entry per segment"),
+        ([0, 6], [5], r"in \[0, 4\]"),
+    ],
 )
 def test_bad_segments_are_rejected(bounds, keeps, message):
     with pytest.raises(ValueError, match=message):
@@ -182,8 +197,9 @@ def test_selection_with_a_threshold_guess(kernels, shape, dtype):
         if seed % 3:  # else keep the previous call's
             guess.fill_(0 if seed % 3 == 1 else (1 << topk_select.value_bits(dtype)) - 1)
         before = guess.clone()
-        sel = topk_select.topk_select(x, topk_select.keep_tensor(keeps, DEVICE), with_list=m == 1, thr_guess=guess,
-                                      options=options)
+        sel = topk_select.topk_select(
+            x, topk_select.keep_tensor(keeps, DEVICE), with_list=m == 1, thr_guess=guess, options=options
+        )
         for i, keep in enumerate(keeps):
             expect = torch.where(reference.topk_mask(x, keep), x, 0)
             assert torch.equal(sel.xs[i], expect), f"M={m} s={sparsity} guess {int(before[i])} segment {i} keep {keep}"
@@ -269,13 +285,16 @@ def test_sparse_linear_passes_select_options_on(kernels):
     weight_t = prepare_weight((torch.randn(bounds[-1], k) * 0.05).to(DTYPES[0]).to(DEVICE))
     keeps = keeps_for(k, widths, 0.8, 0)
     guess = topk_select.guess_tensor(len(widths), DEVICE)
-    variants = [topk_select.SelectOptions(row_chunk=16, row_chunk_max_tokens=16, use_pdl=False),
-                topk_select.SelectOptions(range_programs_per_sm=6, threshold_window=1)]
+    variants = [
+        topk_select.SelectOptions(row_chunk=16, row_chunk_max_tokens=16, use_pdl=False),
+        topk_select.SelectOptions(range_programs_per_sm=6, threshold_window=1),
+    ]
     for options, m in itertools.product(variants, (1, 5)):
         x = activations(m, k, DTYPES[0], m)
         expect = dispatch.sparse_linear(x, weight_t, None, bounds, keeps, path=GemvPath.DENSE)
-        out = dispatch.sparse_linear(x, weight_t, None, bounds, keeps, path=GemvPath.DENSE, thr_guess=guess,
-                                     options=options)
+        out = dispatch.sparse_linear(
+            x, weight_t, None, bounds, keeps, path=GemvPath.DENSE, thr_guess=guess, options=options
+        )
         assert torch.equal(out, expect), (options, m)
 
 
@@ -334,9 +353,17 @@ def test_kernels_available_explains_cpu_without_interpreter(monkeypatch):
 def test_crossover_lookup():
     table = CrossoverTable(
         device="test",
-        shapes=[ShapeCrossover(name="q", n=64, k=32, points=[
-            CrossoverPoint(sparsity=0.5, max_sparse_m=1, one_token_walk=True),
-            CrossoverPoint(sparsity=0.8, max_sparse_m=4)])],
+        shapes=[
+            ShapeCrossover(
+                name="q",
+                n=64,
+                k=32,
+                points=[
+                    CrossoverPoint(sparsity=0.5, max_sparse_m=1, one_token_walk=True),
+                    CrossoverPoint(sparsity=0.8, max_sparse_m=4),
+                ],
+            )
+        ],
     )
     walk, dense, channel_list = GemvPath.WALK, GemvPath.DENSE, GemvPath.LIST
     assert table.path(1, 64, 32, 0.3) is walk  # the nearest measured sparsity: 0.5
@@ -358,8 +385,9 @@ def test_one_token_path_follows_the_table(kernels, monkeypatch):
     point = CrossoverPoint(sparsity=sparsity, max_sparse_m=1, one_token_walk=True)
     table = CrossoverTable(device="test", shapes=[ShapeCrossover(name="s", n=bounds[-1], k=k, points=[point])])
     monkeypatch.setattr(dispatch, "load_crossover", {dispatch.device_name(torch.device(DEVICE)): table}.get)
-    path = functools.partial(dispatch.gemv_path, n=bounds[-1], k=k, seg_bounds=bounds, seg_keep=keeps,
-                             device=torch.device(DEVICE))
+    path = functools.partial(
+        dispatch.gemv_path, n=bounds[-1], k=k, seg_bounds=bounds, seg_keep=keeps, device=torch.device(DEVICE)
+    )
     assert path(1) is GemvPath.WALK
     point.one_token_walk = False
     assert path(1) is GemvPath.LIST
@@ -384,10 +412,18 @@ def test_shipped_measured_tables_load():
 def measured_tiles(kernels, monkeypatch):
     """plan_gemv reading a test tile table (its plan cache cleared before and after)."""
     _, sparse_gemv, _ = kernels
-    table = TileTable(device="test", shapes=[ShapeTiles(
-        name="qk", seg_widths=[64, 64], k=32,
-        channel_list=GemvTiles(block_n=64, block_k=256, programs_per_sm=2),
-        walk=GemvTiles(block_n=16, block_k=32, programs_per_sm=8))])
+    table = TileTable(
+        device="test",
+        shapes=[
+            ShapeTiles(
+                name="qk",
+                seg_widths=[64, 64],
+                k=32,
+                channel_list=GemvTiles(block_n=64, block_k=256, programs_per_sm=2),
+                walk=GemvTiles(block_n=16, block_k=32, programs_per_sm=8),
+            )
+        ],
+    )
     monkeypatch.setattr(sparse_gemv, "load_tiles", {"test GPU": table}.get)
     sparse_gemv.plan_gemv.cache_clear()
     yield sparse_gemv.plan_gemv
@@ -420,8 +456,9 @@ def measured_dir(tmp_path, monkeypatch):
     load_tiles.cache_clear()
 
 
-LOADERS = pytest.mark.parametrize(("loader", "file_name"), [(load_crossover, CROSSOVER_FILE), (load_tiles, TILES_FILE)],
-                                  ids=["crossover", "tiles"])
+LOADERS = pytest.mark.parametrize(
+    ("loader", "file_name"), [(load_crossover, CROSSOVER_FILE), (load_tiles, TILES_FILE)], ids=["crossover", "tiles"]
+)
 
 
 @LOADERS
@@ -431,9 +468,12 @@ def test_broken_measured_table_says_which_file_and_what_to_do(loader, file_name,
     broken.parent.mkdir()
     broken.write_text('{"device": "NVIDIA H100 80GB HBM3", "shapes": [{"name": "q"}]}')
     loader.cache_clear()
-    with pytest.raises(ValueError, match=r"NVIDIA_H100_80GB_HBM3/\w+\.json is not a valid \w+Table .*first at "
-                       r"shapes\.0\.\w+: Field required.*measure it with `python3 -m tools\.tune_\w+ "
-                       r"--write.*or delete it"):
+    with pytest.raises(
+        ValueError,
+        match=r"NVIDIA_H100_80GB_HBM3/\w+\.json is not a valid \w+Table .*first at "
+        r"shapes\.0\.\w+: Field required.*measure it with `python3 -m tools\.tune_\w+ "
+        r"--write.*or delete it",
+    ):
         loader("NVIDIA H100 80GB HBM3")
 
 
@@ -443,6 +483,9 @@ def test_table_of_another_gpu_is_refused(loader, file_name, measured_dir):
     misfiled = measured_dir / "NVIDIA_H200" / file_name
     misfiled.parent.mkdir()
     misfiled.write_text('{"device": "NVIDIA H100 80GB HBM3", "shapes": []}')
-    with pytest.raises(ValueError, match=r"measured on 'NVIDIA H100 80GB HBM3', not on 'NVIDIA H200' .*move it to "
-                       r".*NVIDIA_H100_80GB_HBM3/\w+\.json"):
+    with pytest.raises(
+        ValueError,
+        match=r"measured on 'NVIDIA H100 80GB HBM3', not on 'NVIDIA H200' .*move it to "
+        r".*NVIDIA_H100_80GB_HBM3/\w+\.json",
+    ):
         loader("NVIDIA H200")

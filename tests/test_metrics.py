@@ -41,11 +41,15 @@ def snapshot(pid: int, tokens: int, kept: int, written_at: float | None = None) 
         tokens={TokenPath.SPARSE_GEMV: 0, TokenPath.SELECTION_DENSE_GEMM: tokens, TokenPath.UNSPARSIFIED: 0},
         projections=[
             ProjectionSnapshot(
-                layer=0, projection="q_proj", configured_sparsity=0.5, in_features=IN_FEATURES,
-                kept_channels=kept, budget_kept_fraction=0.5,
+                layer=0,
+                projection="q_proj",
+                configured_sparsity=0.5,
+                in_features=IN_FEATURES,
+                kept_channels=kept,
+                budget_kept_fraction=0.5,
             )
         ],
-    )  # fmt: skip
+    )
 
 
 def exported(collector: ActTailCollector) -> str:

@@ -86,7 +86,7 @@ def test_stack_files_point_at_each_other():
 def test_rate_interval_is_the_only_variable():
     assert concrete_expr("rate(x[$__rate_interval])", "30s") == "rate(x[30s])"
     with pytest.raises(StackFileError, match=r"unsupported Grafana variable"):
-        concrete_expr("rate(x{model=\"$model\"}[5m])", "30s")
+        concrete_expr('rate(x{model="$model"}[5m])', "30s")
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not on PATH (Debian package prometheus)")
@@ -94,10 +94,17 @@ def test_promtool_accepts_the_config_and_every_dashboard_query(tmp_path):
     check = subprocess.run(["promtool", "check", "config", str(PROMETHEUS_CONFIG_PATH)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     # promtool parses PromQL offline only inside rule files: one recording rule per query
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:panel{panel.id}:{target.refId}", "expr": concrete_expr(target.expr, "1m")}
-        for panel, target in all_targets()
-    ]}]}  # fmt: skip
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:panel{panel.id}:{target.refId}", "expr": concrete_expr(target.expr, "1m")}
+                    for panel, target in all_targets()
+                ],
+            }
+        ]
+    }
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump(rules))
     check = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
@@ -112,16 +119,22 @@ def compose_command() -> list[str] | None:
     return None
 
 
-@pytest.mark.skipif(compose_command() is None, reason="neither docker-compose nor the docker compose plugin is installed")
+@pytest.mark.skipif(
+    compose_command() is None, reason="neither docker-compose nor the docker compose plugin is installed"
+)
 def test_compose_file_is_valid(tmp_path):
     profile = tmp_path / "profile.json"
     profile.write_text("{}")
     env = {"PATH": os.environ["PATH"], "ACTTAIL_MODEL_DIR": str(tmp_path), "ACTTAIL_PROFILE_FILE": str(profile)}
-    check = subprocess.run([*compose_command(), "-f", str(COMPOSE_PATH), "config", "-q"], capture_output=True, text=True, env=env)
+    check = subprocess.run(
+        [*compose_command(), "-f", str(COMPOSE_PATH), "config", "-q"], capture_output=True, text=True, env=env
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     # without the model directory the stack refuses to start, naming the variable
     env.pop("ACTTAIL_MODEL_DIR")
-    check = subprocess.run([*compose_command(), "-f", str(COMPOSE_PATH), "config", "-q"], capture_output=True, text=True, env=env)
+    check = subprocess.run(
+        [*compose_command(), "-f", str(COMPOSE_PATH), "config", "-q"], capture_output=True, text=True, env=env
+    )
     assert check.returncode != 0 and "ACTTAIL_MODEL_DIR" in check.stderr
 
 

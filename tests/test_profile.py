@@ -31,7 +31,12 @@ def profile_dict(num_layers: int = 2, target: float = 0.5) -> dict:
         for k, name in enumerate(PROJECTION_NAMES):
             out_features, in_features = SHAPES[name]
             sparsity = target + (0.1 if (index + k) % 2 else -0.1)
-            projections[name] = {"alpha": 2.0 + k / 10, "sparsity": sparsity, "in_features": in_features, "out_features": out_features}
+            projections[name] = {
+                "alpha": 2.0 + k / 10,
+                "sparsity": sparsity,
+                "in_features": in_features,
+                "out_features": out_features,
+            }
             values.append(sparsity)
             counts.append(in_features * out_features)
         layers.append({"index": index, "projections": projections})
@@ -39,7 +44,12 @@ def profile_dict(num_layers: int = 2, target: float = 0.5) -> dict:
     return {
         "schema_version": 1,
         "tool_version": "0.1.0",
-        "model": {"name": "tiny", "architecture": "LlamaForCausalLM", "num_layers": num_layers, "fingerprint": "a1b2c3d4e5f6a7b8"},
+        "model": {
+            "name": "tiny",
+            "architecture": "LlamaForCausalLM",
+            "num_layers": num_layers,
+            "fingerprint": "a1b2c3d4e5f6a7b8",
+        },
         "method": "acttail",
         "estimator": "hill",
         "eps": 0.2,
@@ -154,11 +164,18 @@ def test_fingerprint_mismatch_tells_how_to_fix(tmp_path):
 
 def fingerprint_samples(dtype: torch.dtype) -> dict:
     rows = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    return {(0, "q_proj"): (64, 64, rows[0].to(dtype)), (0, "k_proj"): (32, 64, rows[1].to(dtype)), (1, "q_proj"): (64, 64, rows[2].to(dtype))}
+    return {
+        (0, "q_proj"): (64, 64, rows[0].to(dtype)),
+        (0, "k_proj"): (32, 64, rows[1].to(dtype)),
+        (1, "q_proj"): (64, 64, rows[2].to(dtype)),
+    }
 
 
 def test_fingerprint_is_the_same_for_bf16_fp16_and_fp32_copies():
-    prints = {model_fingerprint("LlamaForCausalLM", fingerprint_samples(d)) for d in (torch.bfloat16, torch.float16, torch.float32)}
+    prints = {
+        model_fingerprint("LlamaForCausalLM", fingerprint_samples(d))
+        for d in (torch.bfloat16, torch.float16, torch.float32)
+    }
     assert len(prints) == 1
 
 

@@ -61,9 +61,12 @@ print("reused" if result.reused else "built", flush=True)
 def child(tmp_path: Path, sleep_s: float, mode: str = "normal") -> subprocess.Popen:
     args = [str(tmp_path / "cache"), str(tmp_path / "computed"), str(sleep_s), str(tmp_path / "go"), mode]
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD, *args], cwd=REPO, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", CHILD, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+    )
 
 
 def get(directory: Path, compute, spec: AllocationSpec = SPEC):

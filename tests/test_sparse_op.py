@@ -19,14 +19,19 @@ def counts(selection: int = 0, unsparsified: int = 0) -> dict[TokenPath, int]:
 
 
 def run_op(
-    x: torch.Tensor, weight: torch.Tensor, decode_only: bool, max_sparse_tokens: int | None = None,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    decode_only: bool,
+    max_sparse_tokens: int | None = None,
     stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ModuleStats]:
     stats = new_stats(len(KEEPS)) if stats is None else stats
     keep = torch.tensor(KEEPS, dtype=torch.int32)
     thr_guess = torch.zeros(len(KEEPS), dtype=torch.int32)
     policy = "decode" if decode_only else "all"
-    y = sparse_op._sparse_linear(x, weight, None, BOUNDS, KEEPS, keep, thr_guess, stats, True, policy, max_sparse_tokens)
+    y = sparse_op._sparse_linear(
+        x, weight, None, BOUNDS, KEEPS, keep, thr_guess, stats, True, policy, max_sparse_tokens
+    )
     return y, ModuleStats.read(stats)
 
 
@@ -37,8 +42,17 @@ def test_off_cuda_every_policy_but_decode_sparsifies_every_row(policy):
     x, weight = torch.randn(5, K), torch.randn(BOUNDS[-1], K)
     stats = new_stats(len(KEEPS))
     y = sparse_op._sparse_linear(
-        x, weight, None, BOUNDS, KEEPS, torch.tensor(KEEPS, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
-        stats, True, policy, None,
+        x,
+        weight,
+        None,
+        BOUNDS,
+        KEEPS,
+        torch.tensor(KEEPS, dtype=torch.int32),
+        torch.zeros(2, dtype=torch.int32),
+        stats,
+        True,
+        policy,
+        None,
     )
     torch.testing.assert_close(y, reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS))
     assert ModuleStats.read(stats).tokens == counts(selection=5)
@@ -68,6 +82,7 @@ def test_decode_policy_leaves_prefill_rows_dense_and_counts_them_whole(monkeypat
 def test_steps_over_the_token_limit_run_dense(decode_only, monkeypatch):
     """max_sparse_tokens=3: a step of 3 tokens is sparsified, one of 4 runs the dense layer whole
     (under policy=decode too: the decode mask is not even read), and the counters say so."""
+
     def decode_token_mask(rows, device):
         assert rows <= 3, "a step over the limit read the decode mask"
         return None  # every token of the small step decodes

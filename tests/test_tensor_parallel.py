@@ -36,12 +36,15 @@ def rank_modules(directory, rank: int, kv_heads: int, kv_replicas_seen: int | No
         t = {name.split(".")[-2]: w for name, w in tensors.items() if name.startswith(f"model.layers.{layer}.")}
         kv_part = rank // kv_replicas  # vLLM: shard_rank = tp_rank // num_kv_head_replicas
         weights = {
-            "qkv_proj": (rows(t["q_proj"], TP, rank), rows(t["k_proj"], TP // kv_replicas, kv_part),
-                         rows(t["v_proj"], TP // kv_replicas, kv_part)),
+            "qkv_proj": (
+                rows(t["q_proj"], TP, rank),
+                rows(t["k_proj"], TP // kv_replicas, kv_part),
+                rows(t["v_proj"], TP // kv_replicas, kv_part),
+            ),
             "o_proj": (t["o_proj"].chunk(TP, dim=1)[rank],),
             "gate_up_proj": (rows(t["gate_proj"], TP, rank), rows(t["up_proj"], TP, rank)),
             "down_proj": (t["down_proj"].chunk(TP, dim=1)[rank],),
-        }  # fmt: skip
+        }
         for module, split in weights.items():
             proj = decoder_projection(f"model.layers.{layer}.{'self_attn' if module[0] in 'qo' else 'mlp'}.{module}")
             modules.append(LoadedModule(proj, split, proj.rank_shards(TP, seen)))
@@ -83,10 +86,21 @@ def test_row_parallel_ranks_keep_the_topk_of_their_shard():
     sparsity = 0.5
     keep_per_rank = kept_count(sparsity, 256 // TP)
     served = sum(
-        _sparse_linear(x_half, w_half, None, [0, 96], [keep_per_rank], torch.tensor([keep_per_rank], dtype=torch.int32),
-                       torch.zeros(1, dtype=torch.int32), torch.zeros(4, dtype=torch.int64), False, "all", None)
+        _sparse_linear(
+            x_half,
+            w_half,
+            None,
+            [0, 96],
+            [keep_per_rank],
+            torch.tensor([keep_per_rank], dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int32),
+            torch.zeros(4, dtype=torch.int64),
+            False,
+            "all",
+            None,
+        )
         for x_half, w_half in zip(x.chunk(TP, dim=1), weight.chunk(TP, dim=1))
-    )  # fmt: skip
+    )
     shard_local = sum(
         (x_half * topk_mask(x_half, keep_per_rank)) @ w_half.T
         for x_half, w_half in zip(x.chunk(TP, dim=1), weight.chunk(TP, dim=1))

@@ -6,10 +6,10 @@ import pytest
 from tests.served_families import (  # noqa: F401 -- the tests this file runs
     served_fixture,
     sparsity_zero_equals_dense,
-    unsupported_architecture_stops_startup,
     test_completion_answers,
     test_metrics_list_the_profiled_projections,
     test_prompt_logprobs_match_reference,
+    unsupported_architecture_stops_startup,
 )
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,9 @@ import openai
 import pytest
 import torch
 
-from acttail_vllm.serving.budgets import kept_count
-from acttail_vllm.profiling.profile import Profile
 from acttail_vllm.dev.server import VllmServer
+from acttail_vllm.profiling.profile import Profile
+from acttail_vllm.serving.budgets import kept_count
 from tests.conftest import shipped_profile
 
 pytestmark = pytest.mark.slow
@@ -54,6 +54,7 @@ def metric_values(server: VllmServer, name: str) -> dict[tuple[str, str], float]
 def settled_token_counts(server: VllmServer) -> dict[str, float]:
     """{path: tokens} of acttail_tokens_total on the server's /metrics, once two reads a second
     apart agree (snapshots land every ACTTAIL_METRICS_INTERVAL_S; an idle server's stop changing)."""
+
     def read() -> dict[str, float]:
         pattern = r'^acttail_tokens_total\{path="(\w+)"\} (\S+)$'
         return {p: float(v) for p, v in re.findall(pattern, server.metrics(), re.M)}
@@ -71,9 +72,7 @@ def test_sparsity_zero_equals_dense(smollm2_dir):
     model = str(smollm2_dir)
     with VllmServer(model, SERVE_ARGS) as dense:
         dense_texts = greedy_texts(dense, model)
-    with VllmServer(
-        model, (*SERVE_ARGS, "--quantization", "acttail"), env={"ACTTAIL_SPARSITY": "0"}
-    ) as sparse:
+    with VllmServer(model, (*SERVE_ARGS, "--quantization", "acttail"), env={"ACTTAIL_SPARSITY": "0"}) as sparse:
         sparse_texts = greedy_texts(sparse, model)
     assert sparse_texts == dense_texts
     assert all(len(t) > 0 for t in dense_texts)
@@ -84,7 +83,7 @@ def served_50(smollm2_dir):
     """The shipped 50% ActTail profile, passed through vLLM's own --hf-overrides surface, under
     vLLM's default torch.compile."""
     profile = shipped_profile("acttail", 50)
-    overrides = '{"quantization_config": {"quant_method": "acttail", "profile": "%s"}}' % profile
+    overrides = json.dumps({"quantization_config": {"quant_method": "acttail", "profile": str(profile)}})
     with VllmServer(
         str(smollm2_dir),
         (*COMMON_ARGS, "--quantization", "acttail", "--hf-overrides", overrides),
@@ -176,8 +175,13 @@ def test_decode_steps_alone_sparsified(smollm2_dir, option):
         assert set(before) == {"sparse_gemv", "selection_dense_gemm", "unsparsified"}
         assert sum(before.values()) == 0
         out = client.completions.create(
-            model=str(smollm2_dir), prompt=text, max_tokens=new_tokens, echo=True, logprobs=5,
-            temperature=0.0, extra_body={"return_tokens_as_token_ids": True},
+            model=str(smollm2_dir),
+            prompt=text,
+            max_tokens=new_tokens,
+            echo=True,
+            logprobs=5,
+            temperature=0.0,
+            extra_body={"return_tokens_as_token_ids": True},
         )
         after = settled_token_counts(server)
     logprobs = out.choices[0].logprobs

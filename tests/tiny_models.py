@@ -124,57 +124,167 @@ MOE = dict(num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=
 #: family -> (transformers config class, architecture, fields beyond ``_common``).
 SPECS: dict[str, tuple[str, str, dict]] = {
     # Llama 3.x: GQA, explicit head_dim, llama3 rope scaling, untied head (as the 8B).
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
-        head_dim=HEAD_DIM, hidden_act="silu", rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False,
-        tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            head_dim=HEAD_DIM,
+            hidden_act="silu",
+            rms_norm_eps=1e-5,
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 1024,
+            },
+        ),
+    ),
     # Mistral 7B v0.3 / Nemo: head_dim decoupled from hidden/heads (Nemo: 128 on 5120), no SWA.
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
-        head_dim=WIDE_HEAD_DIM, hidden_act="silu", rms_norm_eps=1e-5, sliding_window=None,
-        tie_word_embeddings=False, rope_parameters=ROPE_1E6)),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(
+            head_dim=WIDE_HEAD_DIM,
+            hidden_act="silu",
+            rms_norm_eps=1e-5,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            rope_parameters=ROPE_1E6,
+        ),
+    ),
     # Qwen2 / 2.5: q/k/v bias (always on), head_dim = hidden / heads (vLLM ignores a head_dim field),
     # tied embeddings as the small checkpoints.
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
-        hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters=ROPE_1E6, **QWEN_NO_SLIDING)),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters=ROPE_1E6, **QWEN_NO_SLIDING
+        ),
+    ),
     # Qwen3: heads x head_dim != hidden (0.6B: 16 x 128 on 1024), q_norm/k_norm, no bias.
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
-        head_dim=WIDE_HEAD_DIM, hidden_act="silu", rms_norm_eps=1e-6, attention_bias=False,
-        tie_word_embeddings=True, rope_parameters=ROPE_1E6, **QWEN_NO_SLIDING)),
+    "qwen3": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(
+            head_dim=WIDE_HEAD_DIM,
+            hidden_act="silu",
+            rms_norm_eps=1e-6,
+            attention_bias=False,
+            tie_word_embeddings=True,
+            rope_parameters=ROPE_1E6,
+            **QWEN_NO_SLIDING,
+        ),
+    ),
     # Gemma 2: gelu_pytorch_tanh, alternating sliding/full attention, attention and final logit
     # soft-capping, query_pre_attn_scalar, tied head.
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
-        head_dim=WIDE_HEAD_DIM, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
-        query_pre_attn_scalar=WIDE_HEAD_DIM, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, attention_bias=False, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            head_dim=WIDE_HEAD_DIM,
+            hidden_activation="gelu_pytorch_tanh",
+            rms_norm_eps=1e-6,
+            query_pre_attn_scalar=WIDE_HEAD_DIM,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            attention_bias=False,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+    ),
     # Gemma 3 text (270M, 1B): one KV head as the 270M, q/k norms, sliding and full layers with a
     # rope per layer type.
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        num_key_value_heads=1, head_dim=WIDE_HEAD_DIM, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
-        query_pre_attn_scalar=WIDE_HEAD_DIM, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-        attn_logit_softcapping=None, final_logit_softcapping=None, attention_bias=False, tie_word_embeddings=True,
-        rope_parameters={"full_attention": ROPE_1E6,
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            num_key_value_heads=1,
+            head_dim=WIDE_HEAD_DIM,
+            hidden_activation="gelu_pytorch_tanh",
+            rms_norm_eps=1e-6,
+            query_pre_attn_scalar=WIDE_HEAD_DIM,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+            attn_logit_softcapping=None,
+            final_logit_softcapping=None,
+            attention_bias=False,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "full_attention": ROPE_1E6,
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+    ),
     # Phi-3 / Phi-4: fused qkv_proj and gate_up_proj in the checkpoint, partial rotary (Phi-4-mini).
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
-        hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None,
-        original_max_position_embeddings=MAX_POS,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            hidden_act="silu",
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            sliding_window=None,
+            original_max_position_embeddings=MAX_POS,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+        ),
+    ),
     # Mixtral: every layer a block_sparse_moe (router + experts w1/w2/w3).
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
-        head_dim=HEAD_DIM, hidden_act="silu", rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=2,
-        sliding_window=None, tie_word_embeddings=False, rope_parameters=ROPE_1E6)),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(
+            head_dim=HEAD_DIM,
+            hidden_act="silu",
+            rms_norm_eps=1e-5,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            rope_parameters=ROPE_1E6,
+        ),
+    ),
     # Qwen1.5 / Qwen2-MoE: routed experts and a gated shared expert, q/k/v bias; layer 1 is a dense
     # MLP (mlp_only_layers) so that a test sees both kinds of layer.
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
-        hidden_act="silu", rms_norm_eps=1e-6, num_experts=4, shared_expert_intermediate_size=INTERMEDIATE,
-        norm_topk_prob=False, use_sliding_window=False, tie_word_embeddings=False, rope_parameters=ROPE_1E6, **MOE)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            hidden_act="silu",
+            rms_norm_eps=1e-6,
+            num_experts=4,
+            shared_expert_intermediate_size=INTERMEDIATE,
+            norm_topk_prob=False,
+            use_sliding_window=False,
+            tie_word_embeddings=False,
+            rope_parameters=ROPE_1E6,
+            **MOE,
+        ),
+    ),
     # Qwen3-MoE (30B-A3B): routed experts only, q/k norms, decoupled head_dim; layer 1 dense.
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
-        head_dim=WIDE_HEAD_DIM, hidden_act="silu", rms_norm_eps=1e-6, attention_bias=False, num_experts=4,
-        norm_topk_prob=True, use_sliding_window=False, tie_word_embeddings=False, rope_parameters=ROPE_1E6, **MOE)),
-}  # fmt: skip
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            head_dim=WIDE_HEAD_DIM,
+            hidden_act="silu",
+            rms_norm_eps=1e-6,
+            attention_bias=False,
+            num_experts=4,
+            norm_topk_prob=True,
+            use_sliding_window=False,
+            tie_word_embeddings=False,
+            rope_parameters=ROPE_1E6,
+            **MOE,
+        ),
+    ),
+}
 
 
 def hf_model(directory: str | Path) -> torch.nn.Module:

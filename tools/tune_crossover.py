@@ -44,8 +44,10 @@ def crossover_table(rows: list[Row], device: str) -> CrossoverTable:
 
 def print_crossover(table: CrossoverTable) -> None:
     sparsities = sorted({p.sparsity for s in table.shapes for p in s.points})
-    print(f"\n(b) crossover on {table.device}: largest M where sparse beats selection + cuBLAS "
-          "(w: one token walks all channels)")
+    print(
+        f"\n(b) crossover on {table.device}: largest M where sparse beats selection + cuBLAS "
+        "(w: one token walks all channels)"
+    )
     print(f"{'shape':14s} {'N':>6s} {'K':>6s} " + " ".join(f"s={s:.2f}" for s in sparsities))
     for s in table.shapes:
         by_s = {p.sparsity: f"{p.max_sparse_m}{'w' if p.one_token_walk else ''}" for p in s.points}
@@ -55,8 +57,13 @@ def print_crossover(table: CrossoverTable) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_table_args(parser)
-    parser.add_argument("--write", type=Path, nargs="?", const=True,
-                        help="write the table (default: this GPU's file under kernels/measured/)")
+    parser.add_argument(
+        "--write",
+        type=Path,
+        nargs="?",
+        const=True,
+        help="write the table (default: this GPU's file under kernels/measured/)",
+    )
     args = parser.parse_args()
     if args.write and not torch.cuda.is_available():
         parser.error("--write needs CUDA: timings under the Triton interpreter mean nothing")

@@ -41,8 +41,10 @@ STAGES = (2, 3, 4, 5)
 def sweep_launch(dtype: torch.dtype, device: str) -> None:
     """Per 13B shape, the list GEMV at its measured tiles with each num_warps x num_stages."""
     sms = num_sms(torch.device(device))
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; list GEMV us at M=1, selection "
-          f"excluded, s={SPARSITIES}; w(num_warps) s(num_stages) at the measured tiles")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; list GEMV us at M=1, selection "
+        f"excluded, s={SPARSITIES}; w(num_warps) s(num_stages) at the measured tiles"
+    )
     print(f"{'shape':14s} {'tiles':>12s} {'w4 s3':>11s} {'best':>6s} {'us':>11s}")
     for shape in [s for s in shapes_of("13b") if not s.name.endswith("gate/up")]:
         _, weights_t = random_instances(shape, dtype, device)
@@ -53,24 +55,37 @@ def sweep_launch(dtype: torch.dtype, device: str) -> None:
         for sparsity in SPARSITIES:
             sels = [topk_select(x, keep_tensor(keeps_for(shape, sparsity), device), with_list=True) for x in xs]
             for plan in plans:
-                calls = [functools.partial(sparse_gemv, sel, w, None, shape.seg_bounds, plan)
-                         for sel, w in zip(sels, weights_t)]
+                calls = [
+                    functools.partial(sparse_gemv, sel, w, None, shape.seg_bounds, plan)
+                    for sel, w in zip(sels, weights_t)
+                ]
                 timings[plan].append(time_us(calls, [sel.xs for sel in sels]))
         best = min(plans, key=lambda p: sum(timings[p]))
         tiles = f"n{shipped.block_n} k{shipped.block_k} x{shipped.splits}"
-        print(f"{shape.name:14s} {tiles:>12s} {'/'.join(f'{u:.1f}' for u in timings[shipped]):>11s} "
-              f"{f'w{best.num_warps} s{best.num_stages}':>6s} {'/'.join(f'{u:.1f}' for u in timings[best]):>11s}",
-              flush=True)
+        print(
+            f"{shape.name:14s} {tiles:>12s} {'/'.join(f'{u:.1f}' for u in timings[shipped]):>11s} "
+            f"{f'w{best.num_warps} s{best.num_stages}':>6s} {'/'.join(f'{u:.1f}' for u in timings[best]):>11s}",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", type=Path, nargs="?", const=True,
-                        help="write the table (default: this GPU's file under kernels/measured/)")
+    parser.add_argument(
+        "--write",
+        type=Path,
+        nargs="?",
+        const=True,
+        help="write the table (default: this GPU's file under kernels/measured/)",
+    )
     parser.add_argument("--launch", action="store_true", help="instead: num_warps x num_stages at the 13B list tiles")
-    parser.add_argument("--shapes", nargs="*", default=["7b", "13b"],
-                        help="models whose shapes to measure (benchmarks.common: 7b 13b llama3-8b qwen2.5-7b); "
-                             "--write keeps the table's other shapes")  # fmt: skip
+    parser.add_argument(
+        "--shapes",
+        nargs="*",
+        default=["7b", "13b"],
+        help="models whose shapes to measure (benchmarks.common: 7b 13b llama3-8b qwen2.5-7b); "
+        "--write keeps the table's other shapes",
+    )
     args = parser.parse_args()
     dtype, device = torch.bfloat16, "cuda"
     if args.launch:
@@ -78,12 +93,17 @@ def main() -> None:
     if args.write is True:
         args.write = table_path(TILES_FILE, torch.cuda.get_device_name())
     sms = num_sms(torch.device(device))
-    candidates = [GemvTiles(block_n=n, block_k=k, programs_per_sm=p)
-                  for n, k, p in itertools.product(BLOCK_N, BLOCK_K, PROGRAMS_PER_SM)]
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; GEMV us at M=1, selection excluded,"
-          f" s={SPARSITIES}; tiles n(columns) k(rows per step) p(programs per SM)")
-    print(f"{'shape':14s} {'loop':>4s} {'rule':>12s} {'us':>13s} {'TB/s':>11s}   "
-          f"{'best':>12s} {'us':>13s} {'TB/s':>11s}")
+    candidates = [
+        GemvTiles(block_n=n, block_k=k, programs_per_sm=p)
+        for n, k, p in itertools.product(BLOCK_N, BLOCK_K, PROGRAMS_PER_SM)
+    ]
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; GEMV us at M=1, selection excluded,"
+        f" s={SPARSITIES}; tiles n(columns) k(rows per step) p(programs per SM)"
+    )
+    print(
+        f"{'shape':14s} {'loop':>4s} {'rule':>12s} {'us':>13s} {'TB/s':>11s}   {'best':>12s} {'us':>13s} {'TB/s':>11s}"
+    )
     shapes = []
     for shape in [s for s in shapes_of(*args.shapes) if not s.name.endswith("gate/up")]:  # vLLM merges gate and up
         _, weights_t = random_instances(shape, dtype, device)
@@ -99,8 +119,10 @@ def main() -> None:
                 sels = [topk_select(x, keep_tensor(keeps, device), with_list=with_list) for x in xs]
                 for tiles in candidates:
                     plan = plan_of(tiles, shape.seg_widths, sms)
-                    calls = [functools.partial(sparse_gemv, sel, w, None, shape.seg_bounds, plan)
-                             for sel, w in zip(sels, weights_t)]
+                    calls = [
+                        functools.partial(sparse_gemv, sel, w, None, shape.seg_bounds, plan)
+                        for sel, w in zip(sels, weights_t)
+                    ]
                     timings[tiles].append(time_us(calls, [sel.xs for sel in sels]))
             best[loop] = min(candidates, key=lambda t: sum(timings[t]))
 
@@ -111,8 +133,15 @@ def main() -> None:
                 return f"{tag:>12s} {'/'.join(f'{u:.1f}' for u in us):>13s} {rate:>11s}"
 
             print(f"{shape.name:14s} {loop.value:>4s} {fmt(RULE_TILES[loop])}   {fmt(best[loop])}", flush=True)
-        shapes.append(ShapeTiles(name=shape.name, seg_widths=list(shape.seg_widths), k=shape.k,
-                                 channel_list=best[GemvLoop.CHANNEL_LIST], walk=best[GemvLoop.TOKEN_WALK]))
+        shapes.append(
+            ShapeTiles(
+                name=shape.name,
+                seg_widths=list(shape.seg_widths),
+                k=shape.k,
+                channel_list=best[GemvLoop.CHANNEL_LIST],
+                walk=best[GemvLoop.TOKEN_WALK],
+            )
+        )
     if args.write:
         write_measured(args.write, TileTable(device=torch.cuda.get_device_name(), shapes=shapes))
         print(f"wrote {args.write}")

@@ -50,9 +50,12 @@ def summary(metrics_text: str, prompt_tokens: int, completion_tokens: int) -> li
         f"budgets: {labels['method']}, target sparsity {labels['target_sparsity']}, policy {labels['policy']} "
         f"(profile hash {labels['profile_hash']})",
         f"tokens through the model: {sum(tokens.values())}"
-        + (f" (prompt {prompt_tokens} + answer {completion_tokens} - 1, the last one is never fed back)"
-           if sum(tokens.values()) == fed else ""),
-    ]  # fmt: skip
+        + (
+            f" (prompt {prompt_tokens} + answer {completion_tokens} - 1, the last one is never fed back)"
+            if sum(tokens.values()) == fed
+            else ""
+        ),
+    ]
     lines += [f"  {count} by {PATH_MEANING[path]}" for path, count in tokens.items() if count]
     if tokens.get("selection_dense_gemm") and not tokens.get("sparse_gemv"):
         lines.append("  (the CPU path: an exact TopK, no speed-up; the sparse GEMV runs on CUDA GPUs)")

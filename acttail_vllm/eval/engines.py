@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -71,7 +71,14 @@ class VllmEngine:
     def __init__(self, settings: RunSettings, profile_path: Path | None, max_model_len: int):
         from acttail_vllm.dev.server import VllmServer
 
-        args = ["--dtype", settings.dtype, "--max-model-len", str(max_model_len), "--max-num-seqs", str(settings.batch_size)]
+        args = [
+            "--dtype",
+            settings.dtype,
+            "--max-model-len",
+            str(max_model_len),
+            "--max-num-seqs",
+            str(settings.batch_size),
+        ]
         if settings.device == "cpu":
             args.append("--enforce-eager")  # torch.compile costs minutes per start on a small CPU
         env = {}
@@ -85,7 +92,7 @@ class VllmEngine:
         self.server = VllmServer(settings.model, args, env=env)
         self.client = None
 
-    def __enter__(self) -> "VllmEngine":
+    def __enter__(self) -> VllmEngine:
         import openai
 
         self.server.__enter__()
@@ -122,7 +129,11 @@ class VllmEngine:
 
 
 def score_requests(
-    engine: ReferenceEngine | VllmEngine, requests: Sequence[ScoreRequest], batch_size: int, desc: str = "", progress: bool = False
+    engine: ReferenceEngine | VllmEngine,
+    requests: Sequence[ScoreRequest],
+    batch_size: int,
+    desc: str = "",
+    progress: bool = False,
 ) -> list[torch.Tensor]:
     """Log-probabilities per request (in order), scored in batches of similar length; the progress
     bar moves within a batch (per decoder layer, or per answered request on vLLM)."""
@@ -141,8 +152,13 @@ def score_requests(
 
 
 def windowed_nll(
-    engine: ReferenceEngine | VllmEngine, ids: Sequence[int], context: int, stride: int | None, batch_size: int,
-    desc: str = "", progress: bool = False,
+    engine: ReferenceEngine | VllmEngine,
+    ids: Sequence[int],
+    context: int,
+    stride: int | None,
+    batch_size: int,
+    desc: str = "",
+    progress: bool = False,
 ) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and number of the tokens scored over ``sliding_windows``."""
     requests = [window.request(ids) for window in sliding_windows(len(ids), context, stride)]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -36,7 +36,9 @@ from acttail_vllm.profiling.profile import Profile, ProfileError
 DEFAULT_CONTEXT = 1024
 
 
-def task_accuracy(task: McTask, items: Sequence[MultipleChoiceItem], choice_scores: Sequence[Sequence[float]]) -> TaskAccuracy:
+def task_accuracy(
+    task: McTask, items: Sequence[MultipleChoiceItem], choice_scores: Sequence[Sequence[float]]
+) -> TaskAccuracy:
     """Accuracy from each item's per-choice summed log-likelihoods (raw, and per character)."""
     if len(items) != len(choice_scores) or not items:
         raise ValueError(f"need one list of choice scores per item, got {len(choice_scores)} for {len(items)} items")
@@ -147,7 +149,9 @@ class Evaluator:
         ids = self.tokenizer(load_text(text), verbose=False).input_ids
         return TokenStream(text, tuple(ids[:max_tokens]), max_tokens)
 
-    def perplexity(self, stream: TokenStream, profile_path: Path | None, context: int = DEFAULT_CONTEXT, stride: int | None = None) -> PerplexityResult:
+    def perplexity(
+        self, stream: TokenStream, profile_path: Path | None, context: int = DEFAULT_CONTEXT, stride: int | None = None
+    ) -> PerplexityResult:
         info = self._profile_info(profile_path)
         with self.engine(profile_path, min(context, len(stream.ids))) as engine:
             start = time.perf_counter()
@@ -156,14 +160,23 @@ class Evaluator:
             )
             seconds = time.perf_counter() - start
         return PerplexityResult(
-            **self.settings.model_dump(), profile=info, text=stream.label, context=context,
-            stride=stride or context, max_tokens=stream.max_tokens, tokens_scored=tokens,
-            nll=nll_sum / tokens, ppl=perplexity(nll_sum, tokens), seconds=seconds,
-        )  # fmt: skip
+            **self.settings.model_dump(),
+            profile=info,
+            text=stream.label,
+            context=context,
+            stride=stride or context,
+            max_tokens=stream.max_tokens,
+            tokens_scored=tokens,
+            nll=nll_sum / tokens,
+            ppl=perplexity(nll_sum, tokens),
+            seconds=seconds,
+        )
 
     def choice_requests(self, item: MultipleChoiceItem) -> list[ScoreRequest]:
         context = self.tokenizer(item.context).input_ids
-        return [continuation_request(context, self.tokenizer(item.context + choice).input_ids) for choice in item.choices]
+        return [
+            continuation_request(context, self.tokenizer(item.context + choice).input_ids) for choice in item.choices
+        ]
 
     def multiple_choice(
         self, tasks: Sequence[str], profile_path: Path | None, limit: int | None = None, data_dir: str | None = None
@@ -182,7 +195,12 @@ class Evaluator:
             for task, task_items in items.items()
         ]
         return MultipleChoiceResult(
-            **self.settings.model_dump(), profile=info, limit=limit, data_dir=data_dir, tasks=accuracies, seconds=seconds
+            **self.settings.model_dump(),
+            profile=info,
+            limit=limit,
+            data_dir=data_dir,
+            tasks=accuracies,
+            seconds=seconds,
         )
 
 

@@ -35,7 +35,16 @@ class RunSettings(_Record):
     batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1)
 
     def flags(self) -> list[str]:
-        return ["--engine", self.engine, "--device", self.device, "--dtype", self.dtype, "--batch-size", str(self.batch_size)]
+        return [
+            "--engine",
+            self.engine,
+            "--device",
+            self.device,
+            "--dtype",
+            self.dtype,
+            "--batch-size",
+            str(self.batch_size),
+        ]
 
 
 class ProfileInfo(_Record):
@@ -49,7 +58,7 @@ class ProfileInfo(_Record):
     target_sparsity: float
 
     @classmethod
-    def of(cls, path: Path, profile: Profile) -> "ProfileInfo":
+    def of(cls, path: Path, profile: Profile) -> ProfileInfo:
         return cls(
             path=str(path),
             content_hash=profile.content_hash(),
@@ -89,9 +98,22 @@ class PerplexityResult(RunSettings):
         """The ``acttail eval ppl`` command line that measures this result again."""
         limit = [] if self.max_tokens is None else ["--max-tokens", str(self.max_tokens)]
         return shlex.join(
-            ["acttail", "eval", "ppl", self.model, *_profile_flags(self.profile), "--text", self.text,
-             "--context", str(self.context), "--stride", str(self.stride), *limit, *self.flags()]
-        )  # fmt: skip
+            [
+                "acttail",
+                "eval",
+                "ppl",
+                self.model,
+                *_profile_flags(self.profile),
+                "--text",
+                self.text,
+                "--context",
+                str(self.context),
+                "--stride",
+                str(self.stride),
+                *limit,
+                *self.flags(),
+            ]
+        )
 
 
 class TaskAccuracy(_Record):
@@ -120,7 +142,18 @@ class MultipleChoiceResult(RunSettings):
         data = [] if self.data_dir is None else ["--data-dir", self.data_dir]
         tasks = ",".join(t.task.value for t in self.tasks)
         return shlex.join(
-            ["acttail", "eval", "mc", self.model, *_profile_flags(self.profile), "--tasks", tasks, *limit, *data, *self.flags()]
+            [
+                "acttail",
+                "eval",
+                "mc",
+                self.model,
+                *_profile_flags(self.profile),
+                "--tasks",
+                tasks,
+                *limit,
+                *data,
+                *self.flags(),
+            ]
         )
 
 
@@ -134,4 +167,6 @@ class SweepResult(_Record):
     runs: list[PerplexityResult]
 
     def run(self, method: str, sparsity: float) -> PerplexityResult | None:
-        return next((r for r in self.runs if r.profile.method == method and r.profile.target_sparsity == sparsity), None)
+        return next(
+            (r for r in self.runs if r.profile.method == method and r.profile.target_sparsity == sparsity), None
+        )

@@ -6,8 +6,8 @@ The plain-PyTorch twin of what the vLLM plugin serves; tests and ``acttail eval`
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

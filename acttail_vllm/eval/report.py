@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pydantic import BaseModel
 
@@ -37,7 +37,9 @@ def sweep_table(result: SweepResult) -> str:
             change = f"{relative_change(run.ppl, uniform.ppl):+.1%}"
         cited = paper if run.profile.method == "acttail" and math.isclose(sparsity, PAPER_SPARSITY) else ""
         rows.append([run.profile.method, f"{sparsity:.0%}", f"{run.ppl:.3f}", change, cited, f"`{run.command()}`"])
-    return markdown_table(["method", "sparsity", "ppl", "ActTail vs uniform", "paper (LLaMA-2 / Mistral)", "command"], rows)
+    return markdown_table(
+        ["method", "sparsity", "ppl", "ActTail vs uniform", "paper (LLaMA-2 / Mistral)", "command"], rows
+    )
 
 
 def plot_sweep(result: SweepResult, path: str | Path) -> None:
@@ -70,8 +72,17 @@ def format_perplexity(result: PerplexityResult) -> str:
     profile = result.profile
     rows = [
         ("model", result.model),
-        ("profile", "dense" if profile is None else f"{result.label} ({profile.estimator}, eps {profile.eps:g}, hash {profile.content_hash}, {profile.path})"),
-        ("text", f"{result.text}: {result.tokens_scored} tokens scored, context {result.context}, stride {result.stride}"),
+        (
+            "profile",
+            "dense"
+            if profile is None
+            else f"{result.label} ({profile.estimator}, eps {profile.eps:g}, "
+            f"hash {profile.content_hash}, {profile.path})",
+        ),
+        (
+            "text",
+            f"{result.text}: {result.tokens_scored} tokens scored, context {result.context}, stride {result.stride}",
+        ),
         ("engine", f"{result.engine} ({result.device}, {result.dtype}, batch {result.batch_size})"),
         ("nll / token", f"{result.nll:.4f}"),
         ("perplexity", f"{result.ppl:.4f}"),

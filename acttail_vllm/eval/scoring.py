@@ -8,8 +8,8 @@ Every engine answers the same question, a ``ScoreRequest``: the log-probabilitie
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -72,7 +72,9 @@ def sliding_windows(num_tokens: int, context: int, stride: int | None = None) ->
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """float64 [T]: log softmax(logits[t])[targets[t]]; softmax in float32 whatever the logits' dtype."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits [T, V] and targets [T], got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"expected logits [T, V] and targets [T], got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     return logprobs.gather(1, targets.long().reshape(-1, 1))[:, 0].double()
 
@@ -109,6 +111,8 @@ def pick_choice(logprob_sums: Sequence[float], normalisers: Sequence[float] | No
     scores = list(logprob_sums)
     if normalisers is not None:
         if len(normalisers) != len(scores) or any(n <= 0 for n in normalisers):
-            raise ValueError(f"need one positive normaliser per choice, got {list(normalisers)} for {len(scores)} choices")
+            raise ValueError(
+                f"need one positive normaliser per choice, got {list(normalisers)} for {len(scores)} choices"
+            )
         scores = [s / n for s, n in zip(scores, normalisers)]
     return max(range(len(scores)), key=scores.__getitem__)

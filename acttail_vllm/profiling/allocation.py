@@ -38,8 +38,9 @@ are set here, once:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 Method = Literal["uniform", "acttail"]
 METHODS: tuple[str, ...] = ("uniform", "acttail")
@@ -94,7 +95,7 @@ class AllocationSpec:
     def __post_init__(self) -> None:
         check_allocation_args(self.target, self.method, self.eps, self.s_max)
 
-    def with_target(self, target: float) -> "AllocationSpec":
+    def with_target(self, target: float) -> AllocationSpec:
         return AllocationSpec(target, self.method, self.estimator, self.eps, self.s_max)
 
     @property
@@ -103,7 +104,10 @@ class AllocationSpec:
         return f"{self.method}-{self.estimator}-eps{self.eps:g}-smax{self.s_max:g}-s{self.target:g}"
 
     def describe(self) -> str:
-        return f"{self.method} at target {self.target:g} (estimator {self.estimator}, eps {self.eps:g}, s_max {self.s_max:g})"
+        return (
+            f"{self.method} at target {self.target:g} "
+            f"(estimator {self.estimator}, eps {self.eps:g}, s_max {self.s_max:g})"
+        )
 
 
 def _check_projections(alphas: Sequence[float], param_counts: Sequence[int]) -> None:
@@ -121,9 +125,7 @@ def _check_projections(alphas: Sequence[float], param_counts: Sequence[int]) -> 
             raise ValueError(f"parameter count of projection {i} is {count}: it must be positive")
 
 
-def _clip_to_target(
-    raw: list[float], param_counts: Sequence[int], target: float, s_max: float
-) -> list[float]:
+def _clip_to_target(raw: list[float], param_counts: Sequence[int], target: float, s_max: float) -> list[float]:
     """Clip to [0, s_max] with one additive shift chosen so the weighted mean stays ``target``."""
 
     def shifted(shift: float) -> list[float]:

@@ -16,7 +16,7 @@ Allocation settings and their defaults: ``allocation.AllocationSpec``.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -90,13 +90,17 @@ def profile_from_weights(
             layer, proj, weight = item
             key = (layer, proj)
             if proj not in PROJECTION_NAMES:
-                raise ValueError(f"unknown projection {proj!r} in layer {layer}: expected one of {', '.join(PROJECTION_NAMES)}")
+                raise ValueError(
+                    f"unknown projection {proj!r} in layer {layer}: expected one of {', '.join(PROJECTION_NAMES)}"
+                )
             if not 0 <= layer < num_layers:
                 raise ValueError(f"layer index {layer} ({proj}) is outside 0..{num_layers - 1}")
             if key in alphas:
                 raise ValueError(f"layer {layer} {proj} was given twice")
             if weight.ndim != 2:
-                raise ValueError(f"layer {layer} {proj}: expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+                raise ValueError(
+                    f"layer {layer} {proj}: expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}"
+                )
             dtype = eigen_dtype or (CUDA_EIGEN_DTYPE if weight.is_cuda else CPU_EIGEN_DTYPE)
             evals = _timed(stage_seconds, "eigenvalues", gram_eigenvalues, weight, dtype)
             try:
@@ -121,7 +125,9 @@ def profile_from_weights(
     return _timed(stage_seconds, "allocate", assemble_profile, model, tails, spec)
 
 
-def assemble_profile(model: ModelInfo, tails: dict[tuple[int, str], tuple[float, int, int]], spec: AllocationSpec) -> Profile:
+def assemble_profile(
+    model: ModelInfo, tails: dict[tuple[int, str], tuple[float, int, int]], spec: AllocationSpec
+) -> Profile:
     """The profile of ``model`` whose (layer, proj) -> (alpha, out_features, in_features) are
     ``tails``, with budgets allocated by ``spec``."""
     keys = sorted(tails)

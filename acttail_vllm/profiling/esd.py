@@ -19,7 +19,7 @@ n eigenvalues x_i >= xmin; they differ in how xmin is chosen:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -91,9 +91,7 @@ def alpha_ww(evals: torch.Tensor) -> float:
     for start in range(0, num - 1, rows_per_chunk):
         rows = slice(start, min(num - 1, start + rows_per_chunk))
         # Columns before the first candidate of the chunk lie below every xmin in it.
-        rank_in_tail = (
-            torch.arange(start, num, device=x.device)[None, :] - candidates[rows, None]
-        ).to(torch.float64)
+        rank_in_tail = (torch.arange(start, num, device=x.device)[None, :] - candidates[rows, None]).to(torch.float64)
         model_cdf = 1.0 - torch.exp((1.0 - alphas[rows, None]) * (log_x[None, start:] - log_x[rows, None]))
         empirical_cdf = rank_in_tail / tail_size[rows, None]
         gap = (model_cdf - empirical_cdf).abs().masked_fill_(rank_in_tail < 0, 0.0)

@@ -8,7 +8,8 @@ all sample weights through ``weight_sample``, so the three always agree.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Mapping, NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 

@@ -6,8 +6,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -79,7 +80,7 @@ class LayerProfile(_Strict):
     projections: dict[str, ProjectionProfile]
 
     @model_validator(mode="after")
-    def _all_projections(self) -> "LayerProfile":
+    def _all_projections(self) -> LayerProfile:
         unknown = sorted(set(self.projections) - set(PROJECTION_NAMES))
         if unknown:
             raise ValueError(
@@ -105,7 +106,7 @@ class Profile(_Strict):
     layers: list[LayerProfile]
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Profile":
+    def _consistent(self) -> Profile:
         indices = [layer.index for layer in self.layers]
         if indices != list(range(self.model.num_layers)):
             raise ValueError(
@@ -134,7 +135,7 @@ class Profile(_Strict):
         *,
         model_name: str | None = None,
         origin: str | None = None,
-    ) -> "Profile":
+    ) -> Profile:
         """Read and validate ``path``; with ``expected_fingerprint``, also ``check_model``.
         ``origin`` (e.g. ``env ACTTAIL_PROFILE``) says in errors who pointed at the file."""
         path = Path(path)

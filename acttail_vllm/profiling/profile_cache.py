@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 from acttail_vllm.errors import one_line
 from acttail_vllm.profiling.allocation import AllocationSpec

@@ -12,10 +12,10 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -118,7 +118,9 @@ def open_hf_directory(directory: Path) -> ModelWeights:
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"cannot read {config_path} ({exc}): is {directory} a Hugging Face model directory?") from None
+        raise WeightsError(
+            f"cannot read {config_path} ({exc}): is {directory} a Hugging Face model directory?"
+        ) from None
     architecture = (config.get("architectures") or ["<none>"])[0]
     family = family_of(architecture, str(directory))
 
@@ -210,7 +212,10 @@ def _download(hub_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise WeightsError(f"{hub_id!r} is not a local path and huggingface_hub is not installed: pass a local model directory or GGUF file") from None
+        raise WeightsError(
+            f"{hub_id!r} is not a local path and huggingface_hub is not installed: "
+            "pass a local model directory or GGUF file"
+        ) from None
     try:
         return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as exc:  # hub errors are many (offline, 404, gated); all mean the same here

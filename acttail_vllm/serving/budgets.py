@@ -71,7 +71,7 @@ class ModuleBudget:
     in_features: int
 
     @classmethod
-    def from_sparsities(cls, sparsities: tuple[float, ...], in_features: int) -> "ModuleBudget":
+    def from_sparsities(cls, sparsities: tuple[float, ...], in_features: int) -> ModuleBudget:
         return cls(tuple(kept_count(s, in_features) for s in sparsities), in_features)
 
     @property

@@ -76,11 +76,11 @@ class ActTailConfig(QuantizationConfig):
         return []
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "ActTailConfig":
+    def from_config(cls, config: dict[str, Any]) -> ActTailConfig:
         return cls(config)
 
     @classmethod
-    def from_config_file(cls, path: str) -> "ActTailConfig":
+    def from_config_file(cls, path: str) -> ActTailConfig:
         """``--hf-overrides '{"quantization_config_file": "profile.json"}'``."""
         return cls({"profile": path}, OVERRIDES_FILE_ORIGIN)
 
@@ -134,5 +134,5 @@ def _check_decode_policy_graph_mode(vllm_config: Any, origin: SettingsOrigin) ->
         raise SettingsError(
             f"ActTail policy=decode (from {origin.name}) cannot run under cudagraph mode {mode.name}: "
             "mixed prefill/decode batches would replay one captured mask. Pass --compilation-config "
-            "'{\"cudagraph_mode\": \"FULL_DECODE_ONLY\"}' or --enforce-eager, or use policy=all"
+            '\'{"cudagraph_mode": "FULL_DECODE_ONLY"}\' or --enforce-eager, or use policy=all'
         )

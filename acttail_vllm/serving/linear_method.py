@@ -12,7 +12,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, UnquantizedLinearMethod
@@ -42,9 +43,13 @@ class SparseLinearState(torch.nn.Module):
     """
 
     def __init__(
-        self, proj: DecoderProjection, out_sizes: list[int], rank_shards: tuple[int, ...], counts_stats: bool,
+        self,
+        proj: DecoderProjection,
+        out_sizes: list[int],
+        rank_shards: tuple[int, ...],
+        counts_stats: bool,
         on_gpu: bool,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.proj = proj
         self.out_sizes = tuple(out_sizes)
@@ -94,8 +99,12 @@ class SparseModules:
         self._loaded.add(id(layer))
         if self.resolver.profile is not None or len(self._loaded) < len(self.layers):
             return False
-        modules = [LoadedModule(layer.acttail.proj, tuple(layer.acttail.projection_weights(layer.weight)),
-                                layer.acttail.rank_shards) for layer in self.layers]  # fmt: skip
+        modules = [
+            LoadedModule(
+                layer.acttail.proj, tuple(layer.acttail.projection_weights(layer.weight)), layer.acttail.rank_shards
+            )
+            for layer in self.layers
+        ]
         for layer, budget in zip(self.layers, self.resolver.resolve(modules)):
             layer.acttail.set_budget(budget)
         if self.layers[0].weight.is_cuda:
@@ -112,8 +121,13 @@ class SparseModules:
         for layer in self.layers:
             state = layer.acttail
             bias = getattr(layer, "bias", None)
-            key = (tuple(layer.weight.shape), layer.weight.dtype, tuple(state.seg_bounds), state.budget.seg_keep,
-                   bias is None)  # fmt: skip
+            key = (
+                tuple(layer.weight.shape),
+                layer.weight.dtype,
+                tuple(state.seg_bounds),
+                state.budget.seg_keep,
+                bias is None,
+            )
             if key in seen:
                 continue
             seen.add(key)
@@ -121,15 +135,26 @@ class SparseModules:
             for rows in range(1, max_rows + 1):
                 x = torch.randn(rows, state.budget.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
                 torch.ops.acttail.sparse_linear(
-                    x, layer.weight, bias, state.seg_bounds, list(state.budget.seg_keep), state.keep,
-                    state.thr_guess, scratch, False, settings.policy.value, settings.max_sparse_tokens,
-                )  # fmt: skip
+                    x,
+                    layer.weight,
+                    bias,
+                    state.seg_bounds,
+                    list(state.budget.seg_keep),
+                    state.keep,
+                    state.thr_guess,
+                    scratch,
+                    False,
+                    settings.policy.value,
+                    settings.max_sparse_tokens,
+                )
                 calls += 1
         torch.cuda.synchronize()
         logger.info(
             "ActTail: kernel warm-up: %d module shapes x %d step sizes in %.1f s",
-            len(seen), max_rows, time.perf_counter() - start,
-        )  # fmt: skip
+            len(seen),
+            max_rows,
+            time.perf_counter() - start,
+        )
 
 
 class ActTailLinearMethod(LinearMethodBase):
@@ -186,9 +211,7 @@ class ActTailLinearMethod(LinearMethodBase):
                     f"ActTail needs its Triton kernels on {layer.weight.device}: {reason}. "
                     "Install triton>=3.4 for this CUDA device, or serve on CPU"
                 )
-            layer.weight = torch.nn.Parameter(
-                acttail_kernels.prepare_weight(layer.weight.data), requires_grad=False
-            )
+            layer.weight = torch.nn.Parameter(acttail_kernels.prepare_weight(layer.weight.data), requires_grad=False)
             layer.acttail.kernel_layout = True
         if self.modules.loaded(layer):
             from vllm.distributed import get_tensor_model_parallel_rank
@@ -198,9 +221,7 @@ class ActTailLinearMethod(LinearMethodBase):
             if get_tensor_model_parallel_rank() == 0:
                 start_snapshot_writer(self.modules)
 
-    def apply(
-        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         state = layer.acttail
         return torch.ops.acttail.sparse_linear(
             x,

@@ -22,8 +22,9 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import BaseModel, ValidationError
@@ -76,14 +77,15 @@ class WorkerSnapshot(BaseModel):
     def total_tokens(self) -> int:
         return sum(self.tokens.values())
 
-    def since(self, baseline: "WorkerSnapshot") -> "WorkerSnapshot":
+    def since(self, baseline: WorkerSnapshot) -> WorkerSnapshot:
         """The counts this snapshot adds to ``baseline`` (an earlier one of the same worker)."""
         tokens = {path: count - baseline.tokens.get(path, 0) for path, count in self.tokens.items()}
         projections = [
             p.model_copy(update={"kept_channels": p.kept_channels - b.kept_channels})
-            if p.kept_channels is not None and b.kept_channels is not None else p
+            if p.kept_channels is not None and b.kept_channels is not None
+            else p
             for p, b in zip(self.projections, baseline.projections)
-        ]  # fmt: skip
+        ]
         return self.model_copy(update={"tokens": tokens, "projections": projections})
 
     def kept_fraction(self, projection: ProjectionSnapshot) -> float | None:
@@ -116,7 +118,7 @@ def share_metrics_across_processes() -> None:
     atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
-def take_snapshot(modules: "SparseModules") -> WorkerSnapshot:
+def take_snapshot(modules: SparseModules) -> WorkerSnapshot:
     resolver = modules.resolver
     profile = resolver.profile
     projections: list[ProjectionSnapshot] = []
@@ -159,7 +161,7 @@ def write_snapshot(snapshot: WorkerSnapshot, directory: Path) -> None:
     os.replace(tmp, path)  # a scrape never reads half a file
 
 
-def start_snapshot_writer(modules: "SparseModules") -> threading.Thread | None:
+def start_snapshot_writer(modules: SparseModules) -> threading.Thread | None:
     """Write this worker's snapshot now and then every ACTTAIL_METRICS_INTERVAL_S seconds."""
     directory = os.environ.get(ENV_STATS_DIR)
     if not directory:
@@ -234,14 +236,14 @@ class ActTailCollector:
             if time.monotonic() > deadline:
                 logger.warning(
                     "ActTail metrics: no worker snapshot came within %.1f s of the engine being ready; "
-                    "acttail_tokens_total counts vLLM's warm-up tokens too", wait_s
+                    "acttail_tokens_total counts vLLM's warm-up tokens too",
+                    wait_s,
                 )
                 return
             time.sleep(min(0.05, self.interval_s / 4))
         self.baselines = {s.pid: s for s in fresh}
         warm_up = sum(s.total_tokens for s in fresh)
-        logger.info("ActTail metrics: counting from engine ready (%d tokens of vLLM's warm-up runs left out)",
-                    warm_up)
+        logger.info("ActTail metrics: counting from engine ready (%d tokens of vLLM's warm-up runs left out)", warm_up)
 
     def collect(self) -> Iterator[Metric]:
         snapshots = [s.since(self.baselines[s.pid]) if s.pid in self.baselines else s for s in self.snapshots()]
@@ -276,9 +278,16 @@ class ActTailCollector:
         )
         for snap in snapshots[:1]:  # one model per server: the first worker speaks for it
             info.add_metric(
-                [snap.model, snap.profile_hash, snap.method, f"{snap.target_sparsity:g}", snap.policy,
-                 "none" if snap.max_sparse_tokens is None else str(snap.max_sparse_tokens)], 1
-            )  # fmt: skip
+                [
+                    snap.model,
+                    snap.profile_hash,
+                    snap.method,
+                    f"{snap.target_sparsity:g}",
+                    snap.policy,
+                    "none" if snap.max_sparse_tokens is None else str(snap.max_sparse_tokens),
+                ],
+                1,
+            )
             for proj in snap.projections:
                 labels = [str(proj.layer), proj.projection]
                 configured.add_metric(labels, proj.configured_sparsity)

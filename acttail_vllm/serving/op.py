@@ -9,7 +9,8 @@ reference (TopK mask, then a dense GEMM on the sparsified input).
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.library import Library
@@ -59,9 +60,15 @@ def _dense_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 @functools.lru_cache(maxsize=4096)
 def call_path(
-    rows: int, n: int, k: int, seg_bounds: tuple[int, ...], keep: tuple[int, ...], device: torch.device,
-    policy: str, max_sparse_tokens: int | None,
-) -> tuple[TokenPath, "GemvPath | None"]:
+    rows: int,
+    n: int,
+    k: int,
+    seg_bounds: tuple[int, ...],
+    keep: tuple[int, ...],
+    device: torch.device,
+    policy: str,
+    max_sparse_tokens: int | None,
+) -> tuple[TokenPath, GemvPath | None]:
     """The one place that decides what a call runs, from shapes alone (so a captured CUDA graph of
     a batch size always replays the same choice): a step over the token limit runs dense; on CUDA
     the GPU's crossover table picks the sparse GEMV's loop or the dense fallback, and under policy
@@ -178,9 +185,7 @@ def _sparse_linear(
             masks = [m | ~sparse_rows[:, None] for m in masks]
         y = torch.cat(
             [
-                torch.nn.functional.linear(
-                    x2 * m, weight[lo:hi], None if bias is None else bias[lo:hi]
-                )
+                torch.nn.functional.linear(x2 * m, weight[lo:hi], None if bias is None else bias[lo:hi])
                 for m, lo, hi in zip(masks, seg_bounds[:-1], seg_bounds[1:])
             ],
             dim=1,

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -91,8 +91,10 @@ class BudgetResolver:
         def from_weights() -> Profile:
             logger.info(
                 "ActTail: computing budgets from the loaded weights: alpha of %d projections "
-                "(first start of this model with estimator %s; the result is cached)", len(weights), spec.estimator,
-            )  # fmt: skip
+                "(first start of this model with estimator %s; the result is cached)",
+                len(weights),
+                spec.estimator,
+            )
             num_layers = 1 + max(m.proj.layer for m in modules)
             return profile_from_weights(
                 self.model_name, self.architecture, num_layers, weights, spec, on_projection=_progress_logger()

@@ -15,9 +15,10 @@ Budget sources, highest precedence first (the chosen one is logged at startup):
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -53,7 +54,7 @@ class SettingsOrigin(BaseModel):
     name: str  # "env ACTTAIL_SPARSITY"
     fix: str  # "correct or unset ACTTAIL_SPARSITY"
 
-    def with_options_from(self, options: "SettingsOrigin") -> "SettingsOrigin":
+    def with_options_from(self, options: SettingsOrigin) -> SettingsOrigin:
         """This source's budget together with the other settings of ``options``."""
         return SettingsOrigin(
             name=f"{self.name} with the options of {options.name}", fix=f"{self.fix}, or {options.fix}"
@@ -104,11 +105,10 @@ class ActTailSettings(BaseModel):
     max_sparse_tokens: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ActTailSettings":
+    def _one_source(self) -> ActTailSettings:
         if self.profile is not None and self.sparsity is not None:
             raise ValueError(
-                "give either 'profile' or 'sparsity', not both: a profile already fixes every "
-                "projection's sparsity"
+                "give either 'profile' or 'sparsity', not both: a profile already fixes every projection's sparsity"
             )
         if self.sparsity is not None:
             _ = self.allocation  # AllocationSpec checks the five together (a sparsity above s_max, ...)
@@ -120,7 +120,7 @@ class ActTailSettings(BaseModel):
         return AllocationSpec(self.sparsity, self.method, self.estimator, self.eps, self.s_max)
 
     @classmethod
-    def parse(cls, raw: Mapping[str, Any], origin: SettingsOrigin) -> "ActTailSettings":
+    def parse(cls, raw: Mapping[str, Any], origin: SettingsOrigin) -> ActTailSettings:
         """Validate ``raw``; errors name ``origin`` (where the values came from) and its fix."""
         try:
             return cls.model_validate(dict(raw))
@@ -164,8 +164,7 @@ def _env_settings(env: Mapping[str, str]) -> tuple[dict[str, Any], SettingsOrigi
             raw["sparsity"] = float(env[ENV_SPARSITY])
         except ValueError:
             raise SettingsError(
-                f"{ENV_SPARSITY}={env[ENV_SPARSITY]!r} is not a number: set a sparsity in [0, 1), "
-                "e.g. 0.5, or unset it"
+                f"{ENV_SPARSITY}={env[ENV_SPARSITY]!r} is not a number: set a sparsity in [0, 1), e.g. 0.5, or unset it"
             ) from None
     if not raw:
         return None

@@ -47,7 +47,7 @@ class ModuleStats:
     tokens: dict[TokenPath, int]
 
     @classmethod
-    def read(cls, stats: torch.Tensor) -> "ModuleStats":
+    def read(cls, stats: torch.Tensor) -> ModuleStats:
         values = stats.tolist()
         num_segments = len(values) - len(TOKEN_PATHS)
         return cls(tuple(values[:num_segments]), dict(zip(TOKEN_PATHS, values[num_segments:])))

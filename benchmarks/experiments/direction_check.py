@@ -47,7 +47,9 @@ def main() -> None:
     evaluator = Evaluator(RunSettings(model=args.model or str(ensure_smollm2()), device=args.device), progress=False)
     stream = evaluator.token_stream(args.text, args.max_tokens)
     work = Path(tempfile.mkdtemp(prefix="acttail-direction-"))
-    base = evaluator.load_profile(evaluator.build_profile(work, AllocationSpec(0.5, "uniform", DEFAULT_ESTIMATOR, 0.0, DEFAULT_S_MAX)))
+    base = evaluator.load_profile(
+        evaluator.build_profile(work, AllocationSpec(0.5, "uniform", DEFAULT_ESTIMATOR, 0.0, DEFAULT_S_MAX))
+    )
     sources = {"acttail": base, "mirrored": mirrored(base)}
     print(f"{args.text}: {len(stream.ids)} tokens, context {args.context}, estimator {DEFAULT_ESTIMATOR}")
     print("| sparsity | budgets | eps | ppl |\n|---|---|---|---|")

@@ -35,8 +35,10 @@ from benchmarks.common import GPU_SHAPES, keeps_for, random_inputs, random_insta
 def main() -> None:
     dtype, device = torch.bfloat16, "cuda"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; microseconds per call")
-    print(f"{'shape':14s} {'M':>3s} {'dense':>7s} {'dense_t':>7s} {'per_seg':>7s} {'stacked':>7s} "
-          f"{'bmm':>7s} {'select':>7s}")
+    print(
+        f"{'shape':14s} {'M':>3s} {'dense':>7s} {'dense_t':>7s} {'per_seg':>7s} {'stacked':>7s} "
+        f"{'bmm':>7s} {'select':>7s}"
+    )
     for shape in GPU_SHAPES:
         for m in (2, 4, 8, 16):
             weights, weights_t = random_instances(shape, dtype, device)
@@ -46,8 +48,9 @@ def main() -> None:
             bounds = shape.seg_bounds
             equal_merged = len(set(shape.seg_widths)) == 1 < len(shape.seg_widths)
             if equal_merged:  # the in-place batched GEMM must give what one GEMM per segment gives
-                torch.testing.assert_close(batched_dense(sels[0], weights_t[0], None),
-                                           per_segment_dense(sels[0], weights_t[0], None, bounds))
+                torch.testing.assert_close(
+                    batched_dense(sels[0], weights_t[0], None), per_segment_dense(sels[0], weights_t[0], None, bounds)
+                )
 
             def timed(fn, args, inputs):
                 return time_us([functools.partial(fn, *a) for a in args], inputs)
@@ -60,8 +63,10 @@ def main() -> None:
                 timed(lambda s, w: batched_dense(s, w, None), zip(sels, weights_t), sels) if equal_merged else None,
                 timed(lambda x: topk_select(x, keep, with_list=False), [(x,) for x in xs], xs),
             ]
-            print(f"{shape.name:14s} {m:3d} " + " ".join("      -" if c is None else f"{c:7.1f}" for c in cols),
-                  flush=True)
+            print(
+                f"{shape.name:14s} {m:3d} " + " ".join("      -" if c is None else f"{c:7.1f}" for c in cols),
+                flush=True,
+            )
 
     per_sm = (1, 2, 4, 8, 16)
     print(f"\nselection us by range programs per SM {per_sm}")

@@ -36,13 +36,15 @@ def _prefetch_kernel(ptr, nbytes, BLOCK: tl.constexpr):
     base = ptr.to(tl.pointer_type(tl.int8))
     for start in range(first, end, BLOCK):
         line = tl.minimum(start + tl.arange(0, BLOCK), end - 1)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [base + line * 128], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; // $0", "=r,l", [base + line * 128], dtype=tl.int32, is_pure=False, pack=1
+        )
 
 
 def prefetch(head: torch.Tensor) -> None:
     _prefetch_kernel[(torch.cuda.get_device_properties(0).multi_processor_count,)](
-        head, head.numel() * head.element_size(), BLOCK=128, num_warps=4)
+        head, head.numel() * head.element_size(), BLOCK=128, num_warps=4
+    )
 
 
 def gemm_after(x: torch.Tensor, weight_t: torch.Tensor, share: float, sliced: bool) -> None:
@@ -61,8 +63,10 @@ def gemm_after(x: torch.Tensor, weight_t: torch.Tensor, share: float, sliced: bo
 
 def main() -> None:
     dtype, device, m = torch.bfloat16, "cuda", 16
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {dtype}, "
-          f"M={m}, L2 {L2_BYTES >> 20} MiB: microseconds per call")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {dtype}, "
+        f"M={m}, L2 {L2_BYTES >> 20} MiB: microseconds per call"
+    )
     for shape in (s for s in GPU_SHAPES if s.name in ("13b.qkv", "13b.down")):
         _, weights_t = random_instances(shape, dtype, device)
         xs = random_inputs(m, shape.k, len(weights_t), dtype, device)
@@ -70,8 +74,10 @@ def main() -> None:
         for sliced, share in [(False, 0.0), (False, 0.25), (False, 0.5), (False, 1.0), (True, 0.5), (True, 1.0)]:
             us = time_us([functools.partial(gemm_after, x, w, share, sliced) for x, w in zip(xs, weights_t)], xs)
             where = f"heads of {SLICES} K slices" if sliced else "head"
-            print(f"{shape.name:10s} gemm after prefetching {share:4.2f} of L2 ({where:18s}): {us - spin:6.1f}",
-                  flush=True)
+            print(
+                f"{shape.name:10s} gemm after prefetching {share:4.2f} of L2 ({where:18s}): {us - spin:6.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,17 @@ from triton.compiler import ASTSource
 
 from acttail_kernels.sparse_gemv import _sparse_gemv_kernel
 
-POINTERS = {"xs_ptr": "*bf16", "idx_ptr": "*i32", "xv_ptr": "*bf16", "count_ptr": "*i32",
-            "wt_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32", "ticket_ptr": "*i32"}
+POINTERS = {
+    "xs_ptr": "*bf16",
+    "idx_ptr": "*i32",
+    "xv_ptr": "*bf16",
+    "count_ptr": "*i32",
+    "wt_ptr": "*bf16",
+    "bias_ptr": "*bf16",
+    "out_ptr": "*bf16",
+    "partial_ptr": "*fp32",
+    "ticket_ptr": "*i32",
+}
 SCALARS = {name: "i32" for name in ("M", "N", "K", "B1", "B2", "B3", "B4")}
 # (name, constexprs): the loops the 13B qkv GEMV runs, with the rule's tiles
 VARIANTS = [
@@ -31,12 +40,17 @@ def main() -> None:
         consts = dict(NUM_SEGS=3, HAS_BIAS=False, DOT_PRECISION="tf32", PDL=False, **variant)
         types = {**POINTERS, **SCALARS, **{key: "constexpr" for key in consts}}
         signature = {arg: types[arg] for arg in _sparse_gemv_kernel.arg_names}  # in parameter order
-        source = ASTSource(fn=_sparse_gemv_kernel, signature=signature,
-                           constexprs={(list(signature).index(key),): value for key, value in consts.items()})
+        source = ASTSource(
+            fn=_sparse_gemv_kernel,
+            signature=signature,
+            constexprs={(list(signature).index(key),): value for key, value in consts.items()},
+        )
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
         ptx = kernel.asm["ptx"]
-        print(f"{name:22s} shared {kernel.metadata.shared:6d} B, cp.async {ptx.count('cp.async.'):3d}, "
-              f"ld.global {ptx.count('ld.global'):4d}")
+        print(
+            f"{name:22s} shared {kernel.metadata.shared:6d} B, cp.async {ptx.count('cp.async.'):3d}, "
+            f"ld.global {ptx.count('ld.global'):4d}"
+        )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def _ternary_steps_kernel(x_ptr, out_ptr, K, BLOCK: tl.constexpr, STEPS: tl.cons
     bits, offs = _row_bits(x_ptr, K, BLOCK)
     lo = 0
     hi = 1 << 15
-    for s in tl.static_range(STEPS):
+    for _ in tl.static_range(STEPS):
         span = hi - lo
         c1 = lo + span // 3
         c2 = lo + (2 * span) // 3
@@ -132,20 +132,25 @@ def main() -> None:
 
         for warps in (4, 8, 16):
             tag = f"K={k} w={warps:2d}"
-            steps = [us(lambda x, n=n: _steps_kernel[(1,)](x, out, k, block, n, num_warps=warps))
-                     for n in (0, 1, 9, 15)]
+            steps = [
+                us(lambda x, n=n: _steps_kernel[(1,)](x, out, k, block, n, num_warps=warps)) for n in (0, 1, 9, 15)
+            ]
             print(f"{tag} steps 0/1/9/15: {steps}")
-            ternary = [us(lambda x, n=n: _ternary_steps_kernel[(1,)](x, out, k, block, n, num_warps=warps))
-                       for n in (6, 10)]
+            ternary = [
+                us(lambda x, n=n: _ternary_steps_kernel[(1,)](x, out, k, block, n, num_warps=warps)) for n in (6, 10)
+            ]
             print(f"{tag} ternary steps 6/10 (9.5/15.8 bits): {ternary}")
-            chunked = [us(lambda x, c=c: _chunked_steps_kernel[(1,)](x, out, k, c, 7, num_warps=warps))
-                       for c in (1024, 2048)]
+            chunked = [
+                us(lambda x, c=c: _chunked_steps_kernel[(1,)](x, out, k, c, 7, num_warps=warps)) for c in (1024, 2048)
+            ]
             print(f"{tag} chunked 7 steps, chunk 1024/2048: {chunked}")
             passes = [us(lambda x, p=p: _histogram_kernel[(1,)](x, out, k, block, p, num_warps=warps)) for p in (1, 2)]
             print(f"{tag} histogram passes 1/2: {passes}")
             print(f"{tag} list: {us(lambda x: _list_kernel[(1,)](x, idx, out, k, block, num_warps=warps))}")
-            two_level = [us(lambda x, c=c: _list_2level_kernel[(1,)](x, idx, out, k, block // c, c, num_warps=warps))
-                         for c in (32, 64, 128, 256, 512)]
+            two_level = [
+                us(lambda x, c=c: _list_2level_kernel[(1,)](x, idx, out, k, block // c, c, num_warps=warps))
+                for c in (32, 64, 128, 256, 512)
+            ]
             print(f"{tag} list in two levels, pieces of 32/64/128/256/512: {two_level}")
             ranges = [us(lambda x, g=g: _range_kernel[(g,)](x, out, k, block, num_warps=warps)) for g in (1, 128, 256)]
             print(f"{tag} range test over 1/128/256 programs: {ranges}")
@@ -153,8 +158,11 @@ def main() -> None:
             xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for _ in range(8)]
             keep = keep_tensor([k // 5] * segs, "cuda")
             lists = (False, True) if m == 1 else (False,)
-            cells = [f"{time_us([functools.partial(topk_select, x, keep, w, g) for x in xs], xs):5.1f}"
-                     for g in (None, guess_tensor(segs, "cuda")) for w in lists]
+            cells = [
+                f"{time_us([functools.partial(topk_select, x, keep, w, g) for x in xs], xs):5.1f}"
+                for g in (None, guess_tensor(segs, "cuda"))
+                for w in lists
+            ]
             print(f"K={k} topk_select M={m:2d}, {segs} segments, without/with list; again with a guess: {cells}")
 
 

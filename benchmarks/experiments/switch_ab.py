@@ -54,7 +54,9 @@ SWITCHES = {
     # 2**15 > MAX_CHANNELS: one chunk a row
     "row-chunk": ("row_chunk", 1 << 15, SHIPPED_OPTIONS.row_chunk, ONE_TOKEN + [(4, ak.GemvPath.DENSE)]),
     "row-chunk-batches": (
-        "row_chunk_max_tokens", SHIPPED_OPTIONS.row_chunk_max_tokens, 16,
+        "row_chunk_max_tokens",
+        SHIPPED_OPTIONS.row_chunk_max_tokens,
+        16,
         [(8, ak.GemvPath.DENSE), (16, ak.GemvPath.DENSE)],
     ),
     "thr-window": ("threshold_window", 0, SHIPPED_OPTIONS.threshold_window, ONE_TOKEN + FALLBACK_4_16),
@@ -66,7 +68,8 @@ def load_base(checkout: Path):
     """``kernels/`` of another commit under ``checkout``, imported as ``acttail_kernels_base``."""
     package = checkout / "kernels"
     spec = importlib.util.spec_from_file_location(
-        "acttail_kernels_base", package / "__init__.py", submodule_search_locations=[str(package)])
+        "acttail_kernels_base", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -88,14 +91,18 @@ def main() -> None:
     if args.switch:
         field, off, on, runs = SWITCHES[args.switch]
         on = on if args.on is None else args.on
-        builds = {switched: (ak, {"options": dataclasses.replace(SHIPPED_OPTIONS, **{field: value})})
-                  for switched, value in ((False, off), (True, on))}
+        builds = {
+            switched: (ak, {"options": dataclasses.replace(SHIPPED_OPTIONS, **{field: value})})
+            for switched, value in ((False, off), (True, on))
+        }
     else:
         runs = ONE_TOKEN
         builds = {False: (load_base(args.base), {}), True: (ak, {})}
     dtype, device = torch.bfloat16, "cuda"
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; {args.switch or args.base}: "
-          f"microseconds per call, median of {args.rounds} alternating rounds (min-max)")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; {args.switch or args.base}: "
+        f"microseconds per call, median of {args.rounds} alternating rounds (min-max)"
+    )
     print(f"{'shape':14s} {'M':>3s} {'s':>4s} {'path':>5s} {'off':>17s} {'on':>17s}")
     for shape in (s for s in GPU_SHAPES if s.name in args.shapes):
         _, weights_t = random_instances(shape, dtype, device)
@@ -105,17 +112,33 @@ def main() -> None:
                 keeps = keeps_for(shape, sparsity)
                 keep = keep_tensor(keeps, device)
                 guesses = {on: guess_tensor(len(keeps), device) for on in builds}
-                calls = {on: [functools.partial(build.sparse_linear, x, w, None, shape.seg_bounds, keeps, keep=keep,
-                                                path=build.GemvPath(path.value), thr_guess=guesses[on], **extra)
-                              for x, w in zip(xs, weights_t)]
-                         for on, (build, extra) in builds.items()}
+                calls = {
+                    on: [
+                        functools.partial(
+                            build.sparse_linear,
+                            x,
+                            w,
+                            None,
+                            shape.seg_bounds,
+                            keeps,
+                            keep=keep,
+                            path=build.GemvPath(path.value),
+                            thr_guess=guesses[on],
+                            **extra,
+                        )
+                        for x, w in zip(xs, weights_t)
+                    ]
+                    for on, (build, extra) in builds.items()
+                }
                 times: dict[bool, list[float]] = {False: [], True: []}
                 for _ in range(args.rounds):
                     for on in (False, True):
                         times[on].append(time_us(calls[on], xs))
                 cells = [f"{statistics.median(t):5.1f} ({min(t):4.1f}-{max(t):4.1f})" for t in times.values()]
-                print(f"{shape.name:14s} {m:3d} {sparsity:4.2f} {path.value:>5s} {cells[0]:>17s} {cells[1]:>17s}",
-                      flush=True)
+                print(
+                    f"{shape.name:14s} {m:3d} {sparsity:4.2f} {path.value:>5s} {cells[0]:>17s} {cells[1]:>17s}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
