@@ -47,7 +47,10 @@ def default_profile(evaluator: Evaluator, sparsity: float, out_dir: Path) -> Pat
         if profile.allocation == AllocationSpec(sparsity):
             return path
     print(f"no shipped {label_of(sparsity)} profile fits {evaluator.settings.model}: building one", file=sys.stderr)
-    return evaluator.build_profile(out_dir, AllocationSpec(sparsity))
+    built = evaluator.build_profile(out_dir, AllocationSpec(sparsity))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # vLLM, started next, checks that the GPU memory it asks for is free
+    return built
 
 
 def reference_models(evaluator: Evaluator, dtypes: Sequence[str]) -> Iterator[tuple[str, torch.nn.Module]]:
