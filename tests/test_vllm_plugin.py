@@ -51,23 +51,6 @@ def metric_values(server: VllmServer, name: str) -> dict[tuple[str, str], float]
     return {(layer, proj): float(value) for layer, proj, value in pattern.findall(text)}
 
 
-def settled_token_counts(server: VllmServer) -> dict[str, float]:
-    """{path: tokens} of acttail_tokens_total on the server's /metrics, once two reads a second
-    apart agree (snapshots land every ACTTAIL_METRICS_INTERVAL_S; an idle server's stop changing)."""
-
-    def read() -> dict[str, float]:
-        pattern = r'^acttail_tokens_total\{path="(\w+)"\} (\S+)$'
-        return {p: float(v) for p, v in re.findall(pattern, server.metrics(), re.M)}
-
-    counts = read()
-    for _ in range(20):
-        time.sleep(1.0)
-        counts, previous = read(), counts
-        if counts == previous:
-            break
-    return counts
-
-
 def test_sparsity_zero_equals_dense(smollm2_dir):
     model = str(smollm2_dir)
     with VllmServer(model, SERVE_ARGS) as dense:
@@ -169,7 +152,7 @@ def test_decode_steps_alone_sparsified(smollm2_dir, option):
     new_tokens = 24
     with VllmServer(str(smollm2_dir), args, env={"ACTTAIL_METRICS_INTERVAL_S": "0.5"}) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
-        before = settled_token_counts(server)
+        before = server.settled_token_counts()
         # vLLM's profile and warm-up runs went through the sparse modules before the engine was ready
         # (2048 tokens on this CPU); the counters leave them out
         assert set(before) == {"sparse_gemv", "selection_dense_gemm", "unsparsified"}
@@ -183,7 +166,7 @@ def test_decode_steps_alone_sparsified(smollm2_dir, option):
             temperature=0.0,
             extra_body={"return_tokens_as_token_ids": True},
         )
-        after = settled_token_counts(server)
+        after = server.settled_token_counts()
     logprobs = out.choices[0].logprobs
     ids = [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
     num_prompt = len(ids) - new_tokens

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shutil
 import signal
 import socket
@@ -140,6 +141,24 @@ class VllmServer:
     def metrics(self) -> str:
         """The server's /metrics text: vLLM's metrics and ActTail's."""
         return requests.get(f"{self.url}/metrics", timeout=10).text
+
+    def settled_token_counts(self) -> dict[str, float]:
+        """{path: tokens} of ``acttail_tokens_total`` on /metrics, once two reads a second apart agree
+        (snapshots land every ACTTAIL_METRICS_INTERVAL_S; an idle server's stop changing)."""
+
+        def read() -> dict[str, float]:
+            return {
+                p: float(v)
+                for p, v in re.findall(r'^acttail_tokens_total\{path="(\w+)"\} (\S+)$', self.metrics(), re.M)
+            }
+
+        counts = read()
+        for _ in range(20):
+            time.sleep(1.0)
+            counts, previous = read(), counts
+            if counts == previous:
+                break
+        return counts
 
     def log(self) -> str:
         if self.log_path is not None and self.log_path.exists():

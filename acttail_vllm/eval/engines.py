@@ -70,7 +70,15 @@ class VllmEngine:
     """A ``vllm serve`` of the model (with ``--quantization acttail`` under a profile), asked for
     the log-probabilities of token-id prompts through the OpenAI completions API."""
 
-    def __init__(self, settings: RunSettings, profile_path: Path | None, max_model_len: int):
+    def __init__(
+        self,
+        settings: RunSettings,
+        profile_path: Path | None,
+        max_model_len: int,
+        extra_args: Sequence[str] = (),
+        extra_env: dict[str, str] | None = None,
+    ):
+        """``extra_args`` go to ``vllm serve`` after the engine's own, ``extra_env`` to its environment."""
         from acttail_vllm.dev.server import VllmServer
 
         args = [
@@ -83,7 +91,8 @@ class VllmEngine:
         ]
         if settings.device == "cpu":
             args.append("--enforce-eager")  # torch.compile costs minutes per start on a small CPU
-        env = {}
+        args += list(extra_args)
+        env = dict(extra_env or {})
         if profile_path is not None:
             # policy all: every token of every step sparsified, whatever the batch (the paper's
             # protocol, and what the reference engine computes)

@@ -28,6 +28,11 @@ def sparse_modules(model: torch.nn.Module) -> Iterator[tuple[DecoderProjection, 
                     yield DecoderProjection(index, name, projections), module
 
 
+def kept_counts(proj: DecoderProjection, module: torch.nn.Linear, profile: Profile, shards: int = 1) -> list[int]:
+    """Input channels each projection of ``module`` keeps per token (of each of ``shards`` input slices)."""
+    return [kept_count(profile.sparsity(proj.layer, name), module.in_features // shards) for name in proj.projections]
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layers of a transformers causal LM (``model.model.layers``)."""
     return getattr(model, "model", model).layers
@@ -67,7 +72,7 @@ def sparsified(model: torch.nn.Module, profile: Profile, tp_size: int = 1) -> It
         for proj, module in sparse_modules(model):
             layer, projections = proj.layer, proj.projections
             shards = tp_size if proj.row_parallel else 1
-            keeps = [kept_count(profile.sparsity(layer, name), module.in_features // shards) for name in projections]
+            keeps = kept_counts(proj, module, profile, shards)
             hooked += len(projections)
             if len(projections) == 1:
                 handles.append(module.register_forward_pre_hook(_topk_hook(keeps[0], shards)))
