@@ -53,6 +53,7 @@ class ReferenceEngine:
             layers = decoder_layers(self.model)
         except AttributeError:  # a toy model (tests): no layers to hear from
             layers = ()
+
         def heard(*_) -> None:  # a forward hook that returned a value would replace the layer's output
             advance(len(requests) / len(layers))
 
