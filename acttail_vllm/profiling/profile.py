@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from acttail_vllm.errors import ActTailError
-from acttail_vllm.profiling.allocation import AllocationSpec, weighted_mean
+from acttail_vllm.profiling.allocation import AllocationSpec, Method, weighted_mean
 
 SCHEMA_VERSION = 1
 #: The seven linear projections of a Llama-family decoder layer, in Hugging Face naming.
@@ -97,7 +97,7 @@ class Profile(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     tool_version: str
     model: ModelInfo
-    method: Literal["acttail", "uniform"]
+    method: Method
     estimator: str
     eps: float = Field(ge=0.0)
     s_max: float = Field(gt=0.0, lt=1.0)
