@@ -95,7 +95,11 @@ def test_profile_from_weights_builds_a_valid_profile():
 def test_reallocated_profile_equals_one_computed_from_the_weights():
     """New target, method or eps from a profile's alphas: the loader hook and the sweep rely on it."""
     first = profile_tiny(tiny_stream(tiny_weights()))
-    for options in ({"target": 0.8, "method": "acttail", "eps": 0.3}, {"target": 0.5, "method": "uniform", "eps": 0.2}):
+    for options in (
+        {"target": 0.8, "method": "acttail", "eps": 0.3},
+        {"target": 0.7, "method": "alphapruning", "eps": 0.3},
+        {"target": 0.5, "method": "uniform", "eps": 0.2},
+    ):
         expected = profile_tiny(tiny_stream(tiny_weights()), s_max=0.95, **options)
         assert reallocated(first, AllocationSpec(s_max=0.95, **options)) == expected
 
@@ -265,7 +269,7 @@ def test_ensure_smollm2_is_atomic(tmp_path, monkeypatch):
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt  # a run killed half way
 
-    monkeypatch.setattr(models, "_convert", killed)
+    monkeypatch.setattr(models, "convert_gguf", killed)
     with pytest.raises(KeyboardInterrupt):
         models.ensure_smollm2()
     assert list(models_dir.iterdir()) == [], "a killed conversion left files behind"
@@ -278,7 +282,7 @@ def test_ensure_smollm2_is_atomic(tmp_path, monkeypatch):
         for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
             (out_dir / name).write_text("{}")
 
-    monkeypatch.setattr(models, "_convert", complete)
+    monkeypatch.setattr(models, "convert_gguf", complete)
     target = models.ensure_smollm2()
     assert target == models_dir / "SmolLM2-135M-Instruct" and (target / "model.safetensors").is_file()
     assert models.ensure_smollm2() == target and len(calls) == 1, "a cached model was converted again"
