@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import shutil
 
 import pytest
 import torch
@@ -68,6 +69,19 @@ def test_bad_windows_are_refused(num_tokens, context, stride, message):
         sliding_windows(num_tokens, context, stride)
 
 
+def test_windows_after_bos_score_every_token_once():
+    windows = sliding_windows(10, context=4, bos=99)
+    assert [(w.begin, w.end, w.score_from) for w in windows] == [(0, 3, 0), (3, 6, 3), (6, 9, 6), (9, 10, 9)]
+    assert sliding_windows(10, context=4, stride=4, bos=99) == windows  # stride = context: no overlap
+    stream = list(range(10))
+    requests = [w.request(stream) for w in windows]
+    assert requests[1] == ScoreRequest((99, 3, 4, 5), 1)
+    assert [t for r in requests for t in r.targets] == stream
+    overlapping = [w.request(stream) for w in sliding_windows(10, context=4, stride=2, bos=99)]
+    assert all(r.ids[0] == 99 and len(r.ids) <= 4 for r in overlapping)
+    assert [t for r in overlapping for t in r.targets] == stream
+
+
 class _Output:
     def __init__(self, logits):
         self.logits = logits
@@ -105,6 +119,17 @@ def test_bigram_perplexity_matches_the_closed_form(stride, skipped):
     expected = -math.fsum(model.table[ids[j - 1], ids[j]].item() for j in scored)
     assert tokens == len(scored)
     assert nll == pytest.approx(expected, rel=1e-6)
+
+
+def test_bigram_perplexity_after_bos_scores_each_window_start_given_bos():
+    model, bos = BigramModel(30), 29
+    ids = torch.randint(0, 29, (150,), generator=torch.Generator().manual_seed(3)).tolist()
+    nll, tokens = windowed_nll(
+        ReferenceEngine(model, torch.device("cpu")), ids, context=40, stride=None, batch_size=2, bos=bos
+    )
+    previous = [bos if j % 39 == 0 else ids[j - 1] for j in range(len(ids))]
+    assert tokens == len(ids)
+    assert nll == pytest.approx(-math.fsum(model.table[p, t].item() for p, t in zip(previous, ids)), rel=1e-6)
 
 
 def test_scores_come_back_in_request_order_whatever_the_batching():
@@ -167,6 +192,33 @@ def test_task_accuracy_counts_raw_and_normalised_picks():
 def test_unknown_text_names_the_slices():
     with pytest.raises(ValueError, match=r"neither a corpus slice \(ci, tuning, report\) nor a file"):
         load_text("/nonexistent/wiki.txt")
+
+
+def test_every_window_starts_with_bos_for_a_tokenizer_that_adds_it(tiny_model, tmp_path):
+    """A model trained with <bos> before every text (Gemma) degrades without it: each window gets it."""
+    from tokenizers import Tokenizer, processors
+
+    from tests.tiny_models import BOS_ID, SPECIALS
+
+    model_dir = tmp_path / "gemma3-bos"
+    shutil.copytree(tiny_model("gemma3"), model_dir)
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIALS[0]} $A", special_tokens=[(SPECIALS[0], BOS_ID)]
+    )
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 3)
+
+    evaluator = Evaluator(RunSettings(model=str(model_dir), batch_size=2), progress=False)
+    assert evaluator.tokenizer("ab").input_ids == [BOS_ID, ord("a"), ord("b")]
+    stream = evaluator.token_stream(str(text), 100)
+    assert (stream.bos, len(stream.ids), stream.ids[:3]) == (BOS_ID, 100, tuple(b"The"))
+    result = evaluator.perplexity(stream, None, context=16)
+    requests = [ScoreRequest((BOS_ID, *stream.ids[i : i + 15]), 1) for i in range(0, 100, 15)]
+    logprobs = score_requests(ReferenceEngine(evaluator.hf_model(), torch.device("cpu")), requests, batch_size=1)
+    assert result.tokens_scored == 100
+    assert result.nll == pytest.approx(-math.fsum(lp.sum().item() for lp in logprobs) / 100, rel=1e-6)
 
 
 # --- SmolLM2 on real text --------------------------------------------------------------------
