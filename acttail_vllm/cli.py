@@ -79,13 +79,22 @@ def _configure_profile(parser: argparse.ArgumentParser) -> None:
         "--method",
         choices=METHODS,
         default=DEFAULT_METHOD,
-        help="acttail: budgets by alpha; uniform: the target everywhere",
+        help="acttail: budgets from per-type loss costs, moved within a type by alpha (docs/allocation.md); "
+        "alphapruning: larger alpha gets more sparsity (AlphaPruning's rule); uniform: the target everywhere",
     )
     parser.add_argument("--estimator", choices=sorted(ESTIMATORS), default=DEFAULT_ESTIMATOR, help="alpha estimator")
     parser.add_argument(
-        "--eps", type=_fraction, default=DEFAULT_EPS, help="relative spread of budgets around the target"
+        "--eps",
+        type=_fraction,
+        default=DEFAULT_EPS,
+        help="alphapruning only: relative spread of budgets around the target",
     )
-    parser.add_argument("--s-max", type=_fraction, default=DEFAULT_S_MAX, help="cap on any projection's sparsity")
+    parser.add_argument(
+        "--s-max",
+        type=_fraction,
+        default=DEFAULT_S_MAX,
+        help="cap on any projection's sparsity (alphapruning, acttail)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where eigenvalues are computed")
     parser.add_argument(
         "--eigen-dtype",

@@ -5,6 +5,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = REPO / "profiles"
+#: A shipped SmolLM2 profile in schema version 1, whose "acttail" is today's alphapruning rule.
+SCHEMA1_PROFILE = REPO / "tests" / "data" / "smollm2-135m-instruct-acttail-50.schema1.json"
 
 
 def pytest_configure(config) -> None:

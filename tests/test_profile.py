@@ -42,7 +42,7 @@ def profile_dict(num_layers: int = 2, target: float = 0.5) -> dict:
         layers.append({"index": index, "projections": projections})
     achieved = weighted_mean(values, counts)
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "tool_version": "0.1.0",
         "model": {
             "name": "tiny",
@@ -107,9 +107,26 @@ def test_corrupt_json_names_the_path(tmp_path):
 
 def test_wrong_schema_version_says_found_and_supported(tmp_path):
     data = profile_dict()
-    data["schema_version"] = 2
-    with pytest.raises(ProfileError, match=r"has schema_version 2; this acttail supports version 1"):
+    data["schema_version"] = 3
+    with pytest.raises(ProfileError, match=r"has schema_version 3; this acttail reads versions 1, 2: rebuild it"):
         Profile.load(write(tmp_path, data))
+
+
+@pytest.mark.parametrize(("old", "new"), [("acttail", "alphapruning"), ("uniform", "uniform")])
+def test_version_1_profile_reads_with_the_method_that_made_it(tmp_path, old, new):
+    """Version 1's "acttail" was AlphaPruning's rule: it reads as alphapruning, budgets unchanged."""
+    data = profile_dict()
+    data["schema_version"], data["method"] = 1, old
+    profile = Profile.load(write(tmp_path, data))
+    assert (profile.schema_version, profile.method, profile.allocation.method) == (2, new, new)
+    assert profile.layers == Profile.model_validate({**data, "schema_version": 2, "method": new}).layers
+    profile.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text())["schema_version"] == 2
+    assert Profile.load(tmp_path / "again.json") == profile
+
+
+def test_version_2_acttail_stays_acttail(tmp_path):
+    assert Profile.load(write(tmp_path, profile_dict())).method == "acttail"
 
 
 def test_missing_projection_names_layer_and_projection(tmp_path):

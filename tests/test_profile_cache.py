@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from acttail_vllm.profiling.allocation import AllocationSpec
+from acttail_vllm.profiling.allocation import TYPE_COSTS, AllocationSpec
 from acttail_vllm.profiling.builder import reallocated
 from acttail_vllm.profiling.profile import Profile
 from acttail_vllm.profiling.profile_cache import cached_profile
@@ -31,7 +31,7 @@ ENTRY = "fp-acttail-hill-eps0.1-smax0.95-s0.6.json"
 CHILD = """
 import os, sys, time
 from pathlib import Path
-from acttail_vllm.profiling.allocation import AllocationSpec
+from acttail_vllm.profiling.allocation import TYPE_COSTS, AllocationSpec
 from acttail_vllm.profiling.profile import Profile
 from acttail_vllm.profiling.profile_cache import cached_profile
 from tests.test_profiler_cli import profile_tiny, tiny_stream, tiny_weights
@@ -183,3 +183,31 @@ def test_a_full_disk_keeps_the_profile_in_memory(tmp_path, monkeypatch):
     (problem,) = result.problems
     assert f"cannot write the profile cache {tmp_path} (No space left on device)" in problem
     assert not (tmp_path / ENTRY).exists()
+
+
+def test_an_entry_of_the_old_rule_is_never_served_as_acttail(tmp_path):
+    """A version-1 file named for ``acttail`` holds AlphaPruning budgets: it reads as alphapruning,
+    so the cache re-allocates acttail from its alphas and replaces it."""
+    computed = []
+    entry = get(tmp_path, tiny_compute(computed)).path
+    old_rule = reallocated(Profile.load(entry), AllocationSpec(0.6, "alphapruning", "hill", 0.1, 0.95))
+    entry.write_text(json.dumps({**old_rule.model_dump(mode="json"), "schema_version": 1, "method": "acttail"}))
+    assert Profile.load(entry) == old_rule
+
+    again = get(tmp_path, tiny_compute(computed))
+    assert (again.reused, again.alphas_from, len(computed)) == (False, entry, 1)
+    assert again.profile == reallocated(old_rule, SPEC) != old_rule
+    (problem,) = again.problems
+    assert problem.startswith(f"cache entry {entry} holds alphapruning at target 0.6 ")
+    assert Profile.load(entry) == again.profile and Profile.load(entry).method == "acttail"
+    assert get(tmp_path, tiny_compute(computed)).reused
+
+
+def test_an_entry_of_other_rule_constants_is_reallocated(tmp_path, monkeypatch):
+    computed = []
+    first = get(tmp_path, tiny_compute(computed))
+    monkeypatch.setitem(TYPE_COSTS, "v_proj", 10 * TYPE_COSTS["v_proj"])
+    again = get(tmp_path, tiny_compute(computed))
+    assert (again.reused, again.alphas_from, len(computed)) == (False, first.path, 1)
+    assert again.profile == reallocated(first.profile, SPEC) != first.profile
+    assert get(tmp_path, tiny_compute(computed)).reused

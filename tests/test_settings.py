@@ -18,7 +18,7 @@ from acttail_vllm.serving.settings import (
     SparsityPolicy,
     resolve_budget_source,
 )
-from tests.conftest import shipped_profile
+from tests.conftest import SCHEMA1_PROFILE, shipped_profile
 
 
 def copy_profile(path):
@@ -59,6 +59,11 @@ def test_model_dir_profile_found(tmp_path):
     assert source.kind == "profile"
     assert source.settings.profile == tmp_path / MODEL_DIR_PROFILE_NAME
     assert source.profile.target_sparsity == 0.5  # read once, here
+
+
+def test_a_schema_1_profile_serves_as_alphapruning(tmp_path):
+    source = resolve_budget_source(None, None, env={"ACTTAIL_PROFILE": str(SCHEMA1_PROFILE)})
+    assert (source.kind, source.profile.method, source.profile.target_sparsity) == ("profile", "alphapruning", 0.5)
 
 
 def test_a_profile_read_before_is_not_read_again(tmp_path, profile_file):

@@ -118,13 +118,23 @@ def _is_complete(directory: Path) -> bool:
     return all((directory / name).is_file() for name in _COMPLETE_MARKERS)
 
 
-def _convert(gguf_path: Path, out_dir: Path) -> None:
+def gguf_adds_bos(gguf_path: Path) -> bool:
+    """Whether the GGUF's tokenizer asks for ``<bos>`` before every text (``tokenizer.ggml.add_bos_token``)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.add_bos_token")
+    return field is not None and bool(field.parts[field.data[0]][0])
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> None:
+    """De-quantise ``gguf_path`` with transformers into a new Hugging Face directory ``out_dir``:
+    config, generation config, ``model.safetensors`` in ``dtype``, tokenizer."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = {"pretrained_model_name_or_path": gguf_path.parent, "gguf_file": gguf_path.name}
-    model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(**source, dtype=getattr(torch, dtype))
     # transformers marks GGUF-loaded models as quantized and refuses save_pretrained, although the
     # weights are already dense; so the files are written here. The config drops the GGUF
     # quantization entry and gains the architecture name vLLM dispatches on.
@@ -136,12 +146,13 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     type(model.config).from_dict(config).save_pretrained(out_dir)
     model.generation_config.save_pretrained(out_dir)
     state = model.state_dict()
-    if model.config.tie_word_embeddings:
+    if model.config.get_text_config().tie_word_embeddings:
         state.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
     weights_path = out_dir / "model.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, weights_path, metadata={"format": "pt"})
     weights_path.chmod(0o644)  # safetensors writes 0600; servers often run as another user
-    AutoTokenizer.from_pretrained(**source).save_pretrained(out_dir)
+    # transformers' GGUF tokenizer conversion drops add_bos_token; Gemma degenerates without <bos>.
+    AutoTokenizer.from_pretrained(**source, add_bos_token=gguf_adds_bos(gguf_path)).save_pretrained(out_dir)
 
 
 def ensure_smollm2() -> Path:
@@ -154,7 +165,7 @@ def ensure_smollm2() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{SMOLLM2_NAME}.") as tmp:
         staged = Path(tmp) / SMOLLM2_NAME
         try:
-            _convert(gguf_path, staged)
+            convert_gguf(gguf_path, staged)
         except ImportError as exc:
             raise ModelSetupError(
                 f"converting {gguf_path.name} needs transformers, gguf and accelerate ({exc}): "

@@ -116,9 +116,17 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
     )
     sweep.add_argument("--estimator", choices=sorted(ESTIMATORS), default=DEFAULT_ESTIMATOR, help="alpha estimator")
     sweep.add_argument(
-        "--eps", type=_fraction, default=DEFAULT_EPS, help="relative spread of budgets around the target"
+        "--eps",
+        type=_fraction,
+        default=DEFAULT_EPS,
+        help="alphapruning only: relative spread of budgets around the target",
     )
-    sweep.add_argument("--s-max", type=_fraction, default=DEFAULT_S_MAX, help="cap on any projection's sparsity")
+    sweep.add_argument(
+        "--s-max",
+        type=_fraction,
+        default=DEFAULT_S_MAX,
+        help="cap on any projection's sparsity (alphapruning, acttail)",
+    )
     sweep.add_argument(
         "--out", type=Path, required=True, help="directory for profiles/, sweep.json, sweep.png, sweep.md"
     )
@@ -191,7 +199,7 @@ def _run_export(args: argparse.Namespace) -> None:
 
 @register_command(
     "eval",
-    "perplexity and multiple-choice accuracy, dense or under a profile; ActTail vs uniform sweep",
+    "perplexity and multiple-choice accuracy, dense or under a profile; sweep of allocation methods against uniform",
     _configure_eval,
 )
 def _eval(args: argparse.Namespace) -> None:

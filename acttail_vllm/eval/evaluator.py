@@ -31,7 +31,7 @@ from acttail_vllm.eval.records import (
 from acttail_vllm.eval.scoring import ScoreRequest, continuation_request, perplexity, pick_choice
 from acttail_vllm.profiling.allocation import AllocationSpec
 from acttail_vllm.profiling.fingerprint import fingerprint_of
-from acttail_vllm.profiling.profile import Profile, ProfileError
+from acttail_vllm.profiling.profile import Profile
 
 DEFAULT_CONTEXT = 1024
 
@@ -51,11 +51,14 @@ def task_accuracy(
 
 @dataclass(frozen=True)
 class TokenStream:
-    """A text tokenised once; ``label`` is what the user named it by."""
+    """A text tokenised once; ``label`` is what the user named it by. ``bos``: the token the
+    tokenizer starts every text with (None if it adds none), not in ``ids``: every perplexity
+    window starts with it, as the model saw every text in training."""
 
     label: str
     ids: tuple[int, ...]
     max_tokens: int | None
+    bos: int | None = None
 
 
 class Evaluator:
@@ -115,11 +118,6 @@ class Evaluator:
             raise ActTailError(
                 f"the profiles of a sweep are files, and {directory} cannot be written: choose another --out"
             )
-        if cached.profile.allocation != spec:
-            raise ProfileError(
-                f"{cached.path} holds a profile of {cached.profile.allocation.describe()}, not of "
-                f"{spec.describe()}: delete it to rebuild it"
-            )
         return cached.path
 
     @contextmanager
@@ -147,16 +145,26 @@ class Evaluator:
         if max_tokens is not None and max_tokens < 2:
             raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
         ids = self.tokenizer(load_text(text), verbose=False).input_ids
-        return TokenStream(text, tuple(ids[:max_tokens]), max_tokens)
+        bos = self.tokenizer.bos_token_id
+        if bos is None or ids[:1] != [bos]:
+            return TokenStream(text, tuple(ids[:max_tokens]), max_tokens)
+        return TokenStream(text, tuple(ids[1:][:max_tokens]), max_tokens, bos)
 
     def perplexity(
         self, stream: TokenStream, profile_path: Path | None, context: int = DEFAULT_CONTEXT, stride: int | None = None
     ) -> PerplexityResult:
         info = self._profile_info(profile_path)
-        with self.engine(profile_path, min(context, len(stream.ids))) as engine:
+        with self.engine(profile_path, min(context, len(stream.ids) + (stream.bos is not None))) as engine:
             start = time.perf_counter()
             nll_sum, tokens = windowed_nll(
-                engine, stream.ids, context, stride, self.settings.batch_size, f"ppl {label(info)}", self.progress
+                engine,
+                stream.ids,
+                context,
+                stride,
+                self.settings.batch_size,
+                f"ppl {label(info)}",
+                self.progress,
+                stream.bos,
             )
             seconds = time.perf_counter() - start
         return PerplexityResult(

@@ -25,7 +25,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def sweep_table(result: SweepResult) -> str:
-    """Markdown: one row per run, ActTail's change against uniform at its sparsity, the paper's
+    """Markdown: one row per run, its change against uniform at its sparsity, the paper's ActTail
     figures at 80%, and the command that reproduces the row."""
     paper = ", ".join(f"{name} {change:+.1%}" for name, change in PAPER_CHANGE_AT_80.items())
     rows = [["dense", "0%", f"{result.dense.ppl:.3f}", "", "", f"`{result.dense.command()}`"]]
@@ -33,13 +33,11 @@ def sweep_table(result: SweepResult) -> str:
         sparsity = run.profile.target_sparsity
         uniform = result.run("uniform", sparsity)
         change = ""
-        if run.profile.method == "acttail" and uniform is not None:
+        if run.profile.method != "uniform" and uniform is not None:
             change = f"{relative_change(run.ppl, uniform.ppl):+.1%}"
         cited = paper if run.profile.method == "acttail" and math.isclose(sparsity, PAPER_SPARSITY) else ""
         rows.append([run.profile.method, f"{sparsity:.0%}", f"{run.ppl:.3f}", change, cited, f"`{run.command()}`"])
-    return markdown_table(
-        ["method", "sparsity", "ppl", "ActTail vs uniform", "paper (LLaMA-2 / Mistral)", "command"], rows
-    )
+    return markdown_table(["method", "sparsity", "ppl", "vs uniform", "paper (LLaMA-2 / Mistral)", "command"], rows)
 
 
 def plot_sweep(result: SweepResult, path: str | Path) -> None:

@@ -32,37 +32,48 @@ class ScoreRequest:
 
 @dataclass(frozen=True)
 class Window:
-    """Tokens ``[begin, end)`` of the stream go through the model; ``[score_from, end)`` are scored."""
+    """Tokens ``[begin, end)`` of the stream go through the model, after ``bos`` if it is set;
+    ``[score_from, end)`` are scored."""
 
     begin: int
     end: int
     score_from: int
+    bos: int | None = None
 
     def request(self, stream: Sequence[int]) -> ScoreRequest:
-        return ScoreRequest(tuple(stream[self.begin : self.end]), self.score_from - self.begin)
+        tokens = tuple(stream[self.begin : self.end])
+        if self.bos is None:
+            return ScoreRequest(tokens, self.score_from - self.begin)
+        return ScoreRequest((self.bos, *tokens), self.score_from - self.begin + 1)
 
 
-def sliding_windows(num_tokens: int, context: int, stride: int | None = None) -> list[Window]:
-    """Windows of ``context`` tokens every ``stride`` tokens (default: ``context``, no overlap).
+def sliding_windows(num_tokens: int, context: int, stride: int | None = None, bos: int | None = None) -> list[Window]:
+    """Windows of ``context`` tokens every ``stride`` tokens (default: a window's length, no overlap).
 
     Each token is scored once, in the first window where it is new, and only if that window holds
     at least one token before it: with no overlap the first token of every window goes unscored
     (as in the Hugging Face perplexity recipe); with overlap the older tokens serve as context only.
+
+    With ``bos`` (for a tokenizer that starts every text with it: a model trained so degrades
+    without it), every window is ``bos`` and ``context - 1`` tokens of the stream, all of them
+    scored, and a stride of ``context`` means no overlap too; the stream must not start with ``bos``.
     """
-    stride = context if stride is None else stride
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens (one to condition on, one to score), got {context}")
-    if not 1 <= stride <= context:
+    if stride is not None and not 1 <= stride <= context:
         raise ValueError(f"stride must be in [1, context={context}], got {stride}")
-    if num_tokens < 2:
-        raise ValueError(f"the text has {num_tokens} token(s): at least 2 are needed to score one")
+    span = context if bos is None else context - 1  # stream tokens per window
+    stride = span if stride is None else min(stride, span)
+    first_scored = 1 if bos is None else 0  # the first token of a window has no context but bos
+    if num_tokens < first_scored + 1:
+        raise ValueError(f"the text has {num_tokens} token(s): at least {first_scored + 1} are needed to score one")
     windows = []
     scored_until = 0
     for begin in range(0, num_tokens, stride):
-        end = min(begin + context, num_tokens)
-        score_from = max(scored_until, begin + 1)
+        end = min(begin + span, num_tokens)
+        score_from = max(scored_until, begin + first_scored)
         if score_from < end:
-            windows.append(Window(begin, end, score_from))
+            windows.append(Window(begin, end, score_from, bos))
         scored_until = end
         if end == num_tokens:
             break

@@ -132,7 +132,8 @@ def assemble_profile(
     ``tails``, with budgets allocated by ``spec``."""
     keys = sorted(tails)
     counts = [tails[key][1] * tails[key][2] for key in keys]
-    sparsities = dict(zip(keys, allocate([tails[key][0] for key in keys], counts, spec)))
+    alphas = [tails[key][0] for key in keys]
+    sparsities = dict(zip(keys, allocate(alphas, counts, spec, [proj for _, proj in keys])))
     layers = [
         LayerProfile(
             index=layer,

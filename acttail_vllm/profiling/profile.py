@@ -8,14 +8,16 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from acttail_vllm.errors import ActTailError
-from acttail_vllm.profiling.allocation import AllocationSpec, weighted_mean
+from acttail_vllm.profiling.allocation import AllocationSpec, Method, weighted_mean
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions ``Profile.load`` reads; older ones are upgraded when read (``Profile._upgrade``).
+READABLE_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)
 #: The seven linear projections of a Llama-family decoder layer, in Hugging Face naming.
 PROJECTION_NAMES: tuple[str, ...] = (
     "q_proj",
@@ -94,16 +96,27 @@ class LayerProfile(_Strict):
 
 
 class Profile(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     tool_version: str
     model: ModelInfo
-    method: Literal["acttail", "uniform"]
+    method: Method
     estimator: str
     eps: float = Field(ge=0.0)
     s_max: float = Field(gt=0.0, lt=1.0)
     target_sparsity: float = Field(ge=0.0, lt=1.0)
     achieved_sparsity: float = Field(ge=0.0, lt=1.0)
     layers: list[LayerProfile]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        # Version 1 named AlphaPruning's rule "acttail": its budgets are those of today's alphapruning.
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            method = data.get("method")
+            data = {**data, "schema_version": SCHEMA_VERSION}
+            if method == "acttail":
+                data["method"] = "alphapruning"
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Profile:
@@ -155,10 +168,10 @@ class Profile(_Strict):
                 f"{name} has no schema_version: is it an ActTail profile? Build one with `acttail profile`"
             )
         found = raw["schema_version"]
-        if found != SCHEMA_VERSION:
+        if found not in READABLE_SCHEMA_VERSIONS:
             raise ProfileError(
-                f"{name} has schema_version {found!r}; this acttail supports version "
-                f"{SCHEMA_VERSION}: rebuild it with `acttail profile`"
+                f"{name} has schema_version {found!r}; this acttail reads versions "
+                f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}: rebuild it with `acttail profile`"
             )
         try:
             profile = cls.model_validate(raw)

@@ -9,6 +9,8 @@ Safe under faults:
 - an entry is built under an exclusive lock on ``<entry>.lock`` beside it (``fcntl.flock``, released
   by the kernel if its holder dies), so processes starting at once compute it once;
 - an entry that does not load (truncated, corrupt, another model's) is recomputed and replaced;
+- an entry whose budgets are not what ``spec`` allocates today (another method under that name in an
+  older profile version, or changed rule constants) is re-allocated from its alphas and replaced;
 - a directory that cannot be written (read-only, full) leaves the profile in memory for this run.
 
 What went wrong comes back in ``CachedProfile.problems``, for the caller to warn about.
@@ -28,6 +30,10 @@ from acttail_vllm.profiling.allocation import AllocationSpec
 from acttail_vllm.profiling.builder import reallocated
 from acttail_vllm.profiling.profile import Profile, ProfileError
 
+#: Budgets this close are the same allocation (a profile's JSON keeps floats exactly; this absorbs
+#: last-digit differences of the math library between hosts).
+SAME_BUDGET = 1e-12
+
 
 class CachedProfile(NamedTuple):
     profile: Profile
@@ -35,6 +41,18 @@ class CachedProfile(NamedTuple):
     reused: bool  # the entry was already there
     alphas_from: Path | None  # new, re-allocated from this file's alphas (None: computed or reused)
     problems: tuple[str, ...]  # what went wrong with the cache, one sentence each
+
+
+def holds_allocation(profile: Profile, spec: AllocationSpec) -> bool:
+    """Whether ``profile``'s budgets are those ``spec`` allocates from its alphas with this version's rule."""
+    if profile.allocation != spec:
+        return False
+    fresh = reallocated(profile, spec)
+    return all(
+        abs(mine.sparsity - now.sparsity) <= SAME_BUDGET
+        for layer, fresh_layer in zip(profile.layers, fresh.layers)
+        for mine, now in zip(layer.projections.values(), fresh_layer.projections.values())
+    )
 
 
 @contextlib.contextmanager
@@ -70,9 +88,18 @@ def cached_profile(
             problems.append(f"cache entry {candidate} is unusable ({one_line(exc)}): it is rebuilt")
             return None
 
+    def current(profile: Profile | None) -> Profile | None:
+        if profile is None or holds_allocation(profile, spec):
+            return profile
+        problems.append(
+            f"cache entry {path} holds {profile.allocation.describe()} budgets, not today's {spec.describe()}: "
+            "they are re-allocated from its alphas"
+        )
+        return None
+
     def built() -> tuple[Profile, Path | None]:
         for candidate in sorted(directory.glob(f"{prefix}*-{spec.estimator}-eps*.json")):
-            if candidate != path and (source := loaded(candidate)) is not None:
+            if (source := loaded(candidate)) is not None:
                 return reallocated(source, spec), candidate
         return compute(), None
 
@@ -87,14 +114,14 @@ def cached_profile(
         return result(profile, alphas_from, saved=False)
 
     # Entries are replaced whole, so reading needs no lock.
-    if path.is_file() and (profile := loaded(path)) is not None:
+    if path.is_file() and (profile := current(loaded(path))) is not None:
         return result(profile, None, saved=True, reused=True)
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(_locked(path))
         except OSError as exc:
             return in_memory(exc, *built())
-        if path.is_file() and (profile := loaded(path)) is not None:
+        if path.is_file() and (profile := current(loaded(path))) is not None:
             return result(profile, None, saved=True, reused=True)  # written while this process waited
         for leftover in directory.glob(f".{path.name}.*.tmp"):  # of writers killed mid-write
             leftover.unlink(missing_ok=True)

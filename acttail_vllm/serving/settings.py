@@ -96,7 +96,7 @@ class ActTailSettings(BaseModel):
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
     method: Method = DEFAULT_METHOD
     estimator: str = DEFAULT_ESTIMATOR
-    eps: float = Field(default=DEFAULT_EPS, ge=0.0)
+    eps: float = Field(default=DEFAULT_EPS, ge=0.0)  # alphapruning only
     s_max: float = Field(default=DEFAULT_S_MAX, gt=0.0, lt=1.0)
     policy: SparsityPolicy = SparsityPolicy.AUTO
     #: steps of more tokens than this run the dense model, unsparsified: where the GPU runs the

@@ -1,6 +1,6 @@
-"""Diagnostic: does ActTail's alpha -> sparsity direction help on this model, or its opposite?
+"""Diagnostic: does AlphaPruning's alpha -> sparsity direction help on this model, or its opposite?
 
-ActTail (like AlphaPruning) gives projections with larger alpha (lighter ESD tail) more sparsity.
+The ``alphapruning`` method gives projections with larger alpha (lighter ESD tail) more sparsity.
 This script scores, on one text through the PyTorch reference, uniform budgets, that mapping, and
 the same mapping with alphas mirrored (alpha' = min + max - alpha: heavier tail, more sparsity),
 all re-allocated from one profile's alphas, at each target and eps:
@@ -50,12 +50,14 @@ def main() -> None:
     base = evaluator.load_profile(
         evaluator.build_profile(work, AllocationSpec(0.5, "uniform", DEFAULT_ESTIMATOR, 0.0, DEFAULT_S_MAX))
     )
-    sources = {"acttail": base, "mirrored": mirrored(base)}
+    sources = {"alphapruning": base, "mirrored": mirrored(base)}
     print(f"{args.text}: {len(stream.ids)} tokens, context {args.context}, estimator {DEFAULT_ESTIMATOR}")
     print("| sparsity | budgets | eps | ppl |\n|---|---|---|---|")
     for sparsity in (float(s) for s in args.sparsities.split(",")):
         runs = [("uniform", base, "uniform", 0.0)]
-        runs += [(name, src, "acttail", float(eps)) for eps in args.eps.split(",") for name, src in sources.items()]
+        runs += [
+            (name, src, "alphapruning", float(eps)) for eps in args.eps.split(",") for name, src in sources.items()
+        ]
         for name, source, method, eps in runs:
             path = work / f"{name}-eps{eps:g}-s{sparsity:g}.json"
             reallocated(source, AllocationSpec(sparsity, method, DEFAULT_ESTIMATOR, eps, DEFAULT_S_MAX)).save(path)
