@@ -143,7 +143,7 @@ models)
   cat /tmp/gguf/part.* > /tmp/gguf/all
   offset=0
   while read -r name _ size sha; do
-    tail -c +$((offset + 1)) /tmp/gguf/all | head -c "$size" > "/tmp/gguf/$name.gguf"
+    dd if=/tmp/gguf/all of="/tmp/gguf/$name.gguf" bs=1M iflag=skip_bytes,count_bytes skip="$offset" count="$size" status=none
     echo "$sha  /tmp/gguf/$name.gguf" | sha256sum -c -
     offset=$((offset + size))
     $python -m tools.gguf_to_hf "/tmp/gguf/$name.gguf" "/tmp/models/$name" --dtype float32
