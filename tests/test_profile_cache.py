@@ -21,8 +21,8 @@ from acttail_vllm.profiling.profile_cache import cached_profile
 from tests.conftest import REPO
 from tests.test_profiler_cli import profile_tiny, tiny_stream, tiny_weights
 
-SPEC = AllocationSpec(0.6, "acttail", "hill", 0.1, 0.95)
-ENTRY = "fp-acttail-hill-eps0.1-smax0.95-s0.6.json"
+SPEC = AllocationSpec(0.6, "acttail", "hill", 0.1, 0.9)
+ENTRY = "fp-acttail-hill-eps0.1-smax0.9-s0.6.json"
 
 #: A child process that takes the cache entry of SPEC in argv[1]; its compute() appends a line to
 #: argv[2] and sleeps argv[3] seconds. Before calling the cache it waits for argv[4] to exist (so
@@ -53,7 +53,7 @@ if mode == "hang":
 print("ready", flush=True)
 while not go.exists():
     time.sleep(0.01)
-result = cached_profile(directory, "fp-", Profile.load, compute, AllocationSpec(0.6, "acttail", "hill", 0.1, 0.95))
+result = cached_profile(directory, "fp-", Profile.load, compute, AllocationSpec(0.6, "acttail", "hill", 0.1, 0.9))
 print("reused" if result.reused else "built", flush=True)
 """
 
@@ -86,7 +86,7 @@ def test_cached_profile_computes_once_then_reallocates_then_reuses(tmp_path):
     compute = tiny_compute(computed)
 
     def spec(target, estimator="hill"):
-        return AllocationSpec(target, "acttail", estimator, 0.1, 0.95)
+        return AllocationSpec(target, "acttail", estimator, 0.1, 0.9)
 
     first = get(tmp_path, compute, spec(0.6))
     assert (first.reused, first.alphas_from, len(computed), first.problems) == (False, None, 1, ())
@@ -190,7 +190,7 @@ def test_an_entry_of_the_old_rule_is_never_served_as_acttail(tmp_path):
     so the cache re-allocates acttail from its alphas and replaces it."""
     computed = []
     entry = get(tmp_path, tiny_compute(computed)).path
-    old_rule = reallocated(Profile.load(entry), AllocationSpec(0.6, "alphapruning", "hill", 0.1, 0.95))
+    old_rule = reallocated(Profile.load(entry), AllocationSpec(0.6, "alphapruning", "hill", 0.1, 0.9))
     entry.write_text(json.dumps({**old_rule.model_dump(mode="json"), "schema_version": 1, "method": "acttail"}))
     assert Profile.load(entry) == old_rule
 

@@ -148,7 +148,7 @@ def test_bad_streams_raise_specific_errors(mutate, message):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"estimator": "pl"}, r"unknown estimator 'pl'"), ({"target": 0.97}, r"s_max 0.95 is below the target")],
+    [({"estimator": "pl"}, r"unknown estimator 'pl'"), ({"target": 0.97}, r"s_max 0.9 is below the target")],
 )
 def test_arguments_are_checked_before_any_weight_is_read(kwargs, message):
     def untouchable():

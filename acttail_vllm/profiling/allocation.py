@@ -37,7 +37,9 @@ are set here, once:
   outliers (alpha 10-22 next to typical 2-6); ``hill`` stays within 1.4-4.2. AlphaPruning also
   found its ``alpha_mid`` (Hill) metric best;
 - eps 0.1 (``alphapruning`` only): the best of 0.1 / 0.2 / 0.3 on SmolLM2-135M's tuning text;
-- s_max 0.95.
+- s_max 0.9 and ALPHA_POWER 1.5: the best of s_max 0.9 / 0.95 x alpha_power 0 / 1.5 / 3 by mean log
+  perplexity ratio to uniform at 50/70/80% on the tuning text of the real models
+  (``benchmarks/quality_sweep.py --phase tune``, docs/allocation.md).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ METHODS: tuple[str, ...] = ("uniform", "alphapruning", "acttail")
 DEFAULT_METHOD: Method = "acttail"
 DEFAULT_ESTIMATOR = "hill"
 DEFAULT_EPS = 0.1
-DEFAULT_S_MAX = 0.95
+DEFAULT_S_MAX = 0.9
 
 #: Loss cost of each projection type: dNLL per million parameters when that type alone is
 #: sparsified at 80% in every layer, mean of SmolLM2-135M-Instruct and Gemma 3 270M on the tuning
@@ -68,7 +70,7 @@ TYPE_COSTS: dict[str, float] = {
     "down_proj": 0.013,
 }
 #: How strongly alpha moves ``acttail`` budgets within a projection type (0: type and shape only).
-ALPHA_POWER = 3.0
+ALPHA_POWER = 1.5
 
 #: Bisection stops once the weighted mean is this close to the target.
 MEAN_TOLERANCE = 1e-12
