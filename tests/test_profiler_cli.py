@@ -376,7 +376,8 @@ def test_every_option_shows_its_default(capsys):
             cli.main(argv)
         shown = " ".join(capsys.readouterr().out.split())
         assert "(default: " in shown
-    assert "--eps EPS relative spread of budgets around the target (default: 0.1)" in shown
+    assert "--eps EPS alphapruning only: relative spread of budgets around the target (default: 0.1)" in shown
+    assert "(default: uniform,alphapruning,acttail)" in shown
     assert "(default: 0.5,0.6,0.7,0.8)" in shown and "(default: reference)" in shown
 
 
