@@ -203,6 +203,7 @@ def _sparse_linear(
     return y.reshape(*x.shape[:-1], n)
 
 
+# torch.library's fake (meta) implementation must take the op's exact signature: a deliberate copy.
 def _sparse_linear_fake(
     x: torch.Tensor,
     weight: torch.Tensor,
