@@ -73,6 +73,31 @@ class SparseLinearState(torch.nn.Module):
         self.budget = budget
         self.keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
 
+    def sparse_linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        policy: str,
+        max_sparse_tokens: int | None,
+        stats: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The ActTail op on this module's state; ``stats`` replaces its counters and counts nothing
+        (the warm-up's calls are not served tokens)."""
+        return torch.ops.acttail.sparse_linear(
+            x,
+            weight,
+            bias,
+            self.seg_bounds,
+            list(self.budget.seg_keep),
+            self.keep,
+            self.thr_guess,
+            self.stats if stats is None else stats,
+            self.counts_stats and stats is None,
+            policy,
+            max_sparse_tokens,
+        )
+
     def projection_weights(self, weight: torch.Tensor) -> Iterator[torch.Tensor]:
         """Each projection's [out, in] view of the module's weight, in order."""
         hf_weight = weight.t() if self.kernel_layout else weight
@@ -134,18 +159,8 @@ class SparseModules:
             scratch = torch.zeros_like(state.stats)
             for rows in range(1, max_rows + 1):
                 x = torch.randn(rows, state.budget.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
-                torch.ops.acttail.sparse_linear(
-                    x,
-                    layer.weight,
-                    bias,
-                    state.seg_bounds,
-                    list(state.budget.seg_keep),
-                    state.keep,
-                    state.thr_guess,
-                    scratch,
-                    False,
-                    settings.policy.value,
-                    settings.max_sparse_tokens,
+                state.sparse_linear(
+                    x, layer.weight, bias, settings.policy.value, settings.max_sparse_tokens, stats=scratch
                 )
                 calls += 1
         torch.cuda.synchronize()
@@ -222,17 +237,4 @@ class ActTailLinearMethod(LinearMethodBase):
                 start_snapshot_writer(self.modules)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        state = layer.acttail
-        return torch.ops.acttail.sparse_linear(
-            x,
-            layer.weight,
-            bias,
-            state.seg_bounds,
-            list(state.budget.seg_keep),
-            state.keep,
-            state.thr_guess,
-            state.stats,
-            state.counts_stats,
-            self.policy,
-            self.max_sparse_tokens,
-        )
+        return layer.acttail.sparse_linear(x, layer.weight, bias, self.policy, self.max_sparse_tokens)
