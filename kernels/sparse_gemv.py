@@ -12,6 +12,10 @@ dropped entries zeroed) and, for one token, the list of its kept channels. Two l
   For one token at low sparsity the walk also beats the list (building the list costs a scan of
   the row); the measured crossover table says where.
 
+Threshold mode (``threshold_gemv``, TEAL's rule) needs no selection kernel: the walk reads the raw
+x [M, K], which all segments share, and keeps an entry for a segment where |x| >= that segment's
+threshold (float32 [S] read on the device). One launch instead of two.
+
 One launch covers every output segment of a merged projection (QKV, gate_up): a tile of BLOCK_N
 output columns never straddles a segment boundary (each segment is tiled on its own, its last tile
 masked), so it knows its segment and with it its inputs.
@@ -113,6 +117,7 @@ def _sparse_gemv_kernel(
     idx_ptr,
     xv_ptr,
     count_ptr,
+    thr_ptr,
     wt_ptr,
     bias_ptr,
     out_ptr,
@@ -130,6 +135,7 @@ def _sparse_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     LIST: tl.constexpr,
+    THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
@@ -138,6 +144,7 @@ def _sparse_gemv_kernel(
     pid_k = tl.program_id(1)
     splits = tl.num_programs(1)
     seg, n_start, seg_end = _tile_columns(pid_n, B1, B2, B3, B4, NUM_SEGS, BLOCK_N)
+    tl.static_assert(not (LIST and THRESHOLD), "threshold mode walks: it has no channel list")
     pdl_wait_and_release(PDL, True)  # nothing the selection writes is read before it is done
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
@@ -148,7 +155,8 @@ def _sparse_gemv_kernel(
     length = tl.load(count_ptr + seg) if LIST else K
     share = tl.cdiv(tl.cdiv(length, splits), BLOCK_K) * BLOCK_K
     j_end = tl.minimum(length, (pid_k + 1) * share)
-    x_rows = xs_ptr + (seg * M + offs_m[:, None]).to(tl.int64) * K
+    x_rows = xs_ptr + (offs_m[:, None] if THRESHOLD else seg * M + offs_m[:, None]).to(tl.int64) * K
+    thr = tl.load(thr_ptr + seg) if THRESHOLD else 0.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j in range(pid_k * share, j_end, BLOCK_K):
         offs_j = j + tl.arange(0, BLOCK_K)
@@ -165,6 +173,8 @@ def _sparse_gemv_kernel(
         else:
             rows = offs_j
             xk = tl.load(x_rows + rows[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+            if THRESHOLD:  # the segment's entries of the raw x
+                xk = tl.where(tl.abs(xk.to(tl.float32)) >= thr, xk, 0.0)
             needed = tl.max((xk != 0).to(tl.int32), axis=0) > 0
         w_rows = wt_ptr + rows[:, None].to(tl.int64) * N
         w = tl.load(w_rows + offs_n[None, :], mask=needed[:, None] & n_ok[None, :], other=0.0)
@@ -203,12 +213,45 @@ def sparse_gemv(
 ) -> torch.Tensor:
     """[M, N] = per segment i, sel.xs[i] @ weight_t[:, segment i] (+ bias), from the channel list if
     ``sel`` has one; into ``out`` (contiguous [M, N]) if given. Shapes are checked by the caller."""
-    num_segs, m, k = sel.xs.shape
+    lists = (sel.idx, sel.xv, sel.count) if sel.idx is not None else None
+    return _launch_gemv(sel.xs, lists, None, weight_t, bias, seg_bounds, plan, out, sel.pdl)
+
+
+def threshold_gemv(
+    x: torch.Tensor,
+    thresholds: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    seg_bounds: list[int],
+    plan: GemvPlan | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[M, N] = per segment i, (x where |x| >= thresholds[i], else 0) @ weight_t[:, segment i] (+ bias),
+    comparing in float32: the walk, one launch; into ``out`` (contiguous [M, N]) if given.
+    ``thresholds`` is float32 [S] on x's device, read by the kernel (a captured graph takes values
+    written into it later). Shapes are checked by the caller."""
+    return _launch_gemv(x.contiguous()[None], None, thresholds, weight_t, bias, seg_bounds, plan, out, False)
+
+
+def _launch_gemv(
+    xs: torch.Tensor,
+    lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    thresholds: torch.Tensor | None,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    seg_bounds: list[int],
+    plan: GemvPlan | None,
+    out: torch.Tensor | None,
+    pdl: bool,
+) -> torch.Tensor:
+    """The launch of both modes. xs: [S, M, K] sparsified copies, or with ``thresholds`` the raw x
+    as [1, M, K]; ``lists``: one token's (idx, xv, count), or None to walk."""
+    _, m, k = xs.shape
     n = weight_t.shape[1]
+    num_segs = len(seg_bounds) - 1
     if m > MAX_TOKENS:
         raise ValueError(f"the sparse GEMV takes at most {MAX_TOKENS} tokens, got {m}")
-    with_list = sel.idx is not None
-    loop = GemvLoop.CHANNEL_LIST if with_list else GemvLoop.TOKEN_WALK if m == 1 else GemvLoop.BATCH_WALK
+    loop = GemvLoop.CHANNEL_LIST if lists is not None else GemvLoop.TOKEN_WALK if m == 1 else GemvLoop.BATCH_WALK
     widths = tuple(hi - lo for lo, hi in zip(seg_bounds[:-1], seg_bounds[1:]))
     plan = plan or plan_gemv(widths, k, device_name(weight_t.device), num_sms(weight_t.device), loop)
     tiles = sum(triton.cdiv(w, plan.block_n) for w in widths)
@@ -218,8 +261,9 @@ def sparse_gemv(
     out = torch.empty(m, n, dtype=weight_t.dtype, device=weight_t.device) if out is None else out
     partial = torch.empty(plan.splits * m * n if plan.splits > 1 else 1, dtype=torch.float32, device=weight_t.device)
     _sparse_gemv_kernel[(tiles, plan.splits)](
-        sel.xs,
-        *((sel.idx, sel.xv, sel.count) if with_list else (sel.xs, sel.xs, sel.xs)),
+        xs,
+        *(lists or (xs, xs, xs)),
+        xs if thresholds is None else thresholds,
         weight_t,
         out if bias is None else bias,
         out,
@@ -233,12 +277,13 @@ def sparse_gemv(
         BLOCK_M=1 if loop is GemvLoop.TOKEN_WALK else MAX_TOKENS,
         BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k,
-        LIST=with_list,
+        LIST=lists is not None,
+        THRESHOLD=thresholds is not None,
         HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if weight_t.dtype == torch.float32 else "tf32",
-        PDL=sel.pdl,
+        PDL=pdl,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
-        launch_pdl=sel.pdl,
+        launch_pdl=pdl,
     )
     return out

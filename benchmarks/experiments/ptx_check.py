@@ -20,6 +20,7 @@ POINTERS = {
     "idx_ptr": "*i32",
     "xv_ptr": "*bf16",
     "count_ptr": "*i32",
+    "thr_ptr": "*fp32",
     "wt_ptr": "*bf16",
     "bias_ptr": "*bf16",
     "out_ptr": "*bf16",
@@ -29,8 +30,10 @@ POINTERS = {
 SCALARS = {name: "i32" for name in ("M", "N", "K", "B1", "B2", "B3", "B4")}
 # (name, constexprs): the loops the 13B qkv GEMV runs, with the rule's tiles
 VARIANTS = [
-    ("channel list", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, LIST=True)),
-    ("batch walk", dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, LIST=False)),
+    ("channel list", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, LIST=True, THRESHOLD=False)),
+    ("batch walk", dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, LIST=False, THRESHOLD=False)),
+    ("threshold token walk", dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=512, LIST=False, THRESHOLD=True)),
+    ("threshold batch walk", dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, LIST=False, THRESHOLD=True)),
 ]
 
 
