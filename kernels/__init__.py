@@ -19,7 +19,8 @@ Public API:
 * ``threshold_linear(x, weight_t, bias, seg_bounds, thresholds, path=None)``: threshold mode (TEAL's
   rule, ``reference.threshold_linear_ref``): a segment keeps the channels with |x| >= its threshold
   (``thresholds``: a persistent float32 device tensor, one per segment); one launch, no selection;
-  ``threshold_path(m, n, k, device)`` says whether it walks or runs dense cuBLAS;
+  ``threshold_path(m, n, k, device)`` says which loop it runs (for one token, a channel list each
+  GEMV program compacts itself) or whether it runs dense cuBLAS;
 * ``kernels_available(device) -> (ok, reason)``.
 
 Only ``reference`` and ``prepare_weight`` work without Triton: the Triton modules load on first use,

@@ -27,11 +27,16 @@ def gemv_path(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int]
 
 
 def threshold_path(m: int, n: int, k: int, device: torch.device) -> GemvPath:
-    """What ``threshold_linear`` runs for m tokens on ``device``: the walk up to the largest batch at
-    which TopK mode's sparse GEMV beat cuBLAS on the sparsified input at every sparsity measured for
-    this shape (the same contest: the sparsity thresholds give is only known on the device), and
-    always for one token (no selection to pay: at most the dense bytes, in one launch); above, x
-    masked per segment and dense cuBLAS."""
+    """What ``threshold_linear`` runs for m tokens on ``device``. One token: the list loop over the
+    channels each program compacts itself. No table measures threshold mode yet; the list is the
+    rule because in TopK mode's H200 tile measurements (benchmarks/results/h200/gemv_plans.txt) it
+    beat the walk at 50% and 80% sparsity for every 13B shape, and the walk's time barely falls with
+    sparsity. More tokens: the walk up to the largest batch at which TopK mode's sparse GEMV beat
+    cuBLAS on the sparsified input at every sparsity measured for this shape (the same contest: the
+    sparsity thresholds give is only known on the device); above, x masked per segment and dense
+    cuBLAS."""
+    if m == 1:
+        return GemvPath.LIST
     points = load_crossover(device_name(device)).points(n, k)
     walk_up_to = min((p.max_sparse_m for p in points), default=DEFAULT_MAX_SPARSE_M)
     return GemvPath.WALK if m <= min(max(1, walk_up_to), MAX_TOKENS) else GemvPath.DENSE
@@ -150,10 +155,11 @@ def threshold_linear(
     ``reference.threshold_linear_ref`` on weight_t.T.
 
     weight_t is [K, N] from ``prepare_weight``; ``thresholds`` float32 [S] on x's device, read by the
-    kernels, so a captured or compiled graph takes thresholds written into it later. One launch up
-    to ``threshold_path``'s batch (the walking sparse GEMV, masking x as it reads it), else x masked
-    once per segment and dense cuBLAS; ``path`` (WALK or DENSE) overrides. No host sync: CUDA-graph
-    safe.
+    kernels, so a captured or compiled graph takes thresholds written into it later. The path is
+    ``threshold_path``'s unless ``path`` forces one: LIST (one token only: each GEMV program
+    compacts its share of the kept channels into a list and runs the list loop over it) and WALK
+    (the sparse GEMV masking x as it reads it) are one launch; DENSE masks x once per segment and
+    runs dense cuBLAS. No host sync: CUDA-graph safe.
     """
     _check_inputs(x, weight_t, bias)
     k, n = weight_t.shape
@@ -167,9 +173,7 @@ def threshold_linear(
             f"{tuple(thresholds.shape)} on {thresholds.device}"
         )
     path = threshold_path(x.shape[0], n, k, x.device) if path is None else path
-    if path is GemvPath.LIST:
-        raise ValueError("threshold mode has no channel list: its paths are WALK and DENSE")
     if path is GemvPath.DENSE:
         xs = torch.where(threshold_mask(x, thresholds[:, None, None]), x, 0)
         return dense_on_sparsified(xs, weight_t, bias, seg_bounds)
-    return threshold_gemv(x, thresholds, weight_t, bias, seg_bounds)
+    return threshold_gemv(x, thresholds, weight_t, bias, seg_bounds, with_list=path is GemvPath.LIST)

@@ -12,9 +12,12 @@ dropped entries zeroed) and, for one token, the list of its kept channels. Two l
   For one token at low sparsity the walk also beats the list (building the list costs a scan of
   the row); the measured crossover table says where.
 
-Threshold mode (``threshold_gemv``, TEAL's rule) needs no selection kernel: the walk reads the raw
+Threshold mode (``threshold_gemv``, TEAL's rule) needs no selection kernel: a program reads the raw
 x [M, K], which all segments share, and keeps an entry for a segment where |x| >= that segment's
-threshold (float32 [S] read on the device). One launch instead of two.
+threshold (float32 [S] read on the device). One launch instead of two, either loop: the walk masks x
+as it reads it; for one token, each program first compacts its own share of the channel range into a
+list of kept channels and then runs the list loop over it (its loop length follows the sparsity, the
+walk's does not).
 
 One launch covers every output segment of a merged projection (QKV, gate_up): a tile of BLOCK_N
 output columns never straddles a segment boundary (each segment is tiled on its own, its last tile
@@ -44,6 +47,9 @@ from .measured import device_name
 from .topk_select import MAX_SEGMENTS, Selection, num_sms, pdl_wait_and_release, tickets
 
 MAX_TOKENS = 16  # BLOCK_M: tl.dot's smallest M; larger batches go dense
+# Channels of x a threshold-list program compacts per step: few steps (each waits on an L2 load
+# and a scan before the weight stream starts), 8 entries a thread at 4 warps.
+COMPACT_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,22 @@ def _tile_columns(pid_n, B1, B2, B3, B4, NUM_SEGS: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def _compact_kept(x_ptr, list_ptr, thr, start, end, BLOCK: tl.constexpr):
+    """Write the channels j in [start, end) with |x[j]| >= thr, in order, to list_ptr[start:], and
+    return how many there are."""
+    count = start * 0
+    for j in range(start, end, BLOCK):
+        offs = j + tl.arange(0, BLOCK)
+        in_range = offs < end
+        xj = tl.load(x_ptr + offs, mask=in_range, other=0.0)
+        kept = in_range & (tl.abs(xj.to(tl.float32)) >= thr)
+        slots = count + tl.cumsum(kept.to(tl.int32), axis=0) - 1
+        tl.store(list_ptr + start + slots, offs, mask=kept)
+        count += tl.sum(kept.to(tl.int32), axis=0)
+    return count
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     xs_ptr,
     idx_ptr,
@@ -139,12 +161,12 @@ def _sparse_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
+    COMPACT_BLOCK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     splits = tl.num_programs(1)
     seg, n_start, seg_end = _tile_columns(pid_n, B1, B2, B3, B4, NUM_SEGS, BLOCK_N)
-    tl.static_assert(not (LIST and THRESHOLD), "threshold mode walks: it has no channel list")
     pdl_wait_and_release(PDL, True)  # nothing the selection writes is read before it is done
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
@@ -152,20 +174,29 @@ def _sparse_gemv_kernel(
     n_ok = offs_n < seg_end
 
     # This program's share of the segment's channel list (or of all K channels), whole steps.
-    length = tl.load(count_ptr + seg) if LIST else K
+    length = tl.load(count_ptr + seg) if LIST and not THRESHOLD else K
     share = tl.cdiv(tl.cdiv(length, splits), BLOCK_K) * BLOCK_K
     j_end = tl.minimum(length, (pid_k + 1) * share)
     x_rows = xs_ptr + (offs_m[:, None] if THRESHOLD else seg * M + offs_m[:, None]).to(tl.int64) * K
     thr = tl.load(thr_ptr + seg) if THRESHOLD else 0.0
+    if LIST and THRESHOLD:
+        # One token: the kept channels of this program's share of K become its list, in the same
+        # place of the segment's scratch row. Every program of this (segment, share) writes the
+        # same bytes there (same x, same threshold), so sharing is benign and the scratch stays
+        # [S, K]; the count is this program's own, so none waits on another.
+        j_end = pid_k * share + _compact_kept(xs_ptr, idx_ptr + seg * K, thr, pid_k * share, j_end, COMPACT_BLOCK)
+        tl.debug_barrier()  # this program's list stores precede its loads of the list
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j in range(pid_k * share, j_end, BLOCK_K):
         offs_j = j + tl.arange(0, BLOCK_K)
         j_ok = offs_j < j_end
         if LIST:
             rows = tl.load(idx_ptr + seg * K + offs_j, mask=j_ok, other=0)
-            # The token's values fill row 0 of the [BLOCK_M, BLOCK_K] operand.
+            # The token's values (threshold mode: the raw x at the listed channels, cache hits)
+            # fill row 0 of the [BLOCK_M, BLOCK_K] operand.
+            values = xs_ptr + rows if THRESHOLD else xv_ptr + seg * K + offs_j
             xk = tl.load(
-                xv_ptr + seg * K + offs_m[:, None] * 0 + offs_j[None, :],
+                values[None, :] + offs_m[:, None] * 0,
                 mask=(offs_m[:, None] == 0) & j_ok[None, :],
                 other=0.0,
             )
@@ -225,12 +256,24 @@ def threshold_gemv(
     seg_bounds: list[int],
     plan: GemvPlan | None = None,
     out: torch.Tensor | None = None,
+    with_list: bool = False,
 ) -> torch.Tensor:
     """[M, N] = per segment i, (x where |x| >= thresholds[i], else 0) @ weight_t[:, segment i] (+ bias),
-    comparing in float32: the walk, one launch; into ``out`` (contiguous [M, N]) if given.
+    comparing in float32, in one launch: the walk, or with ``with_list`` (one token) the list loop
+    over channels each program compacts itself; into ``out`` (contiguous [M, N]) if given.
     ``thresholds`` is float32 [S] on x's device, read by the kernel (a captured graph takes values
     written into it later). Shapes are checked by the caller."""
-    return _launch_gemv(x.contiguous()[None], None, thresholds, weight_t, bias, seg_bounds, plan, out, False)
+    x = x.contiguous()
+    lists = None
+    if with_list:
+        if x.shape[0] != 1:
+            raise ValueError(f"threshold mode's channel list is one token's, got {x.shape[0]} tokens")
+        # The programs' lists, [S, K]; values are read from x itself, counts kept in registers.
+        # Per call from the caching allocator, as ``partial``: graph safe (a captured graph keeps
+        # its own), and calls on other streams never share it.
+        scratch = torch.empty((len(seg_bounds) - 1) * x.shape[1], dtype=torch.int32, device=x.device)
+        lists = (scratch, x, x)
+    return _launch_gemv(x[None], lists, thresholds, weight_t, bias, seg_bounds, plan, out, False)
 
 
 def _launch_gemv(
@@ -245,7 +288,8 @@ def _launch_gemv(
     pdl: bool,
 ) -> torch.Tensor:
     """The launch of both modes. xs: [S, M, K] sparsified copies, or with ``thresholds`` the raw x
-    as [1, M, K]; ``lists``: one token's (idx, xv, count), or None to walk."""
+    as [1, M, K]; ``lists``: one token's (idx, xv, count), with ``thresholds`` the [S, K] scratch
+    the programs write their lists to (xv and count unused), or None to walk."""
     _, m, k = xs.shape
     n = weight_t.shape[1]
     num_segs = len(seg_bounds) - 1
@@ -284,6 +328,7 @@ def _launch_gemv(
         PDL=pdl,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
+        COMPACT_BLOCK=COMPACT_BLOCK,
         launch_pdl=pdl,
     )
     return out

@@ -381,10 +381,41 @@ def test_threshold_gemv_matches_reference(kernels, shape, dtype):
         assert rel_err(out, ref) < tolerance(dtype), where
 
 
+@pytest.mark.parametrize("compact_block", [None, 16], ids=["", "compact_16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_threshold_list_matches_reference(kernels, shape, dtype, compact_block, monkeypatch):
+    """One token, each program compacting its share of the channels into a list first: with and
+    without a bias, split over several programs, in several compaction steps (``compact_16``: the
+    running count carried across steps), and no channel kept (+inf: the bias alone)."""
+    _, sparse_gemv, _ = kernels
+    if compact_block is not None:
+        monkeypatch.setattr(sparse_gemv, "COMPACT_BLOCK", compact_block)
+    widths, k = shape
+    bounds = bounds_of(widths)
+    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
+    weight_t = prepare_weight(weight)
+    bias = torch.randn(bounds[-1]).to(dtype).to(DEVICE)
+    plans = [None] if ON_GPU else [None, sparse_gemv.GemvPlan(16, 16, 3, 4, 3)]
+    for seed, (setting, plan) in enumerate(itertools.product(THRESHOLD_SETTINGS, plans)):
+        x = activations(1, k, dtype, 600 + seed)
+        thresholds = thresholds_for(x, len(widths), setting)
+        with_bias = bias if seed % 2 else None
+        ref = reference.threshold_linear_ref(x, weight, with_bias, bounds, thresholds)
+        out = torch.full((1, bounds[-1]), torch.nan, dtype=dtype, device=DEVICE)
+        sparse_gemv.threshold_gemv(x, thresholds, weight_t, with_bias, bounds, plan=plan, out=out, with_list=True)
+        where = f"thresholds {setting} bias {with_bias is not None} plan {plan}"
+        assert not out.isnan().any(), f"unwritten outputs at {where}"
+        if setting == "inf":
+            assert torch.equal(out, torch.zeros_like(out) if with_bias is None else with_bias.expand_as(out)), where
+        assert rel_err(out, ref) < tolerance(dtype), where
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_threshold_linear_every_path(kernels, dtype):
-    """Both paths threshold_linear can take match the reference, and by default it takes
-    threshold_path's: the walk for one token, dense cuBLAS on masked copies above the table's batch."""
+    """Every path threshold_linear can take matches the reference, and by default it takes
+    threshold_path's: the compacted channel list for one token, dense cuBLAS on masked copies above
+    the table's batch."""
     dispatch, _, _ = kernels
     widths, k = SHAPES[1]
     bounds = bounds_of(widths)
@@ -394,12 +425,12 @@ def test_threshold_linear_every_path(kernels, dtype):
         x = activations(m, k, dtype, 400 + m)
         thresholds = thresholds_for(x, len(widths), 0.8)
         ref = reference.threshold_linear_ref(x, weight, bias, bounds, thresholds)
-        for path in [None, GemvPath.DENSE] + ([GemvPath.WALK] if m <= 16 else []):
+        for path in [None, GemvPath.DENSE] + ([GemvPath.WALK] if m <= 16 else []) + ([GemvPath.LIST] if m == 1 else []):
             out = dispatch.threshold_linear(x, prepare_weight(weight), bias, bounds, thresholds, path=path)
             assert out.shape == (m, bounds[-1]) and out.dtype == dtype
             assert rel_err(out, ref) < tolerance(dtype), (m, path)
     path = functools.partial(dispatch.threshold_path, n=bounds[-1], k=k, device=torch.device(DEVICE))
-    assert path(1) is GemvPath.WALK and path(24) is GemvPath.DENSE
+    assert path(1) is GemvPath.LIST and path(24) is GemvPath.DENSE
 
 
 def test_threshold_linear_rejects_bad_inputs(kernels):
@@ -415,20 +446,21 @@ def test_threshold_linear_rejects_bad_inputs(kernels):
         dispatch.threshold_linear(x, weight_t, None, [0, 3, 3, 6], torch.ones(3, device=DEVICE))
     with pytest.raises(ValueError, match="bias must be"):
         dispatch.threshold_linear(x, weight_t, torch.randn(5, device=DEVICE), [0, 3, 6], thresholds)
-    with pytest.raises(ValueError, match="no channel list"):
-        dispatch.threshold_linear(x[:1], weight_t, None, [0, 3, 6], thresholds, path=GemvPath.LIST)
+    with pytest.raises(ValueError, match="one token's"):
+        dispatch.threshold_linear(x, weight_t, None, [0, 3, 6], thresholds, path=GemvPath.LIST)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_threshold_linear_reads_thresholds_in_a_cuda_graph(kernels):
-    """A captured call reads its thresholds from memory at each replay, on both paths."""
+    """A captured call reads its thresholds from memory at each replay, on every path (the channel
+    list: each replay compacts anew, none kept at +inf)."""
     dispatch, _, _ = kernels
     widths, k = SHAPES[1]
     bounds = bounds_of(widths)
     weight = (torch.randn(bounds[-1], k) * 0.05).to(torch.bfloat16).to(DEVICE)
     weight_t = prepare_weight(weight)
     bias = torch.randn(bounds[-1]).to(torch.bfloat16).to(DEVICE)
-    for m, path in ((1, GemvPath.WALK), (4, GemvPath.WALK), (4, GemvPath.DENSE)):
+    for m, path in ((1, GemvPath.LIST), (1, GemvPath.WALK), (4, GemvPath.WALK), (4, GemvPath.DENSE)):
         x = activations(m, k, torch.bfloat16, 500 + m)
         thresholds = thresholds_for(x, len(widths), 0.5)
         call = functools.partial(dispatch.threshold_linear, x, weight_t, bias, bounds, thresholds, path=path)

@@ -9,12 +9,14 @@ segment keeps about 1 - s of the channels (``kept``: the fraction it actually ke
 microseconds, M = 1, a decoder layer's four projections:
 
 * ``threshold``: ``threshold_linear``, the walk masking x by the thresholds;
+* ``thr list``: ``threshold_linear`` on its one-token default, each program compacting its share of
+  the kept channels into a list, then the list loop;
 * ``exact``: ``sparse_linear`` as shipped, list path (``both`` in benchmarks/handoff_costs.py);
 * ``gemv``, ``ideal``, ``dense``: the list GEMV on a selection made beforehand, cuBLAS on exactly the
   kept rows, cuBLAS on the whole weight (as in handoff_costs).
 
-Then per layer and the batch-1 step model of handoff_costs: ``model`` of the exact and the threshold
-calls, and ``ceiling``, the model with min(gemv, ideal) a call (a free selection).
+Then per layer and the batch-1 step model of handoff_costs: ``model`` of the exact, threshold (walk)
+and thr list calls, and ``ceiling``, the model with min(gemv, ideal) a call (a free selection).
 
 For M = 4 and 16 (thresholds: the s-quantile over the batch): the threshold walk (``walk``), x masked
 per segment and cuBLAS (``masked``), the shipped call on its dispatch's path (``exact``) and
@@ -98,7 +100,8 @@ def main() -> None:
 
     print("\nM = 1")
     print(
-        f"{'shape':14s} {'s':>4s} {'kept':>5s} {'threshold':>9s} {'exact':>7s} {'gemv':>7s} {'ideal':>7s} {'dense':>7s}"
+        f"{'shape':14s} {'s':>4s} {'kept':>5s} {'threshold':>9s} {'thr list':>8s} {'exact':>7s} {'gemv':>7s} "
+        f"{'ideal':>7s} {'dense':>7s}"
     )
     batch_rows = []
     layer: dict[float, dict[str, float]] = {}
@@ -114,6 +117,7 @@ def main() -> None:
             thresholds = [quantile_thresholds(x, shape, sparsity) for x in xs]
             calls = {
                 "threshold": threshold_calls(xs, weights_t, shape, thresholds, ak.GemvPath.WALK),
+                "thr list": threshold_calls(xs, weights_t, shape, thresholds, ak.GemvPath.LIST),
                 "exact": shipped_calls(xs, weights_t, shape, keeps, keep, guess, ak.GemvPath.LIST),
                 "gemv": gemv_calls([call() for call in select_calls(xs, keep, guess)], weights_t, shape),
                 "ideal": ideal_calls(xs, weights_t, keeps),
@@ -121,13 +125,13 @@ def main() -> None:
             t = {name: time_us(call, xs) for name, call in calls.items()}
             print(
                 f"{shape.name:14s} {sparsity:4.2f} {kept_fraction(xs, thresholds):5.3f} {t['threshold']:9.1f} "
-                f"{t['exact']:7.1f} {t['gemv']:7.1f} {t['ideal']:7.1f} {dense:7.1f}",
+                f"{t['thr list']:8.1f} {t['exact']:7.1f} {t['gemv']:7.1f} {t['ideal']:7.1f} {dense:7.1f}",
                 flush=True,
             )
-            sums = layer.setdefault(sparsity, {"dense": 0.0, "exact": 0.0, "threshold": 0.0, "best": 0.0})
+            sums = layer.setdefault(sparsity, dict.fromkeys(("dense", "exact", "threshold", "thr list", "best"), 0.0))
             sums["dense"] += dense
-            sums["exact"] += t["exact"]
-            sums["threshold"] += t["threshold"]
+            for key in ("exact", "threshold", "thr list"):
+                sums[key] += t[key]
             sums["best"] += min(t["gemv"], t["ideal"])
         for m in BATCHES:
             xs = random_inputs(m, shape.k, len(weights), dtype, device)
@@ -155,14 +159,17 @@ def main() -> None:
         f"against a dense step of {args.dense_step_us:.0f}"
     )
     print(
-        f"{'s':>4s} {'dense':>7s} {'exact':>7s} {'threshold':>9s} {'best':>7s} "
-        f"{'model exact':>11s} {'model threshold':>15s} {'ceiling':>7s}"
+        f"{'s':>4s} {'dense':>7s} {'exact':>7s} {'threshold':>9s} {'thr list':>8s} {'best':>7s} "
+        f"{'model exact':>11s} {'model threshold':>15s} {'model thr list':>14s} {'ceiling':>7s}"
     )
     for sparsity, sums in layer.items():
-        exact, threshold, ceiling = (step_speedup(sums[key], args) for key in ("exact", "threshold", "best"))
+        exact, threshold, thr_list, ceiling = (
+            step_speedup(sums[key], args) for key in ("exact", "threshold", "thr list", "best")
+        )
         print(
-            f"{sparsity:4.2f} {sums['dense']:7.1f} {sums['exact']:7.1f} {sums['threshold']:9.1f} {sums['best']:7.1f} "
-            f"{exact:10.2f}x {threshold:14.2f}x {ceiling:6.2f}x"
+            f"{sparsity:4.2f} {sums['dense']:7.1f} {sums['exact']:7.1f} {sums['threshold']:9.1f} "
+            f"{sums['thr list']:8.1f} {sums['best']:7.1f} {exact:10.2f}x {threshold:14.2f}x {thr_list:13.2f}x "
+            f"{ceiling:6.2f}x"
         )
 
     print("\nsmall batches (path: threshold_path's choice for threshold mode; exact on the dispatch's path)")
