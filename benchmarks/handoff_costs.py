@@ -34,17 +34,69 @@ import torch
 
 import acttail_kernels as ak
 from acttail_kernels.sparse_gemv import sparse_gemv
-from acttail_kernels.topk_select import guess_tensor, keep_tensor, topk_select
-from benchmarks.common import keeps_for, random_inputs, random_instances, shapes_of, time_us
+from acttail_kernels.topk_select import Selection, guess_tensor, keep_tensor, topk_select
+from benchmarks.common import Shape, keeps_for, random_inputs, random_instances, shapes_of, time_us
 
-LAYER = ("13b.qkv", "13b.q/k/v/o", "13b.gate_up", "13b.down")  # a decoder layer's four calls
+LAYER = ("qkv", "q/k/v/o", "gate_up", "down")  # a decoder layer's four calls
 LAYERS = 40
+
+
+def in_layer(shape: Shape) -> bool:
+    """Whether ``shape`` is one of a decoder layer's four calls."""
+    return shape.name.removeprefix(f"{shape.model}.") in LAYER
+
+
+def add_step_args(parser: argparse.ArgumentParser) -> None:
+    """--rest-us and --dense-step-us of the batch-1 step model (``step_speedup``)."""
+    parser.add_argument("--rest-us", type=float, default=1282.0, help="a step's kernel time outside the projections")
+    parser.add_argument("--dense-step-us", type=float, default=8208.0, help="a dense decode step, wall time")
+
+
+def step_speedup(layer_us: float, args: argparse.Namespace) -> float:
+    """Dense step / (rest + LAYERS layers of ``layer_us``): a batch-1 step's speedup with these calls."""
+    return args.dense_step_us / (args.rest_us + LAYERS * layer_us)
+
+
+def dense_calls(xs: list[torch.Tensor], weights: list[torch.Tensor]) -> list:
+    """cuBLAS on the whole weight ([N, K]), one call per instance."""
+    return [functools.partial(torch.nn.functional.linear, x, w) for x, w in zip(xs, weights)]
+
+
+def ideal_calls(xs: list[torch.Tensor], weights_t: list[torch.Tensor], keeps: list[int]) -> list:
+    """cuBLAS reading exactly the kept weight rows: the first max(keeps) rows of [K, N], contiguous."""
+    rows = max(keeps)  # the bench's budgets are one per shape
+    return [functools.partial(torch.mm, x[:, :rows], w[:rows]) for x, w in zip(xs, weights_t)]
+
+
+def select_calls(xs: list[torch.Tensor], keep: torch.Tensor, guess: torch.Tensor) -> list:
+    """``topk_select`` with the channel list, alone."""
+    return [functools.partial(topk_select, x, keep, True, guess) for x in xs]
+
+
+def gemv_calls(selections: list[Selection], weights_t: list[torch.Tensor], shape: Shape) -> list:
+    """The sparse GEMV alone, on selections made beforehand."""
+    return [functools.partial(sparse_gemv, sel, w, None, shape.seg_bounds) for sel, w in zip(selections, weights_t)]
+
+
+def shipped_calls(
+    xs: list[torch.Tensor],
+    weights_t: list[torch.Tensor],
+    shape: Shape,
+    keeps: list[int],
+    keep: torch.Tensor,
+    guess: torch.Tensor,
+    path: ak.GemvPath | None,
+) -> list:
+    """``sparse_linear`` as shipped (selection, then ``path``, the dispatch's if None)."""
+    return [
+        functools.partial(ak.sparse_linear, x, w, None, shape.seg_bounds, keeps, keep=keep, path=path, thr_guess=guess)
+        for x, w in zip(xs, weights_t)
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rest-us", type=float, default=1282.0, help="a step's kernel time outside the projections")
-    parser.add_argument("--dense-step-us", type=float, default=8208.0, help="a dense decode step, wall time")
+    add_step_args(parser)
     args = parser.parse_args()
     dtype, device = torch.bfloat16, "cuda"
     print(
@@ -55,30 +107,15 @@ def main() -> None:
     for shape in shapes_of("13b"):
         weights, weights_t = random_instances(shape, dtype, device)
         xs = random_inputs(1, shape.k, len(weights), dtype, device)
-        dense = time_us([functools.partial(torch.nn.functional.linear, x, w) for x, w in zip(xs, weights)], xs)
+        dense = time_us(dense_calls(xs, weights), xs)
         for sparsity in (0.5, 0.8):
             keeps = keeps_for(shape, sparsity)
             keep = keep_tensor(keeps, device)
             guess = guess_tensor(len(keeps), device)
-            select = [functools.partial(topk_select, x, keep, True, guess) for x in xs]
-            made = [call() for call in select]
-            gemv = [functools.partial(sparse_gemv, sel, w, None, shape.seg_bounds) for sel, w in zip(made, weights_t)]
-            both = [
-                functools.partial(
-                    ak.sparse_linear,
-                    x,
-                    w,
-                    None,
-                    shape.seg_bounds,
-                    keeps,
-                    keep=keep,
-                    path=ak.GemvPath.LIST,
-                    thr_guess=guess,
-                )
-                for x, w in zip(xs, weights_t)
-            ]
-            rows = max(keeps)  # the bench's budgets are one per shape
-            ideal = [functools.partial(torch.mm, x[:, :rows], w[:rows]) for x, w in zip(xs, weights_t)]
+            select = select_calls(xs, keep, guess)
+            gemv = gemv_calls([call() for call in select], weights_t, shape)
+            both = shipped_calls(xs, weights_t, shape, keeps, keep, guess, ak.GemvPath.LIST)
+            ideal = ideal_calls(xs, weights_t, keeps)
             t = {
                 name: time_us(calls, xs)
                 for name, calls in (("select", select), ("gemv", gemv), ("both", both), ("ideal", ideal))
@@ -89,7 +126,7 @@ def main() -> None:
                 f"{t['ideal']:7.1f} {dense:7.1f}",
                 flush=True,
             )
-            if shape.name in LAYER:
+            if in_layer(shape):
                 sums = layer.setdefault(sparsity, {"dense": 0.0, "shipped": 0.0, "best": 0.0})
                 sums["dense"] += dense
                 sums["shipped"] += t["both"]
@@ -100,7 +137,7 @@ def main() -> None:
     )
     print(f"{'s':>4s} {'dense':>7s} {'shipped':>8s} {'best':>7s} {'model':>7s} {'bound':>7s}")
     for sparsity, sums in layer.items():
-        model, bound = (args.dense_step_us / (args.rest_us + LAYERS * sums[key]) for key in ("shipped", "best"))
+        model, bound = (step_speedup(sums[key], args) for key in ("shipped", "best"))
         print(
             f"{sparsity:4.2f} {sums['dense']:7.1f} {sums['shipped']:8.1f} {sums['best']:7.1f} {model:6.2f}x "
             f"{bound:6.2f}x"

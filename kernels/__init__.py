@@ -16,6 +16,11 @@ Public API:
 * ``gemv_path(m, n, k, seg_bounds, seg_keep, device) -> GemvPath``: what that call runs after the
   selection (the channel-list or walking sparse GEMV, or dense cuBLAS), from the crossover table
   measured on that GPU model;
+* ``threshold_linear(x, weight_t, bias, seg_bounds, thresholds, path=None)``: threshold mode (TEAL's
+  rule, ``reference.threshold_linear_ref``): a segment keeps the channels with |x| >= its threshold
+  (``thresholds``: a persistent float32 device tensor, one per segment); one launch, no selection;
+  ``threshold_path(m, n, k, device)`` says which loop it runs (for one token, a channel list each
+  GEMV program compacts itself) or whether it runs dense cuBLAS;
 * ``kernels_available(device) -> (ok, reason)``.
 
 Only ``reference`` and ``prepare_weight`` work without Triton: the Triton modules load on first use,
@@ -33,7 +38,7 @@ from . import reference
 
 if TYPE_CHECKING:
     from .crossover import GemvPath
-    from .dispatch import gemv_path, sparse_linear
+    from .dispatch import gemv_path, sparse_linear, threshold_linear, threshold_path
     from .topk_select import SelectOptions
 
 __all__ = [
@@ -44,12 +49,16 @@ __all__ = [
     "prepare_weight",
     "reference",
     "sparse_linear",
+    "threshold_linear",
+    "threshold_path",
 ]
 
 # Loaded on first use: the Triton modules, and pydantic for the crossover table.
 _LAZY_API = {
     "sparse_linear": ".dispatch",
     "gemv_path": ".dispatch",
+    "threshold_linear": ".dispatch",
+    "threshold_path": ".dispatch",
     "GemvPath": ".crossover",
     "SelectOptions": ".topk_select",
 }

@@ -46,13 +46,15 @@ class CrossoverTable(BaseModel):
     device: str = Field(description="GPU the table was measured on")
     shapes: list[ShapeCrossover]
 
+    def points(self, n: int, k: int) -> list[CrossoverPoint]:
+        """The points measured for this shape (none for unmeasured shapes)."""
+        return next((shape.points for shape in self.shapes if (shape.n, shape.k) == (n, k)), [])
+
     def point(self, n: int, k: int, sparsity: float) -> CrossoverPoint | None:
         """The measured point for this shape of nearest sparsity (the lower one on a tie; a
         profile's budgets scatter around the measured targets); None for unmeasured shapes."""
-        for shape in self.shapes:
-            if (shape.n, shape.k) == (n, k) and shape.points:
-                return min(shape.points, key=lambda p: (abs(p.sparsity - sparsity), p.sparsity))
-        return None
+        points = self.points(n, k)
+        return min(points, key=lambda p: (abs(p.sparsity - sparsity), p.sparsity)) if points else None
 
     def path(self, m: int, n: int, k: int, sparsity: float) -> GemvPath:
         """The path for a batch of m tokens: sparse up to the measured largest batch (the default for

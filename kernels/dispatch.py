@@ -1,14 +1,15 @@
-"""``sparse_linear``: TopK-sparse linear layer on the GPU, sparse GEMV or dense cuBLAS by batch size."""
+"""``sparse_linear``: TopK-sparse linear layer on the GPU, sparse GEMV or dense cuBLAS by batch size;
+``threshold_linear``: the same with a threshold per segment instead of a TopK budget (no selection)."""
 
 from __future__ import annotations
 
 import torch
 
-from .crossover import GemvPath, load_crossover
+from .crossover import DEFAULT_MAX_SPARSE_M, GemvPath, load_crossover
 from .measured import device_name
-from .reference import check_segments
-from .sparse_gemv import MAX_TOKENS, sparse_gemv
-from .topk_select import SHIPPED_OPTIONS, SelectOptions, keep_tensor, topk_select
+from .reference import check_bounds, check_segments, threshold_mask
+from .sparse_gemv import MAX_TOKENS, sparse_gemv, threshold_gemv
+from .topk_select import MAX_SEGMENTS, SHIPPED_OPTIONS, SelectOptions, keep_tensor, topk_select
 
 
 def weight_sparsity(k: int, seg_bounds: list[int], seg_keep: list[int]) -> float:
@@ -23,6 +24,22 @@ def gemv_path(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int]
     if m > MAX_TOKENS:
         return GemvPath.DENSE
     return load_crossover(device_name(device)).path(m, n, k, weight_sparsity(k, seg_bounds, seg_keep))
+
+
+def threshold_path(m: int, n: int, k: int, device: torch.device) -> GemvPath:
+    """What ``threshold_linear`` runs for m tokens on ``device``. One token: the list loop over the
+    channels each program compacts itself. No table measures threshold mode yet; the list is the
+    rule because in TopK mode's H200 tile measurements (benchmarks/results/h200/gemv_plans.txt) it
+    beat the walk at 50% and 80% sparsity for every 13B shape, and the walk's time barely falls with
+    sparsity. More tokens: the walk up to the largest batch at which TopK mode's sparse GEMV beat
+    cuBLAS on the sparsified input at every sparsity measured for this shape (the same contest: the
+    sparsity thresholds give is only known on the device); above, x masked per segment and dense
+    cuBLAS."""
+    if m == 1:
+        return GemvPath.LIST
+    points = load_crossover(device_name(device)).points(n, k)
+    walk_up_to = min((p.max_sparse_m for p in points), default=DEFAULT_MAX_SPARSE_M)
+    return GemvPath.WALK if m <= min(max(1, walk_up_to), MAX_TOKENS) else GemvPath.DENSE
 
 
 def _check_inputs(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -123,3 +140,40 @@ def sparse_linear(
     if path is GemvPath.DENSE:
         return dense_on_sparsified(sel.xs, weight_t, bias, seg_bounds)
     return sparse_gemv(sel, weight_t, bias, seg_bounds)
+
+
+def threshold_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    seg_bounds: list[int],
+    thresholds: torch.Tensor,
+    path: GemvPath | None = None,
+) -> torch.Tensor:
+    """[M, N]: output columns [seg_bounds[i], seg_bounds[i+1]) see x with only the channels where
+    |x| >= thresholds[i] (compared in float32), per token; same semantics as
+    ``reference.threshold_linear_ref`` on weight_t.T.
+
+    weight_t is [K, N] from ``prepare_weight``; ``thresholds`` float32 [S] on x's device, read by the
+    kernels, so a captured or compiled graph takes thresholds written into it later. The path is
+    ``threshold_path``'s unless ``path`` forces one: LIST (one token only: each GEMV program
+    compacts its share of the kept channels into a list and runs the list loop over it) and WALK
+    (the sparse GEMV masking x as it reads it) are one launch; DENSE masks x once per segment and
+    runs dense cuBLAS. No host sync: CUDA-graph safe.
+    """
+    _check_inputs(x, weight_t, bias)
+    k, n = weight_t.shape
+    check_bounds(n, seg_bounds)
+    num_segs = len(seg_bounds) - 1
+    if num_segs > MAX_SEGMENTS:
+        raise ValueError(f"1 to {MAX_SEGMENTS} output segments are supported, got {num_segs}")
+    if thresholds.shape != (num_segs,) or thresholds.dtype != torch.float32 or thresholds.device != x.device:
+        raise ValueError(
+            f"thresholds must be float32 [{num_segs}] (one per segment) on {x.device}, got {thresholds.dtype} "
+            f"{tuple(thresholds.shape)} on {thresholds.device}"
+        )
+    path = threshold_path(x.shape[0], n, k, x.device) if path is None else path
+    if path is GemvPath.DENSE:
+        xs = torch.where(threshold_mask(x, thresholds[:, None, None]), x, 0)
+        return dense_on_sparsified(xs, weight_t, bias, seg_bounds)
+    return threshold_gemv(x, thresholds, weight_t, bias, seg_bounds, with_list=path is GemvPath.LIST)

@@ -3,6 +3,9 @@
 Each token keeps the ``keep`` largest-|x| entries of its input and zeroes the rest; ties at the
 threshold go to the lower input index (a stable descending sort). A merged projection (QKV, gate_up)
 splits its output columns into segments, each with its own ``keep``.
+
+Threshold mode (TEAL's rule) keeps, instead, every entry with |x| >= the segment's threshold, so the
+count kept varies by token and nothing needs sorting.
 """
 
 from __future__ import annotations
@@ -13,6 +16,17 @@ import torch
 def check_segments(n: int, k: int, seg_bounds: list[int], seg_keep: list[int]) -> None:
     """Raise ValueError unless ``seg_bounds``/``seg_keep`` describe output segments of an [.., n] output
     over k input channels: bounds 0 = b0 < b1 < ... = n and one keep in [0, k] per segment."""
+    check_bounds(n, seg_bounds)
+    if len(seg_keep) != len(seg_bounds) - 1:
+        raise ValueError(
+            f"seg_keep needs one entry per segment ({len(seg_bounds) - 1} for seg_bounds "
+            f"{list(seg_bounds)}), got {len(seg_keep)}"
+        )
+    check_keeps(k, seg_keep)
+
+
+def check_bounds(n: int, seg_bounds: list[int]) -> None:
+    """Raise ValueError unless ``seg_bounds`` split an [.., n] output into segments: 0 = b0 < b1 < ... = n."""
     if len(seg_bounds) < 2 or seg_bounds[0] != 0 or seg_bounds[-1] != n:
         raise ValueError(
             f"seg_bounds must start at 0 and end at the output width {n}, got {list(seg_bounds)}; "
@@ -20,12 +34,6 @@ def check_segments(n: int, k: int, seg_bounds: list[int], seg_keep: list[int]) -
         )
     if any(lo >= hi for lo, hi in zip(seg_bounds[:-1], seg_bounds[1:])):
         raise ValueError(f"seg_bounds must be strictly increasing, got {list(seg_bounds)}")
-    if len(seg_keep) != len(seg_bounds) - 1:
-        raise ValueError(
-            f"seg_keep needs one entry per segment ({len(seg_bounds) - 1} for seg_bounds "
-            f"{list(seg_bounds)}), got {len(seg_keep)}"
-        )
-    check_keeps(k, seg_keep)
 
 
 def check_keeps(k: int, seg_keep: list[int]) -> None:
@@ -45,6 +53,15 @@ def topk_mask(x: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.zeros_like(x, dtype=torch.bool).scatter_(1, order, True)
 
 
+def threshold_mask(x: torch.Tensor, thr: float | torch.Tensor) -> torch.Tensor:
+    """Bool, True where |x| >= thr, compared in float32 (as the kernels compare). ``thr`` is a float,
+    or a float32 tensor that broadcasts against x [M, K]: thresholds[:, None, None] gives one mask per
+    segment, [S, M, K]."""
+    if x.dim() != 2:
+        raise ValueError(f"threshold_mask expects a 2-D [tokens, channels] tensor, got shape {tuple(x.shape)}")
+    return x.abs().float() >= thr
+
+
 def sparse_linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -56,16 +73,53 @@ def sparse_linear_ref(
 
     ``weight`` is [N, K] (nn.Linear layout); accumulation in fp32, result in x.dtype.
     """
+    n, k = _check_linear(x, weight)
+    check_segments(n, k, seg_bounds, seg_keep)
+    return _masked_linear(x, weight, bias, seg_bounds, [topk_mask(x, keep) for keep in seg_keep])
+
+
+def threshold_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seg_bounds: list[int],
+    thresholds: list[float] | torch.Tensor,
+) -> torch.Tensor:
+    """[M, N] = per output segment i, (x * threshold_mask(x, thresholds[i])) @ weight[seg i].T (+ bias).
+
+    ``weight`` is [N, K] (nn.Linear layout); accumulation in fp32, result in x.dtype.
+    """
+    n, _ = _check_linear(x, weight)
+    check_bounds(n, seg_bounds)
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=x.device)
+    if thresholds.shape != (len(seg_bounds) - 1,):
+        raise ValueError(
+            f"thresholds needs one entry per segment ({len(seg_bounds) - 1} for seg_bounds {list(seg_bounds)}), "
+            f"got shape {tuple(thresholds.shape)}"
+        )
+    return _masked_linear(x, weight, bias, seg_bounds, threshold_mask(x, thresholds[:, None, None]).unbind())
+
+
+def _check_linear(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
+    """weight's (N, K), after checking x [M, K] against it."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"expected x [M, K] and weight [N, K], got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
         )
-    n, k = weight.shape
-    check_segments(n, k, seg_bounds, seg_keep)
-    out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
-    for lo, hi, keep in zip(seg_bounds[:-1], seg_bounds[1:], seg_keep):
-        x_kept = torch.where(topk_mask(x, keep), x, 0).float()
-        out[:, lo:hi] = x_kept @ weight[lo:hi].float().T
+    return weight.shape
+
+
+def _masked_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seg_bounds: list[int],
+    masks: list[torch.Tensor],
+) -> torch.Tensor:
+    """Output segment i from x where masks[i] (bool [M, K]), zero elsewhere; fp32 accumulation."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    for lo, hi, mask in zip(seg_bounds[:-1], seg_bounds[1:], masks):
+        out[:, lo:hi] = torch.where(mask, x, 0).float() @ weight[lo:hi].float().T
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype)

@@ -12,6 +12,13 @@ dropped entries zeroed) and, for one token, the list of its kept channels. Two l
   For one token at low sparsity the walk also beats the list (building the list costs a scan of
   the row); the measured crossover table says where.
 
+Threshold mode (``threshold_gemv``, TEAL's rule) needs no selection kernel: a program reads the raw
+x [M, K], which all segments share, and keeps an entry for a segment where |x| >= that segment's
+threshold (float32 [S] read on the device). One launch instead of two, either loop: the walk masks x
+as it reads it; for one token, each program first compacts its own share of the channel range into a
+list of kept channels and then runs the list loop over it (its loop length follows the sparsity, the
+walk's does not).
+
 One launch covers every output segment of a merged projection (QKV, gate_up): a tile of BLOCK_N
 output columns never straddles a segment boundary (each segment is tiled on its own, its last tile
 masked), so it knows its segment and with it its inputs.
@@ -40,6 +47,9 @@ from .measured import device_name
 from .topk_select import MAX_SEGMENTS, Selection, num_sms, pdl_wait_and_release, tickets
 
 MAX_TOKENS = 16  # BLOCK_M: tl.dot's smallest M; larger batches go dense
+# Channels of x a threshold-list program compacts per step: few steps (each waits on an L2 load
+# and a scan before the weight stream starts), 8 entries a thread at 4 warps.
+COMPACT_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -108,11 +118,28 @@ def _tile_columns(pid_n, B1, B2, B3, B4, NUM_SEGS: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def _compact_kept(x_ptr, list_ptr, thr, start, end, BLOCK: tl.constexpr):
+    """Write the channels j in [start, end) with |x[j]| >= thr, in order, to list_ptr[start:], and
+    return how many there are."""
+    count = start * 0
+    for j in range(start, end, BLOCK):
+        offs = j + tl.arange(0, BLOCK)
+        in_range = offs < end
+        xj = tl.load(x_ptr + offs, mask=in_range, other=0.0)
+        kept = in_range & (tl.abs(xj.to(tl.float32)) >= thr)
+        slots = count + tl.cumsum(kept.to(tl.int32), axis=0) - 1
+        tl.store(list_ptr + start + slots, offs, mask=kept)
+        count += tl.sum(kept.to(tl.int32), axis=0)
+    return count
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     xs_ptr,
     idx_ptr,
     xv_ptr,
     count_ptr,
+    thr_ptr,
     wt_ptr,
     bias_ptr,
     out_ptr,
@@ -130,9 +157,11 @@ def _sparse_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     LIST: tl.constexpr,
+    THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
+    COMPACT_BLOCK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -145,19 +174,29 @@ def _sparse_gemv_kernel(
     n_ok = offs_n < seg_end
 
     # This program's share of the segment's channel list (or of all K channels), whole steps.
-    length = tl.load(count_ptr + seg) if LIST else K
+    length = tl.load(count_ptr + seg) if LIST and not THRESHOLD else K
     share = tl.cdiv(tl.cdiv(length, splits), BLOCK_K) * BLOCK_K
     j_end = tl.minimum(length, (pid_k + 1) * share)
-    x_rows = xs_ptr + (seg * M + offs_m[:, None]).to(tl.int64) * K
+    x_rows = xs_ptr + (offs_m[:, None] if THRESHOLD else seg * M + offs_m[:, None]).to(tl.int64) * K
+    thr = tl.load(thr_ptr + seg) if THRESHOLD else 0.0
+    if LIST and THRESHOLD:
+        # One token: the kept channels of this program's share of K become its list, in the same
+        # place of the segment's scratch row. Every program of this (segment, share) writes the
+        # same bytes there (same x, same threshold), so sharing is benign and the scratch stays
+        # [S, K]; the count is this program's own, so none waits on another.
+        j_end = pid_k * share + _compact_kept(xs_ptr, idx_ptr + seg * K, thr, pid_k * share, j_end, COMPACT_BLOCK)
+        tl.debug_barrier()  # this program's list stores precede its loads of the list
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for j in range(pid_k * share, j_end, BLOCK_K):
         offs_j = j + tl.arange(0, BLOCK_K)
         j_ok = offs_j < j_end
         if LIST:
             rows = tl.load(idx_ptr + seg * K + offs_j, mask=j_ok, other=0)
-            # The token's values fill row 0 of the [BLOCK_M, BLOCK_K] operand.
+            # The token's values (threshold mode: the raw x at the listed channels, cache hits)
+            # fill row 0 of the [BLOCK_M, BLOCK_K] operand.
+            values = xs_ptr + rows if THRESHOLD else xv_ptr + seg * K + offs_j
             xk = tl.load(
-                xv_ptr + seg * K + offs_m[:, None] * 0 + offs_j[None, :],
+                values[None, :] + offs_m[:, None] * 0,
                 mask=(offs_m[:, None] == 0) & j_ok[None, :],
                 other=0.0,
             )
@@ -165,6 +204,8 @@ def _sparse_gemv_kernel(
         else:
             rows = offs_j
             xk = tl.load(x_rows + rows[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+            if THRESHOLD:  # the segment's entries of the raw x
+                xk = tl.where(tl.abs(xk.to(tl.float32)) >= thr, xk, 0.0)
             needed = tl.max((xk != 0).to(tl.int32), axis=0) > 0
         w_rows = wt_ptr + rows[:, None].to(tl.int64) * N
         w = tl.load(w_rows + offs_n[None, :], mask=needed[:, None] & n_ok[None, :], other=0.0)
@@ -203,12 +244,58 @@ def sparse_gemv(
 ) -> torch.Tensor:
     """[M, N] = per segment i, sel.xs[i] @ weight_t[:, segment i] (+ bias), from the channel list if
     ``sel`` has one; into ``out`` (contiguous [M, N]) if given. Shapes are checked by the caller."""
-    num_segs, m, k = sel.xs.shape
+    lists = (sel.idx, sel.xv, sel.count) if sel.idx is not None else None
+    return _launch_gemv(sel.xs, lists, None, weight_t, bias, seg_bounds, plan, out, sel.pdl)
+
+
+def threshold_gemv(
+    x: torch.Tensor,
+    thresholds: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    seg_bounds: list[int],
+    plan: GemvPlan | None = None,
+    out: torch.Tensor | None = None,
+    with_list: bool = False,
+) -> torch.Tensor:
+    """[M, N] = per segment i, (x where |x| >= thresholds[i], else 0) @ weight_t[:, segment i] (+ bias),
+    comparing in float32, in one launch: the walk, or with ``with_list`` (one token) the list loop
+    over channels each program compacts itself; into ``out`` (contiguous [M, N]) if given.
+    ``thresholds`` is float32 [S] on x's device, read by the kernel (a captured graph takes values
+    written into it later). Shapes are checked by the caller."""
+    x = x.contiguous()
+    lists = None
+    if with_list:
+        if x.shape[0] != 1:
+            raise ValueError(f"threshold mode's channel list is one token's, got {x.shape[0]} tokens")
+        # The programs' lists, [S, K]; values are read from x itself, counts kept in registers.
+        # Per call from the caching allocator, as ``partial``: graph safe (a captured graph keeps
+        # its own), and calls on other streams never share it.
+        scratch = torch.empty((len(seg_bounds) - 1) * x.shape[1], dtype=torch.int32, device=x.device)
+        lists = (scratch, x, x)
+    return _launch_gemv(x[None], lists, thresholds, weight_t, bias, seg_bounds, plan, out, False)
+
+
+def _launch_gemv(
+    xs: torch.Tensor,
+    lists: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    thresholds: torch.Tensor | None,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    seg_bounds: list[int],
+    plan: GemvPlan | None,
+    out: torch.Tensor | None,
+    pdl: bool,
+) -> torch.Tensor:
+    """The launch of both modes. xs: [S, M, K] sparsified copies, or with ``thresholds`` the raw x
+    as [1, M, K]; ``lists``: one token's (idx, xv, count), with ``thresholds`` the [S, K] scratch
+    the programs write their lists to (xv and count unused), or None to walk."""
+    _, m, k = xs.shape
     n = weight_t.shape[1]
+    num_segs = len(seg_bounds) - 1
     if m > MAX_TOKENS:
         raise ValueError(f"the sparse GEMV takes at most {MAX_TOKENS} tokens, got {m}")
-    with_list = sel.idx is not None
-    loop = GemvLoop.CHANNEL_LIST if with_list else GemvLoop.TOKEN_WALK if m == 1 else GemvLoop.BATCH_WALK
+    loop = GemvLoop.CHANNEL_LIST if lists is not None else GemvLoop.TOKEN_WALK if m == 1 else GemvLoop.BATCH_WALK
     widths = tuple(hi - lo for lo, hi in zip(seg_bounds[:-1], seg_bounds[1:]))
     plan = plan or plan_gemv(widths, k, device_name(weight_t.device), num_sms(weight_t.device), loop)
     tiles = sum(triton.cdiv(w, plan.block_n) for w in widths)
@@ -218,8 +305,9 @@ def sparse_gemv(
     out = torch.empty(m, n, dtype=weight_t.dtype, device=weight_t.device) if out is None else out
     partial = torch.empty(plan.splits * m * n if plan.splits > 1 else 1, dtype=torch.float32, device=weight_t.device)
     _sparse_gemv_kernel[(tiles, plan.splits)](
-        sel.xs,
-        *((sel.idx, sel.xv, sel.count) if with_list else (sel.xs, sel.xs, sel.xs)),
+        xs,
+        *(lists or (xs, xs, xs)),
+        xs if thresholds is None else thresholds,
         weight_t,
         out if bias is None else bias,
         out,
@@ -233,12 +321,14 @@ def sparse_gemv(
         BLOCK_M=1 if loop is GemvLoop.TOKEN_WALK else MAX_TOKENS,
         BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k,
-        LIST=with_list,
+        LIST=lists is not None,
+        THRESHOLD=thresholds is not None,
         HAS_BIAS=bias is not None,
         DOT_PRECISION="ieee" if weight_t.dtype == torch.float32 else "tf32",
-        PDL=sel.pdl,
+        PDL=pdl,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
-        launch_pdl=sel.pdl,
+        COMPACT_BLOCK=COMPACT_BLOCK,
+        launch_pdl=pdl,
     )
     return out

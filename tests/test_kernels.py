@@ -130,6 +130,18 @@ def test_sparse_linear_ref_per_segment_keep():
     assert torch.allclose(out, torch.cat([expect_first.view(1), expect_rest]).view(1, 3))
 
 
+def test_threshold_linear_ref_per_segment_threshold():
+    """An entry equal to its segment's threshold is kept; 0 keeps everything, +inf nothing."""
+    x = torch.tensor([[4.0, -1.0, 3.0, 0.5]])
+    weight = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    bias = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = reference.threshold_linear_ref(x, weight, bias, [0, 1, 2, 3, 4], [3.5, 1.0, 0.0, torch.inf])
+    kept = torch.tensor([[4.0, 0.0, 0.0, 0.0], [4.0, -1.0, 3.0, 0.0], [4.0, -1.0, 3.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(out[0], (kept * weight).sum(dim=1) + bias)
+    with pytest.raises(ValueError, match="one entry per segment"):
+        reference.threshold_linear_ref(x, weight, None, [0, 2, 4], [1.0])
+
+
 @pytest.mark.parametrize(
     ("bounds", "keeps", "message"),
     [
@@ -323,6 +335,147 @@ def test_dense_fallback_matches_reference(kernels, shape, dtype):
         ref = reference.sparse_linear_ref(x, weight, bias, bounds, keeps)
         assert out.shape == (m, bounds[-1]) and out.is_contiguous()
         assert rel_err(out, ref) < tolerance(dtype), (widths, m)
+
+
+# Threshold settings: a sparsity (the threshold an |x| of the input itself, so entries equal to it
+# exist), or a fixed threshold: 0 keeps every channel, +inf none.
+THRESHOLD_SETTINGS = SPARSITIES + ["zero", "inf"]
+
+
+def thresholds_for(x: torch.Tensor, num_segs: int, setting: float | str) -> torch.Tensor:
+    """float32 [S] on x's device: per segment, the |x| that drops about ``setting`` of x's entries
+    (a little less for each later segment, so segments differ), or 0 / +inf."""
+    if setting in ("zero", "inf"):
+        return torch.full((num_segs,), 0.0 if setting == "zero" else torch.inf, device=x.device)
+    magnitudes = x.abs().float().flatten().sort().values
+    ranks = [
+        min(magnitudes.numel() - 1, max(0, round((setting - 0.05 * i) * magnitudes.numel()))) for i in range(num_segs)
+    ]
+    return magnitudes[ranks].contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_threshold_gemv_matches_reference(kernels, shape, dtype):
+    """The walk masking the raw x by each segment's threshold, with and without a bias and (on CPU)
+    split over several programs (the ticketed reduction)."""
+    _, sparse_gemv, _ = kernels
+    widths, k = shape
+    bounds = bounds_of(widths)
+    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
+    weight_t = prepare_weight(weight)
+    bias = torch.randn(bounds[-1]).to(dtype).to(DEVICE)
+    plans = [None] if ON_GPU else [None, sparse_gemv.GemvPlan(16, 16, 3, 4, 3)]
+    for seed, (m, setting) in enumerate(itertools.product(TOKENS, THRESHOLD_SETTINGS)):
+        x = activations(m, k, dtype, 300 + seed)
+        thresholds = thresholds_for(x, len(widths), setting)
+        with_bias = bias if seed % 2 else None
+        ref = reference.threshold_linear_ref(x, weight, with_bias, bounds, thresholds)
+        out = torch.full((m, bounds[-1]), torch.nan, dtype=dtype, device=DEVICE)
+        plan = plans[seed // 2 % len(plans)]
+        sparse_gemv.threshold_gemv(x, thresholds, weight_t, with_bias, bounds, plan=plan, out=out)
+        where = f"M={m} thresholds {setting} bias {with_bias is not None} plan {plan}"
+        assert not out.isnan().any(), f"unwritten outputs at {where}"
+        if setting == "inf":  # no channel kept: the bias alone
+            assert torch.equal(out, torch.zeros_like(out) if with_bias is None else with_bias.expand_as(out)), where
+        assert rel_err(out, ref) < tolerance(dtype), where
+
+
+@pytest.mark.parametrize("compact_block", [None, 16], ids=["", "compact_16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_threshold_list_matches_reference(kernels, shape, dtype, compact_block, monkeypatch):
+    """One token, each program compacting its share of the channels into a list first: with and
+    without a bias, split over several programs, in several compaction steps (``compact_16``: the
+    running count carried across steps), and no channel kept (+inf: the bias alone)."""
+    _, sparse_gemv, _ = kernels
+    if compact_block is not None:
+        monkeypatch.setattr(sparse_gemv, "COMPACT_BLOCK", compact_block)
+    widths, k = shape
+    bounds = bounds_of(widths)
+    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
+    weight_t = prepare_weight(weight)
+    bias = torch.randn(bounds[-1]).to(dtype).to(DEVICE)
+    plans = [None] if ON_GPU else [None, sparse_gemv.GemvPlan(16, 16, 3, 4, 3)]
+    for seed, (setting, plan) in enumerate(itertools.product(THRESHOLD_SETTINGS, plans)):
+        x = activations(1, k, dtype, 600 + seed)
+        thresholds = thresholds_for(x, len(widths), setting)
+        with_bias = bias if seed % 2 else None
+        ref = reference.threshold_linear_ref(x, weight, with_bias, bounds, thresholds)
+        out = torch.full((1, bounds[-1]), torch.nan, dtype=dtype, device=DEVICE)
+        sparse_gemv.threshold_gemv(x, thresholds, weight_t, with_bias, bounds, plan=plan, out=out, with_list=True)
+        where = f"thresholds {setting} bias {with_bias is not None} plan {plan}"
+        assert not out.isnan().any(), f"unwritten outputs at {where}"
+        if setting == "inf":
+            assert torch.equal(out, torch.zeros_like(out) if with_bias is None else with_bias.expand_as(out)), where
+        assert rel_err(out, ref) < tolerance(dtype), where
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_threshold_linear_every_path(kernels, dtype):
+    """Every path threshold_linear can take matches the reference, and by default it takes
+    threshold_path's: the compacted channel list for one token, dense cuBLAS on masked copies above
+    the table's batch."""
+    dispatch, _, _ = kernels
+    widths, k = SHAPES[1]
+    bounds = bounds_of(widths)
+    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
+    bias = torch.randn(bounds[-1]).to(dtype).to(DEVICE)
+    for m in (1, 2, 24):
+        x = activations(m, k, dtype, 400 + m)
+        thresholds = thresholds_for(x, len(widths), 0.8)
+        ref = reference.threshold_linear_ref(x, weight, bias, bounds, thresholds)
+        for path in [None, GemvPath.DENSE] + ([GemvPath.WALK] if m <= 16 else []) + ([GemvPath.LIST] if m == 1 else []):
+            out = dispatch.threshold_linear(x, prepare_weight(weight), bias, bounds, thresholds, path=path)
+            assert out.shape == (m, bounds[-1]) and out.dtype == dtype
+            assert rel_err(out, ref) < tolerance(dtype), (m, path)
+    path = functools.partial(dispatch.threshold_path, n=bounds[-1], k=k, device=torch.device(DEVICE))
+    assert path(1) is GemvPath.LIST and path(24) is GemvPath.DENSE
+
+
+def test_threshold_linear_rejects_bad_inputs(kernels):
+    dispatch, _, _ = kernels
+    x = torch.randn(2, 8, device=DEVICE)
+    weight_t = torch.randn(8, 6, device=DEVICE)
+    thresholds = torch.ones(2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"float32 \[2\]"):
+        dispatch.threshold_linear(x, weight_t, None, [0, 3, 6], thresholds.half())
+    with pytest.raises(ValueError, match=r"float32 \[2\]"):
+        dispatch.threshold_linear(x, weight_t, None, [0, 3, 6], thresholds[:1])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        dispatch.threshold_linear(x, weight_t, None, [0, 3, 3, 6], torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="bias must be"):
+        dispatch.threshold_linear(x, weight_t, torch.randn(5, device=DEVICE), [0, 3, 6], thresholds)
+    with pytest.raises(ValueError, match="one token's"):
+        dispatch.threshold_linear(x, weight_t, None, [0, 3, 6], thresholds, path=GemvPath.LIST)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_threshold_linear_reads_thresholds_in_a_cuda_graph(kernels):
+    """A captured call reads its thresholds from memory at each replay, on every path (the channel
+    list: each replay compacts anew, none kept at +inf)."""
+    dispatch, _, _ = kernels
+    widths, k = SHAPES[1]
+    bounds = bounds_of(widths)
+    weight = (torch.randn(bounds[-1], k) * 0.05).to(torch.bfloat16).to(DEVICE)
+    weight_t = prepare_weight(weight)
+    bias = torch.randn(bounds[-1]).to(torch.bfloat16).to(DEVICE)
+    for m, path in ((1, GemvPath.LIST), (1, GemvPath.WALK), (4, GemvPath.WALK), (4, GemvPath.DENSE)):
+        x = activations(m, k, torch.bfloat16, 500 + m)
+        thresholds = thresholds_for(x, len(widths), 0.5)
+        call = functools.partial(dispatch.threshold_linear, x, weight_t, bias, bounds, thresholds, path=path)
+        call()  # compile, and allocate the tickets before capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+        for setting in (0.5, 0.95, "zero", "inf", 0.8):
+            thresholds.copy_(thresholds_for(x, len(widths), setting))
+            out.fill_(torch.nan)
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = reference.threshold_linear_ref(x, weight, bias, bounds, thresholds)
+            assert rel_err(out, ref) < tolerance(torch.bfloat16), (m, path, setting)
 
 
 def test_sparse_linear_rejects_bad_inputs(kernels):

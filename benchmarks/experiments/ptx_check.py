@@ -13,13 +13,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from acttail_kernels.sparse_gemv import _sparse_gemv_kernel
+from acttail_kernels.sparse_gemv import COMPACT_BLOCK, _sparse_gemv_kernel
 
 POINTERS = {
     "xs_ptr": "*bf16",
     "idx_ptr": "*i32",
     "xv_ptr": "*bf16",
     "count_ptr": "*i32",
+    "thr_ptr": "*fp32",
     "wt_ptr": "*bf16",
     "bias_ptr": "*bf16",
     "out_ptr": "*bf16",
@@ -29,15 +30,20 @@ POINTERS = {
 SCALARS = {name: "i32" for name in ("M", "N", "K", "B1", "B2", "B3", "B4")}
 # (name, constexprs): the loops the 13B qkv GEMV runs, with the rule's tiles
 VARIANTS = [
-    ("channel list", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, LIST=True)),
-    ("batch walk", dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, LIST=False)),
+    ("channel list", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, LIST=True, THRESHOLD=False)),
+    ("batch walk", dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, LIST=False, THRESHOLD=False)),
+    ("threshold token walk", dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=512, LIST=False, THRESHOLD=True)),
+    ("threshold token list", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, LIST=True, THRESHOLD=True)),
+    ("threshold batch walk", dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, LIST=False, THRESHOLD=True)),
 ]
 
 
 def main() -> None:
     print(f"triton {triton.__version__}, sm_90, num_warps 4, num_stages 3")
     for name, variant in VARIANTS:
-        consts = dict(NUM_SEGS=3, HAS_BIAS=False, DOT_PRECISION="tf32", PDL=False, **variant)
+        consts = dict(
+            NUM_SEGS=3, HAS_BIAS=False, DOT_PRECISION="tf32", PDL=False, COMPACT_BLOCK=COMPACT_BLOCK, **variant
+        )
         types = {**POINTERS, **SCALARS, **{key: "constexpr" for key in consts}}
         signature = {arg: types[arg] for arg in _sparse_gemv_kernel.arg_names}  # in parameter order
         source = ASTSource(
