@@ -98,6 +98,29 @@ def test_steps_over_the_token_limit_run_dense(decode_only, monkeypatch):
     assert both.tokens == counts(selection=3, unsparsified=4)
 
 
+@pytest.mark.parametrize("max_sparse_tokens", [None, 0])
+def test_cpu_gemms_run_at_few_row_counts_with_exact_rows(max_sparse_tokens, monkeypatch):
+    """Steps of 1..300 tokens, sparsified or dense (max_sparse_tokens=0), issue GEMMs at 33 row
+    counts, not 300 (oneDNN keeps a kernel per GEMM shape), and each row's output is its own."""
+    gemm_row_counts = set()
+    linear = torch.nn.functional.linear
+
+    def recording_linear(x, weight, bias=None):
+        gemm_row_counts.add(x.shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
+    weight = torch.randn(BOUNDS[-1], K)
+    for rows in range(1, 301):
+        x = torch.randn(rows, K)
+        y, _ = run_op(x, weight, decode_only=False, max_sparse_tokens=max_sparse_tokens)
+        dense = max_sparse_tokens is not None
+        expected = x @ weight.T if dense else reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS)
+        torch.testing.assert_close(y, expected)
+    assert len(gemm_row_counts) == 33
+    assert all(sparse_op.gemm_rows(rows) < 1.25 * rows for rows in range(1, 8193))
+
+
 @pytest.mark.parametrize(
     ("policy", "rows", "limit", "expected"),
     [

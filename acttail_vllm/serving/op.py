@@ -3,7 +3,7 @@
 Registered the way vLLM registers its own quantization kernels (``direct_register_custom_op`` with a
 fake implementation), so torch.compile treats it as opaque and CUDA graphs capture what it launches.
 CUDA runs the Triton kernels of ``acttail_kernels``; every other device runs the exact PyTorch
-reference (TopK mask, then a dense GEMM on the sparsified input).
+reference (TopK mask, then a dense GEMM on the sparsified input, its rows padded to ``gemm_rows``).
 """
 
 from __future__ import annotations
@@ -51,11 +51,39 @@ def decode_token_mask(num_tokens: int, device: torch.device) -> torch.Tensor | N
     return mask
 
 
+#: Up to this many rows a CPU GEMM runs at its own row count (decode steps, one row per request).
+GEMM_EXACT_ROWS = 16
+
+
+def gemm_rows(rows: int) -> int:
+    """The row count a CPU GEMM of ``rows`` rows runs at: ``rows`` up to ``GEMM_EXACT_ROWS``, above
+    that rounded up to a quarter of its power-of-two octave (17 -> 20, 33 -> 40, 65 -> 80: under 25%
+    padding), so a step of any size issues one of about four shapes per octave.
+
+    PyTorch runs a bf16/fp16 GEMM on CPU through oneDNN, which JIT-compiles a kernel for each shape
+    and keeps it in two caches of 1024 entries (ideep's ``LRU_CACHE_CAPACITY`` and oneDNN's
+    ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``), a few hundred KiB each: at exact row counts every new step
+    size is a new kernel, and a server's memory grows by hundreds of MiB until both caches are full."""
+    if rows <= GEMM_EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 3)
+    return -(-rows // step) * step
+
+
+def _cpu_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``linear`` on [M, K] rows, run at ``gemm_rows(M)`` rows (zero rows added, their outputs dropped)."""
+    rows = x2.shape[0]
+    padding = gemm_rows(rows) - rows
+    if padding:
+        x2 = torch.nn.functional.pad(x2, (0, 0, 0, padding))
+    return torch.nn.functional.linear(x2, weight, bias)[:rows]
+
+
 def _dense_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The unsparsified layer: ``weight`` in the kernel layout [K, N] on CUDA, [N, K] elsewhere."""
     if x2.is_cuda:
         return x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
-    return torch.nn.functional.linear(x2, weight, bias)
+    return _cpu_linear(x2, weight, bias)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -185,7 +213,7 @@ def _sparse_linear(
             masks = [m | ~sparse_rows[:, None] for m in masks]
         y = torch.cat(
             [
-                torch.nn.functional.linear(x2 * m, weight[lo:hi], None if bias is None else bias[lo:hi])
+                _cpu_linear(x2 * m, weight[lo:hi], None if bias is None else bias[lo:hi])
                 for m, lo, hi in zip(masks, seg_bounds[:-1], seg_bounds[1:])
             ],
             dim=1,
