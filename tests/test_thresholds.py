@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from acttail_vllm.eval.reference import Thresholds, calibrate_thresholds, sparse_modules, thresholded
+from acttail_kernels.reference import topk_mask
+from acttail_vllm.eval.reference import Thresholds, calibrate_thresholds, sparse_modules, thresholded, tracked
 from acttail_vllm.profiling.allocation import AllocationSpec
 from acttail_vllm.profiling.builder import profile_model
 from acttail_vllm.serving.budgets import kept_count
@@ -82,3 +83,24 @@ def test_threshold_zero_is_dense_and_infinity_zeroes_every_input(tiny_model, fam
     assert outputs and all(not out.any() for out in outputs)  # no bias in these families: zero input, zero output
     assert len(kept) == sum(len(layer.projections) for layer in profile.layers) and not any(kept)
     assert Thresholds.model_validate_json(everywhere(math.inf).model_dump_json()) == everywhere(math.inf)
+
+
+def test_tracked_keeps_what_reaches_the_previous_tokens_topk_threshold(tiny_model):
+    """Layer 0's q_proj sees the same input whatever the masks: check the rule there."""
+    directory = tiny_model("llama")
+    model, profile = _model(directory), profile_model(str(directory), AllocationSpec(0.7))
+    ids = _batches(1)[0]
+    q_proj = model.model.layers[0].self_attn.q_proj
+    keep = kept_count(profile.sparsity(0, "q_proj"), q_proj.in_features)
+    inputs, masks = [], {}
+    with torch.no_grad():
+        hook = q_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]), prepend=True)
+        with tracked(model, profile, lambda layer, name, kept: masks.setdefault((layer, name), kept)):
+            model(input_ids=ids)
+        hook.remove()
+    x = inputs[0].reshape(-1, q_proj.in_features)
+    kth = x.abs().masked_fill(~topk_mask(x, keep), math.inf).amin(dim=1)
+    mask = masks[(0, "q_proj")]
+    assert torch.equal(mask[0], topk_mask(x, keep)[0])  # the first token: its own TopK
+    assert torch.equal(mask[1:], x[1:].abs() >= kth[:-1, None])
+    assert mask.sum(dim=1).float().std() > 0  # a count that varies by token

@@ -2,7 +2,8 @@
 
 The plain-PyTorch twin of what the vLLM plugin serves; tests and ``acttail eval`` compare the two.
 ``thresholded`` is the same forward with a fixed threshold per projection instead of TopK (TEAL's
-rule, Liu et al. 2024), and ``calibrate_thresholds`` picks those thresholds from calibration text.
+rule, Liu et al. 2024), and ``calibrate_thresholds`` picks those thresholds from calibration text;
+``tracked`` takes each token's threshold from the token before it, with no calibration.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from acttail_vllm.serving.budgets import MERGED_PROJECTIONS, DecoderProjection, 
 
 #: [tokens, channels] input -> bool mask of the entries a projection keeps.
 KeepMask = Callable[[torch.Tensor], torch.Tensor]
-#: ``on_mask(layer, projection, mask)``: hears every mask ``thresholded`` applies.
+#: ``on_mask(layer, projection, mask)``: hears every mask ``thresholded`` or ``tracked`` applies.
 MaskObserver = Callable[[int, str, torch.Tensor], None]
 
 
@@ -148,18 +149,57 @@ def thresholded(
     with |x| >= its threshold: a number of channels that varies by token. An elementwise rule, so
     tensor-parallel shards change nothing. ``on_mask`` hears every mask applied."""
 
-    def threshold_mask(layer: int, projection: str) -> KeepMask:
-        threshold = thresholds.of(layer, projection)
+    def masks_of(proj: DecoderProjection, _: torch.nn.Linear) -> list[KeepMask]:
+        return [
+            _observed(_at_or_above(thresholds.of(proj.layer, name)), proj.layer, name, on_mask)
+            for name in proj.projections
+        ]
 
-        def mask(flat: torch.Tensor) -> torch.Tensor:
-            kept = flat.abs() >= threshold
-            if on_mask is not None:
-                on_mask(layer, projection, kept)
-            return kept
+    return _masked(model, profile, masks_of)
 
+
+def tracked(
+    model: torch.nn.Module, profile: Profile, on_mask: MaskObserver | None = None
+) -> AbstractContextManager[torch.nn.Module]:
+    """Within the block, every projection of ``model`` keeps the input entries of token t with |x| at
+    or above the threshold exact TopK had at token t-1 (its k-th largest |x| there): causal and with
+    no calibration, but a kept count that varies by token. The first token of a forward keeps its own
+    TopK. Rows must be the consecutive tokens of one sequence: batch 1, the whole sequence at once."""
+
+    def masks_of(proj: DecoderProjection, module: torch.nn.Linear) -> list[KeepMask]:
+        keeps = kept_counts(proj, module, profile)
+        return [
+            _observed(_previous_topk_threshold(keep), proj.layer, name, on_mask)
+            for name, keep in zip(proj.projections, keeps)
+        ]
+
+    return _masked(model, profile, masks_of)
+
+
+def _at_or_above(threshold: float) -> KeepMask:
+    return lambda flat: flat.abs() >= threshold
+
+
+def _previous_topk_threshold(keep: int) -> KeepMask:
+    def mask(flat: torch.Tensor) -> torch.Tensor:
+        magnitude = flat.abs()
+        kth = magnitude.masked_fill(~topk_mask(flat, keep), math.inf).amin(dim=1)  # each row's TopK threshold
+        return magnitude >= torch.cat([kth[:1], kth[:-1]])[:, None]
+
+    return mask
+
+
+def _observed(mask: KeepMask, layer: int, projection: str, on_mask: MaskObserver | None) -> KeepMask:
+    """``mask``, telling ``on_mask`` (if any) of every mask it makes."""
+    if on_mask is None:
         return mask
 
-    return _masked(model, profile, lambda proj, _: [threshold_mask(proj.layer, name) for name in proj.projections])
+    def observed(flat: torch.Tensor) -> torch.Tensor:
+        kept = mask(flat)
+        on_mask(layer, projection, kept)
+        return kept
+
+    return observed
 
 
 #: The calibration histogram's log2 bins: ``BINS_PER_BINADE`` per factor of 2 (a threshold

