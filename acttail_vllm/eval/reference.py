@@ -261,8 +261,9 @@ def input_histograms(
             histogram = histograms[proj] = InputHistogram.empty(module.in_features)
             count = module.register_forward_pre_hook(lambda _m, args, h=histogram: h.add(args[0]), prepend=True)
             hooks.callback(count.remove)
+        decoder = getattr(model, "model", model)  # no logits needed: a large vocabulary costs more than a layer
         for ids in batches:
-            model(input_ids=ids, use_cache=False)
+            decoder(input_ids=ids, use_cache=False)
     return histograms
 
 
