@@ -84,6 +84,13 @@ def keeps_for(k: int, widths: tuple[int, ...], sparsity: float, seed: int) -> li
     return [min(k, max(0, round((1 - sparsity) * k) - 3 * i + seed % 3)) for i in range(len(widths))]
 
 
+def layer_of(widths: tuple[int, ...], k: int, dtype: torch.dtype) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """A random projection with these output segments over k inputs: its bounds, weight [N, K], bias [N]."""
+    bounds = bounds_of(widths)
+    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
+    return bounds, weight, torch.randn(bounds[-1]).to(dtype).to(DEVICE)
+
+
 def activations(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """Random rows with many exact |x| ties (integers, both signs) and zeros in the first quarter."""
     gen = torch.Generator().manual_seed(seed)
@@ -246,10 +253,8 @@ def test_sparse_gemv_matches_reference(kernels, shape, dtype):
     """Both loops: the channel list and the walk over all channels."""
     _, sparse_gemv, topk_select = kernels
     widths, k = shape
-    bounds = bounds_of(widths)
-    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
+    bounds, weight, bias = layer_of(widths, k, dtype)
     weight_t = prepare_weight(weight)
-    bias = torch.randn(bounds[-1]).to(dtype).to(DEVICE)
     # Default plans, plus one split over several programs (the ticketed reduction) for each loop;
     # one token both ways: its channel list, and the walk over all channels.
     plans = [None] if ON_GPU else [None, sparse_gemv.GemvPlan(16, 16, 3, 4, 3)]
@@ -273,8 +278,7 @@ def test_sparse_linear_every_path(kernels, dtype):
     for large ones."""
     dispatch, _, _ = kernels
     widths, k = SHAPES[1]
-    bounds = bounds_of(widths)
-    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
+    bounds, weight, _ = layer_of(widths, k, dtype)
     keeps = keeps_for(k, widths, 0.8, 0)
     chosen = set()
     for m in (1, 2, 16, 24):
@@ -293,8 +297,8 @@ def test_sparse_linear_passes_select_options_on(kernels):
     """Options change how the selection splits its work, never what it selects."""
     dispatch, _, topk_select = kernels
     widths, k = SHAPES[1]
-    bounds = bounds_of(widths)
-    weight_t = prepare_weight((torch.randn(bounds[-1], k) * 0.05).to(DTYPES[0]).to(DEVICE))
+    bounds, weight, _ = layer_of(widths, k, DTYPES[0])
+    weight_t = prepare_weight(weight)
     keeps = keeps_for(k, widths, 0.8, 0)
     guess = topk_select.guess_tensor(len(widths), DEVICE)
     variants = [
@@ -324,9 +328,7 @@ def test_dense_fallback_matches_reference(kernels, shape, dtype):
     one GEMM per segment above."""
     dispatch, _, _ = kernels
     widths, k = shape
-    bounds = bounds_of(widths)
-    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
-    bias = torch.randn(bounds[-1]).to(dtype).to(DEVICE)
+    bounds, weight, bias = layer_of(widths, k, dtype)
     for m in (2, 16, 24):
         x = activations(m, k, dtype, m)
         keeps = keeps_for(k, widths, 0.5, m)
@@ -361,10 +363,8 @@ def test_threshold_gemv_matches_reference(kernels, shape, dtype):
     split over several programs (the ticketed reduction)."""
     _, sparse_gemv, _ = kernels
     widths, k = shape
-    bounds = bounds_of(widths)
-    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
+    bounds, weight, bias = layer_of(widths, k, dtype)
     weight_t = prepare_weight(weight)
-    bias = torch.randn(bounds[-1]).to(dtype).to(DEVICE)
     plans = [None] if ON_GPU else [None, sparse_gemv.GemvPlan(16, 16, 3, 4, 3)]
     for seed, (m, setting) in enumerate(itertools.product(TOKENS, THRESHOLD_SETTINGS)):
         x = activations(m, k, dtype, 300 + seed)
@@ -392,10 +392,8 @@ def test_threshold_list_matches_reference(kernels, shape, dtype, compact_block, 
     if compact_block is not None:
         monkeypatch.setattr(sparse_gemv, "COMPACT_BLOCK", compact_block)
     widths, k = shape
-    bounds = bounds_of(widths)
-    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
+    bounds, weight, bias = layer_of(widths, k, dtype)
     weight_t = prepare_weight(weight)
-    bias = torch.randn(bounds[-1]).to(dtype).to(DEVICE)
     plans = [None] if ON_GPU else [None, sparse_gemv.GemvPlan(16, 16, 3, 4, 3)]
     for seed, (setting, plan) in enumerate(itertools.product(THRESHOLD_SETTINGS, plans)):
         x = activations(1, k, dtype, 600 + seed)
@@ -418,9 +416,7 @@ def test_threshold_linear_every_path(kernels, dtype):
     the table's batch."""
     dispatch, _, _ = kernels
     widths, k = SHAPES[1]
-    bounds = bounds_of(widths)
-    weight = (torch.randn(bounds[-1], k) * 0.05).to(dtype).to(DEVICE)
-    bias = torch.randn(bounds[-1]).to(dtype).to(DEVICE)
+    bounds, weight, bias = layer_of(widths, k, dtype)
     for m in (1, 2, 24):
         x = activations(m, k, dtype, 400 + m)
         thresholds = thresholds_for(x, len(widths), 0.8)
@@ -456,10 +452,8 @@ def test_threshold_linear_reads_thresholds_in_a_cuda_graph(kernels):
     list: each replay compacts anew, none kept at +inf)."""
     dispatch, _, _ = kernels
     widths, k = SHAPES[1]
-    bounds = bounds_of(widths)
-    weight = (torch.randn(bounds[-1], k) * 0.05).to(torch.bfloat16).to(DEVICE)
+    bounds, weight, bias = layer_of(widths, k, torch.bfloat16)
     weight_t = prepare_weight(weight)
-    bias = torch.randn(bounds[-1]).to(torch.bfloat16).to(DEVICE)
     for m, path in ((1, GemvPath.LIST), (1, GemvPath.WALK), (4, GemvPath.WALK), (4, GemvPath.DENSE)):
         x = activations(m, k, torch.bfloat16, 500 + m)
         thresholds = thresholds_for(x, len(widths), 0.5)

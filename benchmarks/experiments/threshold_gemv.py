@@ -64,6 +64,14 @@ def kept_fraction(xs: list[torch.Tensor], thresholds: list[torch.Tensor]) -> flo
     return sum(threshold_mask(x, thr[:, None, None]).float().mean().item() for x, thr in zip(xs, thresholds)) / len(xs)
 
 
+def budgets_of(xs: list[torch.Tensor], shape: Shape, sparsity: float, device: str) -> tuple:
+    """Both modes' budgets for these inputs at ``sparsity``: TopK's keeps (as a list, the kernels'
+    tensor and a fresh threshold guess) and each input's quantile thresholds."""
+    keeps = keeps_for(shape, sparsity)
+    thresholds = [quantile_thresholds(x, shape, sparsity) for x in xs]
+    return keeps, keep_tensor(keeps, device), guess_tensor(len(keeps), device), thresholds
+
+
 def threshold_calls(
     xs: list[torch.Tensor],
     weights_t: list[torch.Tensor],
@@ -111,10 +119,7 @@ def main() -> None:
         xs = random_inputs(1, shape.k, len(weights), dtype, device)
         dense = time_us(dense_calls(xs, weights), xs)
         for sparsity in SPARSITIES:
-            keeps = keeps_for(shape, sparsity)
-            keep = keep_tensor(keeps, device)
-            guess = guess_tensor(len(keeps), device)
-            thresholds = [quantile_thresholds(x, shape, sparsity) for x in xs]
+            keeps, keep, guess, thresholds = budgets_of(xs, shape, sparsity, device)
             calls = {
                 "threshold": threshold_calls(xs, weights_t, shape, thresholds, ak.GemvPath.WALK),
                 "thr list": threshold_calls(xs, weights_t, shape, thresholds, ak.GemvPath.LIST),
@@ -137,10 +142,7 @@ def main() -> None:
             xs = random_inputs(m, shape.k, len(weights), dtype, device)
             dense = time_us(dense_calls(xs, weights), xs)
             for sparsity in SPARSITIES:
-                keeps = keeps_for(shape, sparsity)
-                keep = keep_tensor(keeps, device)
-                guess = guess_tensor(len(keeps), device)
-                thresholds = [quantile_thresholds(x, shape, sparsity) for x in xs]
+                keeps, keep, guess, thresholds = budgets_of(xs, shape, sparsity, device)
                 t = {
                     "walk": time_us(threshold_calls(xs, weights_t, shape, thresholds, ak.GemvPath.WALK), xs),
                     "masked": time_us(threshold_calls(xs, weights_t, shape, thresholds, ak.GemvPath.DENSE), xs),
