@@ -75,7 +75,7 @@ def sparse_linear_ref(
     """
     n, k = _check_linear(x, weight)
     check_segments(n, k, seg_bounds, seg_keep)
-    return _masked_linear(x, weight, bias, seg_bounds, [topk_mask(x, keep) for keep in seg_keep])
+    return masked_linear_ref(x, weight, bias, seg_bounds, [topk_mask(x, keep) for keep in seg_keep])
 
 
 def threshold_linear_ref(
@@ -97,7 +97,7 @@ def threshold_linear_ref(
             f"thresholds needs one entry per segment ({len(seg_bounds) - 1} for seg_bounds {list(seg_bounds)}), "
             f"got shape {tuple(thresholds.shape)}"
         )
-    return _masked_linear(x, weight, bias, seg_bounds, threshold_mask(x, thresholds[:, None, None]).unbind())
+    return masked_linear_ref(x, weight, bias, seg_bounds, threshold_mask(x, thresholds[:, None, None]).unbind())
 
 
 def _check_linear(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
@@ -109,14 +109,15 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
     return weight.shape
 
 
-def _masked_linear(
+def masked_linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     seg_bounds: list[int],
     masks: list[torch.Tensor],
 ) -> torch.Tensor:
-    """Output segment i from x where masks[i] (bool [M, K]), zero elsewhere; fp32 accumulation."""
+    """[M, N]: output segment i from x where masks[i] (bool [M, K]), zero elsewhere; fp32 accumulation,
+    the result in x.dtype. The body of both references above and of the reference forward's merged modules."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
     for lo, hi, mask in zip(seg_bounds[:-1], seg_bounds[1:], masks):
         out[:, lo:hi] = torch.where(mask, x, 0).float() @ weight[lo:hi].float().T

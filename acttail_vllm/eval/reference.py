@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from acttail_kernels.reference import topk_mask
+from acttail_kernels.reference import masked_linear_ref, topk_mask
 from acttail_vllm.profiling.profile import Profile
 from acttail_vllm.serving.budgets import MERGED_PROJECTIONS, DecoderProjection, kept_count
 
@@ -68,14 +68,9 @@ def _segments_hook(seg_bounds: list[int], masks: list[KeepMask]):
     masks this is ``sparse_linear_ref``: float32 accumulation, the result in the input's dtype."""
 
     def hook(module: torch.nn.Linear, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.empty(flat.shape[0], module.out_features, dtype=torch.float32, device=x.device)
-        for lo, hi, mask in zip(seg_bounds[:-1], seg_bounds[1:], masks):
-            out[:, lo:hi] = torch.where(mask(flat), flat, 0).float() @ module.weight[lo:hi].float().T
-        if module.bias is not None:
-            out += module.bias.float()
-        return out.to(x.dtype).reshape(output.shape)
+        flat = args[0].reshape(-1, args[0].shape[-1])
+        kept = [mask(flat) for mask in masks]
+        return masked_linear_ref(flat, module.weight, module.bias, seg_bounds, kept).reshape(output.shape)
 
     return hook
 
