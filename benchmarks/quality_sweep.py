@@ -60,7 +60,7 @@ from acttail_vllm.eval.engines import ReferenceEngine, score_requests
 from acttail_vllm.eval.evaluator import DEFAULT_CONTEXT, Evaluator, TokenStream, task_accuracy
 from acttail_vllm.eval.records import DTYPES, RunSettings, TaskAccuracy
 from acttail_vllm.eval.reference import decoder_layers, sparse_modules, sparsified
-from acttail_vllm.eval.report import markdown_table, relative_change, write_json
+from acttail_vllm.eval.report import markdown_table, relative_change, write_json, write_result
 from acttail_vllm.eval.scoring import ScoreRequest, sliding_windows
 from acttail_vllm.profiling.allocation import (
     DEFAULT_EPS,
@@ -700,8 +700,7 @@ def markdown(report: QualityReport) -> str:
 
 
 def write_outputs(report: QualityReport, out: Path) -> None:
-    write_json(report, out / "quality.json")
-    (out / "quality.md").write_text(markdown(report), encoding="utf-8")
+    write_result(report, markdown(report), out, "quality")
 
 
 # --- command line ---------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from acttail_vllm.eval.engines import ReferenceEngine, VllmEngine, score_request
 from acttail_vllm.eval.evaluator import Evaluator
 from acttail_vllm.eval.records import DTYPES, RunSettings
 from acttail_vllm.eval.reference import kept_counts, sparse_modules
-from acttail_vllm.eval.report import markdown_table, write_json
+from acttail_vllm.eval.report import markdown_table, write_result
 from acttail_vllm.eval.scoring import ScoreRequest
 from benchmarks.served_agreement import (
     Record,
@@ -433,9 +433,8 @@ def main(argv: list[str] | None = None) -> None:
         kernel_path=path_effects,
         seconds=time.perf_counter() - started,
     )
-    write_json(result, args.out / "reproducibility.json")
     table = markdown(result)
-    (args.out / "reproducibility.md").write_text(table, encoding="utf-8")
+    write_result(result, table, args.out, "reproducibility")
     print(table)
 
 

@@ -27,7 +27,7 @@ from acttail_vllm.eval.cli import _list_of
 from acttail_vllm.eval.engines import ReferenceEngine, VllmEngine, score_requests
 from acttail_vllm.eval.evaluator import Evaluator
 from acttail_vllm.eval.records import DTYPES, RunSettings
-from acttail_vllm.eval.report import markdown_table, write_json
+from acttail_vllm.eval.report import markdown_table, write_result
 from acttail_vllm.eval.scoring import sliding_windows
 from benchmarks.served_agreement import (
     Record,
@@ -234,9 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         agreements=agreements(args.served_dtype, runs, logprobs),
         seconds=time.perf_counter() - started,
     )
-    write_json(result, args.out / "served_ppl.json")
     table = markdown(result)
-    (args.out / "served_ppl.md").write_text(table, encoding="utf-8")
+    write_result(result, table, args.out, "served_ppl")
     print(table)
 
 

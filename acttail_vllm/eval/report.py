@@ -98,3 +98,9 @@ def write_json(record: BaseModel, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(record.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def write_result(record: BaseModel, markdown: str, out: str | Path, stem: str) -> None:
+    """A benchmark's result as OUT/STEM.json (the record) and OUT/STEM.md (its tables)."""
+    write_json(record, Path(out) / f"{stem}.json")
+    (Path(out) / f"{stem}.md").write_text(markdown, encoding="utf-8")
