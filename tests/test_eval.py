@@ -20,7 +20,8 @@ from acttail_vllm.eval import data
 from acttail_vllm.eval.data import McTask, MultipleChoiceItem, export_data, load_text, multiple_choice_items
 from acttail_vllm.eval.engines import ReferenceEngine, score_requests, windowed_nll
 from acttail_vllm.eval.evaluator import Evaluator, task_accuracy
-from acttail_vllm.eval.records import RunSettings, SweepResult
+from acttail_vllm.eval.records import MultipleChoiceResult, RunSettings, SweepResult, TaskAccuracy
+from acttail_vllm.eval.report import mcnemar_p
 from acttail_vllm.eval.scoring import ScoreRequest, continuation_request, perplexity, pick_choice, sliding_windows
 from acttail_vllm.profiling.allocation import AllocationSpec
 from acttail_vllm.profiling.profile import ProfileError
@@ -196,6 +197,63 @@ def test_task_accuracy_counts_raw_and_normalised_picks():
     ]
     result = task_accuracy(McTask.PIQA, items, [[-1.0, -2.0], [-1.0, -2.0]])
     assert (result.items, result.acc, result.acc_norm) == (2, 0.5, 1.0)
+    assert (result.right, result.right_norm) == ([False, True], [True, True])
+
+
+def test_mcnemar_p_is_the_exact_binomial_tail():
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(5, 0) == mcnemar_p(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_p(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_p(4, 5) == 1.0
+
+
+def _mc_record(path, picks: dict[McTask, list[bool]]):
+    tasks = [
+        TaskAccuracy(
+            task=task, items=len(right), acc=sum(right) / len(right), acc_norm=0.5, right=right, right_norm=right
+        )
+        for task, right in picks.items()
+    ]
+    record = MultipleChoiceResult(
+        model="m",
+        engine="reference",
+        device="cpu",
+        dtype="float32",
+        batch_size=1,
+        profile=None,
+        limit=None,
+        data_dir=None,
+        tasks=tasks,
+        seconds=1.0,
+    )
+    path.write_text(record.model_dump_json())
+    return path
+
+
+def test_compare_mc_counts_the_items_only_one_run_got_right(tmp_path, capsys):
+    first = _mc_record(tmp_path / "a.json", {McTask.PIQA: [True, True, False, False], McTask.BOOLQ: [True, False]})
+    second = _mc_record(tmp_path / "b.json", {McTask.PIQA: [True, False, True, True], McTask.BOOLQ: [False, False]})
+    assert main(["eval", "compare-mc", str(first), str(second)]) == 0
+    rows = {tuple(cells[:2]): cells[2:] for cells in _table_rows(capsys.readouterr().out)}
+    assert rows[("piqa", "acc")] == ["4", "0.500", "0.750", "+0.250", "1", "2", "1.00"]
+    assert rows[("all", "acc")] == ["6", "0.500", "0.500", "+0.000", "2", "2", "1.00"]
+
+
+def test_compare_mc_refuses_records_without_per_item_picks(tmp_path, capsys):
+    first = _mc_record(tmp_path / "a.json", {McTask.PIQA: [True, False]})
+    old = json.loads(first.read_text())
+    for task in old["tasks"]:
+        del task["right"], task["right_norm"]  # a record written before picks were kept still reads
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["eval", "compare-mc", str(first), str(tmp_path / "old.json")]) == 2
+    assert "the same items with per-item picks" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["eval", "compare-mc", str(first), str(tmp_path / "bad.json")]) == 2
+    assert "is not an `acttail eval mc --json` record" in capsys.readouterr().err
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("| ")]
 
 
 def test_unknown_text_names_the_slices():

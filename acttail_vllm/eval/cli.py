@@ -132,6 +132,11 @@ def _configure_eval(parser: argparse.ArgumentParser) -> None:
     )
     sweep.set_defaults(eval_run=_run_sweep)
 
+    compare = command("compare-mc", "two `eval mc --json` records of the same items, item by item")
+    compare.add_argument("first", type=Path, metavar="FIRST.json")
+    compare.add_argument("second", type=Path, metavar="SECOND.json")
+    compare.set_defaults(eval_run=_run_compare_mc)
+
     export = command("export-data", "write the text slices (.txt) and task items (.jsonl) for offline hosts")
     _add_tasks_args(export)
     export.add_argument("--out", type=Path, required=True)
@@ -167,6 +172,24 @@ def _run_mc(args: argparse.Namespace) -> None:
     print(format_multiple_choice(result))
     if args.json:
         write_json(result, args.json)
+
+
+def _run_compare_mc(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from acttail_vllm.eval.records import MultipleChoiceResult
+    from acttail_vllm.eval.report import paired_accuracy
+
+    results = []
+    for path in (args.first, args.second):
+        try:
+            results.append(MultipleChoiceResult.model_validate_json(path.read_text(encoding="utf-8")))
+        except ValidationError as exc:
+            raise ValueError(
+                f"{path} is not an `acttail eval mc --json` record ({exc.error_count()} fields do not fit): "
+                "pass the files that command wrote"
+            ) from None
+    print(paired_accuracy(*results))
 
 
 def _run_sweep(args: argparse.Namespace) -> None:

@@ -42,11 +42,19 @@ def task_accuracy(
     """Accuracy from each item's per-choice summed log-likelihoods (raw, and per character)."""
     if len(items) != len(choice_scores) or not items:
         raise ValueError(f"need one list of choice scores per item, got {len(choice_scores)} for {len(items)} items")
-    right = right_norm = 0
-    for item, scores in zip(items, choice_scores):
-        right += pick_choice(scores) == item.answer_index
-        right_norm += pick_choice(scores, [len(choice) for choice in item.choices]) == item.answer_index
-    return TaskAccuracy(task=task, items=len(items), acc=right / len(items), acc_norm=right_norm / len(items))
+    right = [pick_choice(scores) == item.answer_index for item, scores in zip(items, choice_scores)]
+    right_norm = [
+        pick_choice(scores, [len(choice) for choice in item.choices]) == item.answer_index
+        for item, scores in zip(items, choice_scores)
+    ]
+    return TaskAccuracy(
+        task=task,
+        items=len(items),
+        acc=sum(right) / len(items),
+        acc_norm=sum(right_norm) / len(items),
+        right=right,
+        right_norm=right_norm,
+    )
 
 
 @dataclass(frozen=True)

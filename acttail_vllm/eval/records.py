@@ -123,6 +123,10 @@ class TaskAccuracy(_Record):
     acc: float
     #: The same with each sum divided by the answer's length in characters.
     acc_norm: float
+    #: Per item, in file order: whether the raw and the normalised pick were right. Two runs on the
+    #: same items compare item by item (``paired_accuracy``). Empty in records written without them.
+    right: list[bool] = []
+    right_norm: list[bool] = []
 
 
 class MultipleChoiceResult(RunSettings):

@@ -94,6 +94,59 @@ def format_multiple_choice(result: MultipleChoiceResult) -> str:
     return f"{result.model}, {result.label}\n" + markdown_table(["task", "items", "acc", "acc_norm"], rows)
 
 
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """Exact two-sided McNemar test on the items exactly one of two runs got right: the chance of
+    a split at least this uneven if each such item were equally likely to go either way."""
+    n = only_first + only_second
+    tail = sum(math.comb(n, i) for i in range(min(only_first, only_second) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_accuracy(first: MultipleChoiceResult, second: MultipleChoiceResult) -> str:
+    """Markdown: two multiple-choice runs on the same items compared item by item, per task and
+    over all tasks: accuracies, the difference, the items only one got right and McNemar's p."""
+    tasks = {t.task: t for t in second.tasks}
+    if set(tasks) != {t.task for t in first.tasks}:
+        raise ValueError(
+            f"the runs scored different tasks ({', '.join(t.task.value for t in first.tasks)} against "
+            f"{', '.join(tasks)}): compare runs of the same `acttail eval mc --tasks`"
+        )
+    rows, totals = [], {"acc": [[], []], "acc_norm": [[], []]}
+    for a in first.tasks:
+        b = tasks[a.task]
+        if a.items != b.items or not a.right or not b.right:
+            raise ValueError(
+                f"{a.task.value}: the runs need the same items with per-item picks ({a.items} items, "
+                f"{len(a.right)} picks against {b.items}, {len(b.right)}): run both with this version's "
+                "`acttail eval mc` and the same --limit"
+            )
+        for metric, picks in (("acc", (a.right, b.right)), ("acc_norm", (a.right_norm, b.right_norm))):
+            totals[metric][0] += picks[0]
+            totals[metric][1] += picks[1]
+            rows.append(_paired_row(a.task.value, metric, *picks))
+    rows += [_paired_row("all", metric, *picks) for metric, picks in totals.items()]
+    header = ["task", "metric", "items", first.label, second.label, "difference", "only first", "only second", "p"]
+    return markdown_table(header, rows)
+
+
+def _paired_row(task: str, metric: str, first: Sequence[bool], second: Sequence[bool]) -> list[str]:
+    only_first = sum(a and not b for a, b in zip(first, second))
+    only_second = sum(b and not a for a, b in zip(first, second))
+    n = len(first)
+    acc_first, acc_second = sum(first) / n, sum(second) / n
+    return [
+        task,
+        metric,
+        str(n),
+        f"{acc_first:.3f}",
+        f"{acc_second:.3f}",
+        f"{acc_second - acc_first:+.3f}",
+        str(only_first),
+        str(only_second),
+        f"{mcnemar_p(only_first, only_second):.2f}",
+    ]
+
+
 def write_json(record: BaseModel, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
