@@ -143,9 +143,12 @@ def time_us(calls: list, inputs: list[torch.Tensor]) -> float:
 # --- vLLM engines on random weights -----------------------------------------------------------
 
 
-def make_llm(model: str, sparsity: str, max_model_len: int, max_num_seqs: int, options: dict):
+def make_llm(
+    model: str, sparsity: str, max_model_len: int, max_num_seqs: int, options: dict, enforce_eager: bool = False
+):
     """A vLLM engine on random weights of ``model``'s shape: dense, or ActTail with budgets for
-    ``sparsity`` (ACTTAIL_SPARSITY must hold it: the loader hook reads it) and ``options``."""
+    ``sparsity`` (ACTTAIL_SPARSITY must hold it: the loader hook reads it) and ``options``;
+    ``enforce_eager``: no CUDA graphs, as ``vllm serve --enforce-eager``."""
     from vllm import LLM
 
     kwargs = {}
@@ -161,6 +164,7 @@ def make_llm(model: str, sparsity: str, max_model_len: int, max_num_seqs: int, o
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
         gpu_memory_utilization=0.85,
+        enforce_eager=enforce_eager,
         **kwargs,
     )
 

@@ -27,6 +27,7 @@
 #   bash benchmarks/gpu_session.sh quality-report   # held-out perplexity (2 texts), controls, multiple choice
 #   bash benchmarks/gpu_session.sh served           # SmolLM2 served by vLLM against the reference forward
 #   bash benchmarks/gpu_session.sh reproducibility  # what TopK does to reproducibility (docs/reproducibility.md)
+#   bash benchmarks/gpu_session.sh eagerdecode 13b  # decode tok/s dense vs 50%/80% under --enforce-eager (13b or 7b)
 #   bash benchmarks/gpu_session.sh familytables  # tiles, kernel table, crossover at the Llama-3-8B (= Mistral-7B)
 #                                                # and Qwen2.5-7B shapes, added to this GPU's tables (SHAPES= one of them)
 #   bash benchmarks/gpu_session.sh familydecode llama3-8b   # batch-1 decode tok/s, dense vs 50% and 80%, one
@@ -110,6 +111,12 @@ familytables)
   $python -m tools.tune_crossover --check --write --shapes $models 2>&1 | grep -v "^  measured" \
     | tee "$OUT/bench_kernels_families.txt"
   cp "$(measured gemv_tiles.json)" "$(measured crossover.json)" "$OUT/"
+  ;;
+eagerdecode)
+  # Dense vs 50% and 80% without CUDA graphs (`--enforce-eager`), where every op call pays its host time.
+  shape=${2:?name a shape: 13b or 7b}
+  $python -m benchmarks.vllm_decode_bench --shapes "$shape" --sparsities 0.5,0.8 --batches "${BATCHES:-1,16}" \
+    --new-tokens 64 --repeats 2 --enforce-eager --json "$OUT/decode_${shape}_eager.json" 2>&1 | tee "$OUT/decode_${shape}_eager.txt"
   ;;
 familydecode)
   # Three engines (dense, 50%, 80%) of one model's shape, random weights, CUDA graphs; decode-only tok/s.

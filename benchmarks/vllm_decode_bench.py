@@ -15,7 +15,8 @@ tokens (max_num_seqs 1), so the prefill runs uncaptured and ActTail's op pays it
 weights, cached under $ACTTAIL_CACHE between configurations).
 ``--extend PRIOR.json`` adds sparsities to an earlier run: its dense tok/s are reused (no dense
 engine) and its rows are kept, so one shape's table can be measured in two calls under 10 minutes.
-``--options '{"max_sparse_tokens": 1}'`` passes more ActTail options to every ActTail engine
+``--enforce-eager`` runs every engine without CUDA graphs (vLLM's ``enforce_eager``), where each op
+call pays its host time. ``--options '{"max_sparse_tokens": 1}'`` passes more ActTail options to every ActTail engine
 (through ``hf_overrides``' ``quantization_config``, as ``vllm serve --hf-overrides`` would).
 """
 
@@ -38,7 +39,8 @@ def run_worker(args: argparse.Namespace) -> None:
     """One engine, every batch size: prints one JSON line per batch."""
     from vllm import SamplingParams
 
-    llm = make_llm(args.model, args.sparsity, args.prompt_len + args.new_tokens + 16, max(args.batches), args.options)
+    max_len = args.prompt_len + args.new_tokens + 16
+    llm = make_llm(args.model, args.sparsity, max_len, max(args.batches), args.options, args.enforce_eager)
     params, first_token = greedy_tokens(args.new_tokens), greedy_tokens(1)
     for batch in args.batches:
         prompts = token_prompts(batch, args.prompt_len)
@@ -87,6 +89,7 @@ def run_config(model: Path, sparsity: str, args: argparse.Namespace, env: dict[s
         str(args.repeats),
         "--options",
         json.dumps(args.options),
+        *(["--enforce-eager"] if args.enforce_eager else []),
     ]
     worker_env = {**env} if sparsity == "dense" else {**env, "ACTTAIL_SPARSITY": sparsity}
     start = time.perf_counter()
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write all rows here")
     parser.add_argument("--extend", type=Path, help="an earlier --json: keep its rows, reuse its dense tok/s")
     parser.add_argument("--options", type=json.loads, default={}, help="more ActTail options, a JSON object")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every op call is eager")
     args = parser.parse_args()
     if args.worker:
         run_worker(args)
