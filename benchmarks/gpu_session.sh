@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_session.sh profile     # time to build a 13B-shape profile (ESD + alpha fits) on the GPU
 #   bash benchmarks/gpu_session.sh serve13b    # `vllm serve` 13B shape: dense vs acttail defaults at 50/80%, concurrency 1-64
 #   bash benchmarks/gpu_session.sh serve7b     # the same at the 7B shape
+#   (INTERLEAVE=3: all servers at once, the load sent to them in turn 3 times; SPARSITIES=0.8 one of them)
 #   bash benchmarks/gpu_session.sh host        # host time per eager op call against the dense layer's
 #   bash benchmarks/gpu_session.sh stall       # Triton compilations after startup, 1,000 mixed-length requests
 #   bash benchmarks/gpu_session.sh decode13b   # vLLM decode tok/s, 13B shape, dense vs s in {0.5,0.7,0.8,0.9}
@@ -77,16 +78,24 @@ profile)
 serve13b | serve7b)
   # Defaults against dense as a user sees them: `vllm serve` of the shape (random weights, CUDA graphs),
   # dense then acttail at each sparsity, each at every concurrency (256-token prompts, 128 new tokens).
+  # INTERLEAVE=3: every server up at once, each with 0.85 / (servers) of the memory, and each
+  # concurrency's load sent to them in turn 3 times (load_bench --interleave); files end in _interleaved.
   shape=${1#serve}
   model=/tmp/llama-2-$shape-shape-tok
+  sparsities=${SPARSITIES:-0.5,0.8}
+  util=0.85 name=serve_$shape
+  if [ -n "${INTERLEAVE:-}" ]; then
+    util=$($python -c "import sys; print(round(0.85 / (1 + len(sys.argv[1].split(','))), 2))" "$sparsities")
+    name=serve_${shape}_interleaved
+  fi
   $python -m benchmarks.dummy_models "$shape" "$model" --tokenizer "${TOKENIZER_DIR:-.gpu/tok}"
-  $python -m benchmarks.load_bench --model "$model" --sparsity "${SPARSITIES:-0.5,0.8}" \
+  $python -m benchmarks.load_bench --model "$model" --sparsity "$sparsities" ${INTERLEAVE:+--interleave $INTERLEAVE} \
     --vllm-args "--load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 \
-      --gpu-memory-utilization 0.85 --compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64]}'" \
+      --gpu-memory-utilization $util --compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64]}'" \
     --concurrency "${CONCURRENCY:-1,4,16,64}" --rounds 4 --prompt-tokens 256 --max-tokens 128 \
-    --output "$OUT/serve_$shape.json" --server-logs "$OUT/serve_$shape" 2>&1 | grep -v "^starting" | tee "$OUT/serve_$shape.txt"
-  grep -hE "ActTail" "$OUT"/serve_"$shape"/acttail_*.log | cut -c1-300 | tail -12
-  grep -hE "^acttail_(info|tokens_total)" "$OUT"/serve_"$shape"/acttail_*.metrics
+    --output "$OUT/$name.json" --server-logs "$OUT/$name" 2>&1 | grep -v "^starting" | tee "$OUT/$name.txt"
+  grep -hE "ActTail" "$OUT/$name"/acttail_*.log | cut -c1-300 | tail -12
+  grep -hE "^acttail_(info|tokens_total)" "$OUT/$name"/acttail_*.metrics
   ;;
 host)
   $python -m benchmarks.host_overhead 2>&1 | tee "$OUT/host_overhead.txt"

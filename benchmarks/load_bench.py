@@ -12,6 +12,11 @@ Or let it start the servers one after the other with the same vLLM arguments (de
         --profile profiles/llama-3.1-8b-acttail-50.json --vllm-args "--max-model-len 4096" \\
         --requests 500 --concurrency 32 --max-tokens 256 --output bench.json
 
+``--interleave ROUNDS`` starts every server at once instead (each with its share of GPU memory, from
+``--gpu-memory-utilization`` in ``--vllm-args``) and sends each concurrency's load to them in turn,
+ROUNDS times with the order rotating, so that a drift of the machine falls on every server alike;
+it prints each round's ratio against the dense round beside it, how far one run would stray.
+
 Every request streams (for TTFT), ignores EOS (so both servers generate the same number of tokens)
 and has its own timeout; the run ends after ``--requests`` requests whatever happens to them.
 """
@@ -287,31 +292,99 @@ def measure(label: str, url: str, model: str, spec: LoadSpec, warmup: int) -> Lo
     return LoadSummary.of(label, run_load(url, model, spec))
 
 
-def _bench_started_servers(
-    args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str]
-) -> list[LoadSummary]:
-    from acttail_vllm.dev.server import VllmServer
+def pooled(label: str, runs: Sequence[LoadRun]) -> LoadSummary:
+    """One summary of several runs of one spec on one server: their requests together, over their
+    summed durations."""
+    records = [record for run in runs for record in run.records]
+    merged = runs[0].model_copy(update={"records": records, "duration_s": sum(run.duration_s for run in runs)})
+    return LoadSummary.of(label, merged)
 
+
+def format_spread(rounds: dict[tuple[str, int], list[LoadSummary]]) -> str:
+    """Per label and concurrency, each interleaved round's output tok/s and TTFT p50 against the
+    dense round run beside it: how far one run's ratio strays."""
+    lines = ["per round, against the dense round beside it: out tok/s ratios; TTFT p50 ratios"]
+    for (label, concurrency), runs in rounds.items():
+        dense = rounds.get(("dense", concurrency))
+        if label == "dense" or dense is None:
+            continue
+        out = [r.output_tokens_per_s / d.output_tokens_per_s for r, d in zip(runs, dense)]
+        ttft = [r.ttft_s.p50 / d.ttft_s.p50 for r, d in zip(runs, dense) if r.ttft_s and d.ttft_s]
+        lines.append(
+            f"{label:<13} {concurrency:>4}  "
+            + " ".join(f"{x:.3f}x" for x in out)
+            + "; "
+            + " ".join(f"{x:.3f}x" for x in ttft)
+        )
+    return "\n".join(lines)
+
+
+def _server_runs(args: argparse.Namespace, vllm_args: list[str]) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(label, `vllm serve` arguments, environment) of each server to start: dense first."""
     runs = [("dense", vllm_args, {})]
     acttail_args = [*vllm_args, "--quantization", "acttail"]
     if args.profile:
         runs.append(("acttail", acttail_args, {"ACTTAIL_PROFILE": str(args.profile)}))
     runs += [(f"acttail {s:.0%}", acttail_args, {"ACTTAIL_SPARSITY": str(s)}) for s in args.sparsity or []]
+    return runs
+
+
+def _keep_server_evidence(args: argparse.Namespace, label: str, server) -> None:
+    """Startup log (budgets, CUDA graphs) and final /metrics, under --server-logs."""
+    if args.server_logs:
+        args.server_logs.mkdir(parents=True, exist_ok=True)
+        name = label.replace(" ", "_").replace("%", "")
+        (args.server_logs / f"{name}.metrics").write_text(requests.get(f"{server.url}/metrics", timeout=30).text)
+        (args.server_logs / f"{name}.log").write_text(server.log())
+
+
+def _bench_started_servers(
+    args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str]
+) -> list[LoadSummary]:
+    from acttail_vllm.dev.server import VllmServer
+
     summaries = []
-    for label, server_args, env in runs:
+    for label, server_args, env in _server_runs(args, vllm_args):
         print(f"starting the {label} server ...", file=sys.stderr)
         with VllmServer(str(args.model), server_args, env=env) as server:
             model = served_model(server.url)
             for spec in specs:
                 summaries.append(measure(label, server.url, model, spec, args.warmup))
                 print(format_table(summaries[-1:]), file=sys.stderr)
-            if args.server_logs:  # evidence: startup log (budgets, CUDA graphs) and final /metrics
-                args.server_logs.mkdir(parents=True, exist_ok=True)
-                name = label.replace(" ", "_").replace("%", "")
-                (args.server_logs / f"{name}.metrics").write_text(
-                    requests.get(f"{server.url}/metrics", timeout=30).text
-                )
-                (args.server_logs / f"{name}.log").write_text(server.log())
+            _keep_server_evidence(args, label, server)
+    return summaries
+
+
+def _bench_interleaved(args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str]) -> list[LoadSummary]:
+    """Every server up at once on the one GPU (``--vllm-args`` must leave each its share of the
+    memory), then ``--interleave`` rounds of each spec sent to the servers in turn, the order rotating
+    every round, so that drifts of the host and the GPU fall on every server alike; each server's
+    rounds are pooled into one summary."""
+    from contextlib import ExitStack
+
+    from acttail_vllm.dev.server import VllmServer
+
+    rounds: dict[tuple[str, int], list[LoadSummary]] = {}
+    summaries = []
+    with ExitStack() as stack:
+        servers = []
+        for label, server_args, env in _server_runs(args, vllm_args):
+            print(f"starting the {label} server ...", file=sys.stderr)
+            server = stack.enter_context(VllmServer(str(args.model), server_args, env=env))
+            servers.append((label, server, served_model(server.url)))
+        for spec in specs:
+            runs: dict[str, list[LoadRun]] = {label: [] for label, _, _ in servers}
+            for i in range(args.interleave):
+                for label, server, model in servers[i % len(servers) :] + servers[: i % len(servers)]:
+                    if i == 0 and args.warmup:
+                        run_load(server.url, model, spec.model_copy(update={"num_requests": args.warmup}))
+                    runs[label].append(run_load(server.url, model, spec))
+                    rounds.setdefault((label, spec.concurrency), []).append(LoadSummary.of(label, runs[label][-1]))
+            summaries += [pooled(label, label_runs) for label, label_runs in runs.items()]
+            print(format_table(summaries[-len(servers) :]), file=sys.stderr)
+        for label, server, _ in servers:
+            _keep_server_evidence(args, label, server)
+    print(format_spread(rounds))
     return summaries
 
 
@@ -351,6 +424,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=8, help="requests sent before measuring (not reported)")
     parser.add_argument("--output", type=Path, help="write the report here as JSON")
     parser.add_argument("--server-logs", type=Path, help="with --model: keep each server's log and final /metrics here")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        metavar="ROUNDS",
+        help="with --model: start every server at once and send each concurrency's load to them in turn, "
+        "ROUNDS times, the order rotating (give each server its share of GPU memory in --vllm-args)",
+    )
     args = parser.parse_args(argv)
 
     specs = [
@@ -364,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for c in args.concurrency
     ]
     vllm_args = shlex.split(args.vllm_args)
+    if args.interleave is not None and (args.model is None or args.interleave < 1):
+        parser.error("--interleave takes a number of rounds (1 or more) and --model: it starts the servers itself")
     if args.model is not None:
         if args.profile is None and args.sparsity is None:
             parser.error("--model needs --profile or --sparsity for the ActTail server")
@@ -371,7 +453,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(
                 f"--profile {args.profile} does not exist: build one with `acttail profile MODEL --sparsity S -o FILE`"
             )
-        summaries = _bench_started_servers(args, specs, vllm_args)
+        bench = _bench_interleaved if args.interleave else _bench_started_servers
+        summaries = bench(args, specs, vllm_args)
     else:
         summaries = [
             measure(label, url, args.model_name or served_model(url), spec, args.warmup)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from acttail_vllm.dev.server import VllmServer
-from benchmarks.load_bench import LoadRun, LoadSpec, LoadSummary, RequestRecord, run_load
+from benchmarks.load_bench import LoadRun, LoadSpec, LoadSummary, RequestRecord, pooled, run_load
 from deploy.local_prometheus import LocalPrometheus, finite_values, prometheus_binary
 from deploy.stack import (
     COMPOSE_PATH,
@@ -153,6 +153,19 @@ def test_load_summary_counts_only_successful_requests():
     assert summary.ttft_s.p50 == pytest.approx(0.2)
     assert summary.tpot_s.mean == pytest.approx(0.1)  # (0.5 - 0.1) / 4 and (0.7 - 0.3) / 4
     assert summary.first_errors == ["ReadTimeout: too slow"]
+
+
+def test_pooled_rounds_are_one_run_of_all_their_requests():
+    spec = LoadSpec(num_requests=1, concurrency=1, max_tokens=5)
+
+    def run(duration_s: float, ttft_s: float) -> LoadRun:
+        record = RequestRecord(sent_s=0.0, ttft_s=ttft_s, e2e_s=ttft_s + 0.4, prompt_tokens=4, completion_tokens=5)
+        return LoadRun(url="http://x", model="m", spec=spec, started_at=0.0, duration_s=duration_s, records=[record])
+
+    summary = pooled("acttail", [run(1.0, 0.1), run(3.0, 0.3)])
+    assert (summary.label, summary.requests_ok, summary.duration_s) == ("acttail", 2, 4.0)
+    assert summary.output_tokens_per_s == pytest.approx(10 / 4.0)
+    assert summary.ttft_s.p50 == pytest.approx(0.2)
 
 
 # --- the real thing ---------------------------------------------------------------------------
