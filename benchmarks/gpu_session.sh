@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_session.sh serve7b     # the same at the 7B shape
 #   (INTERLEAVE=3: all servers at once, the load sent to them in turn 3 times; SPARSITIES=0.8 one of them)
 #   bash benchmarks/gpu_session.sh host        # host time per eager op call against the dense layer's
+#   bash benchmarks/gpu_session.sh layout      # dense GEMM on the kernel layout [K, N] vs vLLM's [N, K], M = 16-8192
 #   bash benchmarks/gpu_session.sh stall       # Triton compilations after startup, 1,000 mixed-length requests
 #   bash benchmarks/gpu_session.sh decode13b   # vLLM decode tok/s, 13B shape, dense vs s in {0.5,0.7,0.8,0.9}
 #   bash benchmarks/gpu_session.sh decode7b    # the same at the 7B shape
@@ -99,6 +100,9 @@ serve13b | serve7b)
   ;;
 host)
   $python -m benchmarks.host_overhead 2>&1 | tee "$OUT/host_overhead.txt"
+  ;;
+layout)
+  $python -m benchmarks.experiments.dense_layout 2>&1 | tee "$OUT/dense_layout.txt"
   ;;
 stall)
   # Triton compilations after startup over 1,000 requests of 1-2000-token prompts, acttail defaults.
