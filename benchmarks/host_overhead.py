@@ -7,6 +7,7 @@ default: a step the sparse GEMV would not speed up runs the dense layer) and ``a
 sparsified).
 
     python3 -m benchmarks.host_overhead [--profile 13b.qkv]        # needs CUDA and vLLM
+    python3 -m benchmarks.host_overhead --python-only cpu          # the op's own Python, any device
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 import acttail_kernels as ak
 from acttail_kernels.topk_select import guess_tensor, keep_tensor
-from acttail_vllm.serving.op import register_sparse_linear_op
+from acttail_vllm.serving.op import register_sparse_linear_op, sparse_linear_impl
 from acttail_vllm.serving.stats import new_stats
 from benchmarks.common import keeps_for, random_instances, shapes_of, time_us
 
@@ -29,24 +30,59 @@ SPARSITY = 0.8
 CALLS = 300
 
 
-def eager_us(call) -> float:
-    """Wall microseconds per call over CALLS back-to-back calls (the GPU queue drained at both ends)."""
+def eager_us(call, calls: int = CALLS) -> float:
+    """Wall microseconds per call over ``calls`` back-to-back calls (a GPU's queue drained at both ends)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     for _ in range(10):
         call()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
-    for _ in range(CALLS):
+    for _ in range(calls):
         call()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e6 / CALLS
+    sync()
+    return (time.perf_counter() - start) * 1e6 / calls
+
+
+def python_overhead(device: str) -> None:
+    """The op's own host time: a 64 x 64 layer, whose GEMM costs next to nothing, called as
+    ``F.linear``, through the op's eager route (``sparse_linear_impl``, what ``--enforce-eager``
+    runs) and through the dispatcher (what compiled code calls), on the dense route (a step ``auto``
+    does not sparsify) and sparsified under policy ``all``."""
+    k = n = 64
+    weight = torch.randn(n, k, device=device)
+    keep, guess = keep_tensor([k // 2], device), guess_tensor(1, device)
+    stats = new_stats(1).to(device)
+    print(f"{device}, torch {torch.__version__}; microseconds per call, 64 x 64 float32 layer, {20 * CALLS} calls")
+    for m in (1, 32):
+        x = torch.randn(m, k, device=device)
+
+        def call(fn, policy: str, max_tokens: int | None, x=x):
+            return functools.partial(
+                fn, x, weight, None, [0, n], [k // 2], keep, guess, stats, False, policy, max_tokens
+            )
+
+        rows = {
+            "F.linear": functools.partial(torch.nn.functional.linear, x, weight),
+            "dense route, eager": call(sparse_linear_impl, "auto", 0),
+            "dense route, dispatcher": call(torch.ops.acttail.sparse_linear, "auto", 0),
+            "sparsified, eager": call(sparse_linear_impl, "all", None),
+        }
+        for name, fn in rows.items():
+            print(f"M={m:3d} {name:24s} {eager_us(fn, 20 * CALLS):7.1f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="13b.qkv", help="shape to run under cProfile (policy all) at each M")
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 16, 64, 512])
+    parser.add_argument(
+        "--python-only", metavar="DEVICE", help="only the op's own host time on a tiny layer (cpu, cuda)"
+    )
     args = parser.parse_args()
     register_sparse_linear_op()
+    if args.python_only:
+        python_overhead(args.python_only)
+        return
     dtype, device = torch.bfloat16, "cuda"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {dtype}; s = {SPARSITY}, microseconds per call")
     print(
@@ -63,8 +99,8 @@ def main() -> None:
         for m in args.ms:
             x = torch.randn(m, shape.k, dtype=dtype, device=device)
 
-            def op(policy: str, x=x):
-                return torch.ops.acttail.sparse_linear(
+            def op(policy: str, x=x):  # as vLLM's eager forward calls it (no dispatcher)
+                return sparse_linear_impl(
                     x, weight_t, None, shape.seg_bounds, keeps, keep, guess, stats, False, policy, None
                 )
 

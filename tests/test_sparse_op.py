@@ -29,7 +29,7 @@ def run_op(
     keep = torch.tensor(KEEPS, dtype=torch.int32)
     thr_guess = torch.zeros(len(KEEPS), dtype=torch.int32)
     policy = "decode" if decode_only else "all"
-    y = sparse_op._sparse_linear(
+    y = sparse_op.sparse_linear_impl(
         x, weight, None, BOUNDS, KEEPS, keep, thr_guess, stats, True, policy, max_sparse_tokens
     )
     return y, ModuleStats.read(stats)
@@ -41,7 +41,7 @@ def test_off_cuda_every_policy_but_decode_sparsifies_every_row(policy):
     sparsifies every token like policy all."""
     x, weight = torch.randn(5, K), torch.randn(BOUNDS[-1], K)
     stats = new_stats(len(KEEPS))
-    y = sparse_op._sparse_linear(
+    y = sparse_op.sparse_linear_impl(
         x,
         weight,
         None,

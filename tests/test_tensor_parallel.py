@@ -13,7 +13,7 @@ from acttail_vllm.profiling.allocation import AllocationSpec
 from acttail_vllm.profiling.builder import profile_model
 from acttail_vllm.profiling.profile import ProfileError
 from acttail_vllm.serving.budgets import decoder_projection, kept_count
-from acttail_vllm.serving.op import _sparse_linear
+from acttail_vllm.serving.op import sparse_linear_impl
 from acttail_vllm.serving.resolver import BudgetResolver, LoadedModule
 from acttail_vllm.serving.settings import resolve_budget_source
 
@@ -86,7 +86,7 @@ def test_row_parallel_ranks_keep_the_topk_of_their_shard():
     sparsity = 0.5
     keep_per_rank = kept_count(sparsity, 256 // TP)
     served = sum(
-        _sparse_linear(
+        sparse_linear_impl(
             x_half,
             w_half,
             None,

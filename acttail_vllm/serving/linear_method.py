@@ -22,6 +22,7 @@ from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 
 from acttail_vllm.errors import ActTailError, logs_startup_errors
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
+from acttail_vllm.serving.op import sparse_linear_impl
 from acttail_vllm.serving.resolver import BudgetResolver, LoadedModule
 from acttail_vllm.serving.settings import SettingsError
 from acttail_vllm.serving.stats import new_stats
@@ -83,8 +84,11 @@ class SparseLinearState(torch.nn.Module):
         stats: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The ActTail op on this module's state; ``stats`` replaces its counters and counts nothing
-        (the warm-up's calls are not served tokens)."""
-        return torch.ops.acttail.sparse_linear(
+        (the warm-up's calls are not served tokens). torch.compile traces the registered op; run
+        eagerly (``--enforce-eager``), the same function is called without the dispatcher, whose
+        custom-op call costs about as much host time as the op's own Python."""
+        op = torch.ops.acttail.sparse_linear if torch.compiler.is_compiling() else sparse_linear_impl
+        return op(
             x,
             weight,
             bias,

@@ -74,9 +74,9 @@ def _cpu_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """``linear`` on [M, K] rows, run at ``gemm_rows(M)`` rows (zero rows added, their outputs dropped)."""
     rows = x2.shape[0]
     padding = gemm_rows(rows) - rows
-    if padding:
-        x2 = torch.nn.functional.pad(x2, (0, 0, 0, padding))
-    return torch.nn.functional.linear(x2, weight, bias)[:rows]
+    if not padding:
+        return torch.nn.functional.linear(x2, weight, bias)
+    return torch.nn.functional.linear(torch.nn.functional.pad(x2, (0, 0, 0, padding)), weight, bias)[:rows]
 
 
 def _dense_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -162,7 +162,7 @@ def _sparse_kernel(x2, weight, bias, seg_bounds, keep_hint, seg_keep, thr_guess,
     return replay(x2)
 
 
-def _sparse_linear(
+def sparse_linear_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -187,7 +187,7 @@ def _sparse_linear(
     input channels kept, then the tokens of each ``TokenPath`` (the call's path for its sparsified
     rows; under policy=decode a mixed step's prefill rows count as unsparsified).
     """
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # vLLM passes [tokens, K]: no reshape to pay for
     rows, n = x2.shape[0], seg_bounds[-1]
     path, gemv = call_path(
         rows, n, x2.shape[1], tuple(seg_bounds), tuple(keep_hint), x2.device, policy, max_sparse_tokens
@@ -228,7 +228,7 @@ def _sparse_linear(
         if not unsparsified:
             stats[token_stat(path, num_segs)] += sparsified
         stats[token_stat(TokenPath.UNSPARSIFIED, num_segs)] += rows - sparsified
-    return y.reshape(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 # torch.library's fake (meta) implementation must take the op's exact signature: a deliberate copy.
@@ -256,7 +256,7 @@ def register_sparse_linear_op() -> None:
 
     direct_register_custom_op(
         op_name="sparse_linear",
-        op_func=_sparse_linear,
+        op_func=sparse_linear_impl,
         mutates_args=["thr_guess", "stats"],
         fake_impl=_sparse_linear_fake,
         target_lib=_LIB,
