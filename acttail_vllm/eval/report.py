@@ -114,7 +114,8 @@ def paired_accuracy(first: MultipleChoiceResult, second: MultipleChoiceResult) -
     rows, totals = [], {"acc": [[], []], "acc_norm": [[], []]}
     for a in first.tasks:
         b = tasks[a.task]
-        if a.items != b.items or not a.right or not b.right:
+        complete = all(len(t.right) == len(t.right_norm) == t.items for t in (a, b))
+        if a.items != b.items or not complete:
             raise ValueError(
                 f"{a.task.value}: the runs need the same items with per-item picks ({a.items} items, "
                 f"{len(a.right)} picks against {b.items}, {len(b.right)}): run both with this version's "
