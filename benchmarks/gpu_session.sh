@@ -164,9 +164,9 @@ models)
   cat /tmp/gguf/part.* > /tmp/gguf/all
   offset=0
   while read -r name _ size sha; do
-    offset=$((offset + size))
+    start=$offset offset=$((offset + size))
     case " ${MODELS:-$name} " in *" $name "*) ;; *) continue ;; esac
-    dd if=/tmp/gguf/all of="/tmp/gguf/$name.gguf" bs=1M iflag=skip_bytes,count_bytes skip="$((offset - size))" count="$size" status=none
+    dd if=/tmp/gguf/all of="/tmp/gguf/$name.gguf" bs=1M iflag=skip_bytes,count_bytes skip="$start" count="$size" status=none
     echo "$sha  /tmp/gguf/$name.gguf" | sha256sum -c -
     $python -m tools.gguf_to_hf "/tmp/gguf/$name.gguf" "/tmp/models/$name" --dtype float32
   done < /tmp/gguf/MANIFEST

@@ -285,11 +285,15 @@ def _parse_urls(values: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def measure(label: str, url: str, model: str, spec: LoadSpec, warmup: int) -> LoadSummary:
+def warmed_run(url: str, model: str, spec: LoadSpec, warmup: int) -> LoadRun:
     """``warmup`` unreported requests (first-batch compilation and allocations), then the run."""
     if warmup:
         run_load(url, model, spec.model_copy(update={"num_requests": warmup}))
-    return LoadSummary.of(label, run_load(url, model, spec))
+    return run_load(url, model, spec)
+
+
+def measure(label: str, url: str, model: str, spec: LoadSpec, warmup: int) -> LoadSummary:
+    return LoadSummary.of(label, warmed_run(url, model, spec, warmup))
 
 
 def pooled(label: str, runs: Sequence[LoadRun]) -> LoadSummary:
@@ -376,10 +380,9 @@ def _bench_interleaved(args: argparse.Namespace, specs: Sequence[LoadSpec], vllm
             runs: dict[str, list[LoadRun]] = {label: [] for label, _, _ in servers}
             for i in range(args.interleave):
                 for label, server, model in servers[i % len(servers) :] + servers[: i % len(servers)]:
-                    if i == 0 and args.warmup:
-                        run_load(server.url, model, spec.model_copy(update={"num_requests": args.warmup}))
-                    runs[label].append(run_load(server.url, model, spec))
-                    rounds.setdefault((label, spec.concurrency), []).append(LoadSummary.of(label, runs[label][-1]))
+                    runs[label].append(warmed_run(server.url, model, spec, args.warmup if i == 0 else 0))
+            for label, label_runs in runs.items():
+                rounds[(label, spec.concurrency)] = [LoadSummary.of(label, run) for run in label_runs]
             summaries += [pooled(label, label_runs) for label, label_runs in runs.items()]
             print(format_table(summaries[-len(servers) :]), file=sys.stderr)
         for label, server, _ in servers:

@@ -16,8 +16,9 @@ weights, cached under $ACTTAIL_CACHE between configurations).
 ``--extend PRIOR.json`` adds sparsities to an earlier run: its dense tok/s are reused (no dense
 engine) and its rows are kept, so one shape's table can be measured in two calls under 10 minutes.
 ``--enforce-eager`` runs every engine without CUDA graphs (vLLM's ``enforce_eager``), where each op
-call pays its host time. ``--options '{"max_sparse_tokens": 1}'`` passes more ActTail options to every ActTail engine
-(through ``hf_overrides``' ``quantization_config``, as ``vllm serve --hf-overrides`` would).
+call pays its host time. ``--options '{"max_sparse_tokens": 1}'`` passes more ActTail options to
+every ActTail engine (through ``hf_overrides``' ``quantization_config``, as ``vllm serve
+--hf-overrides`` would).
 """
 
 from __future__ import annotations
