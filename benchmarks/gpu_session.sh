@@ -14,7 +14,8 @@
 #   bash benchmarks/gpu_session.sh profile     # time to build a 13B-shape profile (ESD + alpha fits) on the GPU
 #   bash benchmarks/gpu_session.sh serve13b    # `vllm serve` 13B shape: dense vs acttail defaults at 50/80%, concurrency 1-64
 #   bash benchmarks/gpu_session.sh serve7b     # the same at the 7B shape
-#   (INTERLEAVE=3: all servers at once, the load sent to them in turn 3 times; SPARSITIES=0.8 one of them)
+#   (INTERLEAVE=3: all servers at once, the load sent to them in turn 3 times; SPARSITIES=0.8 one of them;
+#   CONTROL=1 a second dense server, the scatter between identical servers; CONCURRENCY=16,64 a part)
 #   bash benchmarks/gpu_session.sh host        # host time per eager op call against the dense layer's
 #   bash benchmarks/gpu_session.sh layout      # dense GEMM on the kernel layout [K, N] vs vLLM's [N, K], M = 16-8192
 #   bash benchmarks/gpu_session.sh stall       # Triton compilations after startup, 1,000 mixed-length requests
@@ -81,16 +82,19 @@ serve13b | serve7b)
   # dense then acttail at each sparsity, each at every concurrency (256-token prompts, 128 new tokens).
   # INTERLEAVE=3: every server up at once, each with 0.85 / (servers) of the memory, and each
   # concurrency's load sent to them in turn 3 times (load_bench --interleave); files end in _interleaved.
+  # CONTROL=1 adds a second dense server: its ratios to dense are the bench's own scatter.
   shape=${1#serve}
   model=/tmp/llama-2-$shape-shape-tok
   sparsities=${SPARSITIES:-0.5,0.8}
   util=0.85 name=serve_$shape
   if [ -n "${INTERLEAVE:-}" ]; then
-    util=$($python -c "import sys; print(round(0.85 / (1 + len(sys.argv[1].split(','))), 2))" "$sparsities")
-    name=serve_${shape}_interleaved
+    servers=$((1 + ${CONTROL:-0} + $(echo "$sparsities" | tr ',' '\n' | wc -l)))
+    util=$($python -c "import sys; print(round(0.85 / int(sys.argv[1]), 2))" "$servers")
+    name=serve_${shape}_interleaved${TAG:+_$TAG}
   fi
   $python -m benchmarks.dummy_models "$shape" "$model" --tokenizer "${TOKENIZER_DIR:-.gpu/tok}"
   $python -m benchmarks.load_bench --model "$model" --sparsity "$sparsities" ${INTERLEAVE:+--interleave $INTERLEAVE} \
+    ${CONTROL:+--dense-control} \
     --vllm-args "--load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 \
       --gpu-memory-utilization $util --compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64]}'" \
     --concurrency "${CONCURRENCY:-1,4,16,64}" --rounds 4 --prompt-tokens 256 --max-tokens 128 \

@@ -323,9 +323,16 @@ def format_spread(rounds: dict[tuple[str, int], list[LoadSummary]]) -> str:
     return "\n".join(lines)
 
 
+#: The label of ``--dense-control``'s second dense server.
+DENSE_CONTROL = "dense again"
+
+
 def _server_runs(args: argparse.Namespace, vllm_args: list[str]) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(label, `vllm serve` arguments, environment) of each server to start: dense first."""
+    """(label, `vllm serve` arguments, environment) of each server to start: dense first (and with
+    ``--dense-control`` a second dense server, whose ratio to the first is the bench's own scatter)."""
     runs = [("dense", vllm_args, {})]
+    if args.dense_control:
+        runs.append((DENSE_CONTROL, vllm_args, {}))
     acttail_args = [*vllm_args, "--quantization", "acttail"]
     if args.profile:
         runs.append(("acttail", acttail_args, {"ACTTAIL_PROFILE": str(args.profile)}))
@@ -433,6 +440,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="ROUNDS",
         help="with --model: start every server at once and send each concurrency's load to them in turn, "
         "ROUNDS times, the order rotating (give each server its share of GPU memory in --vllm-args)",
+    )
+    parser.add_argument(
+        "--dense-control",
+        action="store_true",
+        help=f"with --model: also start a second dense server ({DENSE_CONTROL!r}), the same as the first, "
+        "so its ratios to dense show what the bench measures between two identical servers",
     )
     args = parser.parse_args(argv)
 

@@ -15,7 +15,16 @@ import pytest
 import yaml
 
 from acttail_vllm.dev.server import VllmServer
-from benchmarks.load_bench import LoadRun, LoadSpec, LoadSummary, RequestRecord, pooled, run_load
+from benchmarks.load_bench import (
+    DENSE_CONTROL,
+    LoadRun,
+    LoadSpec,
+    LoadSummary,
+    RequestRecord,
+    main,
+    pooled,
+    run_load,
+)
 from deploy.local_prometheus import LocalPrometheus, finite_values, prometheus_binary
 from deploy.stack import (
     COMPOSE_PATH,
@@ -166,6 +175,33 @@ def test_pooled_rounds_are_one_run_of_all_their_requests():
     assert (summary.label, summary.requests_ok, summary.duration_s) == ("acttail", 2, 4.0)
     assert summary.output_tokens_per_s == pytest.approx(10 / 4.0)
     assert summary.ttft_s.p50 == pytest.approx(0.2)
+
+
+def test_dense_control_is_a_second_dense_server_compared_like_acttail(monkeypatch, capsys):
+    started = []
+
+    def bench(args, specs, vllm_args):
+        from benchmarks.load_bench import _server_runs
+
+        started.extend(_server_runs(args, vllm_args))
+        record = RequestRecord(sent_s=0.0, ttft_s=0.1, e2e_s=0.5, prompt_tokens=4, completion_tokens=5)
+
+        def run(duration_s: float) -> LoadRun:
+            return LoadRun(
+                url="http://x", model="m", spec=specs[0], started_at=0.0, duration_s=duration_s, records=[record]
+            )
+
+        return [LoadSummary.of(label, run(1.0 + i)) for i, (label, _, _) in enumerate(started)]
+
+    monkeypatch.setattr("benchmarks.load_bench._bench_started_servers", bench)
+    main(["--model", "/m", "--sparsity", "0.8", "--dense-control", "--vllm-args", "--dtype bfloat16"])
+    assert [(label, args, env) for label, args, env in started] == [
+        ("dense", ["--dtype", "bfloat16"], {}),
+        (DENSE_CONTROL, ["--dtype", "bfloat16"], {}),
+        ("acttail 80%", ["--dtype", "bfloat16", "--quantization", "acttail"], {"ACTTAIL_SPARSITY": "0.8"}),
+    ]
+    control_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(DENSE_CONTROL))
+    assert "0.500x" in control_row  # compared with dense (2 s against 1 s), as the ActTail servers are
 
 
 # --- the real thing ---------------------------------------------------------------------------
