@@ -69,12 +69,28 @@ class LoadSpec(BaseModel):
     request_timeout_s: float = Field(300.0, gt=0)
     prompts: tuple[str, ...] = Field(DEFAULT_PROMPTS, min_length=1)
     prompt_tokens: int | None = Field(None, gt=0)
+    #: Each request asks for max_tokens x (1 +- up to this), the same lengths for every run of the
+    #: spec: streams then end at different steps and new requests arrive while others decode, as on a
+    #: live server. With equal lengths the streams of a closed loop end together and their
+    #: successors arrive together, so TTFT measures whether a wave lands in one prefill step or two.
+    max_tokens_spread: float = Field(0.0, ge=0.0, lt=1.0)
 
     def prompt_list(self) -> list[str | list[int]]:
         if self.prompt_tokens is None:
             return [prompt for prompt, _ in zip(cycle(self.prompts), range(self.num_requests))]
         rng = np.random.default_rng(int(time.time() * 1e6) % 2**32)
         return [rng.integers(100, TOKEN_ID_LIMIT, self.prompt_tokens).tolist() for _ in range(self.num_requests)]
+
+    def max_tokens_list(self) -> list[int]:
+        """Each request's max_tokens, in the order the requests are sent (a fixed seed: every server
+        of a comparison gets the same lengths)."""
+        spread = round(self.max_tokens * self.max_tokens_spread)
+        if not spread:
+            return [self.max_tokens] * self.num_requests
+        lengths = np.random.default_rng(0).integers(
+            self.max_tokens - spread, self.max_tokens + spread + 1, self.num_requests
+        )
+        return [max(1, int(n)) for n in lengths]
 
 
 class RequestRecord(BaseModel):
@@ -165,15 +181,25 @@ class LoadSummary(BaseModel):
         )
 
 
+class ServerRun(BaseModel):
+    """One run of one spec on one server; ``round`` counts a server's runs of a spec from 0."""
+
+    label: str
+    round: int = Field(0, ge=0)
+    run: LoadRun
+
+
 class BenchReport(BaseModel):
-    """The file ``--output`` writes."""
+    """The file ``--output`` writes: per server and concurrency the pooled summary, and every run
+    with its requests (when each was sent, its TTFT and duration)."""
 
     summaries: list[LoadSummary]
     vllm_args: list[str] = Field(default_factory=list)
+    runs: list[ServerRun] = Field(default_factory=list)
 
 
 async def _stream_one(
-    client: openai.AsyncOpenAI, model: str, prompt: str | list[int], spec: LoadSpec, t0: float
+    client: openai.AsyncOpenAI, model: str, prompt: str | list[int], max_tokens: int, t0: float
 ) -> RequestRecord:
     sent = time.perf_counter()
     ttft = None
@@ -181,7 +207,7 @@ async def _stream_one(
     stream = await client.completions.create(
         model=model,
         prompt=prompt,
-        max_tokens=spec.max_tokens,
+        max_tokens=max_tokens,
         temperature=0.0,
         stream=True,
         stream_options={"include_usage": True},
@@ -207,17 +233,19 @@ async def _stream_one(
 async def run_load_async(url: str, model: str, spec: LoadSpec) -> LoadRun:
     """Send ``spec.num_requests`` streaming completions, at most ``spec.concurrency`` at a time."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=spec.request_timeout_s)
-    queue = spec.prompt_list()
+    queue = list(zip(spec.prompt_list(), spec.max_tokens_list()))[::-1]  # popped from the end: in order
     records: list[RequestRecord] = []
     started_at = time.time()
     t0 = time.perf_counter()
 
     async def worker() -> None:
         while queue:
-            prompt = queue.pop()
+            prompt, max_tokens = queue.pop()
             sent = time.perf_counter()
             try:
-                record = await asyncio.wait_for(_stream_one(client, model, prompt, spec, t0), spec.request_timeout_s)
+                record = await asyncio.wait_for(
+                    _stream_one(client, model, prompt, max_tokens, t0), spec.request_timeout_s
+                )
             except Exception as exc:  # every failure is a result to report, not a reason to stop
                 record = RequestRecord(
                     sent_s=sent - t0, e2e_s=time.perf_counter() - sent, error=f"{type(exc).__name__}: {exc}"
@@ -292,10 +320,6 @@ def warmed_run(url: str, model: str, spec: LoadSpec, warmup: int) -> LoadRun:
     return run_load(url, model, spec)
 
 
-def measure(label: str, url: str, model: str, spec: LoadSpec, warmup: int) -> LoadSummary:
-    return LoadSummary.of(label, warmed_run(url, model, spec, warmup))
-
-
 def pooled(label: str, runs: Sequence[LoadRun]) -> LoadSummary:
     """One summary of several runs of one spec on one server: their requests together, over their
     summed durations."""
@@ -304,16 +328,28 @@ def pooled(label: str, runs: Sequence[LoadRun]) -> LoadSummary:
     return LoadSummary.of(label, merged)
 
 
-def format_spread(rounds: dict[tuple[str, int], list[LoadSummary]]) -> str:
+def summaries_of(runs: Sequence[ServerRun]) -> list[LoadSummary]:
+    """Each server's runs of a concurrency pooled into one summary, in the order they first ran."""
+    groups: dict[tuple[str, int], list[LoadRun]] = {}
+    for r in runs:
+        groups.setdefault((r.label, r.run.spec.concurrency), []).append(r.run)
+    return [pooled(label, label_runs) for (label, _), label_runs in groups.items()]
+
+
+def format_spread(runs: Sequence[ServerRun]) -> str:
     """Per label and concurrency, each interleaved round's output tok/s and TTFT p50 against the
     dense round run beside it: how far one run's ratio strays."""
+    rounds: dict[tuple[str, int], dict[int, LoadSummary]] = {}
+    for r in runs:
+        rounds.setdefault((r.label, r.run.spec.concurrency), {})[r.round] = LoadSummary.of(r.label, r.run)
     lines = ["per round, against the dense round beside it: out tok/s ratios; TTFT p50 ratios"]
-    for (label, concurrency), runs in rounds.items():
-        dense = rounds.get(("dense", concurrency))
-        if label == "dense" or dense is None:
+    for (label, concurrency), summaries in rounds.items():
+        dense = rounds.get(("dense", concurrency), {})
+        if label == "dense" or not dense:
             continue
-        out = [r.output_tokens_per_s / d.output_tokens_per_s for r, d in zip(runs, dense)]
-        ttft = [r.ttft_s.p50 / d.ttft_s.p50 for r, d in zip(runs, dense) if r.ttft_s and d.ttft_s]
+        pairs = [(summaries[i], dense[i]) for i in sorted(summaries) if i in dense]
+        out = [r.output_tokens_per_s / d.output_tokens_per_s for r, d in pairs]
+        ttft = [r.ttft_s.p50 / d.ttft_s.p50 for r, d in pairs if r.ttft_s and d.ttft_s]
         lines.append(
             f"{label:<13} {concurrency:>4}  "
             + " ".join(f"{x:.3f}x" for x in out)
@@ -351,32 +387,30 @@ def _keep_server_evidence(args: argparse.Namespace, label: str, server) -> None:
 
 def _bench_started_servers(
     args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str]
-) -> list[LoadSummary]:
+) -> list[ServerRun]:
     from acttail_vllm.dev.server import VllmServer
 
-    summaries = []
+    runs = []
     for label, server_args, env in _server_runs(args, vllm_args):
         print(f"starting the {label} server ...", file=sys.stderr)
         with VllmServer(str(args.model), server_args, env=env) as server:
             model = served_model(server.url)
             for spec in specs:
-                summaries.append(measure(label, server.url, model, spec, args.warmup))
-                print(format_table(summaries[-1:]), file=sys.stderr)
+                runs.append(ServerRun(label=label, run=warmed_run(server.url, model, spec, args.warmup)))
+                print(format_table(summaries_of(runs[-1:])), file=sys.stderr)
             _keep_server_evidence(args, label, server)
-    return summaries
+    return runs
 
 
-def _bench_interleaved(args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str]) -> list[LoadSummary]:
+def _bench_interleaved(args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str]) -> list[ServerRun]:
     """Every server up at once on the one GPU (``--vllm-args`` must leave each its share of the
     memory), then ``--interleave`` rounds of each spec sent to the servers in turn, the order rotating
-    every round, so that drifts of the host and the GPU fall on every server alike; each server's
-    rounds are pooled into one summary."""
+    every round, so that drifts of the host and the GPU fall on every server alike."""
     from contextlib import ExitStack
 
     from acttail_vllm.dev.server import VllmServer
 
-    rounds: dict[tuple[str, int], list[LoadSummary]] = {}
-    summaries = []
+    runs: list[ServerRun] = []
     with ExitStack() as stack:
         servers = []
         for label, server_args, env in _server_runs(args, vllm_args):
@@ -384,18 +418,17 @@ def _bench_interleaved(args: argparse.Namespace, specs: Sequence[LoadSpec], vllm
             server = stack.enter_context(VllmServer(str(args.model), server_args, env=env))
             servers.append((label, server, served_model(server.url)))
         for spec in specs:
-            runs: dict[str, list[LoadRun]] = {label: [] for label, _, _ in servers}
+            spec_runs = []
             for i in range(args.interleave):
                 for label, server, model in servers[i % len(servers) :] + servers[: i % len(servers)]:
-                    runs[label].append(warmed_run(server.url, model, spec, args.warmup if i == 0 else 0))
-            for label, label_runs in runs.items():
-                rounds[(label, spec.concurrency)] = [LoadSummary.of(label, run) for run in label_runs]
-            summaries += [pooled(label, label_runs) for label, label_runs in runs.items()]
-            print(format_table(summaries[-len(servers) :]), file=sys.stderr)
+                    run = warmed_run(server.url, model, spec, args.warmup if i == 0 else 0)
+                    spec_runs.append(ServerRun(label=label, round=i, run=run))
+            runs += spec_runs
+            print(format_table(summaries_of(spec_runs)), file=sys.stderr)
         for label, server, _ in servers:
             _keep_server_evidence(args, label, server)
-    print(format_spread(rounds))
-    return summaries
+    print(format_spread(runs))
+    return runs
 
 
 def _numbers(parse):
@@ -430,6 +463,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--prompt-tokens", type=int, help="prompts of this many random token ids instead of the text prompts"
     )
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--max-tokens-spread",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="each request asks for --max-tokens x (1 +- up to FRACTION), the same lengths on every server, "
+        "so that streams do not start and end in lockstep (e.g. 0.5)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--warmup", type=int, default=8, help="requests sent before measuring (not reported)")
     parser.add_argument("--output", type=Path, help="write the report here as JSON")
@@ -454,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             num_requests=args.requests or max(8, args.rounds * c),
             concurrency=c,
             max_tokens=args.max_tokens,
+            max_tokens_spread=args.max_tokens_spread,
             request_timeout_s=args.timeout,
             prompt_tokens=args.prompt_tokens,
         )
@@ -470,17 +512,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"--profile {args.profile} does not exist: build one with `acttail profile MODEL --sparsity S -o FILE`"
             )
         bench = _bench_interleaved if args.interleave else _bench_started_servers
-        summaries = bench(args, specs, vllm_args)
+        runs = bench(args, specs, vllm_args)
     else:
-        summaries = [
-            measure(label, url, args.model_name or served_model(url), spec, args.warmup)
+        runs = [
+            ServerRun(label=label, run=warmed_run(url, args.model_name or served_model(url), spec, args.warmup))
             for label, url in _parse_urls(args.url)
             for spec in specs
         ]
 
+    summaries = summaries_of(runs)
     print(format_table(summaries))
     if args.output:
-        args.output.write_text(BenchReport(summaries=summaries, vllm_args=vllm_args).model_dump_json(indent=2) + "\n")
+        report = BenchReport(summaries=summaries, vllm_args=vllm_args, runs=runs)
+        args.output.write_text(report.model_dump_json(indent=2) + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
 
 

@@ -17,13 +17,17 @@ import yaml
 from acttail_vllm.dev.server import VllmServer
 from benchmarks.load_bench import (
     DENSE_CONTROL,
+    BenchReport,
     LoadRun,
     LoadSpec,
     LoadSummary,
     RequestRecord,
+    ServerRun,
+    format_spread,
     main,
     pooled,
     run_load,
+    summaries_of,
 )
 from deploy.local_prometheus import LocalPrometheus, finite_values, prometheus_binary
 from deploy.stack import (
@@ -191,7 +195,7 @@ def test_dense_control_is_a_second_dense_server_compared_like_acttail(monkeypatc
                 url="http://x", model="m", spec=specs[0], started_at=0.0, duration_s=duration_s, records=[record]
             )
 
-        return [LoadSummary.of(label, run(1.0 + i)) for i, (label, _, _) in enumerate(started)]
+        return [ServerRun(label=label, run=run(1.0 + i)) for i, (label, _, _) in enumerate(started)]
 
     monkeypatch.setattr("benchmarks.load_bench._bench_started_servers", bench)
     main(["--model", "/m", "--sparsity", "0.8", "--dense-control", "--vllm-args", "--dtype bfloat16"])
@@ -202,6 +206,46 @@ def test_dense_control_is_a_second_dense_server_compared_like_acttail(monkeypatc
     ]
     control_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(DENSE_CONTROL))
     assert "0.500x" in control_row  # compared with dense (2 s against 1 s), as the ActTail servers are
+
+
+def test_spread_lengths_are_the_same_for_every_run_and_sent_as_asked(monkeypatch):
+    spec = LoadSpec(num_requests=40, concurrency=4, max_tokens=128, max_tokens_spread=0.5)
+    lengths = spec.max_tokens_list()
+    assert lengths == spec.max_tokens_list()  # every server of a comparison gets these
+    assert min(lengths) >= 64 and max(lengths) <= 192 and len(set(lengths)) > 10
+    assert LoadSpec(num_requests=3, max_tokens=7).max_tokens_list() == [7, 7, 7]
+    asked = []
+
+    async def fake_stream(client, model, prompt, max_tokens, t0):
+        asked.append(max_tokens)
+        return RequestRecord(sent_s=0.0, ttft_s=0.01, e2e_s=0.02, prompt_tokens=1, completion_tokens=max_tokens)
+
+    monkeypatch.setattr("benchmarks.load_bench._stream_one", fake_stream)
+    run = run_load("http://127.0.0.1:9", "m", spec)
+    assert asked == lengths  # sent in order, each with its own length
+    assert run.completion_tokens == sum(lengths)
+
+
+def test_interleaved_rounds_pool_per_server_and_pair_by_round(tmp_path, capsys):
+    spec = LoadSpec(num_requests=1, concurrency=4, max_tokens=5)
+
+    def server_run(label: str, round_: int, duration_s: float, ttft_s: float) -> ServerRun:
+        record = RequestRecord(sent_s=0.0, ttft_s=ttft_s, e2e_s=ttft_s + 0.4, prompt_tokens=4, completion_tokens=5)
+        run = LoadRun(url="http://x", model="m", spec=spec, started_at=0.0, duration_s=duration_s, records=[record])
+        return ServerRun(label=label, round=round_, run=run)
+
+    # the order of a round rotates: acttail ran first in round 1
+    runs = [
+        server_run("dense", 0, 1.0, 0.1),
+        server_run("acttail 80%", 0, 2.0, 0.1),
+        server_run("acttail 80%", 1, 1.0, 0.3),
+        server_run("dense", 1, 4.0, 0.1),
+    ]
+    dense, acttail = summaries_of(runs)
+    assert (dense.label, dense.duration_s, acttail.label, acttail.duration_s) == ("dense", 5.0, "acttail 80%", 3.0)
+    assert format_spread(runs).splitlines()[1].split()[3:] == ["0.500x", "4.000x;", "1.000x", "3.000x"]
+    report = BenchReport(summaries=[dense, acttail], runs=runs)
+    assert BenchReport.model_validate_json(report.model_dump_json()).runs[2].round == 1
 
 
 # --- the real thing ---------------------------------------------------------------------------
