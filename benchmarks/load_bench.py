@@ -19,6 +19,11 @@ it prints each round's ratio against the dense round beside it, how far one run 
 
 Every request streams (for TTFT), ignores EOS (so both servers generate the same number of tokens)
 and has its own timeout; the run ends after ``--requests`` requests whatever happens to them.
+``--max-tokens-spread`` varies the requests' lengths (the same lengths on every server), so that
+the streams of a closed loop do not end and restart in lockstep, which makes TTFT depend on whether
+a wave of arrivals lands in one prefill step or two (benchmarks/experiments/lockstep_ttft.py).
+``--output`` writes the pooled summaries and every run with each request's send time, TTFT and
+duration.
 """
 
 from __future__ import annotations
