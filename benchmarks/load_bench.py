@@ -494,6 +494,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "so its ratios to dense show what the bench measures between two identical servers",
     )
     args = parser.parse_args(argv)
+    if not 0 <= args.max_tokens_spread < 1:
+        parser.error(f"--max-tokens-spread {args.max_tokens_spread} is not a fraction in [0, 1): e.g. 0.5")
+    if args.dense_control and args.model is None:
+        parser.error("--dense-control starts a second dense server, so it needs --model; with --url, add it as a --url")
 
     specs = [
         LoadSpec(

@@ -208,6 +208,20 @@ def test_dense_control_is_a_second_dense_server_compared_like_acttail(monkeypatc
     assert "0.500x" in control_row  # compared with dense (2 s against 1 s), as the ActTail servers are
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--url", "a=http://x", "--max-tokens-spread", "1.5"], "--max-tokens-spread 1.5"),
+        (["--url", "a=http://x", "--dense-control"], "--dense-control"),
+    ],
+)
+def test_load_bench_refuses_options_it_cannot_honour_in_one_line(argv, named, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert named in error and ("e.g." in error or "--url" in error)  # the problem and the fix
+
+
 def test_spread_lengths_are_the_same_for_every_run_and_sent_as_asked(monkeypatch):
     spec = LoadSpec(num_requests=40, concurrency=4, max_tokens=128, max_tokens_spread=0.5)
     lengths = spec.max_tokens_list()
