@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from acttail_kernels.reference import masked_linear_ref, topk_mask
+from acttail_kernels.reference import masked_linear_ref, threshold_mask, topk_mask
 from acttail_vllm.profiling.profile import Profile
 from acttail_vllm.serving.budgets import MERGED_PROJECTIONS, DecoderProjection, kept_count
 
@@ -172,7 +172,7 @@ def tracked(
 
 
 def _at_or_above(threshold: float) -> KeepMask:
-    return lambda flat: flat.abs() >= threshold
+    return lambda flat: threshold_mask(flat, threshold)  # compared as the kernels compare
 
 
 def _previous_topk_threshold(keep: int) -> KeepMask:
