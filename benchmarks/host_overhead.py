@@ -22,7 +22,7 @@ import torch
 
 import acttail_kernels as ak
 from acttail_kernels.topk_select import guess_tensor, keep_tensor
-from acttail_vllm.serving.op import register_sparse_linear_op, sparse_linear_impl
+from acttail_vllm.serving.op import CallSite, register_call_site, register_sparse_linear_op, sparse_linear_impl
 from acttail_vllm.serving.stats import new_stats
 from benchmarks.common import keeps_for, random_instances, shapes_of, time_us
 
@@ -52,6 +52,8 @@ def python_overhead(device: str) -> None:
     weight = torch.randn(n, k, device=device)
     keep, guess = keep_tensor([k // 2], device), guess_tensor(1, device)
     stats = new_stats(1).to(device)
+    site = CallSite([0, n], [k // 2], False, "auto", 0)  # what compiled code's calls find by `keep`
+    register_call_site(keep, site)
     print(f"{device}, torch {torch.__version__}; microseconds per call, 64 x 64 float32 layer, {20 * CALLS} calls")
     for m in (1, 32):
         x = torch.randn(m, k, device=device)
@@ -64,7 +66,9 @@ def python_overhead(device: str) -> None:
         rows = {
             "F.linear": functools.partial(torch.nn.functional.linear, x, weight),
             "dense route, eager": call(sparse_linear_impl, "auto", 0),
-            "dense route, dispatcher": call(torch.ops.acttail.sparse_linear, "auto", 0),
+            "dense route, dispatcher": functools.partial(
+                torch.ops.acttail.sparse_linear, x, weight, None, keep, guess, stats
+            ),
             "sparsified, eager": call(sparse_linear_impl, "all", None),
         }
         for name, fn in rows.items():

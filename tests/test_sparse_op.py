@@ -146,6 +146,30 @@ def test_call_path_on_cuda_follows_the_crossover_table(monkeypatch, policy, rows
     assert path is expected
 
 
+def test_registered_op_runs_the_call_site_its_budget_tensor_has_when_it_runs():
+    """Compiled code calls the registered op with tensors only and the op finds the rest by the
+    budget tensor when it runs: a graph vLLM's compile cache loads from a server of another budget
+    or setting runs this server's."""
+    sparse_op.register_sparse_linear_op()
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(3, K, generator=gen), torch.randn(BOUNDS[-1], K, generator=gen)
+    keep, guess, stats = torch.tensor(KEEPS, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), new_stats(2)
+    every_row = sparse_op.CallSite(BOUNDS, KEEPS, True, "all", None)
+    sparse_op.register_call_site(keep, every_row)
+    y = torch.ops.acttail.sparse_linear(x, weight, None, keep, guess, stats)
+    masks = [reference.topk_mask(x, k) for k in KEEPS]
+    torch.testing.assert_close(y, reference.masked_linear_ref(x, weight, None, BOUNDS, masks), rtol=0, atol=0)
+    assert ModuleStats.read(stats).tokens == counts(selection=3)  # counted, as the site says
+
+    up_to_two_tokens = sparse_op.CallSite(BOUNDS, KEEPS, True, "all", 2)  # the same module, restarted
+    sparse_op.register_call_site(keep, up_to_two_tokens)
+    y = torch.ops.acttail.sparse_linear(x, weight, None, keep, guess, stats)
+    torch.testing.assert_close(y, x @ weight.T, rtol=0, atol=0)  # 3 rows > 2: dense
+    assert ModuleStats.read(stats).tokens == counts(selection=3, unsparsified=3)
+    with pytest.raises(RuntimeError, match="no ActTail module registered"):
+        torch.ops.acttail.sparse_linear(x, weight, None, keep.clone(), guess, stats)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_eager_single_token_calls_replay_a_graph_with_the_same_result():
     """Outside vLLM's graphs a sparse-kernel call is captured once per call site and replayed: each
@@ -159,9 +183,11 @@ def test_eager_single_token_calls_replay_a_graph_with_the_same_result():
     keep = torch.tensor(keeps, dtype=torch.int32, device="cuda")
     guess = torch.zeros(3, dtype=torch.int32, device="cuda")
     stats = new_stats(3).cuda()
+    site = sparse_op.CallSite(bounds, keeps, False, "auto", None)
+    sparse_op.register_call_site(keep, site)
     for _ in range(3):  # the first call captures, the others replay
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        y = torch.ops.acttail.sparse_linear(x, weight_t, None, bounds, keeps, keep, guess, stats, False, "auto", None)
+        y = torch.ops.acttail.sparse_linear(x, weight_t, None, keep, guess, stats)
         expected = acttail_kernels.sparse_linear(x, weight_t, None, bounds, keeps, keep=keep)
         torch.testing.assert_close(y, expected, rtol=0, atol=0)
     assert any(key[0] == weight_t.data_ptr() for key in sparse_op._EAGER_REPLAYS)

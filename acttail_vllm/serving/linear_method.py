@@ -22,7 +22,7 @@ from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 
 from acttail_vllm.errors import ActTailError, logs_startup_errors
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
-from acttail_vllm.serving.op import sparse_linear_impl
+from acttail_vllm.serving.op import CallSite, register_call_site, sparse_linear_impl
 from acttail_vllm.serving.resolver import BudgetResolver, LoadedModule
 from acttail_vllm.serving.settings import SettingsError
 from acttail_vllm.serving.stats import new_stats
@@ -50,9 +50,13 @@ class SparseLinearState(torch.nn.Module):
         rank_shards: tuple[int, ...],
         counts_stats: bool,
         on_gpu: bool,
+        policy: str,
+        max_sparse_tokens: int | None,
     ):
         super().__init__()
         self.proj = proj
+        self.policy = policy  # a SparsityPolicy value
+        self.max_sparse_tokens = max_sparse_tokens
         self.out_sizes = tuple(out_sizes)
         self.rank_shards = rank_shards
         self.seg_bounds = [0, *itertools.accumulate(out_sizes)]
@@ -63,6 +67,7 @@ class SparseLinearState(torch.nn.Module):
         #: The weight was re-laid out as [in, out] for the kernels (CUDA).
         self.kernel_layout = False
         self.budget: ModuleBudget | None = None
+        self.call_site: CallSite | None = None  # what the op's calls take besides tensors, once budgeted
         num_segments = len(out_sizes)
         self.register_buffer("keep", torch.zeros(num_segments, dtype=torch.int32), persistent=False)
         self.register_buffer("thr_guess", torch.zeros(num_segments, dtype=torch.int32), persistent=False)
@@ -71,35 +76,37 @@ class SparseLinearState(torch.nn.Module):
         self.register_buffer("stats", stats, persistent=False)
 
     def set_budget(self, budget: ModuleBudget) -> None:
+        """Once the module is on its device: the budget, in ``keep`` and as the op's call site."""
         self.budget = budget
         self.keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
+        self.call_site = CallSite(
+            self.seg_bounds, list(budget.seg_keep), self.counts_stats, self.policy, self.max_sparse_tokens
+        )
+        register_call_site(self.keep, self.call_site)
 
     def sparse_linear(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        policy: str,
-        max_sparse_tokens: int | None,
-        stats: torch.Tensor | None = None,
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stats: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The ActTail op on this module's state; ``stats`` replaces its counters and counts nothing
-        (the warm-up's calls are not served tokens). torch.compile traces the registered op; run
-        eagerly (``--enforce-eager``), the same function is called without the dispatcher, whose
-        custom-op call costs about as much host time as the op's own Python."""
-        op = torch.ops.acttail.sparse_linear if torch.compiler.is_compiling() else sparse_linear_impl
-        return op(
+        (the warm-up's calls are not served tokens; eager only). torch.compile traces the registered
+        op, which takes tensors only; run eagerly (``--enforce-eager``), the op's function is called
+        without the dispatcher, whose custom-op call costs about as much host time as the op's own
+        Python."""
+        if torch.compiler.is_compiling():
+            return torch.ops.acttail.sparse_linear(x, weight, bias, self.keep, self.thr_guess, self.stats)
+        site = self.call_site
+        return sparse_linear_impl(
             x,
             weight,
             bias,
-            self.seg_bounds,
-            list(self.budget.seg_keep),
+            site.seg_bounds,
+            site.keep_hint,
             self.keep,
             self.thr_guess,
             self.stats if stats is None else stats,
-            self.counts_stats and stats is None,
-            policy,
-            max_sparse_tokens,
+            site.count_stats and stats is None,
+            site.policy,
+            site.max_sparse_tokens,
         )
 
     def projection_weights(self, weight: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -144,7 +151,6 @@ class SparseModules:
         """Run every distinct module once per step size up to ``max_rows`` tokens, so that each
         Triton variant serving can launch is compiled now, not inside a request (variants depend on
         the shape, the budget and the step size only up to the sparse GEMV's largest batch)."""
-        settings = self.resolver.source.settings
         start, calls = time.perf_counter(), 0
         seen = set()
         for layer in self.layers:
@@ -163,9 +169,7 @@ class SparseModules:
             scratch = torch.zeros_like(state.stats)
             for rows in range(1, max_rows + 1):
                 x = torch.randn(rows, state.budget.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
-                state.sparse_linear(
-                    x, layer.weight, bias, settings.policy.value, settings.max_sparse_tokens, stats=scratch
-                )
+                state.sparse_linear(x, layer.weight, bias, stats=scratch)
                 calls += 1
         torch.cuda.synchronize()
         logger.info(
@@ -183,9 +187,6 @@ class ActTailLinearMethod(LinearMethodBase):
         self.modules = modules
         self.proj = proj
         self.dense = UnquantizedLinearMethod()
-        settings = modules.resolver.source.settings
-        self.policy = settings.policy.value
-        self.max_sparse_tokens = settings.max_sparse_tokens
 
     @logs_startup_errors
     def create_weights(
@@ -216,7 +217,16 @@ class ActTailLinearMethod(LinearMethodBase):
         counts_stats = not on_gpu or not self.modules.layers
         # vLLM sets both before create_weights; k/v heads are replicated when tp > KV heads
         shards = self.proj.rank_shards(layer.tp_size, getattr(layer, "num_kv_head_replicas", 1))
-        layer.acttail = SparseLinearState(self.proj, output_partition_sizes, shards, counts_stats, on_gpu)
+        settings = self.modules.resolver.source.settings
+        layer.acttail = SparseLinearState(
+            self.proj,
+            output_partition_sizes,
+            shards,
+            counts_stats,
+            on_gpu,
+            settings.policy.value,
+            settings.max_sparse_tokens,
+        )
         self.modules.register(layer)
 
     @logs_startup_errors
@@ -241,4 +251,4 @@ class ActTailLinearMethod(LinearMethodBase):
                 start_snapshot_writer(self.modules)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return layer.acttail.sparse_linear(x, layer.weight, bias, self.policy, self.max_sparse_tokens)
+        return layer.acttail.sparse_linear(x, layer.weight, bias)

@@ -9,7 +9,9 @@ reference (TopK mask, then a dense GEMM on the sparsified input, its rows padded
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -178,8 +180,9 @@ def sparse_linear_impl(
     """``weight`` is [N, K] on CPU and the kernel layout [K, N] (``prepare_weight``) on CUDA.
 
     ``seg_keep`` (int32, one per output segment) is what the masks and kernels read: a tensor, so
-    compiled graphs and CUDA graphs never bake a budget in (vLLM's compile cache does not key on
-    budgets). ``keep_hint`` holds the same values as ints and only picks the path (``call_path``).
+    CUDA graphs never bake a budget in. ``keep_hint`` holds the same values as ints and only picks
+    the path (``call_path``). Compiled code passes neither: it calls the registered op, which takes
+    the tensors and finds the rest by ``seg_keep`` (``register_call_site``).
     ``thr_guess`` (int32, one per segment) is where the CUDA selection leaves each threshold and
     starts the next step's search (speed only, never the result). ``policy`` is a
     ``SparsityPolicy`` value; under ``decode`` the prefill rows of a mixed step stay dense.
@@ -231,32 +234,81 @@ def sparse_linear_impl(
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
-# torch.library's fake (meta) implementation must take the op's exact signature: a deliberate copy.
+@dataclass(frozen=True)
+class CallSite:
+    """What a module's op calls take besides tensors (``sparse_linear_impl``'s other arguments)."""
+
+    seg_bounds: list[int]
+    keep_hint: list[int]
+    count_stats: bool
+    policy: str
+    max_sparse_tokens: int | None
+
+
+#: Each module's call site, by the address of its budget tensor (``seg_keep``). The registered op
+#: takes tensors only and looks the rest up here when it runs: vLLM's compile cache keys on the model
+#: and vLLM's settings, not on budgets, so a graph compiled for another budget (another
+#: ACTTAIL_SPARSITY, another profile) is loaded as it was traced, and every non-tensor argument
+#: would be that budget's. Entries go with their modules.
+_CALL_SITES: weakref.WeakValueDictionary[int, CallSite] = weakref.WeakValueDictionary()
+
+
+def register_call_site(seg_keep: torch.Tensor, site: CallSite) -> None:
+    """Make ``site`` what compiled calls with ``seg_keep`` (a module's budget buffer, in place) run."""
+    _CALL_SITES[seg_keep.data_ptr()] = site
+
+
+def _registered_sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    seg_keep: torch.Tensor,
+    thr_guess: torch.Tensor,
+    stats: torch.Tensor,
+) -> torch.Tensor:
+    site = _CALL_SITES.get(seg_keep.data_ptr())
+    if site is None:
+        raise RuntimeError(
+            "acttail::sparse_linear got a budget tensor no ActTail module registered (moved or copied "
+            "after its budget was set?): call SparseLinearState.set_budget once the module is on its device"
+        )
+    return sparse_linear_impl(
+        x,
+        weight,
+        bias,
+        site.seg_bounds,
+        site.keep_hint,
+        seg_keep,
+        thr_guess,
+        stats,
+        site.count_stats,
+        site.policy,
+        site.max_sparse_tokens,
+    )
+
+
 def _sparse_linear_fake(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    seg_bounds: list[int],
-    keep_hint: list[int],
     seg_keep: torch.Tensor,
     thr_guess: torch.Tensor,
     stats: torch.Tensor,
-    count_stats: bool,
-    policy: str,
-    max_sparse_tokens: int | None,
 ) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], seg_bounds[-1]))
+    out_features = weight.shape[1] if weight.is_cuda else weight.shape[0]  # the kernel layout [K, N] on CUDA
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 def register_sparse_linear_op() -> None:
-    """Define ``torch.ops.acttail.sparse_linear`` once per process."""
+    """Define ``torch.ops.acttail.sparse_linear(x, weight, bias, seg_keep, thr_guess, stats)`` once
+    per process: what compiled code calls (the eager forward calls ``sparse_linear_impl``)."""
     if hasattr(torch.ops.acttail, "sparse_linear"):
         return
     from vllm.utils.torch_utils import direct_register_custom_op
 
     direct_register_custom_op(
         op_name="sparse_linear",
-        op_func=sparse_linear_impl,
+        op_func=_registered_sparse_linear,
         mutates_args=["thr_guess", "stats"],
         fake_impl=_sparse_linear_fake,
         target_lib=_LIB,
