@@ -287,6 +287,7 @@ def _registered_sparse_linear(
     )
 
 
+# torch.library's fake (meta) implementation must take the op's exact signature: a deliberate copy.
 def _sparse_linear_fake(
     x: torch.Tensor,
     weight: torch.Tensor,
