@@ -22,9 +22,9 @@ from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 
 from acttail_vllm.errors import ActTailError, logs_startup_errors
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
-from acttail_vllm.serving.op import CallSite, register_call_site, sparse_linear_impl
+from acttail_vllm.serving.op import CallSite, register_call_site
 from acttail_vllm.serving.resolver import BudgetResolver, LoadedModule
-from acttail_vllm.serving.settings import SettingsError
+from acttail_vllm.serving.settings import ActTailSettings, SettingsError
 from acttail_vllm.serving.stats import new_stats
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM prints it
@@ -50,13 +50,9 @@ class SparseLinearState(torch.nn.Module):
         rank_shards: tuple[int, ...],
         counts_stats: bool,
         on_gpu: bool,
-        policy: str,
-        max_sparse_tokens: int | None,
     ):
         super().__init__()
         self.proj = proj
-        self.policy = policy  # a SparsityPolicy value
-        self.max_sparse_tokens = max_sparse_tokens
         self.out_sizes = tuple(out_sizes)
         self.rank_shards = rank_shards
         self.seg_bounds = [0, *itertools.accumulate(out_sizes)]
@@ -75,12 +71,13 @@ class SparseLinearState(torch.nn.Module):
         stats = get_accelerator_view_from_cpu_tensor(self.stats_host) if on_gpu else self.stats_host
         self.register_buffer("stats", stats, persistent=False)
 
-    def set_budget(self, budget: ModuleBudget) -> None:
-        """Once the module is on its device: the budget, in ``keep`` and as the op's call site."""
+    def set_budget(self, budget: ModuleBudget, settings: ActTailSettings) -> None:
+        """Once the module is on its device: the budget, in ``keep`` and with the server's policy and
+        token limit as the op's call site."""
         self.budget = budget
         self.keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
         self.call_site = CallSite(
-            self.seg_bounds, list(budget.seg_keep), self.counts_stats, self.policy, self.max_sparse_tokens
+            self.seg_bounds, list(budget.seg_keep), self.counts_stats, settings.policy.value, settings.max_sparse_tokens
         )
         register_call_site(self.keep, self.call_site)
 
@@ -94,20 +91,8 @@ class SparseLinearState(torch.nn.Module):
         Python."""
         if torch.compiler.is_compiling():
             return torch.ops.acttail.sparse_linear(x, weight, bias, self.keep, self.thr_guess, self.stats)
-        site = self.call_site
-        return sparse_linear_impl(
-            x,
-            weight,
-            bias,
-            site.seg_bounds,
-            site.keep_hint,
-            self.keep,
-            self.thr_guess,
-            self.stats if stats is None else stats,
-            site.count_stats and stats is None,
-            site.policy,
-            site.max_sparse_tokens,
-        )
+        counters = self.stats if stats is None else stats
+        return self.call_site.run(x, weight, bias, self.keep, self.thr_guess, counters, count_stats=stats is None)
 
     def projection_weights(self, weight: torch.Tensor) -> Iterator[torch.Tensor]:
         """Each projection's [out, in] view of the module's weight, in order."""
@@ -141,8 +126,9 @@ class SparseModules:
             )
             for layer in self.layers
         ]
+        settings = self.resolver.source.settings
         for layer, budget in zip(self.layers, self.resolver.resolve(modules)):
-            layer.acttail.set_budget(budget)
+            layer.acttail.set_budget(budget, settings)
         if self.layers[0].weight.is_cuda:
             self.warm_up()
         return True
@@ -217,16 +203,7 @@ class ActTailLinearMethod(LinearMethodBase):
         counts_stats = not on_gpu or not self.modules.layers
         # vLLM sets both before create_weights; k/v heads are replicated when tp > KV heads
         shards = self.proj.rank_shards(layer.tp_size, getattr(layer, "num_kv_head_replicas", 1))
-        settings = self.modules.resolver.source.settings
-        layer.acttail = SparseLinearState(
-            self.proj,
-            output_partition_sizes,
-            shards,
-            counts_stats,
-            on_gpu,
-            settings.policy.value,
-            settings.max_sparse_tokens,
-        )
+        layer.acttail = SparseLinearState(self.proj, output_partition_sizes, shards, counts_stats, on_gpu)
         self.modules.register(layer)
 
     @logs_startup_errors

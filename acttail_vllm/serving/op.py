@@ -244,6 +244,32 @@ class CallSite:
     policy: str
     max_sparse_tokens: int | None
 
+    def run(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        seg_keep: torch.Tensor,
+        thr_guess: torch.Tensor,
+        stats: torch.Tensor,
+        count_stats: bool = True,
+    ) -> torch.Tensor:
+        """``sparse_linear_impl`` with this site's arguments; ``count_stats=False`` counts nothing
+        even where the site counts."""
+        return sparse_linear_impl(
+            x,
+            weight,
+            bias,
+            self.seg_bounds,
+            self.keep_hint,
+            seg_keep,
+            thr_guess,
+            stats,
+            self.count_stats and count_stats,
+            self.policy,
+            self.max_sparse_tokens,
+        )
+
 
 #: Each module's call site, by the address of its budget tensor (``seg_keep``). The registered op
 #: takes tensors only and looks the rest up here when it runs: vLLM's compile cache keys on the model
@@ -272,19 +298,7 @@ def _registered_sparse_linear(
             "acttail::sparse_linear got a budget tensor no ActTail module registered (moved or copied "
             "after its budget was set?): call SparseLinearState.set_budget once the module is on its device"
         )
-    return sparse_linear_impl(
-        x,
-        weight,
-        bias,
-        site.seg_bounds,
-        site.keep_hint,
-        seg_keep,
-        thr_guess,
-        stats,
-        site.count_stats,
-        site.policy,
-        site.max_sparse_tokens,
-    )
+    return site.run(x, weight, bias, seg_keep, thr_guess, stats)
 
 
 # torch.library's fake (meta) implementation must take the op's exact signature: a deliberate copy.
