@@ -24,6 +24,11 @@ the streams of a closed loop do not end and restart in lockstep, which makes TTF
 a wave of arrivals lands in one prefill step or two (benchmarks/experiments/lockstep_ttft.py).
 ``--output`` writes the pooled summaries and every run with each request's send time, TTFT and
 duration.
+
+Beside the client's view it reports the engine's: the means of vLLM's own per-request histograms
+(queue, prefill, TTFT, decode) over each run's requests, from the server's /metrics before and after
+the run. They leave out the HTTP server and the client, so two servers' prefill times compare more
+closely than their TTFT percentiles.
 """
 
 from __future__ import annotations
@@ -109,6 +114,58 @@ class RequestRecord(BaseModel):
     error: str | None = None
 
 
+#: vLLM's per-request histograms (seconds), by the name the bench reports them under.
+ENGINE_HISTOGRAMS: dict[str, str] = {
+    "queue": "vllm:request_queue_time_seconds",  # arrival to scheduled
+    "prefill": "vllm:request_prefill_time_seconds",  # scheduled to first token
+    "ttft": "vllm:time_to_first_token_seconds",  # arrival to first token
+    "decode": "vllm:request_decode_time_seconds",  # first token to last
+}
+
+
+class EngineTimes(BaseModel):
+    """Sums of vLLM's per-request histograms over some requests, in seconds, and how many requests."""
+
+    requests: int
+    queue_s: float
+    prefill_s: float
+    ttft_s: float
+    decode_s: float
+
+    def __add__(self, other: EngineTimes) -> EngineTimes:
+        return EngineTimes(**{k: v + getattr(other, k) for k, v in self})
+
+    def __sub__(self, other: EngineTimes) -> EngineTimes:
+        return EngineTimes(**{k: v - getattr(other, k) for k, v in self})
+
+    def mean_ms(self, name: str) -> float:
+        """Mean per request of one histogram (a key of ``ENGINE_HISTOGRAMS``), in milliseconds."""
+        return 1000 * getattr(self, f"{name}_s") / self.requests if self.requests else float("nan")
+
+
+def engine_times(url: str) -> EngineTimes | None:
+    """The server's histogram sums so far (every engine's), or None where its /metrics does not
+    have them all (not a vLLM server)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = requests.get(f"{url}/metrics", timeout=30)
+    if response.status_code != 200:
+        return None
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name.endswith(("_sum", "_count")):
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    names = [*ENGINE_HISTOGRAMS.values()]
+    if not all(f"{name}_sum" in sums and f"{name}_count" in sums for name in names):
+        return None
+    # every request of a finished run is in each histogram once; the prefill count stands for them
+    return EngineTimes(
+        requests=int(sums[f"{ENGINE_HISTOGRAMS['prefill']}_count"]),
+        **{f"{key}_s": sums[f"{name}_sum"] for key, name in ENGINE_HISTOGRAMS.items()},
+    )
+
+
 class LoadRun(BaseModel):
     url: str
     model: str
@@ -116,6 +173,8 @@ class LoadRun(BaseModel):
     started_at: float  # unix time
     duration_s: float
     records: list[RequestRecord]
+    #: vLLM's own times for this run's requests (None: the server has no such histograms)
+    engine: EngineTimes | None = None
 
     @property
     def failures(self) -> list[RequestRecord]:
@@ -157,6 +216,7 @@ class LoadSummary(BaseModel):
     #: (e2e - ttft) / (completion tokens - 1): the decode rate one request sees
     tpot_s: Percentiles | None
     first_errors: list[str]
+    engine: EngineTimes | None = None
 
     @classmethod
     def of(cls, label: str, run: LoadRun) -> LoadSummary:
@@ -183,6 +243,7 @@ class LoadSummary(BaseModel):
             e2e_s=Percentiles.of([r.e2e_s for r in ok]),
             tpot_s=Percentiles.of(tpot),
             first_errors=[r.error for r in run.failures[:5]],
+            engine=run.engine,
         )
 
 
@@ -280,7 +341,8 @@ def served_model(url: str) -> str:
 
 def format_table(summaries: Sequence[LoadSummary]) -> str:
     """One row per run; beside each non-dense run, its output tok/s and TTFT p50 against the dense
-    run at the same concurrency (the first run labelled ``dense``)."""
+    run at the same concurrency (the first run labelled ``dense``). Then the engine's times, where
+    the servers report them."""
 
     def ms(p: Percentiles | None, key: str) -> str:
         return "-" if p is None else f"{1000 * getattr(p, key):.1f}"
@@ -305,6 +367,33 @@ def format_table(summaries: Sequence[LoadSummary]) -> str:
             f"{ms(s.tpot_s, 'p50'):>9} {ms(s.tpot_s, 'p99'):>9} {decode:>12} {ratios[0]:>19} {ratios[1]:>9}"
         )
     note = "decode tok/s: concurrency / TPOT p50, the aggregate decode rate of a full batch"
+    engine = format_engine_table(summaries)
+    return "\n".join([header, *rows, note, engine] if engine else [header, *rows, note])
+
+
+def format_engine_table(summaries: Sequence[LoadSummary]) -> str:
+    """vLLM's own mean times per request, one row per run that has them; beside each non-dense run,
+    its prefill and TTFT means against the dense run at the same concurrency."""
+    have = [s for s in summaries if s.engine is not None]
+    if not have:
+        return ""
+    dense = {s.spec.concurrency: s.engine for s in have if s.label == "dense"}
+    header = (
+        f"{'label':<13} {'conc':>4} {'requests':>8} {'queue':>8} {'prefill':>8} {'TTFT':>8} {'decode':>9} "
+        f"{'vs dense: prefill':>17} {'TTFT':>7}   (ms)"
+    )
+    rows = []
+    for s in have:
+        engine, base = s.engine, dense.get(s.spec.concurrency)
+        ratios = ["", ""]
+        if base is not None and engine is not base and base.requests:
+            ratios = [f"{engine.mean_ms(key) / base.mean_ms(key):.3f}x" for key in ("prefill", "ttft")]
+        rows.append(
+            f"{s.label:<13} {s.spec.concurrency:>4} {engine.requests:>8} {engine.mean_ms('queue'):>8.1f} "
+            f"{engine.mean_ms('prefill'):>8.1f} {engine.mean_ms('ttft'):>8.1f} {engine.mean_ms('decode'):>9.1f} "
+            f"{ratios[0]:>17} {ratios[1]:>7}"
+        )
+    note = "vLLM's own means per request (its histograms over the same requests): without HTTP and client"
     return "\n".join([header, *rows, note])
 
 
@@ -319,17 +408,26 @@ def _parse_urls(values: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def warmed_run(url: str, model: str, spec: LoadSpec, warmup: int) -> LoadRun:
-    """``warmup`` unreported requests (first-batch compilation and allocations), then the run."""
+    """``warmup`` unreported requests (first-batch compilation and allocations), then the run, with
+    the engine's times of its requests."""
     if warmup:
         run_load(url, model, spec.model_copy(update={"num_requests": warmup}))
-    return run_load(url, model, spec)
+    before = engine_times(url)
+    run = run_load(url, model, spec)
+    after = engine_times(url)
+    if before is not None and after is not None:
+        run.engine = after - before
+    return run
 
 
 def pooled(label: str, runs: Sequence[LoadRun]) -> LoadSummary:
     """One summary of several runs of one spec on one server: their requests together, over their
     summed durations."""
     records = [record for run in runs for record in run.records]
-    merged = runs[0].model_copy(update={"records": records, "duration_s": sum(run.duration_s for run in runs)})
+    engines = [run.engine for run in runs]
+    engine = None if None in engines else sum(engines[1:], engines[0])
+    duration_s = sum(run.duration_s for run in runs)
+    merged = runs[0].model_copy(update={"records": records, "duration_s": duration_s, "engine": engine})
     return LoadSummary.of(label, merged)
 
 

@@ -18,16 +18,19 @@ from acttail_vllm.dev.server import VllmServer
 from benchmarks.load_bench import (
     DENSE_CONTROL,
     BenchReport,
+    EngineTimes,
     LoadRun,
     LoadSpec,
     LoadSummary,
     RequestRecord,
     ServerRun,
     format_spread,
+    format_table,
     main,
     pooled,
     run_load,
     summaries_of,
+    warmed_run,
 )
 from deploy.local_prometheus import LocalPrometheus, finite_values, prometheus_binary
 from deploy.stack import (
@@ -262,6 +265,57 @@ def test_interleaved_rounds_pool_per_server_and_pair_by_round(tmp_path, capsys):
     assert BenchReport.model_validate_json(report.model_dump_json()).runs[2].round == 1
 
 
+def vllm_metrics_text(requests_done: int, prefill_s: float) -> str:
+    """A /metrics page of two engines with vLLM's per-request histograms (the other series elided)."""
+    lines = []
+    for engine in ("0", "1"):
+        for name, total in [
+            ("vllm:request_queue_time_seconds", 0.5),
+            ("vllm:request_prefill_time_seconds", prefill_s),
+            ("vllm:time_to_first_token_seconds", 1.0 + prefill_s),
+            ("vllm:request_decode_time_seconds", 4.0),
+        ]:
+            labels = f'engine="{engine}",model_name="m"'
+            lines += [
+                f"# TYPE {name} histogram",
+                f'{name}_bucket{{{labels},le="+Inf"}} {requests_done}',
+                f"{name}_count{{{labels}}} {requests_done}",
+                f"{name}_sum{{{labels}}} {total}",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def test_engine_times_are_the_servers_histograms_over_the_runs_requests(monkeypatch):
+    pages = iter([vllm_metrics_text(3, 0.6), vllm_metrics_text(5, 1.0)])  # before the run, after it
+
+    class Page:
+        status_code = 200
+
+        def __init__(self):
+            self.text = next(pages)
+
+    monkeypatch.setattr("benchmarks.load_bench.requests.get", lambda url, timeout: Page())
+    spec = LoadSpec(num_requests=4, concurrency=2, max_tokens=5)
+    record = RequestRecord(sent_s=0.0, ttft_s=0.1, e2e_s=0.5, prompt_tokens=4, completion_tokens=5)
+    run = LoadRun(url="http://x", model="m", spec=spec, started_at=0.0, duration_s=1.0, records=[record] * 4)
+    monkeypatch.setattr("benchmarks.load_bench.run_load", lambda url, model, spec: run.model_copy())
+    measured = warmed_run("http://x", "m", spec, warmup=0)
+    # both engines' series summed, the page before the run subtracted: 4 requests, 0.8 s of prefill
+    assert measured.engine.requests == 4
+    assert measured.engine.mean_ms("prefill") == pytest.approx(200.0)
+    assert measured.engine.mean_ms("queue") == pytest.approx(0.0)
+
+    slower = EngineTimes(requests=4, queue_s=0.0, prefill_s=1.2, ttft_s=1.2, decode_s=8.0)
+    acttail = pooled("acttail 80%", [measured.model_copy(update={"engine": slower})] * 2)
+    assert acttail.engine.requests == 8 and acttail.engine.mean_ms("prefill") == pytest.approx(300.0)
+    table = format_table([pooled("dense", [measured]), acttail]).splitlines()
+    assert table[-2].split()[-2:] == ["1.500x", "1.500x"]  # prefill 300 against 200 ms; TTFT the same
+
+    pages = iter(["# a server without vLLM's histograms\n"] * 2)
+    assert warmed_run("http://x", "m", spec, warmup=0).engine is None
+    assert "vLLM's own" not in format_table([LoadSummary.of("dense", run)])
+
+
 # --- the real thing ---------------------------------------------------------------------------
 
 SERVE_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "8")
@@ -290,9 +344,14 @@ def test_every_dashboard_query_has_data_under_load(smollm2_dir):
         prom.wait_for_scrape_after(time.time())
         assert [s.value[1] for s in prom.query("up")] == [1.0], prom.log()[-2000:]
 
-        run = run_load(server.url, model, LOAD)
+        run = warmed_run(server.url, model, LOAD, warmup=0)
         assert len(run.records) == LOAD.num_requests
         assert run.failures == []
+        # the engine's own times for the same requests: every one counted, and its TTFT, which
+        # leaves out HTTP and the client, no longer than the client's
+        assert run.engine.requests == LOAD.num_requests
+        assert run.engine.prefill_s > 0 and run.engine.decode_s > 0
+        assert run.engine.ttft_s <= sum(r.ttft_s for r in run.records)
         # the worker's ActTail snapshot lags by up to one interval; then one more scrape
         time.sleep(1.0)
         prom.wait_for_scrape_after(time.time())
