@@ -16,7 +16,8 @@
 #   bash benchmarks/gpu_session.sh serve7b     # the same at the 7B shape
 #   (INTERLEAVE=3: all servers at once, the load sent to them in turn 3 times; SPARSITIES=0.8 one of them;
 #   CONTROL=1 a second dense server, the scatter between identical servers; CONCURRENCY=16,64 a part;
-#   SPREAD=0.5 request lengths 64-192 tokens instead of 128, so that streams do not run in lockstep)
+#   SPREAD=0.5 request lengths 64-192 tokens instead of 128, so that streams do not run in lockstep;
+#   RATE=2,6,20 Poisson arrivals at those requests/s, one per concurrency, which then caps those in flight)
 #   bash benchmarks/gpu_session.sh host        # host time per eager op call against the dense layer's
 #   bash benchmarks/gpu_session.sh layout      # dense GEMM on the kernel layout [K, N] vs vLLM's [N, K], M = 16-8192
 #   bash benchmarks/gpu_session.sh stall       # Triton compilations after startup, 1,000 mixed-length requests
@@ -99,7 +100,7 @@ serve13b | serve7b)
     --vllm-args "--load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 \
       --gpu-memory-utilization $util --compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64]}'" \
     --concurrency "${CONCURRENCY:-1,4,16,64}" --rounds 4 --prompt-tokens 256 --max-tokens 128 \
-    --max-tokens-spread "${SPREAD:-0}" \
+    --max-tokens-spread "${SPREAD:-0}" ${RATE:+--request-rate $RATE} \
     --output "$OUT/$name.json" --server-logs "$OUT/$name" 2>&1 | grep -v "^starting" | tee "$OUT/$name.txt"
   grep -hE "ActTail" "$OUT/$name"/acttail_*.log | cut -c1-300 | tail -12
   grep -hE "^acttail_(info|tokens_total)" "$OUT/$name"/acttail_*.metrics

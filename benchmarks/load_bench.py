@@ -22,8 +22,11 @@ and has its own timeout; the run ends after ``--requests`` requests whatever hap
 ``--max-tokens-spread`` varies the requests' lengths (the same lengths on every server), so that
 the streams of a closed loop do not end and restart in lockstep, which makes TTFT depend on whether
 a wave of arrivals lands in one prefill step or two (benchmarks/experiments/lockstep_ttft.py).
-``--output`` writes the pooled summaries and every run with each request's send time, TTFT and
-duration.
+``--request-rate`` sends requests at seeded Poisson arrival times instead (open loop, as `vllm bench
+serve --request-rate`; the same times on every server), ``--concurrency`` then capping how many are
+in flight: arrivals no longer wait on the server's own completions, so TTFT compares servers under
+the same offered load. ``--output`` writes the pooled summaries and every run with each request's
+send time, TTFT and duration.
 
 Beside the client's view it reports the engine's: the means of vLLM's own per-request histograms
 (queue, prefill, TTFT, decode) over each run's requests, from the server's /metrics before and after
@@ -84,6 +87,9 @@ class LoadSpec(BaseModel):
     #: live server. With equal lengths the streams of a closed loop end together and their
     #: successors arrive together, so TTFT measures whether a wave lands in one prefill step or two.
     max_tokens_spread: float = Field(0.0, ge=0.0, lt=1.0)
+    #: Requests per second arriving at Poisson times (open loop), at most ``concurrency`` in flight;
+    #: None: a closed loop of ``concurrency`` streams, each sending its next request when one ends.
+    request_rate: float | None = Field(None, gt=0)
 
     def prompt_list(self) -> list[str | list[int]]:
         if self.prompt_tokens is None:
@@ -101,6 +107,14 @@ class LoadSpec(BaseModel):
             self.max_tokens - spread, self.max_tokens + spread + 1, self.num_requests
         )
         return [max(1, int(n)) for n in lengths]
+
+    def arrival_times(self) -> list[float | None]:
+        """When each request is due, in seconds from the run's start (a fixed seed: the same on every
+        server); None each in a closed loop, where a request goes as soon as a stream is free."""
+        if self.request_rate is None:
+            return [None] * self.num_requests
+        gaps = np.random.default_rng(1).exponential(1.0 / self.request_rate, self.num_requests)
+        return np.cumsum(gaps).tolist()
 
 
 class RequestRecord(BaseModel):
@@ -297,16 +311,19 @@ async def _stream_one(
 
 
 async def run_load_async(url: str, model: str, spec: LoadSpec) -> LoadRun:
-    """Send ``spec.num_requests`` streaming completions, at most ``spec.concurrency`` at a time."""
+    """Send ``spec.num_requests`` streaming completions, at most ``spec.concurrency`` at a time, each
+    no earlier than its arrival time (open loop)."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=spec.request_timeout_s)
-    queue = list(zip(spec.prompt_list(), spec.max_tokens_list()))[::-1]  # popped from the end: in order
+    queue = list(zip(spec.prompt_list(), spec.max_tokens_list(), spec.arrival_times()))[::-1]  # popped: in order
     records: list[RequestRecord] = []
     started_at = time.time()
     t0 = time.perf_counter()
 
     async def worker() -> None:
         while queue:
-            prompt, max_tokens = queue.pop()
+            prompt, max_tokens, due = queue.pop()
+            if due is not None:
+                await asyncio.sleep(max(0.0, t0 + due - time.perf_counter()))
             sent = time.perf_counter()
             try:
                 record = await asyncio.wait_for(
@@ -411,7 +428,7 @@ def warmed_run(url: str, model: str, spec: LoadSpec, warmup: int) -> LoadRun:
     """``warmup`` unreported requests (first-batch compilation and allocations), then the run, with
     the engine's times of its requests."""
     if warmup:
-        run_load(url, model, spec.model_copy(update={"num_requests": warmup}))
+        run_load(url, model, spec.model_copy(update={"num_requests": warmup, "request_rate": None}))
     before = engine_times(url)
     run = run_load(url, model, spec)
     after = engine_times(url)
@@ -574,6 +591,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="each request asks for --max-tokens x (1 +- up to FRACTION), the same lengths on every server, "
         "so that streams do not start and end in lockstep (e.g. 0.5)",
     )
+    parser.add_argument(
+        "--request-rate",
+        type=_numbers(float),
+        metavar="RATES",
+        help="requests/s arriving at Poisson times (open loop), one rate per --concurrency value, which then "
+        "caps the requests in flight (e.g. --concurrency 16,64 --request-rate 6,20)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--warmup", type=int, default=8, help="requests sent before measuring (not reported)")
     parser.add_argument("--output", type=Path, help="write the report here as JSON")
@@ -594,6 +618,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 <= args.max_tokens_spread < 1:
         parser.error(f"--max-tokens-spread {args.max_tokens_spread} is not a fraction in [0, 1): e.g. 0.5")
+    rates = args.request_rate or [None] * len(args.concurrency)
+    if len(rates) != len(args.concurrency) or not all(rate is None or rate > 0 for rate in rates):
+        parser.error(
+            f"--request-rate {','.join(map(str, args.request_rate))}: give one rate above 0 per --concurrency "
+            f"value ({len(args.concurrency)}), e.g. --concurrency 16,64 --request-rate 6,20"
+        )
     if args.dense_control and args.model is None:
         parser.error("--dense-control starts a second dense server, so it needs --model; with --url, add it as a --url")
 
@@ -605,8 +635,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_tokens_spread=args.max_tokens_spread,
             request_timeout_s=args.timeout,
             prompt_tokens=args.prompt_tokens,
+            request_rate=rate,
         )
-        for c in args.concurrency
+        for c, rate in zip(args.concurrency, rates)
     ]
     vllm_args = shlex.split(args.vllm_args)
     if args.interleave is not None and (args.model is None or args.interleave < 1):

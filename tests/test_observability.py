@@ -4,6 +4,7 @@ dashboard returns data from a real Prometheus scraping a real vLLM server (with 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
@@ -216,6 +217,8 @@ def test_dense_control_is_a_second_dense_server_compared_like_acttail(monkeypatc
     [
         (["--url", "a=http://x", "--max-tokens-spread", "1.5"], "--max-tokens-spread 1.5"),
         (["--url", "a=http://x", "--dense-control"], "--dense-control"),
+        (["--url", "a=http://x", "--concurrency", "16,64", "--request-rate", "6"], "--request-rate 6.0"),
+        (["--url", "a=http://x", "--request-rate", "0"], "--request-rate 0.0"),
     ],
 )
 def test_load_bench_refuses_options_it_cannot_honour_in_one_line(argv, named, capsys):
@@ -241,6 +244,30 @@ def test_spread_lengths_are_the_same_for_every_run_and_sent_as_asked(monkeypatch
     run = run_load("http://127.0.0.1:9", "m", spec)
     assert asked == lengths  # sent in order, each with its own length
     assert run.completion_tokens == sum(lengths)
+
+
+def test_open_loop_sends_each_request_at_its_arrival_time_with_at_most_concurrency_in_flight(monkeypatch):
+    spec = LoadSpec(num_requests=30, concurrency=3, max_tokens=5, request_rate=100.0)
+    due = spec.arrival_times()
+    assert due == spec.arrival_times()  # every server of a comparison gets these times
+    assert all(a < b for a, b in zip(due, due[1:])) and 0.1 < due[-1] < 0.6  # 30 at about 100/s
+    assert LoadSpec(num_requests=2).arrival_times() == [None, None]  # closed loop
+    in_flight, most = 0, 0
+
+    async def fake_stream(client, model, prompt, max_tokens, t0):
+        nonlocal in_flight, most
+        sent = time.perf_counter() - t0
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.02)  # three streams of 20 ms keep up with 100 requests/s but not always
+        in_flight -= 1
+        return RequestRecord(sent_s=sent, ttft_s=0.01, e2e_s=0.02, prompt_tokens=1, completion_tokens=max_tokens)
+
+    monkeypatch.setattr("benchmarks.load_bench._stream_one", fake_stream)
+    run = run_load("http://127.0.0.1:9", "m", spec)
+    sent = sorted(r.sent_s for r in run.records)
+    assert all(s >= d - 1e-3 for s, d in zip(sent, due))  # none before it is due
+    assert most <= 3 and run.duration_s >= due[-1]
 
 
 def test_interleaved_rounds_pool_per_server_and_pair_by_round(tmp_path, capsys):
