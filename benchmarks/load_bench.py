@@ -91,6 +91,16 @@ class LoadSpec(BaseModel):
     #: None: a closed loop of ``concurrency`` streams, each sending its next request when one ends.
     request_rate: float | None = Field(None, gt=0)
 
+    @property
+    def load(self) -> tuple[int, float | None]:
+        """What runs of this spec are compared and pooled by: concurrency and arrival rate."""
+        return self.concurrency, self.request_rate
+
+    @property
+    def load_name(self) -> str:
+        """``16`` for a closed loop of 16 streams, ``16@6/s`` for 6 requests/s with at most 16 in flight."""
+        return str(self.concurrency) if self.request_rate is None else f"{self.concurrency}@{self.request_rate:g}/s"
+
     def prompt_list(self) -> list[str | list[int]]:
         if self.prompt_tokens is None:
             return [prompt for prompt, _ in zip(cycle(self.prompts), range(self.num_requests))]
@@ -364,26 +374,30 @@ def format_table(summaries: Sequence[LoadSummary]) -> str:
     def ms(p: Percentiles | None, key: str) -> str:
         return "-" if p is None else f"{1000 * getattr(p, key):.1f}"
 
-    dense = {s.spec.concurrency: s for s in summaries if s.label == "dense"}
+    dense = {s.spec.load: s for s in summaries if s.label == "dense"}
     header = (
-        f"{'label':<13} {'conc':>4} {'ok':>5} {'fail':>4} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'label':<13} {'load':>8} {'ok':>5} {'fail':>4} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
         f"{'TPOT p50':>9} {'TPOT p99':>9} {'decode tok/s':>12} {'vs dense: out tok/s':>19} {'TTFT p50':>9}   (ms)"
     )
     rows = []
     for s in summaries:
-        base = dense.get(s.spec.concurrency)
-        decode = "-" if s.tpot_s is None else f"{s.spec.concurrency / s.tpot_s.p50:.0f}"
+        base = dense.get(s.spec.load)
+        full_batch = s.tpot_s is not None and s.spec.request_rate is None
+        decode = f"{s.spec.concurrency / s.tpot_s.p50:.0f}" if full_batch else "-"
         ratios = ["", ""]
         if base is not None and s is not base and base.output_tokens_per_s > 0:
             ratios[0] = f"{s.output_tokens_per_s / base.output_tokens_per_s:.3f}x"
             if s.ttft_s is not None and base.ttft_s is not None:
                 ratios[1] = f"{s.ttft_s.p50 / base.ttft_s.p50:.3f}x"
         rows.append(
-            f"{s.label:<13} {s.spec.concurrency:>4} {s.requests_ok:>5} {s.requests_failed:>4} "
+            f"{s.label:<13} {s.spec.load_name:>8} {s.requests_ok:>5} {s.requests_failed:>4} "
             f"{s.output_tokens_per_s:>10.1f} {ms(s.ttft_s, 'p50'):>9} {ms(s.ttft_s, 'p99'):>9} "
             f"{ms(s.tpot_s, 'p50'):>9} {ms(s.tpot_s, 'p99'):>9} {decode:>12} {ratios[0]:>19} {ratios[1]:>9}"
         )
-    note = "decode tok/s: concurrency / TPOT p50, the aggregate decode rate of a full batch"
+    note = (
+        "load: concurrency (closed loop) or concurrency@requests/s (open loop); decode tok/s: concurrency / "
+        "TPOT p50, the aggregate decode rate of a full batch (closed loop only)"
+    )
     engine = format_engine_table(summaries)
     return "\n".join([header, *rows, note, engine] if engine else [header, *rows, note])
 
@@ -394,19 +408,19 @@ def format_engine_table(summaries: Sequence[LoadSummary]) -> str:
     have = [s for s in summaries if s.engine is not None]
     if not have:
         return ""
-    dense = {s.spec.concurrency: s.engine for s in have if s.label == "dense"}
+    dense = {s.spec.load: s.engine for s in have if s.label == "dense"}
     header = (
-        f"{'label':<13} {'conc':>4} {'requests':>8} {'queue':>8} {'prefill':>8} {'TTFT':>8} {'decode':>9} "
+        f"{'label':<13} {'load':>8} {'requests':>8} {'queue':>8} {'prefill':>8} {'TTFT':>8} {'decode':>9} "
         f"{'vs dense: prefill':>17} {'TTFT':>7}   (ms)"
     )
     rows = []
     for s in have:
-        engine, base = s.engine, dense.get(s.spec.concurrency)
+        engine, base = s.engine, dense.get(s.spec.load)
         ratios = ["", ""]
         if base is not None and engine is not base and base.requests:
             ratios = [f"{engine.mean_ms(key) / base.mean_ms(key):.3f}x" for key in ("prefill", "ttft")]
         rows.append(
-            f"{s.label:<13} {s.spec.concurrency:>4} {engine.requests:>8} {engine.mean_ms('queue'):>8.1f} "
+            f"{s.label:<13} {s.spec.load_name:>8} {engine.requests:>8} {engine.mean_ms('queue'):>8.1f} "
             f"{engine.mean_ms('prefill'):>8.1f} {engine.mean_ms('ttft'):>8.1f} {engine.mean_ms('decode'):>9.1f} "
             f"{ratios[0]:>17} {ratios[1]:>7}"
         )
@@ -449,29 +463,30 @@ def pooled(label: str, runs: Sequence[LoadRun]) -> LoadSummary:
 
 
 def summaries_of(runs: Sequence[ServerRun]) -> list[LoadSummary]:
-    """Each server's runs of a concurrency pooled into one summary, in the order they first ran."""
-    groups: dict[tuple[str, int], list[LoadRun]] = {}
+    """Each server's runs of a load (concurrency and rate) pooled into one summary, in the order they
+    first ran."""
+    groups: dict[tuple[str, tuple[int, float | None]], list[LoadRun]] = {}
     for r in runs:
-        groups.setdefault((r.label, r.run.spec.concurrency), []).append(r.run)
+        groups.setdefault((r.label, r.run.spec.load), []).append(r.run)
     return [pooled(label, label_runs) for (label, _), label_runs in groups.items()]
 
 
 def format_spread(runs: Sequence[ServerRun]) -> str:
-    """Per label and concurrency, each interleaved round's output tok/s and TTFT p50 against the
+    """Per label and load, each interleaved round's output tok/s and TTFT p50 against the
     dense round run beside it: how far one run's ratio strays."""
-    rounds: dict[tuple[str, int], dict[int, LoadSummary]] = {}
+    rounds: dict[tuple[str, LoadSpec], dict[int, LoadSummary]] = {}
     for r in runs:
-        rounds.setdefault((r.label, r.run.spec.concurrency), {})[r.round] = LoadSummary.of(r.label, r.run)
+        rounds.setdefault((r.label, r.run.spec), {})[r.round] = LoadSummary.of(r.label, r.run)
     lines = ["per round, against the dense round beside it: out tok/s ratios; TTFT p50 ratios"]
-    for (label, concurrency), summaries in rounds.items():
-        dense = rounds.get(("dense", concurrency), {})
+    for (label, spec), summaries in rounds.items():
+        dense = rounds.get(("dense", spec), {})
         if label == "dense" or not dense:
             continue
         pairs = [(summaries[i], dense[i]) for i in sorted(summaries) if i in dense]
         out = [r.output_tokens_per_s / d.output_tokens_per_s for r, d in pairs]
         ttft = [r.ttft_s.p50 / d.ttft_s.p50 for r, d in pairs if r.ttft_s and d.ttft_s]
         lines.append(
-            f"{label:<13} {concurrency:>4}  "
+            f"{label:<13} {spec.load_name:>8}  "
             + " ".join(f"{x:.3f}x" for x in out)
             + "; "
             + " ".join(f"{x:.3f}x" for x in ttft)

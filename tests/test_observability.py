@@ -268,6 +268,8 @@ def test_open_loop_sends_each_request_at_its_arrival_time_with_at_most_concurren
     sent = sorted(r.sent_s for r in run.records)
     assert all(s >= d - 1e-3 for s, d in zip(sent, due))  # none before it is due
     assert most <= 3 and run.duration_s >= due[-1]
+    row = format_table([LoadSummary.of("dense", run)]).splitlines()[1].split()
+    assert (row[1], row[-1]) == ("3@100/s", "-")  # named by its rate; no full-batch decode rate
 
 
 def test_interleaved_rounds_pool_per_server_and_pair_by_round(tmp_path, capsys):
