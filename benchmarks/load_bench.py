@@ -474,19 +474,20 @@ def summaries_of(runs: Sequence[ServerRun]) -> list[LoadSummary]:
 def format_spread(runs: Sequence[ServerRun]) -> str:
     """Per label and load, each interleaved round's output tok/s and TTFT p50 against the
     dense round run beside it: how far one run's ratio strays."""
-    rounds: dict[tuple[str, LoadSpec], dict[int, LoadSummary]] = {}
+    rounds: dict[tuple[str, tuple[int, float | None]], dict[int, LoadSummary]] = {}
     for r in runs:
-        rounds.setdefault((r.label, r.run.spec), {})[r.round] = LoadSummary.of(r.label, r.run)
+        rounds.setdefault((r.label, r.run.spec.load), {})[r.round] = LoadSummary.of(r.label, r.run)
     lines = ["per round, against the dense round beside it: out tok/s ratios; TTFT p50 ratios"]
-    for (label, spec), summaries in rounds.items():
-        dense = rounds.get(("dense", spec), {})
+    for (label, load), summaries in rounds.items():
+        dense = rounds.get(("dense", load), {})
         if label == "dense" or not dense:
             continue
         pairs = [(summaries[i], dense[i]) for i in sorted(summaries) if i in dense]
         out = [r.output_tokens_per_s / d.output_tokens_per_s for r, d in pairs]
         ttft = [r.ttft_s.p50 / d.ttft_s.p50 for r, d in pairs if r.ttft_s and d.ttft_s]
+        load_name = next(iter(summaries.values())).spec.load_name
         lines.append(
-            f"{label:<13} {spec.load_name:>8}  "
+            f"{label:<13} {load_name:>8}  "
             + " ".join(f"{x:.3f}x" for x in out)
             + "; "
             + " ".join(f"{x:.3f}x" for x in ttft)
