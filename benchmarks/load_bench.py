@@ -32,12 +32,18 @@ Beside the client's view it reports the engine's: the means of vLLM's own per-re
 (queue, prefill, TTFT, decode) over each run's requests, from the server's /metrics before and after
 the run. They leave out the HTTP server and the client, so two servers' prefill times compare more
 closely than their TTFT percentiles.
+
+``--pin-cpus`` gives every started server its own physical cores, the same number each, and keeps
+the client on the first core and any left over. Steps outside CUDA graphs (prefill beyond the
+captured sizes) are host-bound, so servers that share cores, or share one with the client or with
+the interrupts CPU 0 takes, differ by where the scheduler put them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shlex
 import sys
 import time
@@ -281,10 +287,12 @@ class ServerRun(BaseModel):
 
 class BenchReport(BaseModel):
     """The file ``--output`` writes: per server and concurrency the pooled summary, and every run
-    with its requests (when each was sent, its TTFT and duration)."""
+    with its requests (when each was sent, its TTFT and duration); with ``--pin-cpus`` the CPUs of
+    the client and of each server."""
 
     summaries: list[LoadSummary]
     vllm_args: list[str] = Field(default_factory=list)
+    cpus: dict[str, list[int]] | None = None
     runs: list[ServerRun] = Field(default_factory=list)
 
 
@@ -495,6 +503,43 @@ def format_spread(runs: Sequence[ServerRun]) -> str:
     return "\n".join(lines)
 
 
+def parse_cpu_list(text: str) -> list[int]:
+    """CPUs of a Linux CPU list such as ``0-3,8,10-11`` (sysfs, ``taskset -c``)."""
+    cpus = []
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        cpus += range(int(first), int(last or first) + 1)
+    return cpus
+
+
+def physical_cores(cpus: Sequence[int], sysfs: Path = Path("/sys/devices/system/cpu")) -> list[list[int]]:
+    """``cpus`` grouped by physical core (hyperthread siblings together), ordered by lowest CPU; a CPU
+    whose topology sysfs does not list is a core of its own."""
+    cores: dict[int, list[int]] = {}
+    for cpu in sorted(cpus):
+        siblings = sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list"
+        core = min(parse_cpu_list(siblings.read_text())) if siblings.is_file() else cpu
+        cores.setdefault(core, []).append(cpu)
+    return [cores[core] for core in sorted(cores)]
+
+
+def cpu_shares(cores: Sequence[Sequence[int]], servers: int) -> tuple[list[int], list[list[int]]]:
+    """(the client's CPUs, each server's CPUs): whole cores, as many for every server; the client
+    keeps the first core (where CPU 0 and its interrupts are) and the cores left over."""
+    per_server = (len(cores) - 1) // servers
+    if per_server < 1:
+        raise ValueError(
+            f"--pin-cpus: {servers} servers and the client need {servers + 1} physical cores, this process may "
+            f"use {len(cores)} ({', '.join(map(str, (cpu for core in cores for cpu in core)))}); drop --pin-cpus "
+            "or start fewer servers"
+        )
+    shares = [
+        [cpu for core in cores[1 + i * per_server : 1 + (i + 1) * per_server] for cpu in core] for i in range(servers)
+    ]
+    client = [cpu for core in [cores[0], *cores[1 + servers * per_server :]] for cpu in core]
+    return client, shares
+
+
 #: The label of ``--dense-control``'s second dense server.
 DENSE_CONTROL = "dense again"
 
@@ -512,6 +557,19 @@ def _server_runs(args: argparse.Namespace, vllm_args: list[str]) -> list[tuple[s
     return runs
 
 
+def _cpu_set(cpus: dict[str, list[int]], label: str) -> frozenset[int] | None:
+    return frozenset(cpus[label]) if label in cpus else None
+
+
+def _pin_cpus(labels: Sequence[str]) -> dict[str, list[int]]:
+    """Pin this process to the client's share and return {"client" and each label: CPUs}."""
+    client, shares = cpu_shares(physical_cores(sorted(os.sched_getaffinity(0))), len(labels))
+    os.sched_setaffinity(0, client)
+    cpus = {"client": client, **dict(zip(labels, shares))}
+    print("CPUs: " + "; ".join(f"{label} {','.join(map(str, c))}" for label, c in cpus.items()), file=sys.stderr)
+    return cpus
+
+
 def _keep_server_evidence(args: argparse.Namespace, label: str, server) -> None:
     """Startup log (budgets, CUDA graphs) and final /metrics, under --server-logs."""
     if args.server_logs:
@@ -522,14 +580,14 @@ def _keep_server_evidence(args: argparse.Namespace, label: str, server) -> None:
 
 
 def _bench_started_servers(
-    args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str]
+    args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str], cpus: dict[str, list[int]]
 ) -> list[ServerRun]:
     from acttail_vllm.dev.server import VllmServer
 
     runs = []
     for label, server_args, env in _server_runs(args, vllm_args):
         print(f"starting the {label} server ...", file=sys.stderr)
-        with VllmServer(str(args.model), server_args, env=env) as server:
+        with VllmServer(str(args.model), server_args, env=env, cpus=_cpu_set(cpus, label)) as server:
             model = served_model(server.url)
             for spec in specs:
                 runs.append(ServerRun(label=label, run=warmed_run(server.url, model, spec, args.warmup)))
@@ -538,7 +596,9 @@ def _bench_started_servers(
     return runs
 
 
-def _bench_interleaved(args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str]) -> list[ServerRun]:
+def _bench_interleaved(
+    args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str], cpus: dict[str, list[int]]
+) -> list[ServerRun]:
     """Every server up at once on the one GPU (``--vllm-args`` must leave each its share of the
     memory), then ``--interleave`` rounds of each spec sent to the servers in turn, the order rotating
     every round, so that drifts of the host and the GPU fall on every server alike."""
@@ -551,7 +611,7 @@ def _bench_interleaved(args: argparse.Namespace, specs: Sequence[LoadSpec], vllm
         servers = []
         for label, server_args, env in _server_runs(args, vllm_args):
             print(f"starting the {label} server ...", file=sys.stderr)
-            server = stack.enter_context(VllmServer(str(args.model), server_args, env=env))
+            server = stack.enter_context(VllmServer(str(args.model), server_args, env=env, cpus=_cpu_set(cpus, label)))
             servers.append((label, server, served_model(server.url)))
         for spec in specs:
             spec_runs = []
@@ -626,6 +686,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "ROUNDS times, the order rotating (give each server its share of GPU memory in --vllm-args)",
     )
     parser.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="with --model: run each server on physical cores of its own, as many for each, and this client "
+        "on the first core and those left over",
+    )
+    parser.add_argument(
         "--dense-control",
         action="store_true",
         help=f"with --model: also start a second dense server ({DENSE_CONTROL!r}), the same as the first, "
@@ -642,6 +708,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     if args.dense_control and args.model is None:
         parser.error("--dense-control starts a second dense server, so it needs --model; with --url, add it as a --url")
+    if args.pin_cpus and args.model is None:
+        parser.error("--pin-cpus pins the servers it starts, so it needs --model; pin --url servers with taskset")
 
     specs = [
         LoadSpec(
@@ -658,6 +726,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     vllm_args = shlex.split(args.vllm_args)
     if args.interleave is not None and (args.model is None or args.interleave < 1):
         parser.error("--interleave takes a number of rounds (1 or more) and --model: it starts the servers itself")
+    cpus: dict[str, list[int]] = {}
     if args.model is not None:
         if args.profile is None and args.sparsity is None:
             parser.error("--model needs --profile or --sparsity for the ActTail server")
@@ -665,8 +734,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(
                 f"--profile {args.profile} does not exist: build one with `acttail profile MODEL --sparsity S -o FILE`"
             )
+        if args.pin_cpus:
+            labels = [label for label, _, _ in _server_runs(args, vllm_args)]
+            try:
+                cpus = _pin_cpus(labels)
+            except ValueError as error:
+                parser.error(str(error))
         bench = _bench_interleaved if args.interleave else _bench_started_servers
-        runs = bench(args, specs, vllm_args)
+        runs = bench(args, specs, vllm_args, cpus)
     else:
         runs = [
             ServerRun(label=label, run=warmed_run(url, args.model_name or served_model(url), spec, args.warmup))
@@ -677,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     summaries = summaries_of(runs)
     print(format_table(summaries))
     if args.output:
-        report = BenchReport(summaries=summaries, vllm_args=vllm_args, runs=runs)
+        report = BenchReport(summaries=summaries, vllm_args=vllm_args, runs=runs, cpus=cpus or None)
         args.output.write_text(report.model_dump_json(indent=2) + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
 

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -25,9 +26,12 @@ from benchmarks.load_bench import (
     LoadSummary,
     RequestRecord,
     ServerRun,
+    cpu_shares,
     format_spread,
     format_table,
     main,
+    parse_cpu_list,
+    physical_cores,
     pooled,
     run_load,
     summaries_of,
@@ -188,7 +192,7 @@ def test_pooled_rounds_are_one_run_of_all_their_requests():
 def test_dense_control_is_a_second_dense_server_compared_like_acttail(monkeypatch, capsys):
     started = []
 
-    def bench(args, specs, vllm_args):
+    def bench(args, specs, vllm_args, cpus):
         from benchmarks.load_bench import _server_runs
 
         started.extend(_server_runs(args, vllm_args))
@@ -219,6 +223,7 @@ def test_dense_control_is_a_second_dense_server_compared_like_acttail(monkeypatc
         (["--url", "a=http://x", "--dense-control"], "--dense-control"),
         (["--url", "a=http://x", "--concurrency", "16,64", "--request-rate", "6"], "--request-rate 6.0"),
         (["--url", "a=http://x", "--request-rate", "0"], "--request-rate 0.0"),
+        (["--url", "a=http://x", "--pin-cpus"], "--pin-cpus"),
     ],
 )
 def test_load_bench_refuses_options_it_cannot_honour_in_one_line(argv, named, capsys):
@@ -226,6 +231,53 @@ def test_load_bench_refuses_options_it_cannot_honour_in_one_line(argv, named, ca
         main(argv)
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert named in error and ("e.g." in error or "--url" in error)  # the problem and the fix
+
+
+def test_pinned_servers_get_whole_cores_of_their_own_and_the_client_the_first(tmp_path):
+    # sysfs of 6 cores with hyperthreads numbered as Linux does on x86 (cpu N and N + 6 share a core)
+    for cpu in range(12):
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        topology.joinpath("thread_siblings_list").write_text(f"{cpu % 6},{cpu % 6 + 6}\n")
+    assert parse_cpu_list("0-2,8,10-11") == [0, 1, 2, 8, 10, 11]
+    cores = physical_cores(range(12), sysfs=tmp_path)
+    assert cores == [[0, 6], [1, 7], [2, 8], [3, 9], [4, 10], [5, 11]]
+    assert physical_cores([3, 4], sysfs=tmp_path / "absent") == [[3], [4]]
+
+    client, shares = cpu_shares(cores, servers=2)
+    assert shares == [[1, 7, 2, 8], [3, 9, 4, 10]]
+    assert client == [0, 6, 5, 11]  # the first core and the one left over
+    with pytest.raises(ValueError, match=r"--pin-cpus: 6 servers and the client need 7 physical cores.*drop --pin"):
+        cpu_shares(cores, servers=6)
+
+
+def test_pin_cpus_runs_each_started_server_on_its_share(monkeypatch, tmp_path):
+    """main pins the client and hands each server its share; VllmServer starts the process there."""
+    pinned, given = [], {}
+    monkeypatch.setattr("benchmarks.load_bench.physical_cores", lambda cpus: [[0], [1], [2], [3], [4]])
+    monkeypatch.setattr("benchmarks.load_bench.os.sched_setaffinity", lambda pid, cpus: pinned.append(cpus))
+
+    def bench(args, specs, vllm_args, cpus):
+        given.update(cpus)
+        return []
+
+    monkeypatch.setattr("benchmarks.load_bench._bench_started_servers", bench)
+    monkeypatch.setattr("benchmarks.load_bench.summaries_of", lambda runs: [])
+    main(["--model", "/m", "--sparsity", "0.5,0.8", "--pin-cpus", "--output", str(tmp_path / "r.json")])
+    assert pinned == [[0, 4]]
+    assert given == {"client": [0, 4], "dense": [1], "acttail 50%": [2], "acttail 80%": [3]}
+    assert BenchReport.model_validate_json((tmp_path / "r.json").read_text()).cpus == given
+    monkeypatch.undo()
+
+    one_cpu = min(os.sched_getaffinity(0))
+    server = VllmServer("m", cpus=frozenset({one_cpu}))
+    monkeypatch.setattr(
+        server, "command", lambda: [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    )
+    server.start()
+    assert server.process.wait(timeout=60) == 0
+    assert server.log().strip() == str([one_cpu])
+    server.stop()
 
 
 def test_spread_lengths_are_the_same_for_every_run_and_sent_as_asked(monkeypatch):

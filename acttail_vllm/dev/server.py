@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import requests
@@ -64,7 +65,8 @@ class VllmServer:
     Its log and every temporary file vLLM makes (``TMPDIR`` points there: distributed-init files,
     IPC sockets, the metrics snapshots) live in one temporary directory, removed when the server
     stops after a clean run and kept, its path printed, after a failure. ``on_log_line`` sees each
-    line of the log as it is written."""
+    line of the log as it is written. ``cpus``: the only CPUs the server's processes may run on
+    (inherited by vLLM's engine and workers)."""
 
     model: str
     args: Sequence[str] = ()
@@ -72,6 +74,7 @@ class VllmServer:
     startup_timeout_s: float = 600.0
     port: int = field(default_factory=free_port)
     on_log_line: Callable[[str], None] | None = None
+    cpus: frozenset[int] | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
     workdir: Path | None = field(default=None, init=False)
     _log_text: str = field(default="", init=False, repr=False)
@@ -115,7 +118,12 @@ class VllmServer:
         }
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=None if self.cpus is None else partial(os.sched_setaffinity, 0, self.cpus),
             )
         if self.on_log_line is not None:
             self._follower = threading.Thread(target=self._follow, args=(self.on_log_line,), daemon=True)
