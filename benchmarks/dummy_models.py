@@ -2,8 +2,8 @@
 
     python3 -m benchmarks.dummy_models llama3-8b /tmp/llama3-8b-shape [--tokenizer DIR]
 
-writes config.json of that model: Llama-2 7B/13B, Llama-3-8B, Mistral-7B-v0.1, Qwen2.5-7B (its
-q/k/v bias comes with the architecture). vLLM's dummy loader makes the weights. ``--tokenizer``
+writes config.json of that model: Llama-2 7B/13B, Llama-3-8B, Mistral-7B-v0.1, Qwen2.5-7B and
+Qwen2.5-0.5B (their q/k/v bias comes with the architecture). vLLM's dummy loader makes the weights. ``--tokenizer``
 copies a tokenizer in (for servers that take text) and sets the vocabulary to its size; the linear
 layers, which are all ActTail touches, keep the model's shapes either way.
 """
@@ -90,6 +90,25 @@ MODELS: dict[str, dict] = {
         "max_window_layers": 28,
         "bos_token_id": 151643,
         "eos_token_id": 151645,
+    },
+    "qwen2.5-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": 151936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": 24,
+        "tie_word_embeddings": True,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
     },
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

@@ -1,21 +1,36 @@
 """The op behind every ActTail linear layer, called directly on CPU (no server): its output and the
-counters the metrics read, with every row sparsified, under policy=decode and with a token limit."""
+counters the metrics read, on both CPU paths, under each policy and with a token limit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from acttail_kernels import reference
+from acttail_kernels import cpu, reference
 from acttail_vllm.serving import op as sparse_op
 from acttail_vllm.serving.stats import ModuleStats, TokenPath, new_stats
 
 K, BOUNDS, KEEPS = 16, [0, 8, 12], [4, 10]
+#: The largest step that takes the CPU's sparse GEMV at these budgets; larger ones the masked GEMM.
+GEMV_ROWS = max(rows for rows in range(1, 100) if cpu.sparse_path(rows, KEEPS, BOUNDS, K)[0] is cpu.CpuPath.SPARSE_GEMV)
 
 
-def counts(selection: int = 0, unsparsified: int = 0) -> dict[TokenPath, int]:
-    """Token counts off CUDA, where no token takes the sparse GEMV."""
-    return {TokenPath.SPARSE_GEMV: 0, TokenPath.SELECTION_DENSE_GEMM: selection, TokenPath.UNSPARSIFIED: unsparsified}
+@pytest.fixture
+def weights_worth_a_gemv(monkeypatch):
+    """These tiny weights stand for large ones: the GEMV's fixed cost no longer outweighs what it
+    skips, so under policy auto the smallest steps are sparsified (call_path caches its answers)."""
+    monkeypatch.setattr(cpu, "GEMV_MIN_WEIGHTS", 0)
+    sparse_op.call_path.cache_clear()
+    yield max(rows for rows in range(1, 100) if cpu.sparse_path(rows, KEEPS, BOUNDS, K)[1])
+    sparse_op.call_path.cache_clear()
+
+
+def counts(gemv: int = 0, selection: int = 0, unsparsified: int = 0) -> dict[TokenPath, int]:
+    return {
+        TokenPath.SPARSE_GEMV: gemv,
+        TokenPath.SELECTION_DENSE_GEMM: selection,
+        TokenPath.UNSPARSIFIED: unsparsified,
+    }
 
 
 def run_op(
@@ -30,32 +45,53 @@ def run_op(
     thr_guess = torch.zeros(len(KEEPS), dtype=torch.int32)
     policy = "decode" if decode_only else "all"
     y = sparse_op.sparse_linear_impl(
-        x, weight, None, BOUNDS, KEEPS, keep, thr_guess, stats, True, policy, max_sparse_tokens
+        x,
+        cpu.prepare_weight(weight, BOUNDS),
+        None,
+        BOUNDS,
+        KEEPS,
+        keep,
+        thr_guess,
+        stats,
+        True,
+        policy,
+        max_sparse_tokens,
     )
     return y, ModuleStats.read(stats)
 
 
 @pytest.mark.parametrize("policy", ["all", "auto"])
-def test_off_cuda_every_policy_but_decode_sparsifies_every_row(policy):
-    """policy auto follows the GPU's crossover table; off CUDA, where the reference runs, it
-    sparsifies every token like policy all."""
-    x, weight = torch.randn(5, K), torch.randn(BOUNDS[-1], K)
+def test_on_cpu_the_step_size_picks_the_sparse_gemv_the_masked_gemm_or_under_auto_dense(policy, weights_worth_a_gemv):
+    """Policy all sparsifies every token, through the GEMV while it reads few enough weight rows
+    and the masked GEMM above; auto sparsifies only the steps the GEMV runs faster than dense."""
+    auto_rows = weights_worth_a_gemv
+    assert 1 <= auto_rows < GEMV_ROWS
+    weight = torch.randn(BOUNDS[-1], K)
     stats = new_stats(len(KEEPS))
-    y = sparse_op.sparse_linear_impl(
-        x,
-        weight,
-        None,
-        BOUNDS,
-        KEEPS,
-        torch.tensor(KEEPS, dtype=torch.int32),
-        torch.zeros(2, dtype=torch.int32),
-        stats,
-        True,
-        policy,
-        None,
-    )
-    torch.testing.assert_close(y, reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS))
-    assert ModuleStats.read(stats).tokens == counts(selection=5)
+    steps = (1, auto_rows, auto_rows + 1, GEMV_ROWS, GEMV_ROWS + 1)
+    for rows in steps:
+        x = torch.randn(rows, K)
+        y = sparse_op.sparse_linear_impl(
+            x,
+            cpu.prepare_weight(weight, BOUNDS),
+            None,
+            BOUNDS,
+            KEEPS,
+            torch.tensor(KEEPS, dtype=torch.int32),
+            torch.zeros(2, dtype=torch.int32),
+            stats,
+            True,
+            policy,
+            None,
+        )
+        dense = policy == "auto" and rows > auto_rows
+        expected = x @ weight.T if dense else reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS)
+        torch.testing.assert_close(y, expected)
+    if policy == "all":
+        expected_counts = counts(gemv=sum(steps[:-1]), selection=GEMV_ROWS + 1)
+    else:
+        expected_counts = counts(gemv=1 + auto_rows, unsparsified=sum(steps[2:]))
+    assert ModuleStats.read(stats).tokens == expected_counts
 
 
 def test_every_row_keeps_its_budget():
@@ -63,7 +99,7 @@ def test_every_row_keeps_its_budget():
     y, stats = run_op(x, weight, decode_only=False)
     torch.testing.assert_close(y, reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS))
     assert stats.kept_channels == (4 * 5, 10 * 5)
-    assert stats.tokens == counts(selection=5)
+    assert stats.tokens == counts(gemv=5)
 
 
 def test_decode_policy_leaves_prefill_rows_dense_and_counts_them_whole(monkeypatch):
@@ -75,7 +111,7 @@ def test_decode_policy_leaves_prefill_rows_dense_and_counts_them_whole(monkeypat
     torch.testing.assert_close(y[decode_rows], sparse[decode_rows])
     torch.testing.assert_close(y[~decode_rows], x[~decode_rows] @ weight.T)
     assert stats.kept_channels == (4 * 3 + K * 2, 10 * 3 + K * 2)
-    assert stats.tokens == counts(selection=3, unsparsified=2)
+    assert stats.tokens == counts(gemv=3, unsparsified=2)
 
 
 @pytest.mark.parametrize("decode_only", [False, True])
@@ -95,13 +131,14 @@ def test_steps_over_the_token_limit_run_dense(decode_only, monkeypatch):
     y_large, both = run_op(large, weight, decode_only, max_sparse_tokens=3, stats=stats)
     torch.testing.assert_close(y_large, large @ weight.T)
     assert both.kept_channels == (4 * 3 + K * 4, 10 * 3 + K * 4)
-    assert both.tokens == counts(selection=3, unsparsified=4)
+    assert both.tokens == counts(gemv=3, unsparsified=4)
 
 
 @pytest.mark.parametrize("max_sparse_tokens", [None, 0])
 def test_cpu_gemms_run_at_few_row_counts_with_exact_rows(max_sparse_tokens, monkeypatch):
     """Steps of 1..300 tokens, sparsified or dense (max_sparse_tokens=0), issue GEMMs at 33 row
-    counts, not 300 (oneDNN keeps a kernel per GEMM shape), and each row's output is its own."""
+    counts, not 300 (oneDNN keeps a kernel per GEMM shape), and each row's output is its own. The
+    sparsified steps of up to GEMV_ROWS tokens issue none: the sparse GEMV runs them."""
     gemm_row_counts = set()
     linear = torch.nn.functional.linear
 
@@ -117,8 +154,8 @@ def test_cpu_gemms_run_at_few_row_counts_with_exact_rows(max_sparse_tokens, monk
         dense = max_sparse_tokens is not None
         expected = x @ weight.T if dense else reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS)
         torch.testing.assert_close(y, expected)
-    assert len(gemm_row_counts) == 33
-    assert all(sparse_op.gemm_rows(rows) < 1.25 * rows for rows in range(1, 8193))
+    assert len(gemm_row_counts) == (33 if max_sparse_tokens is not None else 33 - GEMV_ROWS)
+    assert all(cpu.gemm_rows(rows) < 1.25 * rows for rows in range(1, 8193))
 
 
 @pytest.mark.parametrize(
@@ -161,18 +198,18 @@ def test_registered_op_runs_the_call_site_its_budget_tensor_has_when_it_runs():
     keep, guess, stats = torch.tensor(KEEPS, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), new_stats(2)
     every_row = sparse_op.CallSite(BOUNDS, KEEPS, True, "all", None)
     sparse_op.register_call_site(keep, every_row)
-    y = torch.ops.acttail.sparse_linear(x, weight, None, keep, guess, stats)
-    masks = [reference.topk_mask(x, k) for k in KEEPS]
-    torch.testing.assert_close(y, reference.masked_linear_ref(x, weight, None, BOUNDS, masks), rtol=0, atol=0)
-    assert ModuleStats.read(stats).tokens == counts(selection=3)  # counted, as the site says
+    cpu_weight = cpu.prepare_weight(weight, BOUNDS)
+    y = torch.ops.acttail.sparse_linear(x, cpu_weight, None, keep, guess, stats)
+    torch.testing.assert_close(y, reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS))
+    assert ModuleStats.read(stats).tokens == counts(gemv=3)  # counted, as the site says
 
     up_to_two_tokens = sparse_op.CallSite(BOUNDS, KEEPS, True, "all", 2)  # the same module, restarted
     sparse_op.register_call_site(keep, up_to_two_tokens)
-    y = torch.ops.acttail.sparse_linear(x, weight, None, keep, guess, stats)
-    torch.testing.assert_close(y, x @ weight.T, rtol=0, atol=0)  # 3 rows > 2: dense
-    assert ModuleStats.read(stats).tokens == counts(selection=3, unsparsified=3)
+    y = torch.ops.acttail.sparse_linear(x, cpu_weight, None, keep, guess, stats)
+    torch.testing.assert_close(y, x @ weight.T)  # 3 rows > 2: dense
+    assert ModuleStats.read(stats).tokens == counts(gemv=3, unsparsified=3)
     with pytest.raises(RuntimeError, match="no ActTail module registered"):
-        torch.ops.acttail.sparse_linear(x, weight, None, keep.clone(), guess, stats)
+        torch.ops.acttail.sparse_linear(x, cpu_weight, None, keep.clone(), guess, stats)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -1,7 +1,8 @@
 """``ActTailLinearMethod``: the linear method vLLM gives every decoder projection under ``acttail``.
 
-Shaped like vLLM's own methods (``fp8.py``, ``awq_triton.py``): weights stay as vLLM loads them
-(re-laid out once for the kernels on CUDA) and ``apply`` calls the ``acttail::sparse_linear`` op.
+Shaped like vLLM's own methods (``fp8.py``, ``awq_triton.py``): weights are loaded as vLLM loads
+them, re-laid out once for the kernels (CUDA) or the CPU paths, and ``apply`` calls the
+``acttail::sparse_linear`` op.
 Everything ActTail keeps for one module lives in one ``SparseLinearState``, registered on vLLM's
 layer as ``layer.acttail``; ``SparseModules`` (one per worker) collects them and applies the budgets
 the ``BudgetResolver`` returns once the last module is loaded.
@@ -20,6 +21,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase, UnquantizedLinea
 from vllm.platforms import current_platform
 from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 
+from acttail_kernels import cpu
 from acttail_vllm.errors import ActTailError, logs_startup_errors
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
 from acttail_vllm.serving.op import CallSite, register_call_site
@@ -60,8 +62,6 @@ class SparseLinearState(torch.nn.Module):
         #: counter update is one more tiny kernel per step, so only the first module counts (tokens
         #: per path); the kernels keep exactly ``keep`` channels per row by construction.
         self.counts_stats = counts_stats
-        #: The weight was re-laid out as [in, out] for the kernels (CUDA).
-        self.kernel_layout = False
         self.budget: ModuleBudget | None = None
         self.call_site: CallSite | None = None  # what the op's calls take besides tensors, once budgeted
         num_segments = len(out_sizes)
@@ -95,9 +95,12 @@ class SparseLinearState(torch.nn.Module):
         return self.call_site.run(x, weight, bias, self.keep, self.thr_guess, counters, count_stats=stats is None)
 
     def projection_weights(self, weight: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Each projection's [out, in] view of the module's weight, in order."""
-        hf_weight = weight.t() if self.kernel_layout else weight
-        yield from torch.split(hf_weight, self.out_sizes)
+        """Each projection's [out, in] view of the module's re-laid-out weight, in order."""
+        if weight.is_cuda:
+            yield from torch.split(weight.t(), self.out_sizes)  # the kernel layout [in, out]
+        else:
+            in_features = weight.numel() // self.seg_bounds[-1]
+            yield from (block.t() for block in cpu.segment_blocks(weight, in_features, self.seg_bounds))
 
 
 class SparseModules:
@@ -218,7 +221,9 @@ class ActTailLinearMethod(LinearMethodBase):
                     "Install triton>=3.4 for this CUDA device, or serve on CPU"
                 )
             layer.weight = torch.nn.Parameter(acttail_kernels.prepare_weight(layer.weight.data), requires_grad=False)
-            layer.acttail.kernel_layout = True
+        else:
+            weight = cpu.prepare_weight(layer.weight.data, layer.acttail.seg_bounds)
+            layer.weight = torch.nn.Parameter(weight, requires_grad=False)
         if self.modules.loaded(layer):
             from vllm.distributed import get_tensor_model_parallel_rank
 

@@ -259,16 +259,15 @@ class ActTailCollector:
         )
         kept = GaugeMetricFamily(
             "acttail_kept_fraction_ratio",
-            "Mean fraction of input channels kept per served token: counted from the applied TopK "
-            "masks on CPU; on GPUs the kernels' per-segment k of a sparsified token (exact by "
-            "construction, kernel-tested).",
+            "Mean fraction of input channels kept per served token: a sparsified token keeps its "
+            "projection's k (exact by construction, kernel-tested), a token left dense all of them.",
             labels=["layer", "projection"],
         )
         tokens = CounterMetricFamily(
             "acttail_tokens",
             "Served tokens by path, counted at one module: TopK selection then the sparse GEMV "
             "(sparse_gemv), TopK selection then a dense GEMM on the sparsified input "
-            "(selection_dense_gemm: cuBLAS on GPUs, every token on CPU), or the dense layer on the "
+            "(selection_dense_gemm: cuBLAS on GPUs, oneDNN on CPU), or the dense layer on the "
             "whole input (unsparsified: policy, max_sparse_tokens). vLLM's warm-up runs are not counted.",
             labels=["path"],
         )

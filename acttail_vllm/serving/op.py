@@ -2,8 +2,8 @@
 
 Registered the way vLLM registers its own quantization kernels (``direct_register_custom_op`` with a
 fake implementation), so torch.compile treats it as opaque and CUDA graphs capture what it launches.
-CUDA runs the Triton kernels of ``acttail_kernels``; every other device runs the exact PyTorch
-reference (TopK mask, then a dense GEMM on the sparsified input, its rows padded to ``gemm_rows``).
+CUDA runs the Triton kernels of ``acttail_kernels``; a CPU its PyTorch paths (``acttail_kernels.cpu``:
+the exact TopK mask, then a GEMV over the kept weight rows or a GEMM of the masked input).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.library import Library
 
-from acttail_kernels import reference
+from acttail_kernels import cpu
 from acttail_vllm.serving.settings import SparsityPolicy
 from acttail_vllm.serving.stats import TokenPath, token_stat
 
@@ -53,39 +53,13 @@ def decode_token_mask(num_tokens: int, device: torch.device) -> torch.Tensor | N
     return mask
 
 
-#: Up to this many rows a CPU GEMM runs at its own row count (decode steps, one row per request).
-GEMM_EXACT_ROWS = 16
-
-
-def gemm_rows(rows: int) -> int:
-    """The row count a CPU GEMM of ``rows`` rows runs at: ``rows`` up to ``GEMM_EXACT_ROWS``, above
-    that rounded up to a quarter of its power-of-two octave (17 -> 20, 33 -> 40, 65 -> 80: under 25%
-    padding), so a step of any size issues one of about four shapes per octave.
-
-    PyTorch runs a bf16/fp16 GEMM on CPU through oneDNN, which JIT-compiles a kernel for each shape
-    and keeps it in two caches of 1024 entries (ideep's ``LRU_CACHE_CAPACITY`` and oneDNN's
-    ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``), a few hundred KiB each: at exact row counts every new step
-    size is a new kernel, and a server's memory grows by hundreds of MiB until both caches are full."""
-    if rows <= GEMM_EXACT_ROWS:
-        return rows
-    step = 1 << (rows.bit_length() - 3)
-    return -(-rows // step) * step
-
-
-def _cpu_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``linear`` on [M, K] rows, run at ``gemm_rows(M)`` rows (zero rows added, their outputs dropped)."""
-    rows = x2.shape[0]
-    padding = gemm_rows(rows) - rows
-    if not padding:
-        return torch.nn.functional.linear(x2, weight, bias)
-    return torch.nn.functional.linear(torch.nn.functional.pad(x2, (0, 0, 0, padding)), weight, bias)[:rows]
-
-
-def _dense_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The unsparsified layer: ``weight`` in the kernel layout [K, N] on CUDA, [N, K] elsewhere."""
+def _dense_linear(
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seg_bounds: list[int]
+) -> torch.Tensor:
+    """The unsparsified layer: ``weight`` in the kernel layout [K, N] on CUDA, the CPU layout elsewhere."""
     if x2.is_cuda:
         return x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
-    return _cpu_linear(x2, weight, bias)
+    return cpu.dense_linear(x2, weight, bias, seg_bounds)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -102,12 +76,16 @@ def call_path(
     """The one place that decides what a call runs, from shapes alone (so a captured CUDA graph of
     a batch size always replays the same choice): a step over the token limit runs dense; on CUDA
     the GPU's crossover table picks the sparse GEMV's loop or the dense fallback, and under policy
-    auto a step the sparse GEMV would not speed up is not sparsified; other devices run the
-    PyTorch reference (selection + dense)."""
+    auto a step the sparse GEMV would not speed up is not sparsified; on a CPU the weight rows a
+    step would read pick the GEMV over the kept rows or the masked GEMM, and under auto the dense
+    layer where neither beats it (``acttail_kernels.cpu.sparse_path``)."""
     if max_sparse_tokens is not None and rows > max_sparse_tokens:
         return TokenPath.UNSPARSIFIED, None
     if device.type != "cuda":
-        return TokenPath.SELECTION_DENSE_GEMM, None
+        cpu_path, beats_dense = cpu.sparse_path(rows, keep, seg_bounds, k)
+        if policy == SparsityPolicy.AUTO.value and not beats_dense:
+            return TokenPath.UNSPARSIFIED, None
+        return (TokenPath.SPARSE_GEMV if cpu_path is cpu.CpuPath.SPARSE_GEMV else TokenPath.SELECTION_DENSE_GEMM), None
     import acttail_kernels
 
     gemv = acttail_kernels.gemv_path(rows, n, k, list(seg_bounds), list(keep), device)
@@ -177,7 +155,8 @@ def sparse_linear_impl(
     policy: str,
     max_sparse_tokens: int | None,
 ) -> torch.Tensor:
-    """``weight`` is [N, K] on CPU and the kernel layout [K, N] (``prepare_weight``) on CUDA.
+    """``weight`` is the kernel layout [K, N] (``acttail_kernels.prepare_weight``) on CUDA and the
+    CPU layout (``acttail_kernels.cpu.prepare_weight``) elsewhere.
 
     ``seg_keep`` (int32, one per output segment) is what the masks and kernels read: a tensor, so
     CUDA graphs never bake a budget in. ``keep_hint`` holds the same values as ints and only picks
@@ -198,9 +177,12 @@ def sparse_linear_impl(
     decode_only = policy == SparsityPolicy.DECODE.value
     sparse_rows = decode_token_mask(rows, x2.device) if decode_only and path is not TokenPath.UNSPARSIFIED else None
     if path is TokenPath.UNSPARSIFIED:
-        y = _dense_linear(x2, weight, bias)
-    elif x2.is_cuda:
-        if path is TokenPath.SPARSE_GEMV and sparse_rows is None:
+        y = _dense_linear(x2, weight, bias, seg_bounds)
+    else:
+        if not x2.is_cuda:
+            cpu_path = cpu.CpuPath.SPARSE_GEMV if path is TokenPath.SPARSE_GEMV else cpu.CpuPath.MASKED_GEMM
+            y = cpu.sparse_linear(x2, weight, bias, seg_bounds, seg_keep.tolist(), cpu_path)
+        elif path is TokenPath.SPARSE_GEMV and sparse_rows is None:
             y = _sparse_kernel(x2, weight, bias, seg_bounds, keep_hint, seg_keep, thr_guess, gemv)
         else:
             import acttail_kernels
@@ -209,29 +191,25 @@ def sparse_linear_impl(
                 x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=gemv, thr_guess=thr_guess
             )
         if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
-            y = torch.where(sparse_rows[:, None], y, _dense_linear(x2, weight, bias))
-    else:
-        masks = [reference.topk_mask(x2, keep) for keep in seg_keep.tolist()]
-        if sparse_rows is not None:
-            masks = [m | ~sparse_rows[:, None] for m in masks]
-        y = torch.cat(
-            [
-                _cpu_linear(x2 * m, weight[lo:hi], None if bias is None else bias[lo:hi])
-                for m, lo, hi in zip(masks, seg_bounds[:-1], seg_bounds[1:])
-            ],
-            dim=1,
-        )
+            y = torch.where(sparse_rows[:, None], y, _dense_linear(x2, weight, bias, seg_bounds))
     if count_stats:  # only then: each op here is one more kernel per module and step on a GPU
-        num_segs = len(seg_bounds) - 1
-        unsparsified = path is TokenPath.UNSPARSIFIED
-        sparsified = 0 if unsparsified else rows if sparse_rows is None else sparse_rows.sum()
-        # A sparsified row keeps exactly seg_keep channels (tests/test_kernels.py checks the kernels'
-        # sets, the reference is exact by construction); a row left dense keeps all of them.
-        stats[:num_segs] += seg_keep.to(torch.int64) * sparsified + x2.shape[1] * (rows - sparsified)
-        if not unsparsified:
-            stats[token_stat(path, num_segs)] += sparsified
-        stats[token_stat(TokenPath.UNSPARSIFIED, num_segs)] += rows - sparsified
+        sparsified = 0 if path is TokenPath.UNSPARSIFIED else rows if sparse_rows is None else sparse_rows.sum()
+        if stats.is_cuda:
+            _add_counts(stats, seg_keep.to(torch.int64), sparsified, rows, x2.shape[1], path)
+        else:  # numpy views of the same memory: on a CPU a torch op per update costs more than the layer
+            _add_counts(stats.numpy(), seg_keep.numpy().astype("int64"), int(sparsified), rows, x2.shape[1], path)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+def _add_counts(counters, seg_keep, sparsified, rows: int, in_features: int, path: TokenPath) -> None:
+    """Add one call to a module's counters (torch tensors, or numpy arrays on a CPU): a sparsified
+    row keeps exactly seg_keep channels (tests/test_kernels.py checks the kernels' sets,
+    tests/test_cpu_kernels.py the CPU's), a row left dense keeps all of them."""
+    num_segs = len(seg_keep)
+    counters[:num_segs] += seg_keep * sparsified + in_features * (rows - sparsified)
+    if path is not TokenPath.UNSPARSIFIED:
+        counters[token_stat(path, num_segs)] += sparsified
+    counters[token_stat(TokenPath.UNSPARSIFIED, num_segs)] += rows - sparsified
 
 
 @dataclass(frozen=True)
@@ -310,7 +288,7 @@ def _sparse_linear_fake(
     thr_guess: torch.Tensor,
     stats: torch.Tensor,
 ) -> torch.Tensor:
-    out_features = weight.shape[1] if weight.is_cuda else weight.shape[0]  # the kernel layout [K, N] on CUDA
+    out_features = weight.numel() // x.shape[-1]  # [K, N] on CUDA, N x K in blocks on CPU
     return x.new_empty((*x.shape[:-1], out_features))
 
 

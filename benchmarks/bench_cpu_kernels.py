@@ -1,0 +1,88 @@
+"""CPU: a linear layer dense, and TopK-sparse through each of the two CPU paths, per step size.
+
+    python3 -m benchmarks.bench_cpu_kernels --dtype bfloat16 --sparsities 0.5,0.8 --rows 1,2,4,8,16,32,64
+
+For SmolLM2-135M's projections (q/o 576 x 576, k/v 192 x 576, gate/up 1536 x 576, down 576 x
+1536) and a 7B-sized one, microseconds per call (median of ``--repeats`` timed loops): ``dense``,
+vLLM's unquantized layer on this CPU (``F.linear``); ``select`` the exact TopK selection alone;
+``gemv`` the selection and the GEMV that reads only the kept rows (``acttail_kernels.cpu.sparse_gemv``);
+``gemm`` the selection and a GEMM of the masked input (``masked_gemm``). The last column says which
+path ``acttail_kernels.cpu.sparse_path`` takes at that step size, and where policy auto runs the
+dense layer instead. Each call's output is checked
+against the reference first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from acttail_kernels import cpu, reference
+
+#: (name, N, K): one segment each.
+SHAPES = (
+    ("smollm2 q/o", 576, 576),
+    ("smollm2 k/v", 192, 576),
+    ("smollm2 gate/up", 1536, 576),
+    ("smollm2 down", 576, 1536),
+    ("7b q/o", 4096, 4096),
+)
+
+
+def time_us(fn, repeats: int, budget_s: float = 0.05) -> float:
+    fn()
+    start, loops = time.perf_counter(), 0
+    while time.perf_counter() - start < budget_s:
+        fn()
+        loops += 1
+    loops = max(loops, 1)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        samples.append((time.perf_counter() - start) / loops * 1e6)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--sparsities", default="0.5,0.8", type=lambda s: [float(v) for v in s.split(",")])
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64", type=lambda s: [int(v) for v in s.split(",")])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; microseconds per call")
+    print(f"{'shape':<16} {'s':>4} {'rows':>4} {'dense':>9} {'select':>9} {'gemv':>9} {'gemm':>9}  sparse_path")
+    for name, n, k in SHAPES:
+        weight = torch.randn(n, k, dtype=dtype) / k**0.5
+        block = cpu.segment_blocks(cpu.prepare_weight(weight, [0, n]), k, [0, n])[0]
+        for sparsity in args.sparsities:
+            keep = round(k * (1 - sparsity))
+            for rows in args.rows:
+                x = torch.randn(rows, k, dtype=dtype)
+                expected = reference.sparse_linear_ref(x, weight, None, [0, n], [keep]).float()
+                for path in cpu.CpuPath:
+                    got = cpu.sparse_linear(x, block.reshape(-1), None, [0, n], [keep], path).float()
+                    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+                dense = time_us(lambda: F.linear(x, weight), args.repeats)
+                select = time_us(lambda: cpu.topk_channels(x, keep), args.repeats)
+                gemv = time_us(lambda: cpu.sparse_gemv(x, cpu.topk_channels(x, keep), block, None), args.repeats)
+                gemm = time_us(
+                    lambda: cpu.masked_gemm(x, cpu.channel_mask(cpu.topk_channels(x, keep), k), block, None),
+                    args.repeats,
+                )
+                path, beats_dense = cpu.sparse_path(rows, [keep], [0, n], k)
+                taken = f"{path.value}{'' if beats_dense else ' (auto: dense)'}"
+                times = f"{dense:>9.1f} {select:>9.1f} {gemv:>9.1f} {gemm:>9.1f}"
+                print(f"{name:<16} {sparsity:>4.2f} {rows:>4} {times}  {taken}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
