@@ -21,9 +21,11 @@ Public API:
   (``thresholds``: a persistent float32 device tensor, one per segment); one launch, no selection;
   ``threshold_path(m, n, k, device)`` says which loop it runs (for one token, a channel list each
   GEMV program compacts itself) or whether it runs dense cuBLAS;
-* ``kernels_available(device) -> (ok, reason)``.
+* ``kernels_available(device) -> (ok, reason)``;
+* ``cpu``: the CPU paths in PyTorch (no Triton): exact TopK, a GEMV over the kept weight rows and
+  the masked GEMM, on weights in ``cpu.prepare_weight``'s layout.
 
-Only ``reference`` and ``prepare_weight`` work without Triton: the Triton modules load on first use,
+Only ``reference``, ``cpu`` and ``prepare_weight`` work without Triton: the Triton modules load on first use,
 so set TRITON_INTERPRET=1 before that to run the kernels (slowly) on CPU.
 """
 
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import reference
+from . import cpu, reference
 
 if TYPE_CHECKING:
     from .crossover import GemvPath
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GemvPath",
     "SelectOptions",
+    "cpu",
     "gemv_path",
     "kernels_available",
     "prepare_weight",

@@ -25,11 +25,9 @@ import torch.nn.functional as F
 #: The sparse GEMV's work grows with the weight rows it reads, rows x kept channels; a GEMM reads
 #: the weight once for all rows. Measured on a 2-core AMD EPYC (benchmarks/bench_cpu_kernels.py,
 #: docs/performance.md#cpu): the GEMV beats the masked GEMM up to about 3 kept rows per step
-#: (80%: 15 tokens), and the dense GEMM up to about 1 (80%: 5 tokens) in layers of at least
-#: ``GEMV_MIN_WEIGHTS`` weights, where the selection's fixed cost is a small part of the read.
+#: (80%: 15 tokens) and PyTorch's dense GEMM up to about 1.5 (80%: 7 tokens).
 GEMV_OVER_MASKED_GEMM_MAX_KEPT_ROWS = 3.0
-GEMV_OVER_DENSE_MAX_KEPT_ROWS = 1.0
-GEMV_MIN_WEIGHTS = 600_000
+GEMV_OVER_DENSE_MAX_KEPT_ROWS = 1.5
 
 
 class CpuPath(enum.Enum):
@@ -47,7 +45,7 @@ def sparse_path(
     kept_rows = rows * sum(keep * width for keep, width in zip(seg_keep, widths)) / weights
     if kept_rows > GEMV_OVER_MASKED_GEMM_MAX_KEPT_ROWS:
         return CpuPath.MASKED_GEMM, False
-    return CpuPath.SPARSE_GEMV, kept_rows <= GEMV_OVER_DENSE_MAX_KEPT_ROWS and weights >= GEMV_MIN_WEIGHTS
+    return CpuPath.SPARSE_GEMV, kept_rows <= GEMV_OVER_DENSE_MAX_KEPT_ROWS
 
 
 #: Up to this many rows a GEMM runs at its own row count (decode steps, one row per request).

@@ -15,14 +15,8 @@ K, BOUNDS, KEEPS = 16, [0, 8, 12], [4, 10]
 GEMV_ROWS = max(rows for rows in range(1, 100) if cpu.sparse_path(rows, KEEPS, BOUNDS, K)[0] is cpu.CpuPath.SPARSE_GEMV)
 
 
-@pytest.fixture
-def weights_worth_a_gemv(monkeypatch):
-    """These tiny weights stand for large ones: the GEMV's fixed cost no longer outweighs what it
-    skips, so under policy auto the smallest steps are sparsified (call_path caches its answers)."""
-    monkeypatch.setattr(cpu, "GEMV_MIN_WEIGHTS", 0)
-    sparse_op.call_path.cache_clear()
-    yield max(rows for rows in range(1, 100) if cpu.sparse_path(rows, KEEPS, BOUNDS, K)[1])
-    sparse_op.call_path.cache_clear()
+#: The largest step policy auto sparsifies there: the GEMV beats the dense layer.
+AUTO_ROWS = max(rows for rows in range(1, 100) if cpu.sparse_path(rows, KEEPS, BOUNDS, K)[1])
 
 
 def counts(gemv: int = 0, selection: int = 0, unsparsified: int = 0) -> dict[TokenPath, int]:
@@ -61,10 +55,10 @@ def run_op(
 
 
 @pytest.mark.parametrize("policy", ["all", "auto"])
-def test_on_cpu_the_step_size_picks_the_sparse_gemv_the_masked_gemm_or_under_auto_dense(policy, weights_worth_a_gemv):
+def test_on_cpu_the_step_size_picks_the_sparse_gemv_the_masked_gemm_or_under_auto_dense(policy):
     """Policy all sparsifies every token, through the GEMV while it reads few enough weight rows
     and the masked GEMM above; auto sparsifies only the steps the GEMV runs faster than dense."""
-    auto_rows = weights_worth_a_gemv
+    auto_rows = AUTO_ROWS
     assert 1 <= auto_rows < GEMV_ROWS
     weight = torch.randn(BOUNDS[-1], K)
     stats = new_stats(len(KEEPS))

@@ -57,8 +57,6 @@ def summary(metrics_text: str, prompt_tokens: int, completion_tokens: int) -> li
         ),
     ]
     lines += [f"  {count} by {PATH_MEANING[path]}" for path, count in tokens.items() if count]
-    if tokens.get("selection_dense_gemm") and not tokens.get("sparse_gemv"):
-        lines.append("  (the CPU path: an exact TopK, no speed-up; the sparse GEMV runs on CUDA GPUs)")
     if kept:
         lines.append(
             f"input channels dropped per token: {100 - 100 * sum(kept) / len(kept):.1f}% on average over "

@@ -18,10 +18,11 @@ class TokenPath(str, enum.Enum):
     """How a token went through a sparse module; the values are the ``path`` label of
     ``acttail_tokens_total``."""
 
-    #: TopK selection, then the sparse GEMV that reads only the kept weight rows (CUDA)
+    #: TopK selection, then the sparse GEMV that reads only the kept weight rows (the CUDA kernels,
+    #: or on a CPU ``embedding_bag``)
     SPARSE_GEMV = "sparse_gemv"
     #: TopK selection, then a dense GEMM on the sparsified input: cuBLAS where the GPU's crossover
-    #: table says the sparse GEMV would not be faster; off CUDA, the exact PyTorch reference
+    #: table says the sparse GEMV would not be faster, oneDNN where a CPU's step is too large for it
     SELECTION_DENSE_GEMM = "selection_dense_gemm"
     #: the dense layer on the whole input: steps over max_sparse_tokens, prefill rows under
     #: policy=decode, steps policy=auto leaves dense
