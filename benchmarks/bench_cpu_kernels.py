@@ -6,19 +6,21 @@ For SmolLM2-135M's projections (q/o 576 x 576, k/v 192 x 576, gate/up 1536 x 576
 1536), Qwen2.5-0.5B's (o 896 x 896, gate/up 4864 x 896, down 896 x 4864) and a 7B one,
 microseconds per call (median of ``--repeats`` timed loops): ``dense``, PyTorch's ``F.linear``
 (what ActTail runs for a step it leaves dense); ``vllm`` the oneDNN GEMM dense vLLM runs on a
-CPU, on its own prepacked copy of the weight; ``select`` the exact TopK selection alone;
-``gemv`` the selection and the GEMV that reads only the kept rows (``acttail_kernels.cpu.sparse_gemv``);
-``gemm`` the selection and a GEMM of the masked input (``masked_gemm``). The last column says which
-path ``acttail_kernels.cpu.sparse_path`` takes at that step size, and where policy auto runs the
-dense layer instead. Each call's output is checked
-against the reference first.
+CPU, on its own prepacked copy of the weight (the resident memory that copy adds is printed);
+``select`` the exact TopK selection alone; ``gemv`` the selection and the GEMV that reads only the
+kept rows (``acttail_kernels.cpu.sparse_gemv``); ``gemm`` the selection and a GEMM of the masked
+input (``masked_gemm``). The last column says which path ``acttail_kernels.cpu.sparse_path`` takes
+at that step size, and where policy auto runs the dense layer instead. Each call's output is
+checked against the reference first.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,10 @@ def time_us(fn, repeats: int, budget_s: float = 0.05) -> float:
     return statistics.median(samples)
 
 
+def _resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _vllm_gemm():
     """weight [N, K] -> vLLM's CPU GEMM on it (``create_onednn_mm``, as vLLM's unquantized layers use),
     or None without vLLM's CPU ops."""
@@ -65,7 +71,11 @@ def _vllm_gemm():
         return None
 
     def make(weight: torch.Tensor):
+        before = _resident_mib()
         handler = ops.create_onednn_mm(weight.t(), 32)
+        grown = _resident_mib() - before
+        size = weight.numel() * weight.element_size() / 2**20
+        print(f"# vLLM's oneDNN handler of a {size:.1f} MiB weight: +{grown:.1f} MiB resident")
         return lambda x: ops.onednn_mm(handler, x, None)
 
     return make
