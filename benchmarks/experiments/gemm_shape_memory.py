@@ -4,11 +4,11 @@ how the GEMMs are issued; each way in a fresh process, so no cache is shared.
     python -m benchmarks.experiments.gemm_shape_memory --max-rows 512
 
 - ``exact_rows``: ``torch.nn.functional.linear`` per output segment at the step's own row count;
-- ``gemm_rows``: the same with the rows padded to ``gemm_rows`` (``op._cpu_linear``, what the
-  ActTail op runs on CPU);
+- ``gemm_rows``: the same with the rows padded to ``gemm_rows`` (``acttail_kernels.cpu.padded_linear``,
+  what the ActTail op runs on CPU for the steps its GEMV leaves to a GEMM);
 - ``vllm_onednn``: vLLM's dense CPU GEMM, a oneDNN handler per weight (``create_onednn_mm`` with
   the 32 cached row counts ``dispatch_cpu_unquantized_gemm`` asks for);
-- ``topk_mask``: the TopK selection alone (a stable sort per row), no GEMM.
+- ``topk_mask``: the reference's TopK selection alone (a stable sort per row), no GEMM.
 
 Each process runs every row count once, then all again (no new shape), then ``malloc_trim`` (what
 glibc holds free but has not returned). Set ``LRU_CACHE_CAPACITY`` (ideep's cache) or
@@ -42,8 +42,7 @@ WAYS = ("exact_rows", "gemm_rows", "vllm_onednn", "topk_mask")
 
 def module_call(way: str) -> Callable[[torch.Tensor, torch.Tensor, tuple[int, ...]], torch.Tensor]:
     """(x [M, K], weight [N, K], segment widths) -> what ``way`` computes for that module."""
-    from acttail_kernels import reference
-    from acttail_vllm.serving import op
+    from acttail_kernels import cpu, reference
 
     def per_segment(linear: Callable) -> Callable:
         return lambda x, weight, widths: torch.cat([linear(x, w, None) for w in torch.split(weight, widths)], dim=1)
@@ -51,7 +50,7 @@ def module_call(way: str) -> Callable[[torch.Tensor, torch.Tensor, tuple[int, ..
     if way == "exact_rows":
         return per_segment(torch.nn.functional.linear)
     if way == "gemm_rows":
-        return per_segment(op._cpu_linear)
+        return per_segment(lambda x, weight, bias: cpu.padded_linear(x, weight.t(), bias))
     if way == "topk_mask":
         return lambda x, weight, widths: reference.topk_mask(x, x.shape[1] // 2)
     from vllm import _custom_ops as ops
