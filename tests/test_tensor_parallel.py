@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from acttail_kernels import cpu
 from acttail_kernels.reference import topk_mask
 from acttail_vllm.profiling.allocation import AllocationSpec
 from acttail_vllm.profiling.builder import profile_model
@@ -88,7 +89,7 @@ def test_row_parallel_ranks_keep_the_topk_of_their_shard():
     served = sum(
         sparse_linear_impl(
             x_half,
-            w_half,
+            cpu.prepare_weight(w_half, [0, 96]),  # the CPU layout, as the linear method keeps it
             None,
             [0, 96],
             [keep_per_rank],
