@@ -157,12 +157,16 @@ def _segments(weight: torch.Tensor, bias: torch.Tensor | None, in_features: int,
         yield block, None if bias is None else bias[lo:hi]
 
 
+def _joined(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The segments' outputs side by side, [M, N] (no copy for a single segment)."""
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
 def dense_linear(
     x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seg_bounds: Sequence[int]
 ) -> torch.Tensor:
     """The unsparsified layer on the CPU layout."""
-    outputs = [padded_linear(x2, block, b) for block, b in _segments(weight, bias, x2.shape[1], seg_bounds)]
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    return _joined([padded_linear(x2, block, b) for block, b in _segments(weight, bias, x2.shape[1], seg_bounds)])
 
 
 def sparse_linear(
@@ -185,4 +189,4 @@ def sparse_linear(
         if keep not in masks:
             masks[keep] = channel_mask(channels[:, :keep], in_features)
         outputs.append(masked_gemm(x2, masks[keep], block, b))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    return _joined(outputs)

@@ -72,20 +72,23 @@ def call_path(
     device: torch.device,
     policy: str,
     max_sparse_tokens: int | None,
-) -> tuple[TokenPath, GemvPath | None]:
+) -> tuple[TokenPath, GemvPath | cpu.CpuPath | None]:
     """The one place that decides what a call runs, from shapes alone (so a captured CUDA graph of
     a batch size always replays the same choice): a step over the token limit runs dense; on CUDA
     the GPU's crossover table picks the sparse GEMV's loop or the dense fallback, and under policy
     auto a step the sparse GEMV would not speed up is not sparsified; on a CPU the weight rows a
     step would read pick the GEMV over the kept rows or the masked GEMM, and under auto the dense
-    layer where neither beats it (``acttail_kernels.cpu.sparse_path``)."""
+    layer where neither beats it (``acttail_kernels.cpu.sparse_path``). Returns the token path and,
+    for a sparsified step, the kernel path: the GEMV's loop or dense cuBLAS on CUDA, the
+    ``CpuPath`` on a CPU."""
     if max_sparse_tokens is not None and rows > max_sparse_tokens:
         return TokenPath.UNSPARSIFIED, None
     if device.type != "cuda":
         cpu_path, beats_dense = cpu.sparse_path(rows, keep, seg_bounds, k)
         if policy == SparsityPolicy.AUTO.value and not beats_dense:
             return TokenPath.UNSPARSIFIED, None
-        return (TokenPath.SPARSE_GEMV if cpu_path is cpu.CpuPath.SPARSE_GEMV else TokenPath.SELECTION_DENSE_GEMM), None
+        token_path = TokenPath.SPARSE_GEMV if cpu_path is cpu.CpuPath.SPARSE_GEMV else TokenPath.SELECTION_DENSE_GEMM
+        return token_path, cpu_path
     import acttail_kernels
 
     gemv = acttail_kernels.gemv_path(rows, n, k, list(seg_bounds), list(keep), device)
@@ -171,7 +174,7 @@ def sparse_linear_impl(
     """
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # vLLM passes [tokens, K]: no reshape to pay for
     rows, n = x2.shape[0], seg_bounds[-1]
-    path, gemv = call_path(
+    path, kernel_path = call_path(
         rows, n, x2.shape[1], tuple(seg_bounds), tuple(keep_hint), x2.device, policy, max_sparse_tokens
     )
     decode_only = policy == SparsityPolicy.DECODE.value
@@ -180,15 +183,14 @@ def sparse_linear_impl(
         y = _dense_linear(x2, weight, bias, seg_bounds)
     else:
         if not x2.is_cuda:
-            cpu_path = cpu.CpuPath.SPARSE_GEMV if path is TokenPath.SPARSE_GEMV else cpu.CpuPath.MASKED_GEMM
-            y = cpu.sparse_linear(x2, weight, bias, seg_bounds, seg_keep.tolist(), cpu_path)
+            y = cpu.sparse_linear(x2, weight, bias, seg_bounds, seg_keep.tolist(), kernel_path)
         elif path is TokenPath.SPARSE_GEMV and sparse_rows is None:
-            y = _sparse_kernel(x2, weight, bias, seg_bounds, keep_hint, seg_keep, thr_guess, gemv)
+            y = _sparse_kernel(x2, weight, bias, seg_bounds, keep_hint, seg_keep, thr_guess, kernel_path)
         else:
             import acttail_kernels
 
             y = acttail_kernels.sparse_linear(
-                x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=gemv, thr_guess=thr_guess
+                x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=kernel_path, thr_guess=thr_guess
             )
         if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
             y = torch.where(sparse_rows[:, None], y, _dense_linear(x2, weight, bias, seg_bounds))
