@@ -17,11 +17,10 @@ checked against the reference first.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
-from pathlib import Path
 
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -56,10 +55,6 @@ def time_us(fn, repeats: int, budget_s: float = 0.05) -> float:
     return statistics.median(samples)
 
 
-def _resident_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _vllm_gemm():
     """weight [N, K] -> vLLM's CPU GEMM on it (``create_onednn_mm``, as vLLM's unquantized layers use),
     or None without vLLM's CPU ops."""
@@ -71,9 +66,10 @@ def _vllm_gemm():
         return None
 
     def make(weight: torch.Tensor):
-        before = _resident_mib()
+        process = psutil.Process()
+        before = process.memory_info().rss
         handler = ops.create_onednn_mm(weight.t(), 32)
-        grown = _resident_mib() - before
+        grown = (process.memory_info().rss - before) / 2**20
         size = weight.numel() * weight.element_size() / 2**20
         print(f"# vLLM's oneDNN handler of a {size:.1f} MiB weight: +{grown:.1f} MiB resident")
         return lambda x: ops.onednn_mm(handler, x, None)

@@ -3,9 +3,9 @@
     python3 -m benchmarks.dummy_models llama3-8b /tmp/llama3-8b-shape [--tokenizer DIR]
 
 writes config.json of that model: Llama-2 7B/13B, Llama-3-8B, Mistral-7B-v0.1, Qwen2.5-7B and
-Qwen2.5-0.5B (their q/k/v bias comes with the architecture). vLLM's dummy loader makes the weights. ``--tokenizer``
-copies a tokenizer in (for servers that take text) and sets the vocabulary to its size; the linear
-layers, which are all ActTail touches, keep the model's shapes either way.
+Qwen2.5-0.5B (their q/k/v bias comes with the architecture). vLLM's dummy loader makes the
+weights. ``--tokenizer`` copies a tokenizer in (for servers that take text) and sets the vocabulary
+to its size; the linear layers, which are all ActTail touches, keep the model's shapes either way.
 """
 
 from __future__ import annotations
