@@ -102,7 +102,7 @@ serve13b | serve7b)
       --gpu-memory-utilization $util --compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64]}'" \
     --concurrency "${CONCURRENCY:-1,4,16,64}" --rounds 4 --prompt-tokens 256 --max-tokens 128 \
     --max-tokens-spread "${SPREAD:-0}" ${RATE:+--request-rate $RATE} \
-    --output "$OUT/$name.json" --server-logs "$OUT/$name" 2>&1 | grep -v "^starting" | tee "$OUT/$name.txt"
+    --output "$OUT/$name.json" --server-logs "$OUT/$name" 2>&1 | grep --line-buffered -v "^starting" | tee "$OUT/$name.txt"
   grep -hE "ActTail" "$OUT/$name"/acttail_*.log | cut -c1-300 | tail -12
   grep -hE "^acttail_(info|tokens_total)" "$OUT/$name"/acttail_*.metrics
   ;;
