@@ -37,6 +37,14 @@ closely than their TTFT percentiles.
 the client on the first core and any left over. Steps outside CUDA graphs (prefill beyond the
 captured sizes) are host-bound, so servers that share cores, or share one with the client or with
 the interrupts CPU 0 takes, differ by where the scheduler put them.
+
+Identical servers started together keep offsets of their own through every round (TTFT p50 10-17%
+apart on an H200, docs/performance.md), so one run cannot tell a server's offset from its method.
+``--start-rotation K`` starts the servers rotated by K places (K = 1: the second one first), and
+``--pool`` reads the reports of several runs, each of fresh servers, and prints their runs as one
+table with each report's ratios:
+
+    python3 -m benchmarks.load_bench --pool run0.json run1.json run2.json
 """
 
 from __future__ import annotations
@@ -293,6 +301,8 @@ class BenchReport(BaseModel):
     summaries: list[LoadSummary]
     vllm_args: list[str] = Field(default_factory=list)
     cpus: dict[str, list[int]] | None = None
+    #: The started servers' labels in the order they started.
+    started: list[str] | None = None
     runs: list[ServerRun] = Field(default_factory=list)
 
 
@@ -459,33 +469,41 @@ def warmed_run(url: str, model: str, spec: LoadSpec, warmup: int) -> LoadRun:
     return run
 
 
-def pooled(label: str, runs: Sequence[LoadRun]) -> LoadSummary:
-    """One summary of several runs of one spec on one server: their requests together, over their
-    summed durations."""
+def merged_run(runs: Sequence[LoadRun]) -> LoadRun:
+    """Several runs of one spec on one server as one: their requests together, over their summed
+    durations."""
     records = [record for run in runs for record in run.records]
     engines = [run.engine for run in runs]
     engine = None if None in engines else sum(engines[1:], engines[0])
     duration_s = sum(run.duration_s for run in runs)
-    merged = runs[0].model_copy(update={"records": records, "duration_s": duration_s, "engine": engine})
-    return LoadSummary.of(label, merged)
+    return runs[0].model_copy(update={"records": records, "duration_s": duration_s, "engine": engine})
+
+
+def pooled(label: str, runs: Sequence[LoadRun]) -> LoadSummary:
+    """One summary of several runs of one spec on one server (``merged_run``)."""
+    return LoadSummary.of(label, merged_run(runs))
+
+
+def _by_server_and_load(runs: Sequence[ServerRun]) -> dict[tuple[str, tuple[int, float | None]], list[ServerRun]]:
+    groups: dict[tuple[str, tuple[int, float | None]], list[ServerRun]] = {}
+    for r in runs:
+        groups.setdefault((r.label, r.run.spec.load), []).append(r)
+    return groups
 
 
 def summaries_of(runs: Sequence[ServerRun]) -> list[LoadSummary]:
     """Each server's runs of a load (concurrency and rate) pooled into one summary, in the order they
     first ran."""
-    groups: dict[tuple[str, tuple[int, float | None]], list[LoadRun]] = {}
-    for r in runs:
-        groups.setdefault((r.label, r.run.spec.load), []).append(r.run)
-    return [pooled(label, label_runs) for (label, _), label_runs in groups.items()]
+    return [pooled(label, [r.run for r in group]) for (label, _), group in _by_server_and_load(runs).items()]
 
 
-def format_spread(runs: Sequence[ServerRun]) -> str:
-    """Per label and load, each interleaved round's output tok/s and TTFT p50 against the
-    dense round run beside it: how far one run's ratio strays."""
+def format_spread(runs: Sequence[ServerRun], unit: str = "round") -> str:
+    """Per label and load, each round's (``unit``'s) output tok/s and TTFT p50 against the dense
+    one of the same number: how far one run's ratio strays."""
     rounds: dict[tuple[str, tuple[int, float | None]], dict[int, LoadSummary]] = {}
     for r in runs:
         rounds.setdefault((r.label, r.run.spec.load), {})[r.round] = LoadSummary.of(r.label, r.run)
-    lines = ["per round, against the dense round beside it: out tok/s ratios; TTFT p50 ratios"]
+    lines = [f"per {unit}, against the dense {unit} beside it: out tok/s ratios; TTFT p50 ratios"]
     for (label, load), summaries in rounds.items():
         dense = rounds.get(("dense", load), {})
         if label == "dense" or not dense:
@@ -501,6 +519,46 @@ def format_spread(runs: Sequence[ServerRun]) -> str:
             + " ".join(f"{x:.3f}x" for x in ttft)
         )
     return "\n".join(lines)
+
+
+def read_reports(paths: Sequence[Path]) -> list[BenchReport]:
+    """The ``--output`` reports of runs to pool; they must have run the same vLLM arguments."""
+    reports = []
+    for path in paths:
+        try:
+            reports.append(BenchReport.model_validate_json(path.read_text()))
+        except (OSError, ValueError) as error:
+            first_line = str(error).splitlines()[0]
+            raise SystemExit(
+                f"--pool {path}: not a load_bench report ({first_line}); pass files written by --output"
+            ) from None
+        if reports[-1].vllm_args != reports[0].vllm_args:
+            raise SystemExit(
+                f"--pool {path} ran `vllm serve` with {shlex.join(reports[-1].vllm_args)!r}, {paths[0]} with "
+                f"{shlex.join(reports[0].vllm_args)!r}: pool reports of the same servers"
+            )
+    return reports
+
+
+def pooled_runs(reports: Sequence[BenchReport]) -> tuple[list[ServerRun], list[ServerRun]]:
+    """(every run of the reports, rounds numbered on from report to report; each report's runs of
+    a server and load merged into one, numbered by report)."""
+    runs, per_report = [], []
+    for i, report in enumerate(reports):
+        offset = len({r.round for r in runs})
+        runs += [r.model_copy(update={"round": offset + r.round}) for r in report.runs]
+        for (label, _), group in _by_server_and_load(report.runs).items():
+            per_report.append(ServerRun(label=label, round=i, run=merged_run([r.run for r in group])))
+    return runs, per_report
+
+
+def format_pool(paths: Sequence[Path], reports: Sequence[BenchReport], runs: Sequence[ServerRun], per_report) -> str:
+    """The pooled table, then each report's start order and ratios."""
+    starts = [
+        f"report {i}: {path}" + (f", started {' / '.join(r.started)}" if r.started else "")
+        for i, (path, r) in enumerate(zip(paths, reports))
+    ]
+    return "\n".join([format_table(summaries_of(runs)), *starts, format_spread(per_report, unit="report")])
 
 
 def parse_cpu_list(text: str) -> list[int]:
@@ -544,9 +602,13 @@ def cpu_shares(cores: Sequence[Sequence[int]], servers: int) -> tuple[list[int],
 DENSE_CONTROL = "dense again"
 
 
-def _server_runs(args: argparse.Namespace, vllm_args: list[str]) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(label, `vllm serve` arguments, environment) of each server to start: dense first (and with
-    ``--dense-control`` a second dense server, whose ratio to the first is the bench's own scatter)."""
+#: What a started server runs: its label, `vllm serve` arguments and environment.
+ServerSpec = tuple[str, list[str], dict[str, str]]
+
+
+def _server_runs(args: argparse.Namespace, vllm_args: list[str]) -> list[ServerSpec]:
+    """Each server to start: dense first (and with ``--dense-control`` a second dense server, whose
+    ratio to the first is the bench's own scatter), then ActTail's."""
     runs = [("dense", vllm_args, {})]
     if args.dense_control:
         runs.append((DENSE_CONTROL, vllm_args, {}))
@@ -580,12 +642,12 @@ def _keep_server_evidence(args: argparse.Namespace, label: str, server) -> None:
 
 
 def _bench_started_servers(
-    args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str], cpus: dict[str, list[int]]
+    args: argparse.Namespace, specs: Sequence[LoadSpec], servers: Sequence[ServerSpec], cpus: dict[str, list[int]]
 ) -> list[ServerRun]:
     from acttail_vllm.dev.server import VllmServer
 
     runs = []
-    for label, server_args, env in _server_runs(args, vllm_args):
+    for label, server_args, env in servers:
         print(f"starting the {label} server ...", file=sys.stderr)
         with VllmServer(str(args.model), server_args, env=env, cpus=_cpu_set(cpus, label)) as server:
             model = served_model(server.url)
@@ -597,7 +659,7 @@ def _bench_started_servers(
 
 
 def _bench_interleaved(
-    args: argparse.Namespace, specs: Sequence[LoadSpec], vllm_args: list[str], cpus: dict[str, list[int]]
+    args: argparse.Namespace, specs: Sequence[LoadSpec], server_specs: Sequence[ServerSpec], cpus: dict[str, list[int]]
 ) -> list[ServerRun]:
     """Every server up at once on the one GPU (``--vllm-args`` must leave each its share of the
     memory), then ``--interleave`` rounds of each spec sent to the servers in turn, the order rotating
@@ -609,7 +671,7 @@ def _bench_interleaved(
     runs: list[ServerRun] = []
     with ExitStack() as stack:
         servers = []
-        for label, server_args, env in _server_runs(args, vllm_args):
+        for label, server_args, env in server_specs:
             print(f"starting the {label} server ...", file=sys.stderr)
             server = stack.enter_context(VllmServer(str(args.model), server_args, env=env, cpus=_cpu_set(cpus, label)))
             servers.append((label, server, served_model(server.url)))
@@ -641,6 +703,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", action="append", metavar="LABEL=URL", help="a running server (repeatable)")
     target.add_argument("--model", type=Path, help="model directory: start a dense and an ActTail server on it")
+    target.add_argument(
+        "--pool",
+        type=Path,
+        nargs="+",
+        metavar="REPORT",
+        help="reports (--output) of earlier runs of the same servers: their runs pooled, and each report's ratios",
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--profile", type=Path, help="ActTail profile JSON for the started ActTail server")
     budget.add_argument(
@@ -692,12 +761,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         "on the first core and those left over",
     )
     parser.add_argument(
+        "--start-rotation",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --model: start the servers rotated by K places (1: the second first), so that runs started "
+        "in different orders and pooled with --pool tell a server's offset from its place in the start order",
+    )
+    parser.add_argument(
         "--dense-control",
         action="store_true",
         help=f"with --model: also start a second dense server ({DENSE_CONTROL!r}), the same as the first, "
         "so its ratios to dense show what the bench measures between two identical servers",
     )
     args = parser.parse_args(argv)
+    if args.pool:
+        reports = read_reports(args.pool)
+        runs, per_report = pooled_runs(reports)
+        print(format_pool(args.pool, reports, runs, per_report))
+        if args.output:
+            report = BenchReport(summaries=summaries_of(runs), vllm_args=reports[0].vllm_args, runs=runs)
+            args.output.write_text(report.model_dump_json(indent=2) + "\n")
+        return
     if not 0 <= args.max_tokens_spread < 1:
         parser.error(f"--max-tokens-spread {args.max_tokens_spread} is not a fraction in [0, 1): e.g. 0.5")
     rates = args.request_rate or [None] * len(args.concurrency)
@@ -708,6 +793,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     if args.dense_control and args.model is None:
         parser.error("--dense-control starts a second dense server, so it needs --model; with --url, add it as a --url")
+    if args.start_rotation and args.model is None:
+        parser.error("--start-rotation orders the servers it starts, so it needs --model; start --url servers yourself")
     if args.pin_cpus and args.model is None:
         parser.error("--pin-cpus pins the servers it starts, so it needs --model; pin --url servers with taskset")
 
@@ -727,6 +814,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.interleave is not None and (args.model is None or args.interleave < 1):
         parser.error("--interleave takes a number of rounds (1 or more) and --model: it starts the servers itself")
     cpus: dict[str, list[int]] = {}
+    started = None
     if args.model is not None:
         if args.profile is None and args.sparsity is None:
             parser.error("--model needs --profile or --sparsity for the ActTail server")
@@ -734,14 +822,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(
                 f"--profile {args.profile} does not exist: build one with `acttail profile MODEL --sparsity S -o FILE`"
             )
-        if args.pin_cpus:
-            labels = [label for label, _, _ in _server_runs(args, vllm_args)]
+        servers = _server_runs(args, vllm_args)
+        if args.pin_cpus:  # each label's cores whatever the start order
             try:
-                cpus = _pin_cpus(labels)
+                cpus = _pin_cpus([label for label, _, _ in servers])
             except ValueError as error:
                 parser.error(str(error))
+        first = args.start_rotation % len(servers)
+        servers = servers[first:] + servers[:first]
+        started = [label for label, _, _ in servers]
         bench = _bench_interleaved if args.interleave else _bench_started_servers
-        runs = bench(args, specs, vllm_args, cpus)
+        runs = bench(args, specs, servers, cpus)
     else:
         runs = [
             ServerRun(label=label, run=warmed_run(url, args.model_name or served_model(url), spec, args.warmup))
@@ -752,7 +843,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     summaries = summaries_of(runs)
     print(format_table(summaries))
     if args.output:
-        report = BenchReport(summaries=summaries, vllm_args=vllm_args, runs=runs, cpus=cpus or None)
+        report = BenchReport(summaries=summaries, vllm_args=vllm_args, runs=runs, cpus=cpus or None, started=started)
         args.output.write_text(report.model_dump_json(indent=2) + "\n")
         print(f"wrote {args.output}", file=sys.stderr)
 

@@ -192,10 +192,8 @@ def test_pooled_rounds_are_one_run_of_all_their_requests():
 def test_dense_control_is_a_second_dense_server_compared_like_acttail(monkeypatch, capsys):
     started = []
 
-    def bench(args, specs, vllm_args, cpus):
-        from benchmarks.load_bench import _server_runs
-
-        started.extend(_server_runs(args, vllm_args))
+    def bench(args, specs, servers, cpus):
+        started.extend(servers)
         record = RequestRecord(sent_s=0.0, ttft_s=0.1, e2e_s=0.5, prompt_tokens=4, completion_tokens=5)
 
         def run(duration_s: float) -> LoadRun:
@@ -224,6 +222,7 @@ def test_dense_control_is_a_second_dense_server_compared_like_acttail(monkeypatc
         (["--url", "a=http://x", "--concurrency", "16,64", "--request-rate", "6"], "--request-rate 6.0"),
         (["--url", "a=http://x", "--request-rate", "0"], "--request-rate 0.0"),
         (["--url", "a=http://x", "--pin-cpus"], "--pin-cpus"),
+        (["--url", "a=http://x", "--start-rotation", "1"], "--start-rotation"),
     ],
 )
 def test_load_bench_refuses_options_it_cannot_honour_in_one_line(argv, named, capsys):
@@ -257,7 +256,7 @@ def test_pin_cpus_runs_each_started_server_on_its_share(monkeypatch, tmp_path):
     monkeypatch.setattr("benchmarks.load_bench.physical_cores", lambda cpus: [[0], [1], [2], [3], [4]])
     monkeypatch.setattr("benchmarks.load_bench.os.sched_setaffinity", lambda pid, cpus: pinned.append(cpus))
 
-    def bench(args, specs, vllm_args, cpus):
+    def bench(args, specs, servers, cpus):
         given.update(cpus)
         return []
 
@@ -278,6 +277,60 @@ def test_pin_cpus_runs_each_started_server_on_its_share(monkeypatch, tmp_path):
     assert server.process.wait(timeout=60) == 0
     assert server.log().strip() == str([one_cpu])
     server.stop()
+
+
+def test_start_rotation_changes_only_the_order_servers_start_in(monkeypatch, tmp_path):
+    started = []
+    monkeypatch.setattr("benchmarks.load_bench.physical_cores", lambda cpus: [[0], [1], [2], [3]])
+    monkeypatch.setattr("benchmarks.load_bench.os.sched_setaffinity", lambda pid, cpus: None)
+
+    def bench(args, specs, servers, cpus):
+        started.append(([label for label, _, _ in servers], dict(cpus)))
+        return []
+
+    monkeypatch.setattr("benchmarks.load_bench._bench_started_servers", bench)
+    monkeypatch.setattr("benchmarks.load_bench.summaries_of", lambda runs: [])
+    argv = ["--model", "/m", "--sparsity", "0.8", "--dense-control", "--pin-cpus", "--output", str(tmp_path / "r.json")]
+    main(argv)
+    main([*argv, "--start-rotation", "1"])
+    (order0, cpus0), (order1, cpus1) = started
+    assert order0 == ["dense", DENSE_CONTROL, "acttail 80%"]
+    assert order1 == [DENSE_CONTROL, "acttail 80%", "dense"]
+    assert cpus1 == cpus0 and cpus0["dense"] == [1]  # each label keeps its cores
+    assert BenchReport.model_validate_json((tmp_path / "r.json").read_text()).started == order1
+
+
+def test_pool_prints_runs_of_several_reports_as_one_table_and_each_reports_ratios(tmp_path, capsys):
+    spec = LoadSpec(num_requests=1, concurrency=1, max_tokens=5)
+
+    def server_run(label: str, round_: int, ttft_s: float) -> ServerRun:
+        record = RequestRecord(sent_s=0.0, ttft_s=ttft_s, e2e_s=ttft_s + 0.4, prompt_tokens=4, completion_tokens=5)
+        run = LoadRun(url="http://x", model="m", spec=spec, started_at=0.0, duration_s=1.0, records=[record])
+        return ServerRun(label=label, round=round_, run=run)
+
+    # two runs of fresh servers, two rounds each: acttail's TTFT 2x dense's in the first, 1x in the second
+    first = [server_run("dense", r, 0.1) for r in (0, 1)] + [server_run("acttail 80%", r, 0.2) for r in (0, 1)]
+    second = [server_run("dense", r, 0.3) for r in (0, 1)] + [server_run("acttail 80%", r, 0.3) for r in (0, 1)]
+    paths = []
+    for i, (runs, started) in enumerate([(first, ["dense", "acttail 80%"]), (second, ["acttail 80%", "dense"])]):
+        paths.append(tmp_path / f"run{i}.json")
+        report = BenchReport(summaries=[], vllm_args=["--dtype", "bfloat16"], started=started, runs=runs)
+        paths[-1].write_text(report.model_dump_json())
+    main(["--pool", *map(str, paths), "--output", str(tmp_path / "pooled.json")])
+    out = capsys.readouterr().out.splitlines()
+    acttail_row = next(line for line in out if line.startswith("acttail 80%")).split()
+    assert acttail_row[-1] == "1.250x"  # TTFT p50 over all 8 requests: 0.25 against 0.2
+    assert f"report 1: {paths[1]}, started acttail 80% / dense" in out
+    per_report = out[out.index("per report, against the dense report beside it: out tok/s ratios; TTFT p50 ratios") + 1]
+    assert per_report.split()[-2:] == ["2.000x", "1.000x"]
+    pooled_report = BenchReport.model_validate_json((tmp_path / "pooled.json").read_text())
+    assert sorted({r.round for r in pooled_report.runs}) == [0, 1, 2, 3]  # rounds numbered on
+
+    other = tmp_path / "other.json"
+    other.write_text(BenchReport(summaries=[], vllm_args=["--dtype", "float16"], runs=first).model_dump_json())
+    for bad, named in [(other, "pool reports of the same servers"), (tmp_path / "absent.json", "not a load_bench")]:
+        with pytest.raises(SystemExit, match=named):
+            main(["--pool", str(paths[0]), str(bad)])
 
 
 def test_spread_lengths_are_the_same_for_every_run_and_sent_as_asked(monkeypatch):
