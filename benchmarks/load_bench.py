@@ -552,7 +552,9 @@ def pooled_runs(reports: Sequence[BenchReport]) -> tuple[list[ServerRun], list[S
     return runs, per_report
 
 
-def format_pool(paths: Sequence[Path], reports: Sequence[BenchReport], runs: Sequence[ServerRun], per_report) -> str:
+def format_pool(
+    paths: Sequence[Path], reports: Sequence[BenchReport], runs: Sequence[ServerRun], per_report: Sequence[ServerRun]
+) -> str:
     """The pooled table, then each report's start order and ratios."""
     starts = [
         f"report {i}: {path}" + (f", started {' / '.join(r.started)}" if r.started else "")
