@@ -6,7 +6,8 @@ contiguous rows of its block. A call selects each token's TopK channels exactly 
 the set ``reference.topk_mask`` gives, by one ``topk`` over tie-free integer keys) and then either
 
 * reads only the kept rows: ``embedding_bag`` with the kept inputs as per-sample weights sums
-  x[k] * W[k, :] over the kept k of each token (``sparse_gemv``), or
+  x[k] * W[k, :] over the kept k of each token (``sparse_gemv``; PyTorch runs one bag per thread,
+  so a step of fewer tokens than threads splits each token's rows into as many bags), or
 * multiplies the masked input by the whole block, a oneDNN GEMM (``masked_gemm``).
 
 The first reads a fraction of the weight and wins for few tokens; a GEMM reuses each weight row
@@ -119,9 +120,17 @@ def topk_channels(x: torch.Tensor, keep: int, ordered: bool = False) -> torch.Te
     return torch.topk(key, keep, dim=1, sorted=ordered).indices
 
 
+def bags_per_token(rows: int) -> int:
+    """Bags each token's kept rows are split into: enough for every thread to have one (a bag is
+    summed by one thread), and no more, since each bag's sum is rounded to the weights' dtype."""
+    return max(1, -(-torch.get_num_threads() // rows))
+
+
 @functools.lru_cache(maxsize=1024)
-def _bag_offsets(rows: int, keep: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(rows, device=device) * keep
+def _bag_offsets(rows: int, keep: int, bags: int, device: torch.device) -> torch.Tensor:
+    """Start of each bag in the [rows * keep] channel list: ``bags`` nearly equal parts per token."""
+    starts = [m * keep + part * keep // bags for m in range(rows) for part in range(bags)]
+    return torch.tensor(starts, device=device)
 
 
 def channel_mask(channels: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -134,15 +143,19 @@ def sparse_gemv(
     x2: torch.Tensor, channels: torch.Tensor, block: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """sum over each row's ``channels`` k of x[m, k] * block[k, :] (+ bias), reading only those rows
-    of ``block``: ``embedding_bag`` with the inputs as per-sample weights, one bag per token."""
+    of ``block``: ``embedding_bag`` with the inputs as per-sample weights, ``bags_per_token`` bags
+    per token, whose sums are added in float32."""
     rows, keep = channels.shape
+    bags = min(bags_per_token(rows), max(1, keep))
     y = F.embedding_bag(
         channels.reshape(-1),
         block,
-        _bag_offsets(rows, keep, x2.device),
+        _bag_offsets(rows, keep, bags, x2.device),
         mode="sum",
         per_sample_weights=x2.gather(1, channels).reshape(-1),
     )
+    if bags > 1:
+        y = y.view(rows, bags, -1).sum(1, dtype=torch.float32).to(block.dtype)
     return y if bias is None else y + bias
 
 

@@ -73,6 +73,26 @@ def test_both_paths_compute_the_reference(dtype, bounds, k, path):
         torch.testing.assert_close(cpu.dense_linear(x, laid_out, bias, bounds), x @ weight.T + bias, **tolerance)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_the_gemv_splits_a_small_steps_rows_into_a_bag_per_thread(threads):
+    gen = torch.Generator().manual_seed(2)
+    k, n = 100, 37
+    weight = torch.randn(n, k, generator=gen)
+    block = cpu.prepare_weight(weight, [0, n]).view(k, n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, expected_bags in [(1, threads), (2, -(-threads // 2)), (threads, 1), (threads + 1, 1)]:
+            assert cpu.bags_per_token(rows) == expected_bags
+            x = torch.randn(rows, k, generator=gen)
+            for keep in (1, 2, 30):  # fewer kept rows than bags: a bag each
+                channels = cpu.topk_channels(x, keep)
+                expected = reference.sparse_linear_ref(x, weight, None, [0, n], [keep])
+                torch.testing.assert_close(cpu.sparse_gemv(x, channels, block, None), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_step_size_picks_the_path_by_the_weight_rows_it_reads():
     """The GEMV's work grows with rows x kept channels, weighted by the segments' widths."""
     k, gate_up = 5120, [0, 13824, 27648]
