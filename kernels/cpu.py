@@ -6,8 +6,9 @@ contiguous rows of its block. A call selects each token's TopK channels exactly 
 the set ``reference.topk_mask`` gives, by one ``topk`` over tie-free integer keys) and then either
 
 * reads only the kept rows: ``embedding_bag`` with the kept inputs as per-sample weights sums
-  x[k] * W[k, :] over the kept k of each token (``sparse_gemv``; PyTorch runs one bag per thread,
-  so a step of fewer tokens than threads splits each token's rows into as many bags), or
+  x[k] * W[k, :] over the kept k of each token (``sparse_gemv``; PyTorch sums each bag on one
+  thread, so a step of fewer tokens than threads splits each token's rows into as many bags where
+  they are large enough to pay for it), or
 * multiplies the masked input by the whole block, a oneDNN GEMM (``masked_gemm``).
 
 The first reads a fraction of the weight and wins for few tokens; a GEMM reuses each weight row
@@ -120,9 +121,17 @@ def topk_channels(x: torch.Tensor, keep: int, ordered: bool = False) -> torch.Te
     return torch.topk(key, keep, dim=1, sorted=ordered).indices
 
 
-def bags_per_token(rows: int) -> int:
-    """Bags each token's kept rows are split into: enough for every thread to have one (a bag is
-    summed by one thread), and no more, since each bag's sum is rounded to the weights' dtype."""
+#: A token's kept rows are split into a bag per thread from this many bytes: below it the extra
+#: bags' launch and sum cost more than the threads save (bench_cpu_kernels, docs/performance.md#cpu).
+GEMV_SPLIT_MIN_BYTES = 1 << 20
+
+
+def bags_per_token(rows: int, kept_bytes: int) -> int:
+    """Bags each token's kept rows (``kept_bytes`` of weight) are split into: one below
+    ``GEMV_SPLIT_MIN_BYTES``, else enough for every thread to have one (a bag is summed by one
+    thread), and no more, since each bag's sum is rounded to the weights' dtype."""
+    if kept_bytes < GEMV_SPLIT_MIN_BYTES:
+        return 1
     return max(1, -(-torch.get_num_threads() // rows))
 
 
@@ -146,7 +155,7 @@ def sparse_gemv(
     of ``block``: ``embedding_bag`` with the inputs as per-sample weights, ``bags_per_token`` bags
     per token, whose sums are added in float32."""
     rows, keep = channels.shape
-    bags = min(bags_per_token(rows), max(1, keep))
+    bags = min(bags_per_token(rows, keep * block.shape[1] * block.element_size()), max(1, keep))
     y = F.embedding_bag(
         channels.reshape(-1),
         block,

@@ -74,7 +74,7 @@ def test_both_paths_compute_the_reference(dtype, bounds, k, path):
 
 
 @pytest.mark.parametrize("threads", [1, 3, 4])
-def test_the_gemv_splits_a_small_steps_rows_into_a_bag_per_thread(threads):
+def test_the_gemv_splits_a_small_steps_rows_into_a_bag_per_thread(threads, monkeypatch):
     gen = torch.Generator().manual_seed(2)
     k, n = 100, 37
     weight = torch.randn(n, k, generator=gen)
@@ -82,8 +82,10 @@ def test_the_gemv_splits_a_small_steps_rows_into_a_bag_per_thread(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        assert cpu.bags_per_token(1, cpu.GEMV_SPLIT_MIN_BYTES - 1) == 1  # too few bytes to pay for threads
+        monkeypatch.setattr(cpu, "GEMV_SPLIT_MIN_BYTES", 0)  # split this small block too
         for rows, expected_bags in [(1, threads), (2, -(-threads // 2)), (threads, 1), (threads + 1, 1)]:
-            assert cpu.bags_per_token(rows) == expected_bags
+            assert cpu.bags_per_token(rows, 1) == expected_bags
             x = torch.randn(rows, k, generator=gen)
             for keep in (1, 2, 30):  # fewer kept rows than bags: a bag each
                 channels = cpu.topk_channels(x, keep)
