@@ -553,14 +553,17 @@ def pooled_runs(reports: Sequence[BenchReport]) -> tuple[list[ServerRun], list[S
 
 
 def format_pool(
-    paths: Sequence[Path], reports: Sequence[BenchReport], runs: Sequence[ServerRun], per_report: Sequence[ServerRun]
+    paths: Sequence[Path],
+    reports: Sequence[BenchReport],
+    summaries: Sequence[LoadSummary],
+    per_report: Sequence[ServerRun],
 ) -> str:
     """The pooled table, then each report's start order and ratios."""
     starts = [
         f"report {i}: {path}" + (f", started {' / '.join(r.started)}" if r.started else "")
         for i, (path, r) in enumerate(zip(paths, reports))
     ]
-    return "\n".join([format_table(summaries_of(runs)), *starts, format_spread(per_report, unit="report")])
+    return "\n".join([format_table(summaries), *starts, format_spread(per_report, unit="report")])
 
 
 def parse_cpu_list(text: str) -> list[int]:
@@ -780,9 +783,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.pool:
         reports = read_reports(args.pool)
         runs, per_report = pooled_runs(reports)
-        print(format_pool(args.pool, reports, runs, per_report))
+        summaries = summaries_of(runs)
+        print(format_pool(args.pool, reports, summaries, per_report))
         if args.output:
-            report = BenchReport(summaries=summaries_of(runs), vllm_args=reports[0].vllm_args, runs=runs)
+            report = BenchReport(summaries=summaries, vllm_args=reports[0].vllm_args, runs=runs)
             args.output.write_text(report.model_dump_json(indent=2) + "\n")
         return
     if not 0 <= args.max_tokens_spread < 1:
