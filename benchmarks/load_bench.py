@@ -560,10 +560,23 @@ def format_pool(
 ) -> str:
     """The pooled table, then each report's start order and ratios."""
     starts = [
-        f"report {i}: {path}" + (f", started {' / '.join(r.started)}" if r.started else "")
+        f"report {i}: {path}"
+        + (f", started {' / '.join(r.started)}" if r.started else "")
+        + (f", CPUs {'; '.join(f'{label} {format_cpu_list(c)}' for label, c in r.cpus.items())}" if r.cpus else "")
         for i, (path, r) in enumerate(zip(paths, reports))
     ]
     return "\n".join([format_table(summaries), *starts, format_spread(per_report, unit="report")])
+
+
+def format_cpu_list(cpus: Sequence[int]) -> str:
+    """``cpus`` as a Linux CPU list (``1-5,8``), the inverse of ``parse_cpu_list``."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def parse_cpu_list(text: str) -> list[int]:
@@ -628,12 +641,15 @@ def _cpu_set(cpus: dict[str, list[int]], label: str) -> frozenset[int] | None:
     return frozenset(cpus[label]) if label in cpus else None
 
 
-def _pin_cpus(labels: Sequence[str]) -> dict[str, list[int]]:
-    """Pin this process to the client's share and return {"client" and each label: CPUs}."""
+def _pin_cpus(labels: Sequence[str], rotation: int = 0) -> dict[str, list[int]]:
+    """Pin this process to the client's share and return {"client" and each label: CPUs}; label i gets
+    share i + ``rotation`` (wrapping around)."""
     client, shares = cpu_shares(physical_cores(sorted(os.sched_getaffinity(0))), len(labels))
+    first = rotation % len(shares)
+    shares = shares[first:] + shares[:first]
     os.sched_setaffinity(0, client)
     cpus = {"client": client, **dict(zip(labels, shares))}
-    print("CPUs: " + "; ".join(f"{label} {','.join(map(str, c))}" for label, c in cpus.items()), file=sys.stderr)
+    print("CPUs: " + "; ".join(f"{label} {format_cpu_list(c)}" for label, c in cpus.items()), file=sys.stderr)
     return cpus
 
 
@@ -774,6 +790,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "in different orders and pooled with --pool tell a server's offset from its place in the start order",
     )
     parser.add_argument(
+        "--cpu-rotation",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --pin-cpus: give each server the cores of the server K places after it, so that runs pooled "
+        "with --pool tell a server's offset from the cores it ran on",
+    )
+    parser.add_argument(
         "--dense-control",
         action="store_true",
         help=f"with --model: also start a second dense server ({DENSE_CONTROL!r}), the same as the first, "
@@ -803,6 +827,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--start-rotation orders the servers it starts, so it needs --model; start --url servers yourself")
     if args.pin_cpus and args.model is None:
         parser.error("--pin-cpus pins the servers it starts, so it needs --model; pin --url servers with taskset")
+    if args.cpu_rotation and not args.pin_cpus:
+        parser.error("--cpu-rotation moves pinned servers' cores: add --pin-cpus, e.g. --pin-cpus --cpu-rotation 1")
 
     specs = [
         LoadSpec(
@@ -831,7 +857,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         servers = _server_runs(args, vllm_args)
         if args.pin_cpus:  # each label's cores whatever the start order
             try:
-                cpus = _pin_cpus([label for label, _, _ in servers])
+                cpus = _pin_cpus([label for label, _, _ in servers], args.cpu_rotation)
             except ValueError as error:
                 parser.error(str(error))
         first = args.start_rotation % len(servers)

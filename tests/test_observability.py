@@ -27,6 +27,7 @@ from benchmarks.load_bench import (
     RequestRecord,
     ServerRun,
     cpu_shares,
+    format_cpu_list,
     format_spread,
     format_table,
     main,
@@ -223,6 +224,7 @@ def test_dense_control_is_a_second_dense_server_compared_like_acttail(monkeypatc
         (["--url", "a=http://x", "--request-rate", "0"], "--request-rate 0.0"),
         (["--url", "a=http://x", "--pin-cpus"], "--pin-cpus"),
         (["--url", "a=http://x", "--start-rotation", "1"], "--start-rotation"),
+        (["--model", "/m", "--sparsity", "0.8", "--cpu-rotation", "1"], "--cpu-rotation"),
     ],
 )
 def test_load_bench_refuses_options_it_cannot_honour_in_one_line(argv, named, capsys):
@@ -298,6 +300,34 @@ def test_start_rotation_changes_only_the_order_servers_start_in(monkeypatch, tmp
     assert order1 == [DENSE_CONTROL, "acttail 80%", "dense"]
     assert cpus1 == cpus0 and cpus0["dense"] == [1]  # each label keeps its cores
     assert BenchReport.model_validate_json((tmp_path / "r.json").read_text()).started == order1
+
+
+def test_cpu_rotation_moves_only_the_cores_and_pool_names_them(monkeypatch, tmp_path, capsys):
+    given = []
+    monkeypatch.setattr("benchmarks.load_bench.physical_cores", lambda cpus: [[0], [1], [2], [3, 4], [5], [6]])
+    monkeypatch.setattr("benchmarks.load_bench.os.sched_setaffinity", lambda pid, cpus: None)
+
+    def bench(args, specs, servers, cpus):
+        given.append(([label for label, _, _ in servers], dict(cpus)))
+        return []
+
+    monkeypatch.setattr("benchmarks.load_bench._bench_started_servers", bench)
+    monkeypatch.setattr("benchmarks.load_bench.summaries_of", lambda runs: [])
+    argv = ["--model", "/m", "--sparsity", "0.8", "--dense-control", "--pin-cpus"]
+    main([*argv, "--output", str(tmp_path / "a.json")])
+    main([*argv, "--cpu-rotation", "1", "--output", str(tmp_path / "b.json")])
+    (order0, cpus0), (order1, cpus1) = given
+    assert order1 == order0 == ["dense", DENSE_CONTROL, "acttail 80%"]
+    assert cpus0 == {"client": [0, 5, 6], "dense": [1], DENSE_CONTROL: [2], "acttail 80%": [3, 4]}
+    assert [cpus1[label] for label in order0] == [cpus0[DENSE_CONTROL], cpus0["acttail 80%"], cpus0["dense"]]
+    assert cpus1["client"] == cpus0["client"]
+
+    main(["--pool", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    lines = capsys.readouterr().out.splitlines()
+    report1 = next(line for line in lines if line.startswith("report 1:"))
+    assert report1.endswith("CPUs client 0,5-6; dense 2; dense again 3-4; acttail 80% 1")
+    assert parse_cpu_list(format_cpu_list([1, 2, 3, 5, 7, 8])) == [1, 2, 3, 5, 7, 8]
+    assert format_cpu_list([1, 2, 3, 5, 7, 8]) == "1-3,5,7-8"
 
 
 def test_pool_prints_runs_of_several_reports_as_one_table_and_each_reports_ratios(tmp_path, capsys):
