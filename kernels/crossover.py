@@ -1,9 +1,12 @@
 """Batch-size crossover between the sparse GEMV and dense cuBLAS, measured per weight shape.
 
 Each token keeps its own channels, so the rows a batch must read are the union of its tokens' sets:
-above some batch size M the sparse kernel reads nearly everything and dense cuBLAS on the sparsified
-input wins. ``tools/tune_crossover.py`` measures that M per (shape, sparsity) on one GPU model and
-writes ``measured/<GPU>/crossover.json``; the dispatch reads the table of the GPU it runs on.
+above some batch size M the sparse kernel reads nearly everything and dense cuBLAS wins. Two
+contests, two Ms: against cuBLAS on the sparsified input (the selection paid either way: every
+token sparsified, policy ``all``), and against cuBLAS alone (the layer left dense: policy ``auto``
+sparsifies only where that is faster). ``tools/tune_crossover.py`` measures both per (shape,
+sparsity) on one GPU model and writes ``measured/<GPU>/crossover.json``; the dispatch reads the
+table of the GPU it runs on.
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ class GemvPath(str, enum.Enum):
 
 class CrossoverPoint(BaseModel):
     sparsity: float = Field(ge=0.0, le=1.0, description="fraction of weight rows a token drops")
-    max_sparse_m: int = Field(ge=0, description="largest batch where the sparse kernel beat dense (0: none)")
+    max_sparse_m: int = Field(
+        ge=0,
+        description="largest batch up to which selection + sparse GEMV beat selection + cuBLAS on the sparsified "
+        "input at every measured batch (0: none)",
+    )
+    max_faster_m: int = Field(
+        ge=0,
+        description="largest batch up to which selection + sparse GEMV beat cuBLAS alone, the layer left dense, "
+        "at every measured batch (0: not even one token)",
+    )
     one_token_walk: bool = Field(
         default=False, description="for one token, walking all channels beat walking the list of kept ones"
     )
@@ -63,6 +75,12 @@ class CrossoverTable(BaseModel):
         if m > (DEFAULT_MAX_SPARSE_M if point is None else point.max_sparse_m):
             return GemvPath.DENSE
         return GemvPath.LIST if m == 1 and not (point and point.one_token_walk) else GemvPath.WALK
+
+    def beats_dense(self, m: int, n: int, k: int, sparsity: float) -> bool:
+        """Whether selection + sparse GEMV of m tokens beat leaving the layer dense (unmeasured
+        shapes: up to the default batch)."""
+        point = self.point(n, k, sparsity)
+        return m <= (DEFAULT_MAX_SPARSE_M if point is None else min(point.max_faster_m, point.max_sparse_m))
 
 
 @functools.cache

@@ -26,6 +26,15 @@ def gemv_path(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int]
     return load_crossover(device_name(device)).path(m, n, k, weight_sparsity(k, seg_bounds, seg_keep))
 
 
+def sparse_beats_dense(
+    m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int], device: torch.device
+) -> bool:
+    """Whether ``sparse_linear`` of m tokens on ``device`` runs faster than the dense layer, by the
+    crossover table measured on that GPU: where it does not, policy auto leaves the step dense."""
+    sparsity = weight_sparsity(k, seg_bounds, seg_keep)
+    return m <= MAX_TOKENS and load_crossover(device_name(device)).beats_dense(m, n, k, sparsity)
+
+
 def threshold_path(m: int, n: int, k: int, device: torch.device) -> GemvPath:
     """What ``threshold_linear`` runs for m tokens on ``device``. One token: the list loop over the
     channels each program compacts itself. No table measures threshold mode yet; the list is the

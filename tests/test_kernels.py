@@ -506,8 +506,8 @@ def test_crossover_lookup():
                 n=64,
                 k=32,
                 points=[
-                    CrossoverPoint(sparsity=0.5, max_sparse_m=1, one_token_walk=True),
-                    CrossoverPoint(sparsity=0.8, max_sparse_m=4),
+                    CrossoverPoint(sparsity=0.5, max_sparse_m=1, max_faster_m=0, one_token_walk=True),
+                    CrossoverPoint(sparsity=0.8, max_sparse_m=4, max_faster_m=2),
                 ],
             )
         ],
@@ -521,6 +521,11 @@ def test_crossover_lookup():
     assert table.path(1, 64, 32, 0.75) is channel_list  # 0.8 measured the list faster
     assert table.path(1, 128, 32, 0.5) is channel_list  # unmeasured shape: one token, its list
     assert table.path(1 + DEFAULT_MAX_SPARSE_M, 128, 32, 0.5) is dense
+    # against the layer left dense (policy auto): up to its own largest batch, never past the fallback's
+    assert not table.beats_dense(1, 64, 32, 0.5)  # one token: slower than dense, faster than the fallback
+    assert table.beats_dense(2, 64, 32, 0.8) and not table.beats_dense(3, 64, 32, 0.8)
+    assert table.beats_dense(DEFAULT_MAX_SPARSE_M, 128, 32, 0.5)  # unmeasured: the default batch
+    assert not table.beats_dense(1 + DEFAULT_MAX_SPARSE_M, 128, 32, 0.5)
 
 
 def test_one_token_path_follows_the_table(kernels, monkeypatch):
@@ -529,7 +534,7 @@ def test_one_token_path_follows_the_table(kernels, monkeypatch):
     widths, k = SHAPES[0]
     bounds, keeps = bounds_of(widths), keeps_for(k, widths, 0.5, 0)
     sparsity = dispatch.weight_sparsity(k, bounds, keeps)
-    point = CrossoverPoint(sparsity=sparsity, max_sparse_m=1, one_token_walk=True)
+    point = CrossoverPoint(sparsity=sparsity, max_sparse_m=1, max_faster_m=1, one_token_walk=True)
     table = CrossoverTable(device="test", shapes=[ShapeCrossover(name="s", n=bounds[-1], k=k, points=[point])])
     monkeypatch.setattr(dispatch, "load_crossover", {dispatch.device_name(torch.device(DEVICE)): table}.get)
     path = functools.partial(
@@ -539,6 +544,43 @@ def test_one_token_path_follows_the_table(kernels, monkeypatch):
     point.one_token_walk = False
     assert path(1) is GemvPath.LIST
     assert path(2) is GemvPath.DENSE
+    beats_dense = functools.partial(
+        dispatch.sparse_beats_dense, n=bounds[-1], k=k, seg_bounds=bounds, seg_keep=keeps, device=torch.device(DEVICE)
+    )
+    assert beats_dense(1) and not beats_dense(2)
+    point.max_faster_m = 0
+    assert not beats_dense(1) and path(1) is GemvPath.LIST  # the kernel's choice stands for policy all
+
+
+def test_tuner_derives_both_crossovers_and_reads_its_printed_tables(capsys):
+    """Where selection + sparse GEMV beat the fallback but not cuBLAS alone (an H100's qkv at 4
+    tokens), policy all still takes the sparse GEMV and auto stays dense; the table derives the same
+    from the printed kernel table (--from-output)."""
+    from benchmarks.bench_kernels import Row, print_kernel_table
+    from benchmarks.common import ALL_SHAPES
+    from tools.tune_crossover import crossover_table, rows_from_output
+
+    qkv = next(s for s in ALL_SHAPES if s.name == "7b.qkv")
+    timings = {1: (39.7, 21.2, 44.2), 2: (39.6, 43.6, 44.4), 4: (39.5, 43.8, 44.3), 8: (39.6, 60.0, 45.0)}
+    rows = [Row(qkv, m, 0.8, dense, sparse, fallback, needed=1) for m, (dense, sparse, fallback) in timings.items()]
+    rows.append(Row(qkv, 1, 0.5, 39.7, 41.0, 44.0, needed=1, one_token_walk=True))
+    table = crossover_table(rows, "GPU")
+    assert table.point(qkv.n, qkv.k, 0.8).model_dump() == {
+        "sparsity": 0.8,
+        "max_sparse_m": 4,
+        "max_faster_m": 1,
+        "one_token_walk": False,
+    }
+    assert table.point(qkv.n, qkv.k, 0.5).model_dump() == {
+        "sparsity": 0.5,
+        "max_sparse_m": 1,
+        "max_faster_m": 0,
+        "one_token_walk": True,
+    }
+    print_kernel_table(rows)
+    assert crossover_table(rows_from_output("header\n" + capsys.readouterr().out, "out.txt"), "GPU") == table
+    with pytest.raises(ValueError, match=r"notes\.txt holds no kernel table \(a\)"):
+        rows_from_output("no table here", "notes.txt")
 
 
 SHIPPED_TABLES = [(CrossoverTable, CROSSOVER_FILE, load_crossover), (TileTable, TILES_FILE, load_tiles)]

@@ -153,24 +153,32 @@ def test_cpu_gemms_run_at_few_row_counts_with_exact_rows(max_sparse_tokens, monk
 
 
 @pytest.mark.parametrize(
-    ("policy", "rows", "limit", "expected"),
+    ("policy", "rows", "limit", "faster_up_to", "expected"),
     [
-        ("auto", 1, None, TokenPath.SPARSE_GEMV),
-        ("auto", 4, None, TokenPath.UNSPARSIFIED),  # the table says dense: not sparsified
-        ("all", 4, None, TokenPath.SELECTION_DENSE_GEMM),  # every token, through the fallback
-        ("decode", 4, None, TokenPath.SELECTION_DENSE_GEMM),
-        ("all", 4, 3, TokenPath.UNSPARSIFIED),  # over the token limit
+        ("auto", 1, None, 1, TokenPath.SPARSE_GEMV),
+        ("auto", 4, None, 1, TokenPath.UNSPARSIFIED),  # the table says dense: not sparsified
+        ("all", 4, None, 1, TokenPath.SELECTION_DENSE_GEMM),  # every token, through the fallback
+        ("decode", 4, None, 1, TokenPath.SELECTION_DENSE_GEMM),
+        ("all", 4, 3, 1, TokenPath.UNSPARSIFIED),  # over the token limit
+        # sparse beats the fallback but not the dense layer: auto leaves the step dense, all does not
+        ("auto", 1, None, 0, TokenPath.UNSPARSIFIED),
+        ("all", 1, None, 0, TokenPath.SPARSE_GEMV),
     ],
 )
-def test_call_path_on_cuda_follows_the_crossover_table(monkeypatch, policy, rows, limit, expected):
+def test_call_path_on_cuda_follows_the_crossover_table(monkeypatch, policy, rows, limit, faster_up_to, expected):
     """On a GPU whose crossover table runs one token through the sparse GEMV and more through the
-    dense fallback (the H200's table at every measured shape)."""
+    dense fallback (the H200's table at most measured shapes), and where one token's sparse call
+    may still be slower than the dense layer (faster_up_to 0)."""
     import acttail_kernels
 
     def gemv_path(m, n, k, seg_bounds, seg_keep, device):
         return acttail_kernels.GemvPath.LIST if m == 1 else acttail_kernels.GemvPath.DENSE
 
+    def sparse_beats_dense(m, n, k, seg_bounds, seg_keep, device):
+        return m <= faster_up_to
+
     monkeypatch.setattr(acttail_kernels, "gemv_path", gemv_path)
+    monkeypatch.setattr(acttail_kernels, "sparse_beats_dense", sparse_beats_dense)
     sparse_op.call_path.cache_clear()
     path, _ = sparse_op.call_path(rows, 12, K, tuple(BOUNDS), tuple(KEEPS), torch.device("cuda"), policy, limit)
     sparse_op.call_path.cache_clear()

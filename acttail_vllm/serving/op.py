@@ -76,7 +76,8 @@ def call_path(
     """The one place that decides what a call runs, from shapes alone (so a captured CUDA graph of
     a batch size always replays the same choice): a step over the token limit runs dense; on CUDA
     the GPU's crossover table picks the sparse GEMV's loop or the dense fallback, and under policy
-    auto a step the sparse GEMV would not speed up is not sparsified; on a CPU the weight rows a
+    auto a step the selection and sparse GEMV would not run faster than the dense layer is not
+    sparsified; on a CPU the weight rows a
     step would read pick the GEMV over the kept rows or the masked GEMM, and under auto the dense
     layer where neither beats it (``acttail_kernels.cpu.sparse_path``). Returns the token path and,
     for a sparsified step, the kernel path: the GEMV's loop or dense cuBLAS on CUDA, the
@@ -91,11 +92,13 @@ def call_path(
         return token_path, cpu_path
     import acttail_kernels
 
+    if policy == SparsityPolicy.AUTO.value and not acttail_kernels.sparse_beats_dense(
+        rows, n, k, list(seg_bounds), list(keep), device
+    ):
+        return TokenPath.UNSPARSIFIED, None
     gemv = acttail_kernels.gemv_path(rows, n, k, list(seg_bounds), list(keep), device)
     if gemv is not acttail_kernels.GemvPath.DENSE:
         return TokenPath.SPARSE_GEMV, gemv
-    if policy == SparsityPolicy.AUTO.value:
-        return TokenPath.UNSPARSIFIED, None
     return TokenPath.SELECTION_DENSE_GEMM, gemv
 
 
