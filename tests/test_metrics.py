@@ -64,6 +64,16 @@ def dead_pid() -> int:
     return child.pid
 
 
+def test_an_uncounted_projection_reports_its_budget_or_all_channels_if_never_sparsified():
+    """On a GPU only one module counts: the others keep their budget's fraction where the policy
+    sparsifies them, and every channel where it never does."""
+    counted = snapshot(pid=1, tokens=10, kept=40)
+    budget = counted.projections[0].model_copy(update={"kept_channels": None, "budget_kept_fraction": 0.3})
+    assert counted.kept_fraction(counted.projections[0]) == 40 / (10 * IN_FEATURES)
+    assert counted.kept_fraction(budget) == 0.3
+    assert counted.kept_fraction(budget.model_copy(update={"sparsified": False})) == 1.0
+
+
 def test_snapshots_of_dead_or_silent_workers_are_not_exported(tmp_path):
     now = time.time()
     write_snapshot(snapshot(dead_pid(), 5, 20, written_at=now), tmp_path)

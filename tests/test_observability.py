@@ -281,9 +281,11 @@ def test_pin_cpus_runs_each_started_server_on_its_share(monkeypatch, tmp_path):
     server.stop()
 
 
-def test_start_rotation_changes_only_the_order_servers_start_in(monkeypatch, tmp_path):
+def _record_started_servers(monkeypatch, cores: list[list[int]]) -> list[tuple[list[str], dict[str, list[int]]]]:
+    """main on a machine of these physical cores, starting no server: each call's (start order,
+    CPUs per label) is appended to the list returned."""
     started = []
-    monkeypatch.setattr("benchmarks.load_bench.physical_cores", lambda cpus: [[0], [1], [2], [3]])
+    monkeypatch.setattr("benchmarks.load_bench.physical_cores", lambda cpus: cores)
     monkeypatch.setattr("benchmarks.load_bench.os.sched_setaffinity", lambda pid, cpus: None)
 
     def bench(args, specs, servers, cpus):
@@ -292,6 +294,11 @@ def test_start_rotation_changes_only_the_order_servers_start_in(monkeypatch, tmp
 
     monkeypatch.setattr("benchmarks.load_bench._bench_started_servers", bench)
     monkeypatch.setattr("benchmarks.load_bench.summaries_of", lambda runs: [])
+    return started
+
+
+def test_start_rotation_changes_only_the_order_servers_start_in(monkeypatch, tmp_path):
+    started = _record_started_servers(monkeypatch, [[0], [1], [2], [3]])
     argv = ["--model", "/m", "--sparsity", "0.8", "--dense-control", "--pin-cpus", "--output", str(tmp_path / "r.json")]
     main(argv)
     main([*argv, "--start-rotation", "1"])
@@ -303,16 +310,7 @@ def test_start_rotation_changes_only_the_order_servers_start_in(monkeypatch, tmp
 
 
 def test_cpu_rotation_moves_only_the_cores_and_pool_names_them(monkeypatch, tmp_path, capsys):
-    given = []
-    monkeypatch.setattr("benchmarks.load_bench.physical_cores", lambda cpus: [[0], [1], [2], [3, 4], [5], [6]])
-    monkeypatch.setattr("benchmarks.load_bench.os.sched_setaffinity", lambda pid, cpus: None)
-
-    def bench(args, specs, servers, cpus):
-        given.append(([label for label, _, _ in servers], dict(cpus)))
-        return []
-
-    monkeypatch.setattr("benchmarks.load_bench._bench_started_servers", bench)
-    monkeypatch.setattr("benchmarks.load_bench.summaries_of", lambda runs: [])
+    given = _record_started_servers(monkeypatch, [[0], [1], [2], [3, 4], [5], [6]])
     argv = ["--model", "/m", "--sparsity", "0.8", "--dense-control", "--pin-cpus"]
     main([*argv, "--output", str(tmp_path / "a.json")])
     main([*argv, "--cpu-rotation", "1", "--output", str(tmp_path / "b.json")])

@@ -185,6 +185,26 @@ def test_call_path_on_cuda_follows_the_crossover_table(monkeypatch, policy, rows
     assert path is expected
 
 
+@pytest.mark.parametrize(
+    ("policy", "faster_up_to", "expected"), [("auto", 1, True), ("auto", 0, False), ("all", 0, True)]
+)
+def test_a_module_auto_never_sparsifies_does_not_count_for_all(monkeypatch, policy, faster_up_to, expected):
+    """A module whose one-token sparse call the GPU's table says is slower than the dense layer is
+    never sparsified under auto; on a GPU the module that counts tokens for all is then another."""
+    import acttail_kernels
+    from acttail_vllm.serving.linear_method import counting_modules
+
+    monkeypatch.setattr(acttail_kernels, "sparse_beats_dense", lambda m, n, k, b, keep, device: m <= faster_up_to)
+    monkeypatch.setattr(acttail_kernels, "gemv_path", lambda m, n, k, b, keep, device: acttail_kernels.GemvPath.LIST)
+    sparse_op.call_path.cache_clear()
+    sparsified = sparse_op.sparsifies_some_step(BOUNDS, KEEPS, K, torch.device("cuda"), policy, None)
+    sparse_op.call_path.cache_clear()
+    assert sparsified is expected
+    assert counting_modules([sparsified, True, True], on_gpu=True) == [expected, not expected, False]
+    assert counting_modules([False, False], on_gpu=True) == [True, False]  # none sparsified: the first
+    assert counting_modules([sparsified, True], on_gpu=False) == [True, True]
+
+
 @pytest.mark.skipif(
     torch.cuda.is_available(),
     reason="the op is registered for the platform's device, CUDA here: its CUDA route is "

@@ -24,7 +24,7 @@ from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 from acttail_kernels import cpu
 from acttail_vllm.errors import ActTailError, logs_startup_errors
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
-from acttail_vllm.serving.op import CallSite, register_call_site
+from acttail_vllm.serving.op import CallSite, register_call_site, sparsifies_some_step
 from acttail_vllm.serving.resolver import BudgetResolver, LoadedModule
 from acttail_vllm.serving.settings import ActTailSettings, SettingsError
 from acttail_vllm.serving.stats import new_stats
@@ -59,9 +59,12 @@ class SparseLinearState(torch.nn.Module):
         self.rank_shards = rank_shards
         self.seg_bounds = [0, *itertools.accumulate(out_sizes)]
         #: On CPU every module counts its kept channels from the masks it applies. On a GPU every
-        #: counter update is one more tiny kernel per step, so only the first module counts (tokens
-        #: per path); the kernels keep exactly ``keep`` channels per row by construction.
+        #: counter update is one more tiny kernel per step, so only one module counts (tokens per
+        #: path; ``SparseModules`` picks it with the budgets); the kernels keep exactly ``keep``
+        #: channels per row by construction.
         self.counts_stats = counts_stats
+        #: whether the server's policy sparsifies this module at any step size (set with the budget)
+        self.ever_sparsified = True
         self.budget: ModuleBudget | None = None
         self.call_site: CallSite | None = None  # what the op's calls take besides tensors, once budgeted
         num_segments = len(out_sizes)
@@ -71,10 +74,23 @@ class SparseLinearState(torch.nn.Module):
         stats = get_accelerator_view_from_cpu_tensor(self.stats_host) if on_gpu else self.stats_host
         self.register_buffer("stats", stats, persistent=False)
 
-    def set_budget(self, budget: ModuleBudget, settings: ActTailSettings) -> None:
+    def sparsified_with(self, budget: ModuleBudget, settings: ActTailSettings) -> bool:
+        """Whether the server's policy sparsifies this module of ``budget`` at any step size."""
+        return sparsifies_some_step(
+            self.seg_bounds,
+            list(budget.seg_keep),
+            budget.in_features,
+            self.keep.device,
+            settings.policy.value,
+            settings.max_sparse_tokens,
+        )
+
+    def set_budget(self, budget: ModuleBudget, settings: ActTailSettings, counts_stats: bool) -> None:
         """Once the module is on its device: the budget, in ``keep`` and with the server's policy and
-        token limit as the op's call site."""
+        token limit as the op's call site, which counts tokens and kept channels if ``counts_stats``."""
         self.budget = budget
+        self.counts_stats = counts_stats
+        self.ever_sparsified = self.sparsified_with(budget, settings)
         self.keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
         self.call_site = CallSite(
             self.seg_bounds, list(budget.seg_keep), self.counts_stats, settings.policy.value, settings.max_sparse_tokens
@@ -101,6 +117,15 @@ class SparseLinearState(torch.nn.Module):
         else:
             in_features = weight.numel() // self.seg_bounds[-1]
             yield from (block.t() for block in cpu.segment_blocks(weight, in_features, self.seg_bounds))
+
+
+def counting_modules(sparsified: list[bool], on_gpu: bool) -> list[bool]:
+    """Which modules count tokens and kept channels: on CPU all; on a GPU one counts for all, the
+    first the policy sparsifies (so its token paths are a sparsified module's), else the first."""
+    if not on_gpu:
+        return [True] * len(sparsified)
+    counter = sparsified.index(True) if True in sparsified else 0
+    return [i == counter for i in range(len(sparsified))]
 
 
 class SparseModules:
@@ -130,9 +155,12 @@ class SparseModules:
             for layer in self.layers
         ]
         settings = self.resolver.source.settings
-        for layer, budget in zip(self.layers, self.resolver.resolve(modules)):
-            layer.acttail.set_budget(budget, settings)
-        if self.layers[0].weight.is_cuda:
+        budgets = self.resolver.resolve(modules)
+        on_gpu = self.layers[0].weight.is_cuda
+        sparsified = [layer.acttail.sparsified_with(b, settings) for layer, b in zip(self.layers, budgets)]
+        for layer, budget, counts in zip(self.layers, budgets, counting_modules(sparsified, on_gpu)):
+            layer.acttail.set_budget(budget, settings, counts_stats=counts)
+        if on_gpu:
             self.warm_up()
         return True
 
@@ -203,10 +231,9 @@ class ActTailLinearMethod(LinearMethodBase):
                 f"{len(output_partition_sizes)} output segments, expected {self.proj.projections}"
             )
         on_gpu = current_platform.is_cuda_alike()
-        counts_stats = not on_gpu or not self.modules.layers
         # vLLM sets both before create_weights; k/v heads are replicated when tp > KV heads
         shards = self.proj.rank_shards(layer.tp_size, getattr(layer, "num_kv_head_replicas", 1))
-        layer.acttail = SparseLinearState(self.proj, output_partition_sizes, shards, counts_stats, on_gpu)
+        layer.acttail = SparseLinearState(self.proj, output_partition_sizes, shards, not on_gpu, on_gpu)
         self.modules.register(layer)
 
     @logs_startup_errors

@@ -55,6 +55,8 @@ class ProjectionSnapshot(BaseModel):
     #: the kernels keep exactly ``budget_kept_fraction`` of a sparsified token's channels)
     kept_channels: int | None
     budget_kept_fraction: float
+    #: whether the server's policy sparsifies this projection at any step size
+    sparsified: bool = True
 
 
 class WorkerSnapshot(BaseModel):
@@ -91,7 +93,7 @@ class WorkerSnapshot(BaseModel):
     def kept_fraction(self, projection: ProjectionSnapshot) -> float | None:
         """Mean fraction of the projection's input channels kept per token (None before a token)."""
         if projection.kept_channels is None:
-            return projection.budget_kept_fraction
+            return projection.budget_kept_fraction if projection.sparsified else 1.0
         if self.total_tokens == 0:
             return None
         return projection.kept_channels / (self.total_tokens * projection.in_features)
@@ -123,10 +125,11 @@ def take_snapshot(modules: SparseModules) -> WorkerSnapshot:
     profile = resolver.profile
     projections: list[ProjectionSnapshot] = []
     tokens = dict.fromkeys(TOKEN_PATHS, 0)
-    for index, state in enumerate(modules.states):
+    counted = False
+    for state in modules.states:
         stats = ModuleStats.read(state.stats_host)
-        if index == 0:  # every token passes every module: count it once
-            tokens = stats.tokens
+        if state.counts_stats and not counted:  # every token passes every module: count it once
+            tokens, counted = stats.tokens, True
         for segment, name in enumerate(state.proj.projections):
             projections.append(
                 ProjectionSnapshot(
@@ -136,6 +139,7 @@ def take_snapshot(modules: SparseModules) -> WorkerSnapshot:
                     in_features=state.budget.in_features,
                     kept_channels=stats.kept_channels[segment] if state.counts_stats else None,
                     budget_kept_fraction=state.budget.kept_fractions[segment],
+                    sparsified=state.ever_sparsified,
                 )
             )
     settings = resolver.source.settings

@@ -102,6 +102,15 @@ def call_path(
     return TokenPath.SELECTION_DENSE_GEMM, gemv
 
 
+def sparsifies_some_step(
+    seg_bounds: list[int], keep: list[int], k: int, device: torch.device, policy: str, max_sparse_tokens: int | None
+) -> bool:
+    """Whether a module of this budget is sparsified at any step size: at one token (a step is
+    sparsified only where every smaller one is)."""
+    path, _ = call_path(1, seg_bounds[-1], k, tuple(seg_bounds), tuple(keep), device, policy, max_sparse_tokens)
+    return path is not TokenPath.UNSPARSIFIED
+
+
 class EagerReplay:
     """A call site's sparse-kernel call at one step size, captured once as a CUDA graph and replayed
     when vLLM calls the op outside its own graphs (``--enforce-eager``, shapes it did not capture):
