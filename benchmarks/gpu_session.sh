@@ -28,7 +28,8 @@
 #   bash benchmarks/gpu_session.sh decode7b    # the same at the 7B shape
 #   (SPARSITIES=0.5,0.8 / BATCHES=1,16 pick a part; EXTEND=benchmarks/results/h200/decode_13b.json adds
 #   sparsities to an earlier run, reusing its dense numbers: one table in two calls of < 10 min;
-#   OPTIONS='{"max_sparse_tokens": 1}' passes more ActTail options, TAG=name suffixes the result files)
+#   OPTIONS='{"max_sparse_tokens": 1}' passes more ActTail options, TAG=name suffixes the result files;
+#   PROMPT=256 prompts of 256 tokens: the first-token columns then compare a served prompt's prefill in the engine)
 #   bash benchmarks/gpu_session.sh gguf-parts  # here: the quality study's GGUFs in parts of < 64 MiB (.gpu/gguf)
 #   bash benchmarks/gpu_session.sh models      # there: join the parts carried to /tmp/gguf, convert to HF dirs
 #   bash benchmarks/gpu_session.sh quality-tune     # after models: acttail's variant chosen on the tuning text
@@ -123,7 +124,7 @@ stall)
 decode13b | decode7b)
   shape=${1#decode}
   $python -m benchmarks.vllm_decode_bench --shapes "$shape" --sparsities "${SPARSITIES:-0.5,0.7,0.8,0.9}" --batches "${BATCHES:-1,4,16}" \
-    --new-tokens 128 --repeats 3 --json "$OUT/decode_$shape${TAG:+_$TAG}.json" ${EXTEND:+--extend "$EXTEND"} \
+    --prompt-len "${PROMPT:-64}" --new-tokens 128 --repeats 3 --json "$OUT/decode_$shape${TAG:+_$TAG}.json" ${EXTEND:+--extend "$EXTEND"} \
     ${OPTIONS:+--options "$OPTIONS"} 2>&1 | tee "$OUT/decode_$shape${TAG:+_$TAG}.txt"
   ;;
 familytables)

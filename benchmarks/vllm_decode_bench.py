@@ -9,10 +9,11 @@ torch.compile and CUDA graphs), generates `--new-tokens` tokens after a `--promp
 every request of a batch (ignore_eos), and reports tokens/s = batch * new_tokens / seconds (prefill
 included, as in the dense baseline quoted in the README) and decode-only tokens/s: the tokens after
 the first over the time after the first, the best time of a 1-token generate of the same prompts
-subtracted. The two differ most at batch 1, where the engine captures CUDA graphs only up to 2
-tokens (max_num_seqs 1), so the prefill runs uncaptured and ActTail's op pays its host time there
-(benchmarks/host_overhead.py). ActTail budgets come from the loader hook (alphas of the random
-weights, cached under $ACTTAIL_CACHE between configurations).
+subtracted; and that 1-token generate's time (the batch's prefill in the engine, a time to first
+token without HTTP) against dense's. The first two differ most at batch 1, where the engine
+captures CUDA graphs only up to 2 tokens (max_num_seqs 1), so the prefill runs uncaptured and
+ActTail's op pays its host time there (benchmarks/host_overhead.py). ActTail budgets come from the
+loader hook (alphas of the random weights, cached under $ACTTAIL_CACHE between configurations).
 ``--extend PRIOR.json`` adds sparsities to an earlier run: its dense tok/s are reused (no dense
 engine) and its rows are kept, so one shape's table can be measured in two calls under 10 minutes.
 ``--enforce-eager`` runs every engine without CUDA graphs (vLLM's ``enforce_eager``), where each op
@@ -108,6 +109,34 @@ def run_config(model: Path, sparsity: str, args: argparse.Namespace, env: dict[s
     return rows
 
 
+def _ratio_columns(dense: float | None, acttail: float | None, fmt: str, ratio_of) -> str:
+    """``dense | acttail | ratio``, or dashes where a run did not record them (older runs)."""
+    if not (dense and acttail):
+        return "- | - | -"
+    return f"{dense:{fmt}} | {acttail:{fmt}} | {ratio_of(dense, acttail):.2f}x"
+
+
+def format_table(results: list[dict]) -> str:
+    """The markdown table of ``results``: tok/s with the prefill, decode only, and the time to the
+    first token (a 1-token generate of the batch: its prefill, in the engine) against dense."""
+    lines = [
+        "| shape | batch | sparsity | options | dense tok/s | acttail tok/s | speedup "
+        "| decode only: dense | acttail | speedup | first token ms: dense | acttail | vs dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        decode = _ratio_columns(r.get("dense_decode_tok_s"), r.get("decode_tok_s"), ".0f", lambda d, a: a / d)
+        first_ms = [
+            None if r.get(key) is None else 1e3 * r[key] for key in ("dense_first_token_seconds", "first_token_seconds")
+        ]
+        first = _ratio_columns(*first_ms, ".1f", lambda d, a: a / d)
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['sparsity']:.1f} | {json.dumps(r.get('options', {}))} | "
+            f"{r['dense_tok_s']:.0f} | {r['tok_s']:.0f} | {r['tok_s'] / r['dense_tok_s']:.2f}x | {decode} | {first} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -134,7 +163,11 @@ def main() -> None:
     for shape in args.shapes.split(","):
         model = write_config(shape, root / f"{shape}-shape")
         earlier = {
-            r["batch"]: {"tok_s": r["dense_tok_s"], "decode_tok_s": r.get("dense_decode_tok_s")}
+            r["batch"]: {
+                "tok_s": r["dense_tok_s"],
+                "decode_tok_s": r.get("dense_decode_tok_s"),
+                "first_token_seconds": r.get("dense_first_token_seconds"),
+            }
             for r in results
             if r["shape"] == shape
         }
@@ -154,26 +187,12 @@ def main() -> None:
                         "options": args.options,
                         "dense_tok_s": dense[row["batch"]]["tok_s"],
                         "dense_decode_tok_s": dense[row["batch"]].get("decode_tok_s"),
+                        "dense_first_token_seconds": dense[row["batch"]].get("first_token_seconds"),
                         **row,
                     }
                 )
     results.sort(key=lambda r: (r["shape"], r["sparsity"], json.dumps(r.get("options", {})), r["batch"]))
-    print(
-        "\n| shape | batch | sparsity | options | dense tok/s | acttail tok/s | speedup "
-        "| decode only: dense | acttail | speedup |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        dense_decode, decode = r.get("dense_decode_tok_s"), r.get("decode_tok_s")  # absent in older runs
-        decode_cols = (
-            f"{dense_decode:.0f} | {decode:.0f} | {decode / dense_decode:.2f}x"
-            if dense_decode and decode
-            else "- | - | -"
-        )
-        print(
-            f"| {r['shape']} | {r['batch']} | {r['sparsity']:.1f} | {json.dumps(r.get('options', {}))} | "
-            f"{r['dense_tok_s']:.0f} | {r['tok_s']:.0f} | {r['tok_s'] / r['dense_tok_s']:.2f}x | {decode_cols} |"
-        )
+    print("\n" + format_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -328,6 +328,18 @@ def test_cpu_rotation_moves_only_the_cores_and_pool_names_them(monkeypatch, tmp_
     assert format_cpu_list([1, 2, 3, 5, 7, 8]) == "1-3,5,7-8"
 
 
+def test_decode_bench_table_compares_first_token_times_where_a_run_recorded_them():
+    from benchmarks.vllm_decode_bench import format_table
+
+    row = {"shape": "7b", "batch": 1, "sparsity": 0.8, "dense_tok_s": 160.0, "tok_s": 280.0}
+    older = {**row, "dense_decode_tok_s": 167.0, "decode_tok_s": 301.0}
+    newer = {**older, "batch": 4, "dense_first_token_seconds": 0.0250, "first_token_seconds": 0.0275}
+    lines = format_table([older, newer]).splitlines()
+    assert lines[0].endswith("| first token ms: dense | acttail | vs dense |")
+    assert lines[2].endswith("| 167 | 301 | 1.80x | - | - | - |")
+    assert lines[3].endswith("| 167 | 301 | 1.80x | 25.0 | 27.5 | 1.10x |")
+
+
 def test_pool_prints_runs_of_several_reports_as_one_table_and_each_reports_ratios(tmp_path, capsys):
     spec = LoadSpec(num_requests=1, concurrency=1, max_tokens=5)
 
