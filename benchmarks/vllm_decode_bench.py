@@ -109,11 +109,11 @@ def run_config(model: Path, sparsity: str, args: argparse.Namespace, env: dict[s
     return rows
 
 
-def _ratio_columns(dense: float | None, acttail: float | None, fmt: str, ratio_of) -> str:
-    """``dense | acttail | ratio``, or dashes where a run did not record them (older runs)."""
+def _ratio_columns(dense: float | None, acttail: float | None, fmt: str) -> str:
+    """``dense | acttail | acttail / dense``, or dashes where a run did not record them (older runs)."""
     if not (dense and acttail):
         return "- | - | -"
-    return f"{dense:{fmt}} | {acttail:{fmt}} | {ratio_of(dense, acttail):.2f}x"
+    return f"{dense:{fmt}} | {acttail:{fmt}} | {acttail / dense:.2f}x"
 
 
 def format_table(results: list[dict]) -> str:
@@ -125,11 +125,11 @@ def format_table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        decode = _ratio_columns(r.get("dense_decode_tok_s"), r.get("decode_tok_s"), ".0f", lambda d, a: a / d)
+        decode = _ratio_columns(r.get("dense_decode_tok_s"), r.get("decode_tok_s"), ".0f")
         first_ms = [
             None if r.get(key) is None else 1e3 * r[key] for key in ("dense_first_token_seconds", "first_token_seconds")
         ]
-        first = _ratio_columns(*first_ms, ".1f", lambda d, a: a / d)
+        first = _ratio_columns(*first_ms, ".1f")
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['sparsity']:.1f} | {json.dumps(r.get('options', {}))} | "
             f"{r['dense_tok_s']:.0f} | {r['tok_s']:.0f} | {r['tok_s'] / r['dense_tok_s']:.2f}x | {decode} | {first} |"

@@ -77,9 +77,8 @@ def call_path(
     a batch size always replays the same choice): a step over the token limit runs dense; on CUDA
     the GPU's crossover table picks the sparse GEMV's loop or the dense fallback, and under policy
     auto a step the selection and sparse GEMV would not run faster than the dense layer is not
-    sparsified; on a CPU the weight rows a
-    step would read pick the GEMV over the kept rows or the masked GEMM, and under auto the dense
-    layer where neither beats it (``acttail_kernels.cpu.sparse_path``). Returns the token path and,
+    sparsified; on a CPU the weight rows a step would read pick the GEMV over the kept rows or the
+    masked GEMM, and under auto the dense layer where neither beats it (``acttail_kernels.cpu.sparse_path``). Returns the token path and,
     for a sparsified step, the kernel path: the GEMV's loop or dense cuBLAS on CUDA, the
     ``CpuPath`` on a CPU."""
     if max_sparse_tokens is not None and rows > max_sparse_tokens:
