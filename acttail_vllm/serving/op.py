@@ -78,9 +78,9 @@ def call_path(
     the GPU's crossover table picks the sparse GEMV's loop or the dense fallback, and under policy
     auto a step the selection and sparse GEMV would not run faster than the dense layer is not
     sparsified; on a CPU the weight rows a step would read pick the GEMV over the kept rows or the
-    masked GEMM, and under auto the dense layer where neither beats it (``acttail_kernels.cpu.sparse_path``). Returns the token path and,
-    for a sparsified step, the kernel path: the GEMV's loop or dense cuBLAS on CUDA, the
-    ``CpuPath`` on a CPU."""
+    masked GEMM, and under auto the dense layer where neither beats it
+    (``acttail_kernels.cpu.sparse_path``). Returns the token path and, for a sparsified step, the
+    kernel path: the GEMV's loop or dense cuBLAS on CUDA, the ``CpuPath`` on a CPU."""
     if max_sparse_tokens is not None and rows > max_sparse_tokens:
         return TokenPath.UNSPARSIFIED, None
     if device.type != "cuda":
