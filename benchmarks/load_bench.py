@@ -58,6 +58,7 @@ import time
 from collections.abc import Sequence
 from itertools import cycle
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import openai
@@ -500,9 +501,8 @@ def summaries_of(runs: Sequence[ServerRun]) -> list[LoadSummary]:
 def format_spread(runs: Sequence[ServerRun], unit: str = "round") -> str:
     """Per label and load, each round's (``unit``'s) output tok/s and TTFT p50 against the dense
     one of the same number: how far one run's ratio strays."""
-    rounds: dict[tuple[str, tuple[int, float | None]], dict[int, LoadSummary]] = {}
-    for r in runs:
-        rounds.setdefault((r.label, r.run.spec.load), {})[r.round] = LoadSummary.of(r.label, r.run)
+    groups = _by_server_and_load(runs)
+    rounds = {key: {r.round: LoadSummary.of(r.label, r.run) for r in group} for key, group in groups.items()}
     lines = [f"per {unit}, against the dense {unit} beside it: out tok/s ratios; TTFT p50 ratios"]
     for (label, load), summaries in rounds.items():
         dense = rounds.get(("dense", load), {})
@@ -519,6 +519,11 @@ def format_spread(runs: Sequence[ServerRun], unit: str = "round") -> str:
             + " ".join(f"{x:.3f}x" for x in ttft)
         )
     return "\n".join(lines)
+
+
+def _write_report(path: Path, report: BenchReport) -> None:
+    path.write_text(report.model_dump_json(indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def read_reports(paths: Sequence[Path]) -> list[BenchReport]:
@@ -641,12 +646,20 @@ def _cpu_set(cpus: dict[str, list[int]], label: str) -> frozenset[int] | None:
     return frozenset(cpus[label]) if label in cpus else None
 
 
+T = TypeVar("T")
+
+
+def _rotated(items: Sequence[T], places: int) -> list[T]:
+    """``items`` starting from the one ``places`` on, wrapping around."""
+    first = places % len(items)
+    return [*items[first:], *items[:first]]
+
+
 def _pin_cpus(labels: Sequence[str], rotation: int = 0) -> dict[str, list[int]]:
     """Pin this process to the client's share and return {"client" and each label: CPUs}; label i gets
     share i + ``rotation`` (wrapping around)."""
     client, shares = cpu_shares(physical_cores(sorted(os.sched_getaffinity(0))), len(labels))
-    first = rotation % len(shares)
-    shares = shares[first:] + shares[:first]
+    shares = _rotated(shares, rotation)
     os.sched_setaffinity(0, client)
     cpus = {"client": client, **dict(zip(labels, shares))}
     print("CPUs: " + "; ".join(f"{label} {format_cpu_list(c)}" for label, c in cpus.items()), file=sys.stderr)
@@ -810,8 +823,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         summaries = summaries_of(runs)
         print(format_pool(args.pool, reports, summaries, per_report))
         if args.output:
-            report = BenchReport(summaries=summaries, vllm_args=reports[0].vllm_args, runs=runs)
-            args.output.write_text(report.model_dump_json(indent=2) + "\n")
+            _write_report(args.output, BenchReport(summaries=summaries, vllm_args=reports[0].vllm_args, runs=runs))
         return
     if not 0 <= args.max_tokens_spread < 1:
         parser.error(f"--max-tokens-spread {args.max_tokens_spread} is not a fraction in [0, 1): e.g. 0.5")
@@ -860,8 +872,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 cpus = _pin_cpus([label for label, _, _ in servers], args.cpu_rotation)
             except ValueError as error:
                 parser.error(str(error))
-        first = args.start_rotation % len(servers)
-        servers = servers[first:] + servers[:first]
+        servers = _rotated(servers, args.start_rotation)
         started = [label for label, _, _ in servers]
         bench = _bench_interleaved if args.interleave else _bench_started_servers
         runs = bench(args, specs, servers, cpus)
@@ -875,9 +886,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     summaries = summaries_of(runs)
     print(format_table(summaries))
     if args.output:
-        report = BenchReport(summaries=summaries, vllm_args=vllm_args, runs=runs, cpus=cpus or None, started=started)
-        args.output.write_text(report.model_dump_json(indent=2) + "\n")
-        print(f"wrote {args.output}", file=sys.stderr)
+        _write_report(
+            args.output,
+            BenchReport(summaries=summaries, vllm_args=vllm_args, runs=runs, cpus=cpus or None, started=started),
+        )
 
 
 if __name__ == "__main__":
