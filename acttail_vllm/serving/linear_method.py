@@ -50,7 +50,6 @@ class SparseLinearState(torch.nn.Module):
         proj: DecoderProjection,
         out_sizes: list[int],
         rank_shards: tuple[int, ...],
-        counts_stats: bool,
         on_gpu: bool,
     ):
         super().__init__()
@@ -58,11 +57,11 @@ class SparseLinearState(torch.nn.Module):
         self.out_sizes = tuple(out_sizes)
         self.rank_shards = rank_shards
         self.seg_bounds = [0, *itertools.accumulate(out_sizes)]
-        #: On CPU every module counts its kept channels from the masks it applies. On a GPU every
-        #: counter update is one more tiny kernel per step, so only one module counts (tokens per
-        #: path; ``SparseModules`` picks it with the budgets); the kernels keep exactly ``keep``
-        #: channels per row by construction.
-        self.counts_stats = counts_stats
+        #: Whether this module counts (set with the budget). On CPU every module counts its kept
+        #: channels from the masks it applies. On a GPU every counter update is one more tiny kernel
+        #: per step, so only one module counts (tokens per path; ``counting_modules``); the kernels
+        #: keep exactly ``keep`` channels per row by construction.
+        self.counts_stats = False
         #: whether the server's policy sparsifies this module at any step size (set with the budget)
         self.ever_sparsified = True
         self.budget: ModuleBudget | None = None
@@ -85,12 +84,15 @@ class SparseLinearState(torch.nn.Module):
             settings.max_sparse_tokens,
         )
 
-    def set_budget(self, budget: ModuleBudget, settings: ActTailSettings, counts_stats: bool) -> None:
+    def set_budget(
+        self, budget: ModuleBudget, settings: ActTailSettings, counts_stats: bool, ever_sparsified: bool
+    ) -> None:
         """Once the module is on its device: the budget, in ``keep`` and with the server's policy and
-        token limit as the op's call site, which counts tokens and kept channels if ``counts_stats``."""
+        token limit as the op's call site, which counts tokens and kept channels if ``counts_stats``;
+        ``ever_sparsified``: ``sparsified_with`` this budget and settings."""
         self.budget = budget
         self.counts_stats = counts_stats
-        self.ever_sparsified = self.sparsified_with(budget, settings)
+        self.ever_sparsified = ever_sparsified
         self.keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
         self.call_site = CallSite(
             self.seg_bounds, list(budget.seg_keep), self.counts_stats, settings.policy.value, settings.max_sparse_tokens
@@ -158,8 +160,9 @@ class SparseModules:
         budgets = self.resolver.resolve(modules)
         on_gpu = self.layers[0].weight.is_cuda
         sparsified = [layer.acttail.sparsified_with(b, settings) for layer, b in zip(self.layers, budgets)]
-        for layer, budget, counts in zip(self.layers, budgets, counting_modules(sparsified, on_gpu)):
-            layer.acttail.set_budget(budget, settings, counts_stats=counts)
+        counting = counting_modules(sparsified, on_gpu)
+        for layer, budget, counts, ever_sparsified in zip(self.layers, budgets, counting, sparsified):
+            layer.acttail.set_budget(budget, settings, counts_stats=counts, ever_sparsified=ever_sparsified)
         if on_gpu:
             self.warm_up()
         return True
@@ -233,7 +236,7 @@ class ActTailLinearMethod(LinearMethodBase):
         on_gpu = current_platform.is_cuda_alike()
         # vLLM sets both before create_weights; k/v heads are replicated when tp > KV heads
         shards = self.proj.rank_shards(layer.tp_size, getattr(layer, "num_kv_head_replicas", 1))
-        layer.acttail = SparseLinearState(self.proj, output_partition_sizes, shards, not on_gpu, on_gpu)
+        layer.acttail = SparseLinearState(self.proj, output_partition_sizes, shards, on_gpu)
         self.modules.register(layer)
 
     @logs_startup_errors
