@@ -109,6 +109,11 @@ def run_config(model: Path, sparsity: str, args: argparse.Namespace, env: dict[s
     return rows
 
 
+#: What each ActTail row keeps of the dense run of its batch, as ``dense_<field>``; ``--extend``
+#: reads them back (older runs lack the later two).
+DENSE_FIELDS = ("tok_s", "decode_tok_s", "first_token_seconds")
+
+
 def _ratio_columns(dense: float | None, acttail: float | None, fmt: str) -> str:
     """``dense | acttail | acttail / dense``, or dashes where a run did not record them (older runs)."""
     if not (dense and acttail):
@@ -162,15 +167,7 @@ def main() -> None:
     results = json.loads(args.extend.read_text()) if args.extend else []
     for shape in args.shapes.split(","):
         model = write_config(shape, root / f"{shape}-shape")
-        earlier = {
-            r["batch"]: {
-                "tok_s": r["dense_tok_s"],
-                "decode_tok_s": r.get("dense_decode_tok_s"),
-                "first_token_seconds": r.get("dense_first_token_seconds"),
-            }
-            for r in results
-            if r["shape"] == shape
-        }
+        earlier = {r["batch"]: {f: r.get(f"dense_{f}") for f in DENSE_FIELDS} for r in results if r["shape"] == shape}
         if set(args.batches) <= set(earlier):
             dense = earlier
             print(f"# {model.name} dense: tok/s from {args.extend}", flush=True)
@@ -185,9 +182,7 @@ def main() -> None:
                         "shape": shape,
                         "sparsity": float(sparsity),
                         "options": args.options,
-                        "dense_tok_s": dense[row["batch"]]["tok_s"],
-                        "dense_decode_tok_s": dense[row["batch"]].get("decode_tok_s"),
-                        "dense_first_token_seconds": dense[row["batch"]].get("first_token_seconds"),
+                        **{f"dense_{f}": dense[row["batch"]].get(f) for f in DENSE_FIELDS},
                         **row,
                     }
                 )
