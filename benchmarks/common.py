@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
 from acttail_kernels import prepare_weight
+from acttail_kernels.measured import parse_measured_table
 from benchmarks.dummy_models import write_config
 
 
@@ -86,14 +86,12 @@ def write_measured(path: Path, table) -> None:
     already there that this run did not measure (so one model's shapes can be added to it)."""
     if path.is_file():
         measured = {s.name for s in table.shapes}
-        try:
-            earlier = type(table).model_validate_json(path.read_text()).shapes
-        except ValidationError as err:
-            raise ValueError(
-                f"{path} is not a valid {type(table).__name__} ({err.errors()[0]['msg']} at "
-                f"{'.'.join(map(str, err.errors()[0]['loc']))}), so its other shapes cannot be kept; delete it and "
-                "measure again (tools.tune_crossover --from-output writes a run's printed kernel table)"
-            ) from err
+        earlier = parse_measured_table(
+            type(table),
+            path,
+            "its other shapes cannot be kept: delete it and measure again (tools.tune_crossover --from-output "
+            "writes a run's printed kernel table)",
+        ).shapes
         kept = [s for s in earlier if s.name not in measured]
         table = table.model_copy(update={"shapes": kept + list(table.shapes)})
     path.parent.mkdir(parents=True, exist_ok=True)

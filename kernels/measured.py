@@ -28,6 +28,19 @@ def table_path(file_name: str, device: str) -> Path:
     return MEASURED_DIR / re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_") / file_name
 
 
+def parse_measured_table(model: type[Table], path: Path, remedy: str) -> Table:
+    """The table in ``path``; a ValueError naming the file, its first problem and ``remedy`` if it
+    does not parse."""
+    try:
+        return model.model_validate_json(path.read_text())
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ValueError(
+            f"{path} is not a valid {model.__name__} ({err.error_count()} errors, first at "
+            f"{'.'.join(map(str, first['loc'])) or 'top level'}: {first['msg']}); {remedy}"
+        ) from err
+
+
 def read_measured_table(model: type[Table], file_name: str, device: str, remedy: str) -> Table:
     """The table ``file_name`` measured on the GPU named ``device``; an empty one (the built-in
     defaults everywhere) if there is none; a ValueError naming the file, its first problem and
@@ -35,15 +48,7 @@ def read_measured_table(model: type[Table], file_name: str, device: str, remedy:
     path = table_path(file_name, device)
     if not path.exists():
         return model(device=device, shapes=[])
-    try:
-        table = model.model_validate_json(path.read_text())
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ValueError(
-            f"{path} is not a valid {model.__name__} ({err.error_count()} errors, first at "
-            f"{'.'.join(map(str, first['loc'])) or 'top level'}: {first['msg']}); {remedy}, or delete it "
-            "to use the built-in defaults"
-        ) from err
+    table = parse_measured_table(model, path, f"{remedy}, or delete it to use the built-in defaults")
     if table.device != device:
         raise ValueError(
             f"{path} was measured on {table.device!r}, not on {device!r} whose folder it is in; move it to "
