@@ -10,8 +10,9 @@ CPU, on its own prepacked copy of the weight (the resident memory that copy adds
 ``select`` the exact TopK selection alone; ``gemv`` the selection and the GEMV that reads only the
 kept rows (``acttail_kernels.cpu.sparse_gemv``); ``gemm`` the selection and a GEMM of the masked
 input (``masked_gemm``). The last column says which path ``acttail_kernels.cpu.sparse_path`` takes
-at that step size, and where policy auto runs the dense layer instead. Each call's output is
-checked against the reference first.
+at that step size under policy all (policy auto races the GEMV against vLLM's dense layer at
+startup, ``acttail_vllm.serving.cpu_crossover``). Each call's output is checked against the
+reference first.
 """
 
 from __future__ import annotations
@@ -110,10 +111,9 @@ def main() -> None:
                     lambda: cpu.masked_gemm(x, cpu.channel_mask(cpu.topk_channels(x, keep), k), block, None),
                     args.repeats,
                 )
-                path, beats_dense = cpu.sparse_path(rows, [keep], [0, n], k)
-                taken = f"{path.value}{'' if beats_dense else ' (auto: dense)'}"
+                path = cpu.sparse_path(rows, [keep], [0, n], k)
                 times = f"{dense:>9.1f} {vllm:>9.1f} {select:>9.1f} {gemv:>9.1f} {gemm:>9.1f}"
-                print(f"{name:<16} {sparsity:>4.2f} {rows:>4} {times}  {taken}", flush=True)
+                print(f"{name:<16} {sparsity:>4.2f} {rows:>4} {times}  {path.value}", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 #: The sparse GEMV's work grows with the weight rows it reads, rows x kept channels; a GEMM reads
 #: the weight once for all rows. Measured on a 2-core AMD EPYC (benchmarks/bench_cpu_kernels.py,
 #: docs/performance.md#cpu): the GEMV beats the masked GEMM up to about 3 kept rows per step
-#: (80%: 15 tokens) and PyTorch's dense GEMM up to about 1.5 (80%: 7 tokens).
+#: (80%: 15 tokens). Against the dense layer vLLM runs, the crossover depends on the machine's
+#: memory and the layer's width, so serving measures it at startup instead (policy auto).
 GEMV_OVER_MASKED_GEMM_MAX_KEPT_ROWS = 3.0
-GEMV_OVER_DENSE_MAX_KEPT_ROWS = 1.5
 
 
 class CpuPath(enum.Enum):
@@ -37,17 +37,12 @@ class CpuPath(enum.Enum):
     MASKED_GEMM = "masked_gemm"
 
 
-def sparse_path(
-    rows: int, seg_keep: Sequence[int], seg_bounds: Sequence[int], in_features: int
-) -> tuple[CpuPath, bool]:
-    """(the faster CPU path for a sparsified step of ``rows`` tokens, whether it is also faster than
-    the dense layer)."""
+def sparse_path(rows: int, seg_keep: Sequence[int], seg_bounds: Sequence[int], in_features: int) -> CpuPath:
+    """The faster CPU path for a sparsified step of ``rows`` tokens."""
     widths = [hi - lo for lo, hi in zip(seg_bounds[:-1], seg_bounds[1:])]
     weights = in_features * seg_bounds[-1]
     kept_rows = rows * sum(keep * width for keep, width in zip(seg_keep, widths)) / weights
-    if kept_rows > GEMV_OVER_MASKED_GEMM_MAX_KEPT_ROWS:
-        return CpuPath.MASKED_GEMM, False
-    return CpuPath.SPARSE_GEMV, kept_rows <= GEMV_OVER_DENSE_MAX_KEPT_ROWS
+    return CpuPath.MASKED_GEMM if kept_rows > GEMV_OVER_MASKED_GEMM_MAX_KEPT_ROWS else CpuPath.SPARSE_GEMV
 
 
 #: Up to this many rows a GEMM runs at its own row count (decode steps, one row per request).

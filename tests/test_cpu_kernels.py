@@ -99,11 +99,9 @@ def test_the_step_size_picks_the_path_by_the_weight_rows_it_reads():
     """The GEMV's work grows with rows x kept channels, weighted by the segments' widths."""
     k, gate_up = 5120, [0, 13824, 27648]
     kept_20 = [k // 5, k // 5]  # 80% sparsity: a token reads a fifth of the rows
-    assert cpu.sparse_path(1, kept_20, gate_up, k) == (cpu.CpuPath.SPARSE_GEMV, True)
-    assert cpu.sparse_path(7, kept_20, gate_up, k) == (cpu.CpuPath.SPARSE_GEMV, True)
-    assert cpu.sparse_path(8, kept_20, gate_up, k) == (cpu.CpuPath.SPARSE_GEMV, False)
-    assert cpu.sparse_path(15, kept_20, gate_up, k) == (cpu.CpuPath.SPARSE_GEMV, False)
-    assert cpu.sparse_path(16, kept_20, gate_up, k) == (cpu.CpuPath.MASKED_GEMM, False)
+    assert cpu.sparse_path(1, kept_20, gate_up, k) is cpu.CpuPath.SPARSE_GEMV
+    assert cpu.sparse_path(15, kept_20, gate_up, k) is cpu.CpuPath.SPARSE_GEMV
+    assert cpu.sparse_path(16, kept_20, gate_up, k) is cpu.CpuPath.MASKED_GEMM
     qkv = [0, 4096, 5120, 6144]  # q keeps half its inputs, k and v a tenth: 0.37 of the module's weights
-    assert cpu.sparse_path(4, [2048, 409, 409], qkv, 4096)[1]
-    assert not cpu.sparse_path(5, [2048, 409, 409], qkv, 4096)[1]
+    assert cpu.sparse_path(8, [2048, 409, 409], qkv, 4096) is cpu.CpuPath.SPARSE_GEMV
+    assert cpu.sparse_path(9, [2048, 409, 409], qkv, 4096) is cpu.CpuPath.MASKED_GEMM

@@ -12,11 +12,7 @@ from acttail_vllm.serving.stats import ModuleStats, TokenPath, new_stats
 
 K, BOUNDS, KEEPS = 16, [0, 8, 12], [4, 10]
 #: The largest step that takes the CPU's sparse GEMV at these budgets; larger ones the masked GEMM.
-GEMV_ROWS = max(rows for rows in range(1, 100) if cpu.sparse_path(rows, KEEPS, BOUNDS, K)[0] is cpu.CpuPath.SPARSE_GEMV)
-
-
-#: The largest step policy auto sparsifies there: the GEMV beats the dense layer.
-AUTO_ROWS = max(rows for rows in range(1, 100) if cpu.sparse_path(rows, KEEPS, BOUNDS, K)[1])
+GEMV_ROWS = max(rows for rows in range(1, 100) if cpu.sparse_path(rows, KEEPS, BOUNDS, K) is cpu.CpuPath.SPARSE_GEMV)
 
 
 def counts(gemv: int = 0, selection: int = 0, unsparsified: int = 0) -> dict[TokenPath, int]:
@@ -57,12 +53,18 @@ def run_op(
 @pytest.mark.parametrize("policy", ["all", "auto"])
 def test_on_cpu_the_step_size_picks_the_sparse_gemv_the_masked_gemm_or_under_auto_dense(policy):
     """Policy all sparsifies every token, through the GEMV while it reads few enough weight rows
-    and the masked GEMM above; auto sparsifies only the steps the GEMV runs faster than dense."""
-    auto_rows = AUTO_ROWS
-    assert 1 <= auto_rows < GEMV_ROWS
+    and the masked GEMM above. Under auto the token limit is the module's measured one: a step
+    within it takes the GEMV it was measured with, a larger one the module's dense layer."""
+    limit = GEMV_ROWS + 1  # past the masked GEMM's crossover: auto keeps the GEMV it measured
     weight = torch.randn(BOUNDS[-1], K)
+    dense_calls = []
+
+    def dense(x, bias):
+        dense_calls.append(x.shape[0])
+        return x @ weight.T
+
     stats = new_stats(len(KEEPS))
-    steps = (1, auto_rows, auto_rows + 1, GEMV_ROWS, GEMV_ROWS + 1)
+    steps = (1, GEMV_ROWS, GEMV_ROWS + 1, GEMV_ROWS + 2)
     for rows in steps:
         x = torch.randn(rows, K)
         y = sparse_op.sparse_linear_impl(
@@ -76,15 +78,18 @@ def test_on_cpu_the_step_size_picks_the_sparse_gemv_the_masked_gemm_or_under_aut
             stats,
             True,
             policy,
-            None,
+            limit if policy == "auto" else None,
+            dense,
         )
-        dense = policy == "auto" and rows > auto_rows
-        expected = x @ weight.T if dense else reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS)
+        is_dense = policy == "auto" and rows > limit
+        expected = x @ weight.T if is_dense else reference.sparse_linear_ref(x, weight, None, BOUNDS, KEEPS)
         torch.testing.assert_close(y, expected)
     if policy == "all":
-        expected_counts = counts(gemv=sum(steps[:-1]), selection=GEMV_ROWS + 1)
+        assert dense_calls == []
+        expected_counts = counts(gemv=1 + GEMV_ROWS, selection=2 * GEMV_ROWS + 3)
     else:
-        expected_counts = counts(gemv=1 + auto_rows, unsparsified=sum(steps[2:]))
+        assert dense_calls == [GEMV_ROWS + 2]
+        expected_counts = counts(gemv=1 + 2 * GEMV_ROWS + 1, unsparsified=GEMV_ROWS + 2)
     assert ModuleStats.read(stats).tokens == expected_counts
 
 
@@ -202,7 +207,8 @@ def test_a_module_auto_never_sparsifies_does_not_count_for_all(monkeypatch, poli
     assert sparsified is expected
     assert counting_modules([sparsified, True, True], on_gpu=True) == [expected, not expected, False]
     assert counting_modules([False, False], on_gpu=True) == [True, False]  # none sparsified: the first
-    assert counting_modules([sparsified, True], on_gpu=False) == [True, True]
+    assert counting_modules([sparsified, True], on_gpu=False) == [sparsified, True]  # on CPU each sparsified one
+    assert counting_modules([False, False], on_gpu=False) == [True, False]
 
 
 @pytest.mark.skipif(

@@ -139,7 +139,9 @@ def assert_logprobs_differ(a: list[float], b: list[float]) -> None:
     assert sum(abs(x - y) for x, y in zip(a, b)) / len(a) > 5 * LOGPROB_MEAN_TOL
 
 
-@pytest.mark.parametrize("option", [{"policy": "decode"}, {"max_sparse_tokens": 1}], ids=["policy", "max_tokens"])
+@pytest.mark.parametrize(
+    "option", [{"policy": "decode"}, {"policy": "all", "max_sparse_tokens": 1}], ids=["policy", "max_tokens"]
+)
 def test_decode_steps_alone_sparsified(smollm2_dir, option):
     """policy=decode, or max_sparse_tokens=1 for one request (its prompt is one step of many
     tokens, each later step one token): the prompt (prefill) runs dense and every generated token

@@ -2,7 +2,9 @@
 
 Shaped like vLLM's own methods (``fp8.py``, ``awq_triton.py``): weights are loaded as vLLM loads
 them, re-laid out once for the kernels (CUDA) or the CPU paths, and ``apply`` calls the
-``acttail::sparse_linear`` op.
+``acttail::sparse_linear`` op. On a CPU a module also keeps vLLM's own dense layer (vLLM's
+prepacked copy of the weight for its CPU GEMM) for the steps it leaves dense, and a module the
+policy never sparsifies keeps only that one and runs as in dense vLLM.
 Everything ActTail keeps for one module lives in one ``SparseLinearState``, registered on vLLM's
 layer as ``layer.acttail``; ``SparseModules`` (one per worker) collects them and applies the budgets
 the ``BudgetResolver`` returns once the last module is loaded.
@@ -24,9 +26,10 @@ from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
 from acttail_kernels import cpu
 from acttail_vllm.errors import ActTailError, logs_startup_errors
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
+from acttail_vllm.serving.cpu_crossover import TimedModule, largest_faster_steps
 from acttail_vllm.serving.op import CallSite, register_call_site, sparsifies_some_step
 from acttail_vllm.serving.resolver import BudgetResolver, LoadedModule
-from acttail_vllm.serving.settings import ActTailSettings, SettingsError
+from acttail_vllm.serving.settings import ActTailSettings, SettingsError, SparsityPolicy
 from acttail_vllm.serving.stats import new_stats
 
 logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM prints it
@@ -65,7 +68,12 @@ class SparseLinearState(torch.nn.Module):
         #: whether the server's policy sparsifies this module at any step size (set with the budget)
         self.ever_sparsified = True
         self.budget: ModuleBudget | None = None
+        #: steps of more tokens run dense (the settings' limit, or under auto on a CPU the measured one)
+        self.max_sparse_tokens: int | None = None
         self.call_site: CallSite | None = None  # what the op's calls take besides tensors, once budgeted
+        #: CPU: the module as vLLM's unquantized method made it (``add_dense_layer``), for dense steps
+        self.dense_layer: torch.nn.Module | None = None
+        self._dense_method: UnquantizedLinearMethod | None = None
         num_segments = len(out_sizes)
         self.register_buffer("keep", torch.zeros(num_segments, dtype=torch.int32), persistent=False)
         self.register_buffer("thr_guess", torch.zeros(num_segments, dtype=torch.int32), persistent=False)
@@ -73,29 +81,60 @@ class SparseLinearState(torch.nn.Module):
         stats = get_accelerator_view_from_cpu_tensor(self.stats_host) if on_gpu else self.stats_host
         self.register_buffer("stats", stats, persistent=False)
 
-    def sparsified_with(self, budget: ModuleBudget, settings: ActTailSettings) -> bool:
-        """Whether the server's policy sparsifies this module of ``budget`` at any step size."""
+    def add_dense_layer(self, method: UnquantizedLinearMethod, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """CPU: keep ``weight`` [N, K] as vLLM's unquantized ``method`` keeps a dense layer's (its CPU
+        GEMM on a prepacked copy), and run the steps left dense through it."""
+        dense = torch.nn.Module()
+        dense.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if bias is not None:  # vLLM may convert it in place for its kernel: the layer's own stays
+            dense.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+        method.process_weights_after_loading(dense)
+        self.dense_layer, self._dense_method = dense, method
+
+    def dense(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The module unsparsified, as dense vLLM runs it (CPU, after ``add_dense_layer``)."""
+        return self._dense_method.apply(self.dense_layer, x, None if bias is None else self.dense_layer.bias)
+
+    @property
+    def dense_only(self) -> bool:
+        """Whether every call runs the dense layer alone: a CPU module never sparsified and not counting."""
+        return self.dense_layer is not None and not self.ever_sparsified and not self.counts_stats
+
+    def sparsified_with(self, budget: ModuleBudget, settings: ActTailSettings, max_sparse_tokens: int | None) -> bool:
+        """Whether the server's policy sparsifies this module of ``budget`` at any step size, with
+        steps of more than ``max_sparse_tokens`` dense."""
         return sparsifies_some_step(
             self.seg_bounds,
             list(budget.seg_keep),
             budget.in_features,
             self.keep.device,
             settings.policy.value,
-            settings.max_sparse_tokens,
+            max_sparse_tokens,
         )
 
     def set_budget(
-        self, budget: ModuleBudget, settings: ActTailSettings, counts_stats: bool, ever_sparsified: bool
+        self,
+        budget: ModuleBudget,
+        settings: ActTailSettings,
+        max_sparse_tokens: int | None,
+        counts_stats: bool,
+        ever_sparsified: bool,
     ) -> None:
         """Once the module is on its device: the budget, in ``keep`` and with the server's policy and
-        token limit as the op's call site, which counts tokens and kept channels if ``counts_stats``;
-        ``ever_sparsified``: ``sparsified_with`` this budget and settings."""
+        ``max_sparse_tokens`` as the op's call site, which counts tokens and kept channels if
+        ``counts_stats``; ``ever_sparsified``: ``sparsified_with`` the same."""
         self.budget = budget
+        self.max_sparse_tokens = max_sparse_tokens
         self.counts_stats = counts_stats
         self.ever_sparsified = ever_sparsified
         self.keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
         self.call_site = CallSite(
-            self.seg_bounds, list(budget.seg_keep), self.counts_stats, settings.policy.value, settings.max_sparse_tokens
+            self.seg_bounds,
+            list(budget.seg_keep),
+            self.counts_stats,
+            settings.policy.value,
+            max_sparse_tokens,
+            None if self.dense_layer is None else self.dense,
         )
         register_call_site(self.keep, self.call_site)
 
@@ -122,10 +161,11 @@ class SparseLinearState(torch.nn.Module):
 
 
 def counting_modules(sparsified: list[bool], on_gpu: bool) -> list[bool]:
-    """Which modules count tokens and kept channels: on CPU all; on a GPU one counts for all, the
-    first the policy sparsifies (so its token paths are a sparsified module's), else the first."""
-    if not on_gpu:
-        return [True] * len(sparsified)
+    """Which modules count tokens and kept channels: on CPU each one the policy sparsifies (the
+    others keep every channel); on a GPU one counts for all, the first the policy sparsifies (so its
+    token paths are a sparsified module's). With none sparsified, the first counts the tokens."""
+    if not on_gpu and any(sparsified):
+        return list(sparsified)
     counter = sparsified.index(True) if True in sparsified else 0
     return [i == counter for i in range(len(sparsified))]
 
@@ -159,13 +199,61 @@ class SparseModules:
         settings = self.resolver.source.settings
         budgets = self.resolver.resolve(modules)
         on_gpu = self.layers[0].weight.is_cuda
-        sparsified = [layer.acttail.sparsified_with(b, settings) for layer, b in zip(self.layers, budgets)]
+        limits = self.token_limits(budgets, settings, on_gpu)
+        sparsified = [
+            layer.acttail.sparsified_with(budget, settings, limit)
+            for layer, budget, limit in zip(self.layers, budgets, limits)
+        ]
         counting = counting_modules(sparsified, on_gpu)
-        for layer, budget, counts, ever_sparsified in zip(self.layers, budgets, counting, sparsified):
-            layer.acttail.set_budget(budget, settings, counts_stats=counts, ever_sparsified=ever_sparsified)
+        for layer, budget, limit, counts, ever_sparsified in zip(self.layers, budgets, limits, counting, sparsified):
+            layer.acttail.set_budget(budget, settings, limit, counts_stats=counts, ever_sparsified=ever_sparsified)
+            if layer.acttail.dense_only:  # the GEMV's rows are never read: only vLLM's copy stays
+                layer.weight = torch.nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
         if on_gpu:
             self.warm_up()
         return True
+
+    def token_limits(self, budgets: list[ModuleBudget], settings: ActTailSettings, on_gpu: bool) -> list[int | None]:
+        """Each module's largest sparsified step: the settings' ``max_sparse_tokens``, and under
+        policy auto on a CPU no more than the largest step its sparse GEMV beats vLLM's dense layer
+        at on this machine (measured now, ``cpu_crossover``; 0: never)."""
+        if on_gpu or settings.policy is not SparsityPolicy.AUTO:
+            return [settings.max_sparse_tokens] * len(budgets)
+        start = time.perf_counter()
+        timed = [self._timed(layer, budget) for layer, budget in zip(self.layers, budgets)]
+        faster = largest_faster_steps(timed, self.layers[0].acttail.dense_layer.weight.dtype)
+        cap = settings.max_sparse_tokens
+        limits = [steps if cap is None else min(steps, cap) for steps in faster]
+        won: dict[str, list[int]] = {}
+        for layer, limit in zip(self.layers, limits):
+            won.setdefault(layer.acttail.proj.module, []).append(limit)
+        kept_bytes = sum(
+            layer.weight.numel() * layer.weight.element_size() for layer, limit in zip(self.layers, limits) if limit
+        )
+        logger.info(
+            "ActTail: the sparse GEMV beat vLLM's dense layer on this CPU at one token in %s modules "
+            "(largest step %d tokens; raced in %.1f s): these keep the GEMV's copy of their weight "
+            "beside vLLM's (%.0f MiB), the others run as in dense vLLM",
+            ", ".join(f"{module} {sum(v > 0 for v in values)}/{len(values)}" for module, values in won.items()),
+            max(limits),
+            time.perf_counter() - start,
+            kept_bytes / 2**20,
+        )
+        return limits
+
+    @staticmethod
+    def _timed(layer: torch.nn.Module, budget: ModuleBudget) -> TimedModule:
+        """A module's calls as serving would make them: a sparsified step through the op (the
+        selection, the GEMV, the counters), against the dense layer alone (a module never sparsified)."""
+        state, bias = layer.acttail, getattr(layer, "bias", None)
+        site = CallSite(state.seg_bounds, list(budget.seg_keep), True, SparsityPolicy.AUTO.value, None, state.dense)
+        keep = torch.tensor(budget.seg_keep, dtype=torch.int32)
+        scratch = torch.zeros_like(state.stats)
+        return TimedModule(
+            in_features=budget.in_features,
+            sparse=lambda x: site.run(x, layer.weight, bias, keep, state.thr_guess, scratch),
+            dense=lambda x: state.dense(x, bias),
+        )
 
     def warm_up(self, max_rows: int = WARM_UP_MAX_ROWS) -> None:
         """Run every distinct module once per step size up to ``max_rows`` tokens, so that each
@@ -252,8 +340,11 @@ class ActTailLinearMethod(LinearMethodBase):
                 )
             layer.weight = torch.nn.Parameter(acttail_kernels.prepare_weight(layer.weight.data), requires_grad=False)
         else:
-            weight = cpu.prepare_weight(layer.weight.data, layer.acttail.seg_bounds)
-            layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+            loaded = layer.weight.data
+            layer.weight = torch.nn.Parameter(cpu.prepare_weight(loaded, layer.acttail.seg_bounds), requires_grad=False)
+            settings = self.modules.resolver.source.settings
+            if settings.policy is not SparsityPolicy.ALL or settings.max_sparse_tokens is not None:
+                layer.acttail.add_dense_layer(self.dense, loaded, getattr(layer, "bias", None))
         if self.modules.loaded(layer):
             from vllm.distributed import get_tensor_model_parallel_rank
 
@@ -263,4 +354,6 @@ class ActTailLinearMethod(LinearMethodBase):
                 start_snapshot_writer(self.modules)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.acttail.dense_only:
+            return layer.acttail.dense(x, bias)
         return layer.acttail.sparse_linear(x, layer.weight, bias)

@@ -53,12 +53,19 @@ def decode_token_mask(num_tokens: int, device: torch.device) -> torch.Tensor | N
     return mask
 
 
+#: A CPU module's dense layer as vLLM runs it: (x [M, K], bias) -> [M, N].
+DenseLayer = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
 def _dense_linear(
-    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seg_bounds: list[int]
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seg_bounds: list[int], dense: DenseLayer | None
 ) -> torch.Tensor:
-    """The unsparsified layer: ``weight`` in the kernel layout [K, N] on CUDA, the CPU layout elsewhere."""
+    """The unsparsified layer: ``weight`` in the kernel layout [K, N] on CUDA; on a CPU ``dense``
+    where the module has it, else PyTorch's GEMM on the CPU layout."""
     if x2.is_cuda:
         return x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
+    if dense is not None:
+        return dense(x2, bias)
     return cpu.dense_linear(x2, weight, bias, seg_bounds)
 
 
@@ -78,15 +85,17 @@ def call_path(
     the GPU's crossover table picks the sparse GEMV's loop or the dense fallback, and under policy
     auto a step the selection and sparse GEMV would not run faster than the dense layer is not
     sparsified; on a CPU the weight rows a step would read pick the GEMV over the kept rows or the
-    masked GEMM, and under auto the dense layer where neither beats it
-    (``acttail_kernels.cpu.sparse_path``). Returns the token path and, for a sparsified step, the
-    kernel path: the GEMV's loop or dense cuBLAS on CUDA, the ``CpuPath`` on a CPU."""
+    masked GEMM (``acttail_kernels.cpu.sparse_path``), except under auto, where the token limit is
+    the module's own, measured at startup against the dense layer (``cpu_crossover``), and every
+    step within it takes the GEMV it was measured with. Returns the token path and, for a
+    sparsified step, the kernel path: the GEMV's loop or dense cuBLAS on CUDA, the ``CpuPath`` on a
+    CPU."""
     if max_sparse_tokens is not None and rows > max_sparse_tokens:
         return TokenPath.UNSPARSIFIED, None
     if device.type != "cuda":
-        cpu_path, beats_dense = cpu.sparse_path(rows, keep, seg_bounds, k)
-        if policy == SparsityPolicy.AUTO.value and not beats_dense:
-            return TokenPath.UNSPARSIFIED, None
+        if policy == SparsityPolicy.AUTO.value:
+            return TokenPath.SPARSE_GEMV, cpu.CpuPath.SPARSE_GEMV
+        cpu_path = cpu.sparse_path(rows, keep, seg_bounds, k)
         token_path = TokenPath.SPARSE_GEMV if cpu_path is cpu.CpuPath.SPARSE_GEMV else TokenPath.SELECTION_DENSE_GEMM
         return token_path, cpu_path
     import acttail_kernels
@@ -168,6 +177,7 @@ def sparse_linear_impl(
     count_stats: bool,
     policy: str,
     max_sparse_tokens: int | None,
+    dense: DenseLayer | None = None,
 ) -> torch.Tensor:
     """``weight`` is the kernel layout [K, N] (``acttail_kernels.prepare_weight``) on CUDA and the
     CPU layout (``acttail_kernels.cpu.prepare_weight``) elsewhere.
@@ -179,6 +189,7 @@ def sparse_linear_impl(
     ``thr_guess`` (int32, one per segment) is where the CUDA selection leaves each threshold and
     starts the next step's search (speed only, never the result). ``policy`` is a
     ``SparsityPolicy`` value; under ``decode`` the prefill rows of a mixed step stay dense.
+    ``dense``: on a CPU, the module's dense layer as vLLM runs it, for the rows left dense.
     With ``count_stats``, ``stats`` (int64, see ``stats.py``) accumulates, per output segment, the
     input channels kept, then the tokens of each ``TokenPath`` (the call's path for its sparsified
     rows; under policy=decode a mixed step's prefill rows count as unsparsified).
@@ -191,7 +202,7 @@ def sparse_linear_impl(
     decode_only = policy == SparsityPolicy.DECODE.value
     sparse_rows = decode_token_mask(rows, x2.device) if decode_only and path is not TokenPath.UNSPARSIFIED else None
     if path is TokenPath.UNSPARSIFIED:
-        y = _dense_linear(x2, weight, bias, seg_bounds)
+        y = _dense_linear(x2, weight, bias, seg_bounds, dense)
     else:
         if not x2.is_cuda:
             y = cpu.sparse_linear(x2, weight, bias, seg_bounds, seg_keep.tolist(), kernel_path)
@@ -204,7 +215,7 @@ def sparse_linear_impl(
                 x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=kernel_path, thr_guess=thr_guess
             )
         if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
-            y = torch.where(sparse_rows[:, None], y, _dense_linear(x2, weight, bias, seg_bounds))
+            y = torch.where(sparse_rows[:, None], y, _dense_linear(x2, weight, bias, seg_bounds, dense))
     if count_stats:  # only then: each op here is one more kernel per module and step on a GPU
         sparsified = 0 if path is TokenPath.UNSPARSIFIED else rows if sparse_rows is None else sparse_rows.sum()
         if stats.is_cuda:
@@ -234,6 +245,7 @@ class CallSite:
     count_stats: bool
     policy: str
     max_sparse_tokens: int | None
+    dense: DenseLayer | None = None  # on a CPU: the module's dense layer as vLLM runs it
 
     def run(
         self,
@@ -259,6 +271,7 @@ class CallSite:
             self.count_stats and count_stats,
             self.policy,
             self.max_sparse_tokens,
+            self.dense,
         )
 
 

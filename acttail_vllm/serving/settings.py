@@ -76,9 +76,9 @@ DEFAULT_ORIGIN = SettingsOrigin(
 
 
 class SparsityPolicy(str, Enum):
-    #: sparsify a step where the GPU's measured kernels make it faster than the dense layer (the
-    #: crossover table of its shape and sparsity: on an H200, single-token steps), run other steps
-    #: as the dense model; off CUDA (the PyTorch reference path) every token is sparsified
+    #: sparsify a step where that makes the module faster than the dense layer, run other steps as
+    #: the dense model: on a GPU by its crossover table (on an H200, single-token steps), on a CPU
+    #: by each module's race against vLLM's dense layer at startup
     AUTO = "auto"
     #: every token's inputs are sparsified, prefill included (the paper's protocol)
     ALL = "all"
