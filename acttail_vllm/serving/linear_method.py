@@ -12,6 +12,7 @@ the ``BudgetResolver`` returns once the last module is loaded.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import time
@@ -160,6 +161,15 @@ class SparseLinearState(torch.nn.Module):
             yield from (block.t() for block in cpu.segment_blocks(weight, in_features, self.seg_bounds))
 
 
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system: a CPU load frees the loaded weights and the
+    copies of modules left dense, and glibc keeps such pages resident until trimmed. No-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def counting_modules(sparsified: list[bool], on_gpu: bool) -> list[bool]:
     """Which modules count tokens and kept channels: on CPU each one the policy sparsifies (the
     others keep every channel); on a GPU one counts for all, the first the policy sparsifies (so its
@@ -211,6 +221,8 @@ class SparseModules:
                 layer.weight = torch.nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
         if on_gpu:
             self.warm_up()
+        else:
+            return_freed_memory()
         return True
 
     def token_limits(self, budgets: list[ModuleBudget], settings: ActTailSettings, on_gpu: bool) -> list[int | None]:
