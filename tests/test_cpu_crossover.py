@@ -1,5 +1,6 @@
 """Policy auto on a CPU: the startup race between each module's sparse GEMV and vLLM's dense layer,
-and what the modules do with its result (no server)."""
+and what the modules do with its result (no server). vLLM is imported inside the tests: importing it
+on a CPU turns Triton off for the process, and the Triton interpreter tests share the worker."""
 
 from __future__ import annotations
 
@@ -7,13 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
 from acttail_kernels import cpu, reference
-from acttail_vllm.serving import linear_method
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
 from acttail_vllm.serving.cpu_crossover import TimedModule, largest_faster_steps
-from acttail_vllm.serving.linear_method import ActTailLinearMethod, SparseLinearState, SparseModules
 from acttail_vllm.serving.settings import ActTailSettings
 
 
@@ -61,6 +59,10 @@ def test_each_module_is_sparsified_up_to_the_largest_step_its_gemv_won_at_every_
 
 def cpu_module(layer_index: int, out_sizes: list[int], k: int, gen: torch.Generator):
     """A vLLM-like CPU layer with its ActTail state, as the linear method leaves it after loading."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from acttail_vllm.serving.linear_method import SparseLinearState
+
     proj = DecoderProjection(layer_index, "gate_up_proj", ("gate_proj", "up_proj"))
     weight = (torch.randn(sum(out_sizes), k, generator=gen) / k**0.5).to(torch.bfloat16)
     layer = torch.nn.Module()
@@ -74,6 +76,11 @@ def cpu_module(layer_index: int, out_sizes: list[int], k: int, gen: torch.Genera
 def test_auto_on_a_cpu_sparsifies_what_won_its_race_and_runs_the_rest_as_vllm(monkeypatch, max_sparse_tokens):
     """Each module's token limit is the largest step it won (capped by max_sparse_tokens); a module
     that won none runs vLLM's dense layer alone, without the GEMV's copy of its weight or counters."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from acttail_vllm.serving import linear_method
+    from acttail_vllm.serving.linear_method import ActTailLinearMethod, SparseModules
+
     gen = torch.Generator().manual_seed(0)
     k, sizes, budget = 64, [48, 16], ModuleBudget((16, 32), 64)
     built = [cpu_module(i, sizes, k, gen) for i in range(3)]
