@@ -107,7 +107,7 @@ def test_auto_on_a_cpu_sparsifies_what_won_its_race_and_runs_the_rest_as_vllm(mo
 
     cap = 16 if max_sparse_tokens is None else max_sparse_tokens
     states = modules.states
-    assert [s.max_sparse_tokens for s in states] == [2, 0, cap]
+    assert [s.call_site.max_sparse_tokens for s in states] == [2, 0, cap]
     assert [s.ever_sparsified for s in states] == [True, False, True]
     assert [s.counts_stats for s in states] == [True, False, True]
     assert [s.dense_only for s in states] == [False, True, False]
@@ -122,7 +122,7 @@ def test_auto_on_a_cpu_sparsifies_what_won_its_race_and_runs_the_rest_as_vllm(mo
         for rows in (1, 2, 3, 5):
             x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
             served, dense = method.apply(layer, x), vllm_dense.apply(twin, x)
-            if rows <= layer.acttail.max_sparse_tokens:
+            if rows <= layer.acttail.call_site.max_sparse_tokens:
                 sparse = reference.sparse_linear_ref(x.float(), weight.float(), None, [0, 48, 64], [16, 32])
                 torch.testing.assert_close(served.float(), sparse, rtol=2e-2, atol=2e-2)
             else:

@@ -35,14 +35,16 @@ class TimedModule:
 
 
 def _median_times(
-    modules: Sequence[TimedModule], fn: str, inputs: dict[int, torch.Tensor], rounds: int, clock: Callable[[], float]
+    calls: Sequence[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]],
+    rounds: int,
+    clock: Callable[[], float],
 ) -> list[float]:
-    times: list[list[float]] = [[] for _ in modules]
+    """Each (function, input)'s median time over ``rounds`` rounds, each round calling all in order."""
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(rounds):
-        for samples, module in zip(times, modules):
-            x = inputs[module.in_features]
+        for samples, (fn, x) in zip(times, calls):
             start = clock()
-            getattr(module, fn)(x)
+            fn(x)
             samples.append(clock() - start)
     return [statistics.median(samples) for samples in times]
 
@@ -65,8 +67,8 @@ def largest_faster_steps(
         widths = {modules[i].in_features for i in contenders}
         inputs = {k: torch.randn(rows, k, generator=generator).to(dtype) for k in widths}
         racing = [modules[i] for i in contenders]
-        dense = _median_times(racing, "dense", inputs, rounds, clock)
-        sparse = _median_times(racing, "sparse", inputs, rounds, clock)
+        dense = _median_times([(m.dense, inputs[m.in_features]) for m in racing], rounds, clock)
+        sparse = _median_times([(m.sparse, inputs[m.in_features]) for m in racing], rounds, clock)
         contenders = [i for i, d, s in zip(contenders, dense, sparse) if s < d]
         for i in contenders:
             largest[i] = rows

@@ -69,8 +69,6 @@ class SparseLinearState(torch.nn.Module):
         #: whether the server's policy sparsifies this module at any step size (set with the budget)
         self.ever_sparsified = True
         self.budget: ModuleBudget | None = None
-        #: steps of more tokens run dense (the settings' limit, or under auto on a CPU the measured one)
-        self.max_sparse_tokens: int | None = None
         self.call_site: CallSite | None = None  # what the op's calls take besides tensors, once budgeted
         #: CPU: the module as vLLM's unquantized method made it (``add_dense_layer``), for dense steps
         self.dense_layer: torch.nn.Module | None = None
@@ -122,10 +120,10 @@ class SparseLinearState(torch.nn.Module):
         ever_sparsified: bool,
     ) -> None:
         """Once the module is on its device: the budget, in ``keep`` and with the server's policy and
-        ``max_sparse_tokens`` as the op's call site, which counts tokens and kept channels if
+        ``max_sparse_tokens`` (the settings' limit, or under auto on a CPU the measured one) as the
+        op's call site, which counts tokens and kept channels if
         ``counts_stats``; ``ever_sparsified``: ``sparsified_with`` the same."""
         self.budget = budget
-        self.max_sparse_tokens = max_sparse_tokens
         self.counts_stats = counts_stats
         self.ever_sparsified = ever_sparsified
         self.keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
@@ -233,7 +231,7 @@ class SparseModules:
             return [settings.max_sparse_tokens] * len(budgets)
         start = time.perf_counter()
         timed = [self._timed(layer, budget) for layer, budget in zip(self.layers, budgets)]
-        faster = largest_faster_steps(timed, self.layers[0].acttail.dense_layer.weight.dtype)
+        faster = largest_faster_steps(timed, self.layers[0].weight.dtype)
         cap = settings.max_sparse_tokens
         limits = [steps if cap is None else min(steps, cap) for steps in faster]
         won: dict[str, list[int]] = {}
