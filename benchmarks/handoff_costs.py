@@ -13,14 +13,16 @@ At the 13B shapes, M = 1, the channel-list path, per call:
   the same bytes without selection, list or gather;
 * ``dense``: cuBLAS on the whole weight.
 
-Then per decoder layer (qkv + o + gate_up + down) the sums of dense, shipped (``both``) and
-``best``: min(gemv, ideal) a call, a free selection and the faster of the list GEMV and cuBLAS on the
-kept bytes. A batch-1 step of the 13B shape is 40 layers plus ``--rest-us`` of kernel time outside
-the projections and selections (attention, norms, rotary, cache writes, lm_head; 1282 us in
+Then per decoder layer (qkv + o + gate_up + down) the sums of dense, shipped (``both``), ``free``:
+the list GEMV alone (a selection that costs nothing, today's GEMV), and ``best``: min(gemv, ideal) a
+call, a free selection and the faster of the list GEMV and cuBLAS on the kept bytes. A batch-1 step
+of the 13B shape is 40 layers plus ``--rest-us`` of kernel time outside the projections and
+selections (attention, norms, rotary, cache writes, lm_head; 1282 us in
 results/h200/profile_decode_13b_08.txt at 80%), against a dense step of ``--dense-step-us`` (8208 us
 of wall time, results/h200/profile_decode_13b.txt); ``bound`` is dense step / (rest + 40 best
-layers), the speedup decode would reach with that rest; ``model`` is the same sum with the shipped
-calls, to check against the measured decode speedup (results/h200/decode_13b.txt).
+layers), the speedup decode would reach with that rest, ``free bound`` the same with the ``free``
+layers; ``model`` is the same sum with the shipped calls, to check against the measured decode
+speedup (results/h200/decode_13b.txt).
 
 Timing: ``benchmarks.common.time_us`` (CUDA graph, L2 flushed, median microseconds per call).
 """
@@ -127,20 +129,24 @@ def main() -> None:
                 flush=True,
             )
             if in_layer(shape):
-                sums = layer.setdefault(sparsity, {"dense": 0.0, "shipped": 0.0, "best": 0.0})
+                sums = layer.setdefault(sparsity, {"dense": 0.0, "shipped": 0.0, "free": 0.0, "best": 0.0})
                 sums["dense"] += dense
                 sums["shipped"] += t["both"]
+                sums["free"] += t["gemv"]
                 sums["best"] += min(t["gemv"], t["ideal"])
     print(
         f"\nper layer ({' + '.join(LAYER)}), us; step = {args.rest_us:.0f} + {LAYERS} layers, "
         f"against a dense step of {args.dense_step_us:.0f}"
     )
-    print(f"{'s':>4s} {'dense':>7s} {'shipped':>8s} {'best':>7s} {'model':>7s} {'bound':>7s}")
+    print(
+        f"{'s':>4s} {'dense':>7s} {'shipped':>8s} {'free':>7s} {'best':>7s} {'model':>7s} {'free bound':>10s} "
+        f"{'bound':>7s}"
+    )
     for sparsity, sums in layer.items():
-        model, bound = (step_speedup(sums[key], args) for key in ("shipped", "best"))
+        model, free, bound = (step_speedup(sums[key], args) for key in ("shipped", "free", "best"))
         print(
-            f"{sparsity:4.2f} {sums['dense']:7.1f} {sums['shipped']:8.1f} {sums['best']:7.1f} {model:6.2f}x "
-            f"{bound:6.2f}x"
+            f"{sparsity:4.2f} {sums['dense']:7.1f} {sums['shipped']:8.1f} {sums['free']:7.1f} {sums['best']:7.1f} "
+            f"{model:6.2f}x {free:9.2f}x {bound:6.2f}x"
         )
 
 
