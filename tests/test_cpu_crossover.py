@@ -127,3 +127,97 @@ def test_auto_on_a_cpu_sparsifies_what_won_its_race_and_runs_the_rest_as_vllm(mo
                 torch.testing.assert_close(served.float(), sparse, rtol=2e-2, atol=2e-2)
             else:
                 assert torch.equal(served, dense)  # a step left dense is dense vLLM's, bit for bit
+
+
+@pytest.mark.parametrize("policy", ["auto", "decode"])
+def test_modules_without_room_for_a_second_copy_keep_one(monkeypatch, policy):
+    """A module past the room for second copies keeps one copy of its weight: under auto vLLM's
+    dense layer alone (not raced, run as in dense vLLM, bit for bit), under other policies the
+    GEMV's rows alone (dense steps on PyTorch's GEMM); the modules that fit keep both."""
+    import vllm.distributed
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from acttail_vllm.serving import linear_method, metrics
+    from acttail_vllm.serving.linear_method import ActTailLinearMethod, SecondCopies, SparseLinearState, SparseModules
+
+    gen = torch.Generator().manual_seed(1)
+    k, sizes, budget = 64, [48, 16], ModuleBudget((16, 32), 64)
+    proj = DecoderProjection(0, "gate_up_proj", ("gate_proj", "up_proj"))
+    weights = [(torch.randn(64, k, generator=gen) / k**0.5).to(torch.bfloat16) for _ in range(3)]
+    nbytes = weights[0].numel() * weights[0].element_size()
+    settings = ActTailSettings(sparsity=0.5, policy=policy)
+    resolver = SimpleNamespace(
+        profile=None, source=SimpleNamespace(settings=settings), resolve=lambda modules: [budget] * len(modules)
+    )
+    raced = []
+
+    def race(timed, dtype):
+        raced.append(len(timed))
+        return [16] * len(timed)
+
+    monkeypatch.setattr(linear_method, "largest_faster_steps", race)
+    monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(metrics, "start_snapshot_writer", lambda modules: None)
+    modules = SparseModules(resolver)
+    modules.second_copies = SecondCopies(spare=lambda: 2 * nbytes + 2)  # room for one module's copy
+    method = ActTailLinearMethod(modules, proj)
+    layers = []
+    for weight in weights:
+        layer = torch.nn.Module()
+        layer.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        layer.acttail = SparseLinearState(proj, sizes, (1, 1), on_gpu=False)
+        modules.register(layer)
+        layers.append(layer)
+    for layer in layers:
+        method.process_weights_after_loading(layer)
+
+    assert (modules.second_copies.allowed, modules.second_copies.refused) == (nbytes + 1, 2)
+    states = modules.states
+    assert all(s.dense_layer is not None for s in states) == (policy == "auto")
+    assert states[0].dense_layer is not None
+    if policy == "auto":
+        assert raced == [1]
+        assert [s.dense_only for s in states] == [False, True, True]
+        assert [layer.weight.numel() for layer in layers] == [k * 64, 0, 0]
+    else:
+        assert raced == []
+        assert [s.dense_layer is None for s in states] == [False, True, True]
+        assert [layer.weight.numel() for layer in layers] == [k * 64] * 3
+
+    vllm_dense = UnquantizedLinearMethod()
+    for index, (layer, weight) in enumerate(zip(layers, weights)):
+        twin = torch.nn.Module()
+        twin.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        vllm_dense.process_weights_after_loading(twin)
+        for rows in (1, 3):
+            x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+            served = method.apply(layer, x)
+            if policy == "auto" and index > 0:
+                assert torch.equal(served, vllm_dense.apply(twin, x))
+            else:  # sparsified (decode: no step metadata outside vLLM, so every token)
+                sparse = reference.sparse_linear_ref(x.float(), weight.float(), None, [0, 48, 64], [16, 32])
+                torch.testing.assert_close(served.float(), sparse, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("kv_cache_bytes", "rss", "available", "spare"),
+    [
+        (None, 10, 100, 82),  # dense vLLM's KV cache: 0.92 of 100 less the 10 held
+        (None, 10, 50, 50),  # no more than is available
+        (None, 95, 100, 0),  # the weights alone take more than the worker's share
+        (30, 10, 50, 20),  # an explicit KV cache: what is available beyond it
+    ],
+)
+def test_spare_cpu_memory_is_what_dense_vllms_kv_cache_would_get(monkeypatch, kv_cache_bytes, rss, available, spare):
+    import psutil
+    from vllm.config import CacheConfig, VllmConfig, set_current_vllm_config
+    from vllm.utils import cpu_resource_utils
+
+    from acttail_vllm.serving.linear_method import spare_cpu_memory
+
+    node = SimpleNamespace(total_memory=100, available_memory=available)
+    monkeypatch.setattr(cpu_resource_utils, "get_memory_node_info", lambda node_id=0: node)
+    monkeypatch.setattr(psutil, "Process", lambda: SimpleNamespace(memory_info=lambda: SimpleNamespace(rss=rss)))
+    config = VllmConfig(cache_config=CacheConfig(gpu_memory_utilization=0.92, kv_cache_memory_bytes=kv_cache_bytes))
+    with set_current_vllm_config(config):
+        assert spare_cpu_memory() == spare

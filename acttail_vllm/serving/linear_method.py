@@ -16,7 +16,7 @@ import ctypes
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -168,6 +168,49 @@ def return_freed_memory() -> None:
         pass
 
 
+def spare_cpu_memory() -> int:
+    """Bytes a CPU load can add to the weights without failing: with an explicit KV cache size
+    (``--kv-cache-memory-bytes``, ``VLLM_CPU_KVCACHE_SPACE``) the available memory beyond it, else the
+    KV cache dense vLLM would get, which such bytes then take from: its CPU worker's
+    ``--gpu-memory-utilization`` of the memory node less what the process holds, at most what is
+    available (vllm/v1/worker/cpu_worker.py)."""
+    import psutil
+    from vllm.config import get_current_vllm_config_or_none
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+    config = get_current_vllm_config_or_none()
+    cache = None if config is None else config.cache_config
+    node = get_memory_node_info(get_allowed_cpu_list()[0].numa_node)
+    if cache is not None and cache.kv_cache_memory_bytes is not None:
+        return max(0, node.available_memory - cache.kv_cache_memory_bytes)
+    utilization = 0.92 if cache is None else cache.gpu_memory_utilization
+    requested = int(node.total_memory * utilization)
+    return max(0, min(requested - psutil.Process().memory_info().rss, node.available_memory))
+
+
+class SecondCopies:
+    """CPU: the room for second weight copies, vLLM's dense layer beside the GEMV's rows: half of
+    ``spare_cpu_memory`` when the first module asks (every weight is loaded by then), so that the
+    copies never fail a load dense vLLM passes and leave its KV cache at least half its size. A
+    module that does not fit keeps the GEMV's rows alone."""
+
+    def __init__(self, spare: Callable[[], int] = spare_cpu_memory):
+        self._spare = spare
+        self.allowed: int | None = None
+        self.used = 0
+        self.refused = 0  # modules
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve a copy of ``nbytes``; False if it does not fit."""
+        if self.allowed is None:
+            self.allowed = self._spare() // 2
+        if self.used + nbytes > self.allowed:
+            self.refused += 1
+            return False
+        self.used += nbytes
+        return True
+
+
 def counting_modules(sparsified: list[bool], on_gpu: bool) -> list[bool]:
     """Which modules count tokens and kept channels: on CPU each one the policy sparsifies (the
     others keep every channel); on a GPU one counts for all, the first the policy sparsifies (so its
@@ -185,6 +228,7 @@ class SparseModules:
         self.resolver = resolver
         self.layers: list[torch.nn.Module] = []
         self._loaded: set[int] = set()
+        self.second_copies = SecondCopies()
 
     @property
     def states(self) -> list[SparseLinearState]:
@@ -213,15 +257,34 @@ class SparseModules:
             for layer, budget, limit in zip(self.layers, budgets, limits)
         ]
         counting = counting_modules(sparsified, on_gpu)
+        auto_on_cpu = not on_gpu and settings.policy is SparsityPolicy.AUTO
         for layer, budget, limit, counts, ever_sparsified in zip(self.layers, budgets, limits, counting, sparsified):
+            if auto_on_cpu and layer.acttail.dense_layer is None:  # no room for both copies: dense vLLM's alone
+                weight = torch.cat(list(layer.acttail.projection_weights(layer.weight)))
+                layer.acttail.add_dense_layer(UnquantizedLinearMethod(), weight, getattr(layer, "bias", None))
             layer.acttail.set_budget(budget, settings, limit, counts_stats=counts, ever_sparsified=ever_sparsified)
             if layer.acttail.dense_only:  # the GEMV's rows are never read: only vLLM's copy stays
                 layer.weight = torch.nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
         if on_gpu:
             self.warm_up()
         else:
+            self._log_second_copies(settings.policy)
             return_freed_memory()
         return True
+
+    def _log_second_copies(self, policy: SparsityPolicy) -> None:
+        copies = self.second_copies
+        if copies.refused:
+            logger.warning(
+                "ActTail: %d of %d modules had no room for vLLM's dense copy of their weight beside the "
+                "GEMV's (%.0f MiB allowed: half of the memory dense vLLM would give its KV cache); %s",
+                copies.refused,
+                len(self.layers),
+                copies.allowed / 2**20,
+                "they run as in dense vLLM"
+                if policy is SparsityPolicy.AUTO
+                else "their dense steps run PyTorch's GEMM on the GEMV's copy, slower than vLLM's",
+            )
 
     def token_limits(self, budgets: list[ModuleBudget], settings: ActTailSettings, on_gpu: bool) -> list[int | None]:
         """Each module's largest sparsified step: the settings' ``max_sparse_tokens``, and under
@@ -230,10 +293,12 @@ class SparseModules:
         if on_gpu or settings.policy is not SparsityPolicy.AUTO:
             return [settings.max_sparse_tokens] * len(budgets)
         start = time.perf_counter()
-        timed = [self._timed(layer, budget) for layer, budget in zip(self.layers, budgets)]
-        faster = largest_faster_steps(timed, self.layers[0].weight.dtype)
+        raced = [i for i, layer in enumerate(self.layers) if layer.acttail.dense_layer is not None]
+        timed = [self._timed(self.layers[i], budgets[i]) for i in raced]
+        faster = dict(zip(raced, largest_faster_steps(timed, self.layers[0].weight.dtype) if raced else []))
         cap = settings.max_sparse_tokens
-        limits = [steps if cap is None else min(steps, cap) for steps in faster]
+        steps = [faster.get(i, 0) for i in range(len(self.layers))]  # modules without vLLM's copy: never
+        limits = [n if cap is None else min(n, cap) for n in steps]
         won: dict[str, list[int]] = {}
         for layer, limit in zip(self.layers, limits):
             won.setdefault(layer.acttail.proj.module, []).append(limit)
@@ -353,7 +418,9 @@ class ActTailLinearMethod(LinearMethodBase):
             loaded = layer.weight.data
             layer.weight = torch.nn.Parameter(cpu.prepare_weight(loaded, layer.acttail.seg_bounds), requires_grad=False)
             settings = self.modules.resolver.source.settings
-            if settings.policy is not SparsityPolicy.ALL or settings.max_sparse_tokens is not None:
+            if (
+                settings.policy is not SparsityPolicy.ALL or settings.max_sparse_tokens is not None
+            ) and self.modules.second_copies.take(loaded.numel() * loaded.element_size()):
                 layer.acttail.add_dense_layer(self.dense, loaded, getattr(layer, "bias", None))
         if self.modules.loaded(layer):
             from vllm.distributed import get_tensor_model_parallel_rank
