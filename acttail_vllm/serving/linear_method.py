@@ -308,11 +308,13 @@ class SparseModules:
         logger.info(
             "ActTail: the sparse GEMV beat vLLM's dense layer on this CPU at one token in %s modules "
             "(largest step %d tokens; raced in %.1f s): these keep the GEMV's copy of their weight "
-            "beside vLLM's (%.0f MiB), the others run as in dense vLLM",
+            "beside vLLM's (%.0f MiB; room for %.0f MiB, half of the memory dense vLLM would give its "
+            "KV cache), the others run as in dense vLLM",
             ", ".join(f"{module} {sum(v > 0 for v in values)}/{len(values)}" for module, values in won.items()),
             max(limits),
             time.perf_counter() - start,
             kept_bytes / 2**20,
+            (self.second_copies.allowed or 0) / 2**20,
         )
         return limits
 
