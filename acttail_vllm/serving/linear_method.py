@@ -3,8 +3,9 @@
 Shaped like vLLM's own methods (``fp8.py``, ``awq_triton.py``): weights are loaded as vLLM loads
 them, re-laid out once for the kernels (CUDA) or the CPU paths, and ``apply`` calls the
 ``acttail::sparse_linear`` op. On a CPU a module also keeps vLLM's own dense layer (vLLM's
-prepacked copy of the weight for its CPU GEMM) for the steps it leaves dense, and a module the
-policy never sparsifies keeps only that one and runs as in dense vLLM.
+prepacked copy of the weight for its CPU GEMM) for the steps it leaves dense, as memory allows
+(``SecondCopies``), and a module the policy never sparsifies keeps only that one and runs as in
+dense vLLM.
 Everything ActTail keeps for one module lives in one ``SparseLinearState``, registered on vLLM's
 layer as ``layer.acttail``; ``SparseModules`` (one per worker) collects them and applies the budgets
 the ``BudgetResolver`` returns once the last module is loaded.
@@ -192,7 +193,8 @@ class SecondCopies:
     """CPU: the room for second weight copies, vLLM's dense layer beside the GEMV's rows: half of
     ``spare_cpu_memory`` when the first module asks (every weight is loaded by then), so that the
     copies never fail a load dense vLLM passes and leave its KV cache at least half its size. A
-    module that does not fit keeps the GEMV's rows alone."""
+    module that does not fit keeps one copy: under policy auto vLLM's (``SparseModules.loaded``),
+    under the others the GEMV's rows."""
 
     def __init__(self, spare: Callable[[], int] = spare_cpu_memory):
         self._spare = spare
