@@ -47,7 +47,8 @@ def python_overhead(device: str) -> None:
     """The op's own host time: a 64 x 64 layer, whose GEMM costs next to nothing, called as
     ``F.linear``, through the op's eager route (``sparse_linear_impl``, what ``--enforce-eager``
     runs) and through the dispatcher (what compiled code calls), on the dense route (a step ``auto``
-    does not sparsify) and sparsified under policy ``all``."""
+    does not sparsify; also counting tokens and kept channels, as a CPU's sparsified modules do) and
+    sparsified under policy ``all``."""
     k = n = 64
     weight = torch.randn(n, k, device=device)
     keep, guess = keep_tensor([k // 2], device), guess_tensor(1, device)
@@ -58,14 +59,15 @@ def python_overhead(device: str) -> None:
     for m in (1, 32):
         x = torch.randn(m, k, device=device)
 
-        def call(fn, policy: str, max_tokens: int | None, x=x):
+        def call(fn, policy: str, max_tokens: int | None, x=x, counts: bool = False):
             return functools.partial(
-                fn, x, weight, None, [0, n], [k // 2], keep, guess, stats, False, policy, max_tokens
+                fn, x, weight, None, [0, n], [k // 2], keep, guess, stats, counts, policy, max_tokens
             )
 
         rows = {
             "F.linear": functools.partial(torch.nn.functional.linear, x, weight),
             "dense route, eager": call(sparse_linear_impl, "auto", 0),
+            "dense route, counting": call(sparse_linear_impl, "auto", 0, counts=True),
             "dense route, dispatcher": functools.partial(
                 torch.ops.acttail.sparse_linear, x, weight, None, keep, guess, stats
             ),

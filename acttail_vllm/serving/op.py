@@ -220,6 +220,8 @@ def sparse_linear_impl(
         sparsified = 0 if path is TokenPath.UNSPARSIFIED else rows if sparse_rows is None else sparse_rows.sum()
         if stats.is_cuda:
             _add_counts(stats, seg_keep.to(torch.int64), sparsified, rows, x2.shape[1], path)
+        elif path is TokenPath.UNSPARSIFIED:  # every channel kept: no budget to read
+            _add_dense_counts(stats.numpy(), len(seg_bounds) - 1, rows, x2.shape[1])
         else:  # numpy views of the same memory: on a CPU a torch op per update costs more than the layer
             _add_counts(stats.numpy(), seg_keep.numpy().astype("int64"), int(sparsified), rows, x2.shape[1], path)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
@@ -234,6 +236,13 @@ def _add_counts(counters, seg_keep, sparsified, rows: int, in_features: int, pat
     if path is not TokenPath.UNSPARSIFIED:
         counters[token_stat(path, num_segs)] += sparsified
     counters[token_stat(TokenPath.UNSPARSIFIED, num_segs)] += rows - sparsified
+
+
+def _add_dense_counts(counters, num_segs: int, rows: int, in_features: int) -> None:
+    """``_add_counts`` of a call left dense, on a CPU's numpy counters: half its numpy operations,
+    which on a CPU cost about as much as a small layer's dense step."""
+    counters[:num_segs] += in_features * rows
+    counters[token_stat(TokenPath.UNSPARSIFIED, num_segs)] += rows
 
 
 @dataclass(frozen=True)
