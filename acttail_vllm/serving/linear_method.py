@@ -176,16 +176,15 @@ def spare_cpu_memory() -> int:
     ``--gpu-memory-utilization`` of the memory node less what the process holds, at most what is
     available (vllm/v1/worker/cpu_worker.py)."""
     import psutil
-    from vllm.config import get_current_vllm_config_or_none
+    from vllm.config import CacheConfig, get_current_vllm_config_or_none
     from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
 
     config = get_current_vllm_config_or_none()
-    cache = None if config is None else config.cache_config
+    cache = CacheConfig() if config is None else config.cache_config  # outside vLLM: its defaults
     node = get_memory_node_info(get_allowed_cpu_list()[0].numa_node)
-    if cache is not None and cache.kv_cache_memory_bytes is not None:
+    if cache.kv_cache_memory_bytes is not None:
         return max(0, node.available_memory - cache.kv_cache_memory_bytes)
-    utilization = 0.92 if cache is None else cache.gpu_memory_utilization
-    requested = int(node.total_memory * utilization)
+    requested = int(node.total_memory * cache.gpu_memory_utilization)
     return max(0, min(requested - psutil.Process().memory_info().rss, node.available_memory))
 
 
@@ -297,7 +296,7 @@ class SparseModules:
         start = time.perf_counter()
         raced = [i for i, layer in enumerate(self.layers) if layer.acttail.dense_layer is not None]
         timed = [self._timed(self.layers[i], budgets[i]) for i in raced]
-        faster = dict(zip(raced, largest_faster_steps(timed, self.layers[0].weight.dtype) if raced else []))
+        faster = dict(zip(raced, largest_faster_steps(timed, self.layers[0].weight.dtype)))
         cap = settings.max_sparse_tokens
         steps = [faster.get(i, 0) for i in range(len(self.layers))]  # modules without vLLM's copy: never
         limits = [n if cap is None else min(n, cap) for n in steps]
