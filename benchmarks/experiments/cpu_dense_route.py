@@ -30,7 +30,8 @@ SPARSITY = "0.8"
 
 def use_route(worker, route: str) -> None:
     """In the worker: every call site as the race set it (``shipped``), or with a token limit of 0
-    (``dense``: every step of a module with a dense layer runs it, through the op as before)."""
+    (``dense``: every step of a module with a dense layer runs it through the op, as a step over the
+    limit does)."""
     from acttail_vllm.serving import op
 
     shipped = op.CallSite.__dict__.get("shipped_run") or op.CallSite.run
