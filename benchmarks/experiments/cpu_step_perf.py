@@ -19,6 +19,7 @@ import argparse
 import collections
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
+    if shutil.which("perf") is None:
+        raise SystemExit("cpu_step_perf samples with Linux perf, which is not on PATH: install it (linux-tools)")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends use_route pickled
     if args.sparsity != "dense":
