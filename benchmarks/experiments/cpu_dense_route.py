@@ -18,6 +18,7 @@ first; a 1-token generate of the same prompts subtracted) and the medians.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -50,6 +51,40 @@ def use_route(worker, route: str) -> None:
     op.CallSite.run = run
 
 
+def worker_engine(shape: str, sparsity: str, batch: int, new_tokens: int):
+    """An engine of ``shape`` on random weights, dense or ActTail at ``sparsity``, its worker as a
+    served one runs (one thread on this project's 2-core machine), warmed up at ``batch`` streams
+    (every step size compiled); and its prompts."""
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends use_route pickled
+    if sparsity != "dense":
+        os.environ["ACTTAIL_SPARSITY"] = sparsity
+
+    from benchmarks.common import greedy_tokens, make_llm, token_prompts
+    from benchmarks.dummy_models import write_config
+
+    model = write_config(shape, Path(tempfile.mkdtemp(prefix="acttail-route-")) / f"{shape}-shape")
+    llm = make_llm(str(model), sparsity, 128 + new_tokens + 16, batch, {})
+    prompts = token_prompts(batch, 128)
+    llm.generate(prompts, greedy_tokens(16), use_tqdm=False)
+    return llm, prompts
+
+
+def decode_step_ms(llm, prompts, new_tokens: int, during=contextlib.nullcontext) -> float:
+    """Milliseconds per decode step: a generate of ``new_tokens`` after the first, less a 1-token
+    generate of the same prompts; ``during`` is entered around the long generate alone."""
+    from benchmarks.common import greedy_tokens
+
+    start = time.perf_counter()
+    llm.generate(prompts, greedy_tokens(1), use_tqdm=False)
+    first = time.perf_counter() - start
+    with during():
+        start = time.perf_counter()
+        llm.generate(prompts, greedy_tokens(new_tokens + 1), use_tqdm=False)
+        whole = time.perf_counter() - start
+    return (whole - first) * 1e3 / new_tokens
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="qwen2.5-0.5b")
@@ -57,27 +92,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends use_route pickled
-    os.environ["ACTTAIL_SPARSITY"] = SPARSITY
-
-    from benchmarks.common import greedy_tokens, make_llm, token_prompts
-    from benchmarks.dummy_models import write_config
-
-    model = write_config(args.shape, Path(tempfile.mkdtemp(prefix="acttail-route-")) / f"{args.shape}-shape")
-    llm = make_llm(str(model), SPARSITY, 128 + args.new_tokens + 16, args.batch, {})
-    prompts = token_prompts(args.batch, 128)
-    llm.generate(prompts, greedy_tokens(16), use_tqdm=False)  # every step size compiled
+    llm, prompts = worker_engine(args.shape, SPARSITY, args.batch, args.new_tokens)
     step_ms: dict[str, list[float]] = {"shipped": [], "dense": []}
     for rnd in range(args.rounds):
         for route in ("shipped", "dense") if rnd % 2 == 0 else ("dense", "shipped"):
             llm.collective_rpc(use_route, args=(route,))
-            start = time.perf_counter()
-            llm.generate(prompts, greedy_tokens(1), use_tqdm=False)
-            first = time.perf_counter()
-            llm.generate(prompts, greedy_tokens(args.new_tokens + 1), use_tqdm=False)
-            end = time.perf_counter()
-            step_ms[route].append(((end - first) - (first - start)) * 1e3 / args.new_tokens)
+            step_ms[route].append(decode_step_ms(llm, prompts, args.new_tokens))
         print(f"round {rnd}: " + ", ".join(f"{r} {v[-1]:.2f}" for r, v in step_ms.items()), flush=True)
     shipped, dense = (statistics.median(v) for v in step_ms.values())
     print(

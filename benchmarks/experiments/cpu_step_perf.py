@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import shutil
@@ -56,35 +57,25 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("perf") is None:
         raise SystemExit("cpu_step_perf samples with Linux perf, which is not on PATH: install it (linux-tools)")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0")
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc sends use_route pickled
-    if args.sparsity != "dense":
-        os.environ["ACTTAIL_SPARSITY"] = args.sparsity
 
-    from benchmarks.common import greedy_tokens, make_llm, token_prompts
-    from benchmarks.dummy_models import write_config
-    from benchmarks.experiments.cpu_dense_route import use_route
+    from benchmarks.experiments.cpu_dense_route import decode_step_ms, use_route, worker_engine
 
-    work = Path(tempfile.mkdtemp(prefix="acttail-perf-"))
-    model = write_config(args.shape, work / f"{args.shape}-shape")
-    llm = make_llm(str(model), args.sparsity, 128 + args.new_tokens + 16, args.batch, {})
-    prompts = token_prompts(args.batch, 128)
-    llm.generate(prompts, greedy_tokens(16), use_tqdm=False)  # every step size compiled
+    llm, prompts = worker_engine(args.shape, args.sparsity, args.batch, args.new_tokens)
     if args.sparsity != "dense":
         llm.collective_rpc(use_route, args=(args.route,))
-    start = time.perf_counter()
-    llm.generate(prompts, greedy_tokens(1), use_tqdm=False)
-    first = time.perf_counter() - start
-    perf_data = work / "worker.perf"
-    perf = subprocess.Popen(
-        ["perf", "record", "-q", "-e", "cpu-clock", "-F", "1000", "-p", worker_pid(), "-o", str(perf_data)]
-    )
-    time.sleep(0.5)  # perf attached
-    start = time.perf_counter()
-    llm.generate(prompts, greedy_tokens(args.new_tokens + 1), use_tqdm=False)
-    step_ms = (time.perf_counter() - start - first) * 1e3 / args.new_tokens
-    perf.send_signal(2)
-    perf.wait()
+    perf_data = Path(tempfile.mkdtemp(prefix="acttail-perf-")) / "worker.perf"
+
+    @contextlib.contextmanager
+    def perf_recording():
+        perf = subprocess.Popen(
+            ["perf", "record", "-q", "-e", "cpu-clock", "-F", "1000", "-p", worker_pid(), "-o", str(perf_data)]
+        )
+        time.sleep(0.5)  # perf attached
+        yield
+        perf.send_signal(2)
+        perf.wait()
+
+    step_ms = decode_step_ms(llm, prompts, args.new_tokens, perf_recording)
     counts = samples_by_library(perf_data)
     label = "dense" if args.sparsity == "dense" else f"acttail {args.sparsity}, route {args.route}"
     print(f"{args.shape}, {label}, batch {args.batch}: {step_ms:.2f} ms per decode step")
