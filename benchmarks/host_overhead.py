@@ -45,15 +45,22 @@ def eager_us(call, calls: int = CALLS) -> float:
 
 def python_overhead(device: str) -> None:
     """The op's own host time: a 64 x 64 layer, whose GEMM costs next to nothing, called as
-    ``F.linear``, through the op's eager route (``sparse_linear_impl``, what ``--enforce-eager``
-    runs) and through the dispatcher (what compiled code calls), on the dense route (a step ``auto``
-    does not sparsify; also counting tokens and kept channels, as a CPU's sparsified modules do) and
-    sparsified under policy ``all``."""
+    ``F.linear`` and as the op's dense GEMM alone (``x @ weight_t``), through the op's eager route
+    (``sparse_linear_impl``, what ``--enforce-eager`` runs) and through the dispatcher (what
+    compiled code calls), on the dense route (a step ``auto`` does not sparsify; also counting tokens
+    and kept channels, as a CPU's sparsified modules do) and sparsified under policy ``all``."""
     k = n = 64
     weight = torch.randn(n, k, device=device)
     keep, guess = keep_tensor([k // 2], device), guess_tensor(1, device)
     stats = new_stats(1).to(device)
-    site = CallSite([0, n], [k // 2], False, "auto", 0)  # what compiled code's calls find by `keep`
+    # A step left dense runs one GEMM: on CUDA x @ weight (weight in the kernel layout), on a CPU the
+    # module's dense layer, here that same GEMM.
+    weight_t = weight.t().contiguous()
+
+    def dense(x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return x2 @ weight_t
+
+    site = CallSite([0, n], [k // 2], False, "auto", 0, dense)  # what compiled code's calls find by `keep`
     register_call_site(keep, site)
     print(f"{device}, torch {torch.__version__}; microseconds per call, 64 x 64 float32 layer, {20 * CALLS} calls")
     for m in (1, 32):
@@ -61,15 +68,16 @@ def python_overhead(device: str) -> None:
 
         def call(fn, policy: str, max_tokens: int | None, x=x, counts: bool = False):
             return functools.partial(
-                fn, x, weight, None, [0, n], [k // 2], keep, guess, stats, counts, policy, max_tokens
+                fn, x, weight_t, None, [0, n], [k // 2], keep, guess, stats, counts, policy, max_tokens, dense
             )
 
         rows = {
             "F.linear": functools.partial(torch.nn.functional.linear, x, weight),
+            "x @ weight_t": functools.partial(torch.matmul, x, weight_t),
             "dense route, eager": call(sparse_linear_impl, "auto", 0),
             "dense route, counting": call(sparse_linear_impl, "auto", 0, counts=True),
             "dense route, dispatcher": functools.partial(
-                torch.ops.acttail.sparse_linear, x, weight, None, keep, guess, stats
+                torch.ops.acttail.sparse_linear, x, weight_t, None, keep, guess, stats
             ),
             "sparsified, eager": call(sparse_linear_impl, "all", None),
         }
