@@ -199,8 +199,12 @@ def shape_engine(args: argparse.Namespace, max_model_len: int, max_num_seqs: int
     return make_llm(str(model), args.sparsity, max_model_len, max_num_seqs, args.options)
 
 
-def token_prompts(batch: int, prompt_len: int) -> list:
-    """``batch`` distinct prompts of ``prompt_len`` token ids (no tokenizer needed)."""
+def token_prompts(batch: int, prompt_len: int, first: int = 0) -> list:
+    """``batch`` distinct prompts of ``prompt_len`` token ids (no tokenizer needed), prompts
+    ``first`` to ``first + batch - 1`` of one sequence whose every prompt starts with other ids."""
     from vllm.inputs import TokensPrompt
 
-    return [TokensPrompt(prompt_token_ids=[(7 * i + j) % 31000 + 100 for j in range(prompt_len)]) for i in range(batch)]
+    return [
+        TokensPrompt(prompt_token_ids=[(7 * i + j) % 31000 + 100 for j in range(prompt_len)])
+        for i in range(first, first + batch)
+    ]

@@ -17,6 +17,7 @@ on the same GPU:
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import statistics
@@ -26,19 +27,9 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 import torch  # noqa: E402
 
-from benchmarks.common import add_engine_args, greedy_tokens, shape_engine  # noqa: E402
+from benchmarks.common import add_engine_args, greedy_tokens, shape_engine, token_prompts  # noqa: E402
 
 GEMM = re.compile(r"gemm|nvjet|cutlass|xmma", re.IGNORECASE)
-
-
-def wave(round_no: int, prompts: int, tokens: int) -> list:
-    """``prompts`` prompts of ``tokens`` ids, different from every other round's."""
-    from vllm.inputs import TokensPrompt
-
-    return [
-        TokensPrompt(prompt_token_ids=[(7919 * (round_no * prompts + i) + 13 * j) % 31000 + 100 for j in range(tokens)])
-        for i in range(prompts)
-    ]
 
 
 def main() -> None:
@@ -51,22 +42,23 @@ def main() -> None:
 
     llm = shape_engine(args, args.prompt_tokens + 8, max(args.prompts))
     one_token = greedy_tokens(1)
-    next_round = 0
+    waves = itertools.count()  # each wave its own prompts, which the prefix cache has never seen
+
+    def wave(prompts: int) -> list:
+        return token_prompts(prompts, args.prompt_tokens, first=next(waves) * max(args.prompts))
+
     for prompts in args.prompts:
         for _ in range(3):  # warm: this step size compiled and its kernels loaded
-            llm.generate(wave(next_round, prompts, args.prompt_tokens), one_token, use_tqdm=False)
-            next_round += 1
+            llm.generate(wave(prompts), one_token, use_tqdm=False)
         walls = []
         for _ in range(args.rounds):
-            batch = wave(next_round, prompts, args.prompt_tokens)
-            next_round += 1
+            batch = wave(prompts)
             start = time.perf_counter()
             llm.generate(batch, one_token, use_tqdm=False)
             walls.append((time.perf_counter() - start) * 1e3)
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
-            llm.generate(wave(next_round, prompts, args.prompt_tokens), one_token, use_tqdm=False)
-        next_round += 1
+            llm.generate(wave(prompts), one_token, use_tqdm=False)
         deciles = statistics.quantiles(walls, n=10)  # p10, ..., p90
         gpu = gemm = op_cpu = 0.0
         op_calls = 0
