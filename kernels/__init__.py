@@ -15,8 +15,8 @@ Public API:
   launches, for benchmarks to compare against the shipped one);
 * ``gemv_path(m, n, k, seg_bounds, seg_keep, device) -> GemvPath``: what that call runs after the
   selection (the channel-list or walking sparse GEMV, or dense cuBLAS), from the crossover table
-  measured on that GPU model; ``sparse_beats_dense(m, n, k, seg_bounds, seg_keep, device) -> bool``:
-  whether that call beats the dense layer there (policy auto sparsifies only where it does);
+  measured on that GPU model; ``largest_faster_step(n, k, seg_bounds, seg_keep, device) -> int``:
+  the most tokens that call beats the dense layer at there (policy auto sparsifies only those steps);
 * ``threshold_linear(x, weight_t, bias, seg_bounds, thresholds, path=None)``: threshold mode (TEAL's
   rule, ``reference.threshold_linear_ref``): a segment keeps the channels with |x| >= its threshold
   (``thresholds``: a persistent float32 device tensor, one per segment); one launch, no selection;
@@ -41,7 +41,7 @@ from . import cpu, reference
 
 if TYPE_CHECKING:
     from .crossover import GemvPath
-    from .dispatch import gemv_path, sparse_beats_dense, sparse_linear, threshold_linear, threshold_path
+    from .dispatch import gemv_path, largest_faster_step, sparse_linear, threshold_linear, threshold_path
     from .topk_select import SelectOptions
 
 __all__ = [
@@ -50,9 +50,9 @@ __all__ = [
     "cpu",
     "gemv_path",
     "kernels_available",
+    "largest_faster_step",
     "prepare_weight",
     "reference",
-    "sparse_beats_dense",
     "sparse_linear",
     "threshold_linear",
     "threshold_path",
@@ -62,7 +62,7 @@ __all__ = [
 _LAZY_API = {
     "sparse_linear": ".dispatch",
     "gemv_path": ".dispatch",
-    "sparse_beats_dense": ".dispatch",
+    "largest_faster_step": ".dispatch",
     "threshold_linear": ".dispatch",
     "threshold_path": ".dispatch",
     "GemvPath": ".crossover",

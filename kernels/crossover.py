@@ -76,11 +76,11 @@ class CrossoverTable(BaseModel):
             return GemvPath.DENSE
         return GemvPath.LIST if m == 1 and not (point and point.one_token_walk) else GemvPath.WALK
 
-    def beats_dense(self, m: int, n: int, k: int, sparsity: float) -> bool:
-        """Whether selection + sparse GEMV of m tokens beat leaving the layer dense (unmeasured
-        shapes: up to the default batch)."""
+    def faster_up_to(self, n: int, k: int, sparsity: float) -> int:
+        """The largest batch at which selection + sparse GEMV beat leaving the layer dense (unmeasured
+        shapes: the default batch)."""
         point = self.point(n, k, sparsity)
-        return m <= (DEFAULT_MAX_SPARSE_M if point is None else min(point.max_faster_m, point.max_sparse_m))
+        return DEFAULT_MAX_SPARSE_M if point is None else min(point.max_faster_m, point.max_sparse_m)
 
 
 @functools.cache

@@ -26,13 +26,11 @@ def gemv_path(m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int]
     return load_crossover(device_name(device)).path(m, n, k, weight_sparsity(k, seg_bounds, seg_keep))
 
 
-def sparse_beats_dense(
-    m: int, n: int, k: int, seg_bounds: list[int], seg_keep: list[int], device: torch.device
-) -> bool:
-    """Whether ``sparse_linear`` of m tokens on ``device`` runs faster than the dense layer, by the
-    crossover table measured on that GPU: where it does not, policy auto leaves the step dense."""
+def largest_faster_step(n: int, k: int, seg_bounds: list[int], seg_keep: list[int], device: torch.device) -> int:
+    """The most tokens ``sparse_linear`` runs faster than the dense layer at on ``device`` (0: not
+    even one), by the crossover table measured on that GPU: policy auto leaves larger steps dense."""
     sparsity = weight_sparsity(k, seg_bounds, seg_keep)
-    return m <= MAX_TOKENS and load_crossover(device_name(device)).beats_dense(m, n, k, sparsity)
+    return min(MAX_TOKENS, load_crossover(device_name(device)).faster_up_to(n, k, sparsity))
 
 
 def threshold_path(m: int, n: int, k: int, device: torch.device) -> GemvPath:

@@ -522,10 +522,9 @@ def test_crossover_lookup():
     assert table.path(1, 128, 32, 0.5) is channel_list  # unmeasured shape: one token, its list
     assert table.path(1 + DEFAULT_MAX_SPARSE_M, 128, 32, 0.5) is dense
     # against the layer left dense (policy auto): up to its own largest batch, never past the fallback's
-    assert not table.beats_dense(1, 64, 32, 0.5)  # one token: slower than dense, faster than the fallback
-    assert table.beats_dense(2, 64, 32, 0.8) and not table.beats_dense(3, 64, 32, 0.8)
-    assert table.beats_dense(DEFAULT_MAX_SPARSE_M, 128, 32, 0.5)  # unmeasured: the default batch
-    assert not table.beats_dense(1 + DEFAULT_MAX_SPARSE_M, 128, 32, 0.5)
+    assert table.faster_up_to(64, 32, 0.5) == 0  # one token: slower than dense, faster than the fallback
+    assert table.faster_up_to(64, 32, 0.8) == 2
+    assert table.faster_up_to(128, 32, 0.5) == DEFAULT_MAX_SPARSE_M  # unmeasured: the default batch
 
 
 def test_one_token_path_follows_the_table(kernels, monkeypatch):
@@ -544,12 +543,14 @@ def test_one_token_path_follows_the_table(kernels, monkeypatch):
     point.one_token_walk = False
     assert path(1) is GemvPath.LIST
     assert path(2) is GemvPath.DENSE
-    beats_dense = functools.partial(
-        dispatch.sparse_beats_dense, n=bounds[-1], k=k, seg_bounds=bounds, seg_keep=keeps, device=torch.device(DEVICE)
+    faster_up_to = functools.partial(
+        dispatch.largest_faster_step, n=bounds[-1], k=k, seg_bounds=bounds, seg_keep=keeps, device=torch.device(DEVICE)
     )
-    assert beats_dense(1) and not beats_dense(2)
+    assert faster_up_to() == 1
     point.max_faster_m = 0
-    assert not beats_dense(1) and path(1) is GemvPath.LIST  # the kernel's choice stands for policy all
+    assert faster_up_to() == 0 and path(1) is GemvPath.LIST  # the kernel's choice stands for policy all
+    point.max_faster_m = point.max_sparse_m = 1000
+    assert faster_up_to() == dispatch.MAX_TOKENS  # never past the sparse GEMV's largest batch
 
 
 def test_tuner_derives_both_crossovers_and_reads_its_printed_tables(capsys):

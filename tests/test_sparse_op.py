@@ -179,15 +179,35 @@ def test_call_path_on_cuda_follows_the_crossover_table(monkeypatch, policy, rows
     def gemv_path(m, n, k, seg_bounds, seg_keep, device):
         return acttail_kernels.GemvPath.LIST if m == 1 else acttail_kernels.GemvPath.DENSE
 
-    def sparse_beats_dense(m, n, k, seg_bounds, seg_keep, device):
-        return m <= faster_up_to
-
     monkeypatch.setattr(acttail_kernels, "gemv_path", gemv_path)
-    monkeypatch.setattr(acttail_kernels, "sparse_beats_dense", sparse_beats_dense)
+    monkeypatch.setattr(acttail_kernels, "largest_faster_step", lambda n, k, seg_bounds, seg_keep, device: faster_up_to)
     sparse_op.call_path.cache_clear()
     path, _ = sparse_op.call_path(rows, 12, K, tuple(BOUNDS), tuple(KEEPS), torch.device("cuda"), policy, limit)
     sparse_op.call_path.cache_clear()
     assert path is expected
+
+
+@pytest.mark.parametrize("policy", ["auto", "all", "decode"])
+@pytest.mark.parametrize("limit", [None, 2, 5])
+@pytest.mark.parametrize("faster_up_to", [0, 1, 3])
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_largest_sparsified_step_bounds_every_step_call_path_sparsifies(
+    monkeypatch, policy, limit, faster_up_to, device
+):
+    """The dense-range pass compiles steps above a module's largest sparsified step without the op:
+    ``call_path`` must leave every such step dense and sparsify every step up to it."""
+    import acttail_kernels
+
+    monkeypatch.setattr(acttail_kernels, "largest_faster_step", lambda n, k, seg_bounds, seg_keep, dev: faster_up_to)
+    monkeypatch.setattr(acttail_kernels, "gemv_path", lambda m, n, k, b, keep, dev: acttail_kernels.GemvPath.WALK)
+    sparse_op.call_path.cache_clear()
+    dev = torch.device(device)
+    largest = sparse_op.largest_sparsified_step(BOUNDS, KEEPS, K, dev, policy, limit)
+    for rows in range(1, 40):
+        path, _ = sparse_op.call_path(rows, BOUNDS[-1], K, tuple(BOUNDS), tuple(KEEPS), dev, policy, limit)
+        assert (path is not TokenPath.UNSPARSIFIED) == (largest is None or rows <= largest), (rows, largest)
+    sparse_op.call_path.cache_clear()
+    assert largest == (min(faster_up_to, limit or 99) if policy == "auto" and device == "cuda" else limit)
 
 
 @pytest.mark.parametrize(
@@ -199,11 +219,8 @@ def test_a_module_auto_never_sparsifies_does_not_count_for_all(monkeypatch, poli
     import acttail_kernels
     from acttail_vllm.serving.linear_method import counting_modules
 
-    monkeypatch.setattr(acttail_kernels, "sparse_beats_dense", lambda m, n, k, b, keep, device: m <= faster_up_to)
-    monkeypatch.setattr(acttail_kernels, "gemv_path", lambda m, n, k, b, keep, device: acttail_kernels.GemvPath.LIST)
-    sparse_op.call_path.cache_clear()
-    sparsified = sparse_op.sparsifies_some_step(BOUNDS, KEEPS, K, torch.device("cuda"), policy, None)
-    sparse_op.call_path.cache_clear()
+    monkeypatch.setattr(acttail_kernels, "largest_faster_step", lambda n, k, b, keep, device: faster_up_to)
+    sparsified = sparse_op.largest_sparsified_step(BOUNDS, KEEPS, K, torch.device("cuda"), policy, None) != 0
     assert sparsified is expected
     assert counting_modules([sparsified, True, True], on_gpu=True) == [expected, not expected, False]
     assert counting_modules([False, False], on_gpu=True) == [True, False]  # none sparsified: the first

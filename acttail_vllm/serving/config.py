@@ -19,6 +19,7 @@ from vllm.platforms import current_platform
 from acttail_vllm.errors import logs_startup_errors
 from acttail_vllm.profiling.families import family_of
 from acttail_vllm.serving.budgets import decoder_projection
+from acttail_vllm.serving.dense_range import install_dense_range_pass
 from acttail_vllm.serving.linear_method import ActTailLinearMethod, SparseModules
 from acttail_vllm.serving.resolver import BudgetResolver
 from acttail_vllm.serving.settings import (
@@ -87,8 +88,8 @@ class ActTailConfig(QuantizationConfig):
     @property
     def modules(self) -> SparseModules:
         """This worker's sparse modules, made when vLLM builds the model."""
-        if self._modules is None:
-            self._modules = SparseModules(self._make_resolver())
+        if self._modules is None:  # before vLLM builds its compile backend, which takes the pass now
+            self._modules = SparseModules(self._make_resolver(), install_dense_range_pass(get_current_vllm_config()))
         return self._modules
 
     def _make_resolver(self) -> BudgetResolver:

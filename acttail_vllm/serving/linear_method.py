@@ -29,7 +29,8 @@ from acttail_kernels import cpu
 from acttail_vllm.errors import ActTailError, logs_startup_errors
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
 from acttail_vllm.serving.cpu_crossover import TimedModule, largest_faster_steps
-from acttail_vllm.serving.op import CallSite, register_call_site, sparsifies_some_step
+from acttail_vllm.serving.dense_range import DenseRangePass
+from acttail_vllm.serving.op import CallSite, largest_sparsified_step, register_call_site
 from acttail_vllm.serving.resolver import BudgetResolver, LoadedModule
 from acttail_vllm.serving.settings import ActTailSettings, SettingsError, SparsityPolicy
 from acttail_vllm.serving.stats import new_stats
@@ -69,6 +70,9 @@ class SparseLinearState(torch.nn.Module):
         self.counts_stats = False
         #: whether the server's policy sparsifies this module at any step size (set with the budget)
         self.ever_sparsified = True
+        #: whether compiled calls pass the counters where the module does not count (set with the
+        #: budget): not where ``DenseRangePass`` tells the one call that counts by its counters
+        self.compiled_counters = True
         self.budget: ModuleBudget | None = None
         self.call_site: CallSite | None = None  # what the op's calls take besides tensors, once budgeted
         #: CPU: the module as vLLM's unquantized method made it (``add_dense_layer``), for dense steps
@@ -100,10 +104,12 @@ class SparseLinearState(torch.nn.Module):
         """Whether every call runs the dense layer alone: a CPU module never sparsified and not counting."""
         return self.dense_layer is not None and not self.ever_sparsified and not self.counts_stats
 
-    def sparsified_with(self, budget: ModuleBudget, settings: ActTailSettings, max_sparse_tokens: int | None) -> bool:
-        """Whether the server's policy sparsifies this module of ``budget`` at any step size, with
-        steps of more than ``max_sparse_tokens`` dense."""
-        return sparsifies_some_step(
+    def largest_sparsified_step(
+        self, budget: ModuleBudget, settings: ActTailSettings, max_sparse_tokens: int | None
+    ) -> int | None:
+        """The most tokens of a step the server's policy sparsifies this module of ``budget`` at, with
+        steps of more than ``max_sparse_tokens`` dense (0: none; None: steps of any size)."""
+        return largest_sparsified_step(
             self.seg_bounds,
             list(budget.seg_keep),
             budget.in_features,
@@ -119,14 +125,17 @@ class SparseLinearState(torch.nn.Module):
         max_sparse_tokens: int | None,
         counts_stats: bool,
         ever_sparsified: bool,
+        compiled_counters: bool = True,
     ) -> None:
         """Once the module is on its device: the budget, in ``keep`` and with the server's policy and
         ``max_sparse_tokens`` (the settings' limit, or under auto on a CPU the measured one) as the
-        op's call site, which counts tokens and kept channels if
-        ``counts_stats``; ``ever_sparsified``: ``sparsified_with`` the same."""
+        op's call site, which counts tokens and kept channels if ``counts_stats``;
+        ``ever_sparsified``: whether ``largest_sparsified_step`` of the same is not 0;
+        ``compiled_counters``: whether compiled calls pass the counters even if it does not count."""
         self.budget = budget
         self.counts_stats = counts_stats
         self.ever_sparsified = ever_sparsified
+        self.compiled_counters = compiled_counters or counts_stats
         self.keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
         self.call_site = CallSite(
             self.seg_bounds,
@@ -147,7 +156,8 @@ class SparseLinearState(torch.nn.Module):
         without the dispatcher, whose custom-op call costs about as much host time as the op's own
         Python."""
         if torch.compiler.is_compiling():
-            return torch.ops.acttail.sparse_linear(x, weight, bias, self.keep, self.thr_guess, self.stats)
+            counters = self.stats if self.compiled_counters else None
+            return torch.ops.acttail.sparse_linear(x, weight, bias, self.keep, self.thr_guess, counters)
         counters = self.stats if stats is None else stats
         return self.call_site.run(x, weight, bias, self.keep, self.thr_guess, counters, count_stats=stats is None)
 
@@ -225,8 +235,9 @@ def counting_modules(sparsified: list[bool], on_gpu: bool) -> list[bool]:
 class SparseModules:
     """This worker's ActTail modules; once the last one is loaded, their budgets."""
 
-    def __init__(self, resolver: BudgetResolver):
+    def __init__(self, resolver: BudgetResolver, dense_range: DenseRangePass | None = None):
         self.resolver = resolver
+        self.dense_range = dense_range  # vLLM's pass for steps no module sparsifies, where it compiles
         self.layers: list[torch.nn.Module] = []
         self._loaded: set[int] = set()
         self.second_copies = SecondCopies()
@@ -253,17 +264,27 @@ class SparseModules:
         budgets = self.resolver.resolve(modules)
         on_gpu = self.layers[0].weight.is_cuda
         limits = self.token_limits(budgets, settings, on_gpu)
-        sparsified = [
-            layer.acttail.sparsified_with(budget, settings, limit)
+        largest_steps = [
+            layer.acttail.largest_sparsified_step(budget, settings, limit)
             for layer, budget, limit in zip(self.layers, budgets, limits)
         ]
+        sparsified = [step != 0 for step in largest_steps]
         counting = counting_modules(sparsified, on_gpu)
+        if self.dense_range is not None:
+            self.dense_range.bound(None if None in largest_steps else max(largest_steps), counting.index(True))
         auto_on_cpu = not on_gpu and settings.policy is SparsityPolicy.AUTO
         for layer, budget, limit, counts, ever_sparsified in zip(self.layers, budgets, limits, counting, sparsified):
             if auto_on_cpu and layer.acttail.dense_layer is None:  # no room for both copies: dense vLLM's alone
                 weight = torch.cat(list(layer.acttail.projection_weights(layer.weight)))
                 layer.acttail.add_dense_layer(UnquantizedLinearMethod(), weight, getattr(layer, "bias", None))
-            layer.acttail.set_budget(budget, settings, limit, counts_stats=counts, ever_sparsified=ever_sparsified)
+            layer.acttail.set_budget(
+                budget,
+                settings,
+                limit,
+                counts_stats=counts,
+                ever_sparsified=ever_sparsified,
+                compiled_counters=self.dense_range is None,
+            )
             if layer.acttail.dense_only:  # the GEMV's rows are never read: only vLLM's copy stays
                 layer.weight = torch.nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
         if on_gpu:

@@ -100,8 +100,8 @@ def call_path(
         return token_path, cpu_path
     import acttail_kernels
 
-    if policy == SparsityPolicy.AUTO.value and not acttail_kernels.sparse_beats_dense(
-        rows, n, k, list(seg_bounds), list(keep), device
+    if policy == SparsityPolicy.AUTO.value and rows > acttail_kernels.largest_faster_step(
+        n, k, list(seg_bounds), list(keep), device
     ):
         return TokenPath.UNSPARSIFIED, None
     gemv = acttail_kernels.gemv_path(rows, n, k, list(seg_bounds), list(keep), device)
@@ -110,13 +110,17 @@ def call_path(
     return TokenPath.SELECTION_DENSE_GEMM, gemv
 
 
-def sparsifies_some_step(
+def largest_sparsified_step(
     seg_bounds: list[int], keep: list[int], k: int, device: torch.device, policy: str, max_sparse_tokens: int | None
-) -> bool:
-    """Whether a module of this budget is sparsified at any step size: at one token (a step is
-    sparsified only where every smaller one is)."""
-    path, _ = call_path(1, seg_bounds[-1], k, tuple(seg_bounds), tuple(keep), device, policy, max_sparse_tokens)
-    return path is not TokenPath.UNSPARSIFIED
+) -> int | None:
+    """The most tokens of a step ``call_path`` sparsifies for this module (0: none); None where
+    steps of any size may be (policies all and decode without a token limit)."""
+    if policy != SparsityPolicy.AUTO.value or device.type != "cuda":
+        return max_sparse_tokens
+    import acttail_kernels
+
+    faster = acttail_kernels.largest_faster_step(seg_bounds[-1], k, seg_bounds, keep, device)
+    return faster if max_sparse_tokens is None else min(faster, max_sparse_tokens)
 
 
 class EagerReplay:
@@ -173,7 +177,7 @@ def sparse_linear_impl(
     keep_hint: list[int],
     seg_keep: torch.Tensor,
     thr_guess: torch.Tensor,
-    stats: torch.Tensor,
+    stats: torch.Tensor | None,
     count_stats: bool,
     policy: str,
     max_sparse_tokens: int | None,
@@ -263,11 +267,11 @@ class CallSite:
         bias: torch.Tensor | None,
         seg_keep: torch.Tensor,
         thr_guess: torch.Tensor,
-        stats: torch.Tensor,
+        stats: torch.Tensor | None,
         count_stats: bool = True,
     ) -> torch.Tensor:
-        """``sparse_linear_impl`` with this site's arguments; ``count_stats=False`` counts nothing
-        even where the site counts."""
+        """``sparse_linear_impl`` with this site's arguments; ``count_stats=False`` or no ``stats``
+        counts nothing even where the site counts."""
         return sparse_linear_impl(
             x,
             weight,
@@ -277,7 +281,7 @@ class CallSite:
             seg_keep,
             thr_guess,
             stats,
-            self.count_stats and count_stats,
+            self.count_stats and count_stats and stats is not None,
             self.policy,
             self.max_sparse_tokens,
             self.dense,
@@ -303,7 +307,7 @@ def _registered_sparse_linear(
     bias: torch.Tensor | None,
     seg_keep: torch.Tensor,
     thr_guess: torch.Tensor,
-    stats: torch.Tensor,
+    stats: torch.Tensor | None,
 ) -> torch.Tensor:
     site = _CALL_SITES.get(seg_keep.data_ptr())
     if site is None:
@@ -321,7 +325,7 @@ def _sparse_linear_fake(
     bias: torch.Tensor | None,
     seg_keep: torch.Tensor,
     thr_guess: torch.Tensor,
-    stats: torch.Tensor,
+    stats: torch.Tensor | None,
 ) -> torch.Tensor:
     out_features = weight.numel() // x.shape[-1]  # [K, N] on CUDA, N x K in blocks on CPU
     return x.new_empty((*x.shape[:-1], out_features))
@@ -329,7 +333,9 @@ def _sparse_linear_fake(
 
 def register_sparse_linear_op() -> None:
     """Define ``torch.ops.acttail.sparse_linear(x, weight, bias, seg_keep, thr_guess, stats)`` once
-    per process: what compiled code calls (the eager forward calls ``sparse_linear_impl``)."""
+    per process: what compiled code calls (the eager forward calls ``sparse_linear_impl``). A call
+    without ``stats`` counts nothing: what a GPU's modules that do not count pass, so that the one
+    that does is the call ``dense_range`` keeps."""
     if hasattr(torch.ops.acttail, "sparse_linear"):
         return
     from vllm.utils.torch_utils import direct_register_custom_op
