@@ -32,8 +32,9 @@ def two_layers(x, w_uncounted, b_uncounted, keep_uncounted, guess_uncounted, w_c
     return torch.ops.acttail.sparse_linear(torch.relu(h[:, :K]), w_counted, None, keep_counted, guess, stats)
 
 
+@pytest.mark.parametrize("functionalization_v2", [False, True])  # vLLM compiles with the first
 @pytest.mark.parametrize("with_pass", [True, False])
-def test_pass_replaces_the_uncounted_call_with_its_gemm_and_keeps_the_counting_one(with_pass):
+def test_pass_replaces_the_uncounted_call_with_its_gemm_and_keeps_the_counting_one(with_pass, functionalization_v2):
     """Compiled with the pass, the call without counters is the GEMM the op's CUDA route runs on the
     kernel layout [K, N] and the op runs once, for the call that counts the step. On a CPU the
     uncounted site's dense layer stands in for that route (the op would read a CPU layout)."""
@@ -60,7 +61,9 @@ def test_pass_replaces_the_uncounted_call_with_its_gemm_and_keeps_the_counting_o
     for keep, site in zip((keep_uncounted, keep_counted), sites):  # held here: the registry holds them weakly
         sparse_op.register_call_site(keep, site)
     dense_range = DenseRangePass(SimpleNamespace(compile_ranges_endpoints=[64]))
-    options = {"post_grad_custom_post_pass": dense_range} if with_pass else {}
+    options = {"enable_auto_functionalized_v2": functionalization_v2}
+    if with_pass:
+        options["post_grad_custom_post_pass"] = dense_range
     compiled = torch.compile(two_layers, backend="inductor", options=options, dynamic=True, fullgraph=True)
     args = (x, w_kernel_layout, bias, keep_uncounted, guess_uncounted, w_counted.to(device), keep_counted)
     compiled(*args, guess, stats)  # compiled outside the profile
@@ -111,7 +114,8 @@ def test_install_only_where_vllm_compiles_on_a_gpu_and_the_slot_is_free(monkeypa
     def vllm_config(mode, inductor=None):
         return SimpleNamespace(compilation_config=SimpleNamespace(mode=mode, inductor_compile_config=inductor or {}))
 
-    assert install_dense_range_pass(vllm_config(CompilationMode.VLLM_COMPILE)) is None  # this CPU
+    if not torch.cuda.is_available():
+        assert install_dense_range_pass(vllm_config(CompilationMode.VLLM_COMPILE)) is None
     monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
     config = vllm_config(CompilationMode.VLLM_COMPILE)
     dense_range = install_dense_range_pass(config)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
-from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
+from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 from vllm.compilation.passes.inductor_pass import InductorPass
 
 if TYPE_CHECKING:
@@ -32,16 +32,23 @@ aten = torch.ops.aten
 def replace_uncounted_calls(graph: fx.Graph) -> int:
     """Replace every ``acttail::sparse_linear`` call in a post-grad ``graph`` that counts nothing (no
     ``stats``) with its dense GEMM, and drop the write-backs of the buffers it would have updated.
-    Only for graphs of steps no module sparsifies, where the op itself would run that GEMM. Returns
-    how many calls it replaced."""
+    Only for graphs of steps no module sparsifies, where the op itself would run that GEMM. Takes
+    both forms of a functionalized call (vLLM compiles with the first). Returns how many calls it
+    replaced."""
     sparse_linear = torch.ops.acttail.sparse_linear.default
     replaced = 0
     for node in list(graph.nodes):
-        if node.target is not auto_functionalized_v2 or node.args[0] is not sparse_linear:
+        if node.target not in (auto_functionalized, auto_functionalized_v2) or node.args[0] is not sparse_linear:
             continue
         kwargs = node.kwargs
         x, weight, bias = kwargs["x"], kwargs["weight"], kwargs["bias"]
-        if kwargs["_stats_base_index"] is not None or x.meta["val"].dim() != 2:
+        if node.target is auto_functionalized:
+            counts = kwargs["stats"] is not None
+            updated = [kwargs[arg.name] for arg in sparse_linear._schema.arguments if arg.is_write]
+        else:
+            counts = kwargs["_stats_base_index"] is not None
+            updated = kwargs["_all_bases"]
+        if counts or x.meta["val"].dim() != 2:
             continue
         with graph.inserting_before(node):
             if bias is None:
@@ -49,10 +56,9 @@ def replace_uncounted_calls(graph: fx.Graph) -> int:
             else:
                 gemm = graph.call_function(aten.addmm.default, (bias, x, weight))
         gemm.meta["val"] = node.meta["val"][0]
-        # The node's outputs: [0] the op's result, [i] the i-th mutated buffer after the call
-        for user in list(node.users):
+        for user in list(node.users):  # getitem [0]: the op's result; [i]: the i-th buffer it updates
             index = user.args[1]
-            user.replace_all_uses_with(gemm if index == 0 else kwargs["_all_bases"][index - 1])
+            user.replace_all_uses_with(gemm if index == 0 else updated[index - 1])
             graph.erase_node(user)
         graph.erase_node(node)
         replaced += 1
@@ -88,6 +94,7 @@ class DenseRangePass(InductorPass):
         split = max(largest_sparsified_step, 2)
         if split < max(endpoints):  # the last endpoint: vLLM's largest step
             self.compilation_config.compile_ranges_endpoints = sorted({*endpoints, split})
+            logger.info("ActTail: steps of more than %d tokens compile without ActTail's op (dense GEMMs)", split)
 
     def is_applicable_for_range(self, compile_range: Range) -> bool:
         return self.largest_sparsified_step is not None and compile_range.start > self.largest_sparsified_step
