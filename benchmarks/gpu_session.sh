@@ -128,7 +128,7 @@ prefill)
   # computes the budgets (about 50 s at the 13B shape), later ones reuse them from $ACTTAIL_CACHE.
   for s in ${ENGINES:-dense 0.8 dense 0.8}; do
     ACTTAIL_SPARSITY=$s timeout 240 $python -m benchmarks.experiments.prefill_step --shape "${SHAPE:-13b}" \
-      --sparsity "$s" --prompts 1,4 --rounds 30 2>&1 | grep -E "tokens: wall|ERROR|Traceback" | tee -a "$OUT/prefill_step.txt" \
+      --sparsity "$s" --prompts 1,4 --rounds 30 2>&1 | grep -E "tokens: wall|compile without|ERROR|Traceback" | tee -a "$OUT/prefill_step.txt" \
       || true  # an engine out of time leaves the others to run
   done
   ;;
