@@ -72,13 +72,19 @@ def cpu_module(layer_index: int, out_sizes: list[int], k: int, gen: torch.Genera
     return layer, weight
 
 
+@pytest.mark.parametrize("with_dense_range", [False, True])
 @pytest.mark.parametrize("max_sparse_tokens", [None, 4])
-def test_auto_on_a_cpu_sparsifies_what_won_its_race_and_runs_the_rest_as_vllm(monkeypatch, max_sparse_tokens):
+def test_auto_on_a_cpu_sparsifies_what_won_its_race_and_runs_the_rest_as_vllm(
+    monkeypatch, max_sparse_tokens, with_dense_range
+):
     """Each module's token limit is the largest step it won (capped by max_sparse_tokens); a module
-    that won none runs vLLM's dense layer alone, without the GEMV's copy of its weight or counters."""
+    that won none runs vLLM's dense layer alone, without the GEMV's copy of its weight or counters.
+    With a dense-range pass (which vLLM takes on a GPU), the pass gets the largest of those limits
+    and the first counting module, and modules that do not count pass no counters in compiled code."""
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
     from acttail_vllm.serving import linear_method
+    from acttail_vllm.serving.dense_range import DenseRangePass
     from acttail_vllm.serving.linear_method import ActTailLinearMethod, SparseModules
 
     gen = torch.Generator().manual_seed(0)
@@ -100,7 +106,8 @@ def test_auto_on_a_cpu_sparsifies_what_won_its_race_and_runs_the_rest_as_vllm(mo
         return [2, 0, 16]
 
     monkeypatch.setattr(linear_method, "largest_faster_steps", race)
-    modules = SparseModules(resolver)
+    dense_range = DenseRangePass(SimpleNamespace(compile_ranges_endpoints=[64])) if with_dense_range else None
+    modules = SparseModules(resolver, dense_range)
     for layer in layers:
         modules.register(layer)
     assert [modules.loaded(layer) for layer in layers] == [False, False, True]
@@ -110,6 +117,10 @@ def test_auto_on_a_cpu_sparsifies_what_won_its_race_and_runs_the_rest_as_vllm(mo
     assert [s.call_site.max_sparse_tokens for s in states] == [2, 0, cap]
     assert [s.ever_sparsified for s in states] == [True, False, True]
     assert [s.counts_stats for s in states] == [True, False, True]
+    assert [s.compiled_counters for s in states] == [True, not with_dense_range, True]
+    if with_dense_range:
+        assert (dense_range.largest_sparsified_step, dense_range.counting_module) == (cap, 0)
+        assert dense_range.compilation_config.compile_ranges_endpoints == [cap, 64]
     assert [s.dense_only for s in states] == [False, True, False]
     assert [layer.weight.numel() for layer in layers] == [k * 64, 0, k * 64]
 
