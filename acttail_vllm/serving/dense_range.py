@@ -127,8 +127,9 @@ def install_dense_range_pass(vllm_config: VllmConfig) -> DenseRangePass | None:
     key = current_platform.pass_key
     if key in compilation.inductor_compile_config:
         logger.warning(
-            "ActTail: the compilation config sets inductor %s, so steps larger than ActTail sparsifies run "
-            "through its op (about 7 us of host time a call outside CUDA graphs) instead of plain GEMMs",
+            "ActTail: --compilation-config sets inductor %s, the one slot ActTail's dense-range pass needs: "
+            "steps larger than ActTail sparsifies run through its op (microseconds of host time a call "
+            "outside CUDA graphs) instead of plain GEMMs; leave the slot free to compile them as dense vLLM",
             key,
         )
         return None
