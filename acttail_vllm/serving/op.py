@@ -69,6 +69,20 @@ def _dense_linear(
     return cpu.dense_linear(x2, weight, bias, seg_bounds)
 
 
+def largest_sparsified_step(
+    seg_bounds: list[int], keep: list[int], k: int, device: torch.device, policy: str, max_sparse_tokens: int | None
+) -> int | None:
+    """The most tokens of a step this module is sparsified at (0: none), the bound ``call_path``
+    keeps; None where steps of any size may be (policies all and decode without a token limit).
+    Under auto on CUDA the GPU's crossover table sets it, elsewhere the token limit alone."""
+    if policy != SparsityPolicy.AUTO.value or device.type != "cuda":
+        return max_sparse_tokens
+    import acttail_kernels
+
+    faster = acttail_kernels.largest_faster_step(seg_bounds[-1], k, seg_bounds, keep, device)
+    return faster if max_sparse_tokens is None else min(faster, max_sparse_tokens)
+
+
 @functools.lru_cache(maxsize=4096)
 def call_path(
     rows: int,
@@ -90,7 +104,8 @@ def call_path(
     step within it takes the GEMV it was measured with. Returns the token path and, for a
     sparsified step, the kernel path: the GEMV's loop or dense cuBLAS on CUDA, the ``CpuPath`` on a
     CPU."""
-    if max_sparse_tokens is not None and rows > max_sparse_tokens:
+    largest = largest_sparsified_step(list(seg_bounds), list(keep), k, device, policy, max_sparse_tokens)
+    if largest is not None and rows > largest:
         return TokenPath.UNSPARSIFIED, None
     if device.type != "cuda":
         if policy == SparsityPolicy.AUTO.value:
@@ -100,27 +115,10 @@ def call_path(
         return token_path, cpu_path
     import acttail_kernels
 
-    if policy == SparsityPolicy.AUTO.value and rows > acttail_kernels.largest_faster_step(
-        n, k, list(seg_bounds), list(keep), device
-    ):
-        return TokenPath.UNSPARSIFIED, None
     gemv = acttail_kernels.gemv_path(rows, n, k, list(seg_bounds), list(keep), device)
     if gemv is not acttail_kernels.GemvPath.DENSE:
         return TokenPath.SPARSE_GEMV, gemv
     return TokenPath.SELECTION_DENSE_GEMM, gemv
-
-
-def largest_sparsified_step(
-    seg_bounds: list[int], keep: list[int], k: int, device: torch.device, policy: str, max_sparse_tokens: int | None
-) -> int | None:
-    """The most tokens of a step ``call_path`` sparsifies for this module (0: none); None where
-    steps of any size may be (policies all and decode without a token limit)."""
-    if policy != SparsityPolicy.AUTO.value or device.type != "cuda":
-        return max_sparse_tokens
-    import acttail_kernels
-
-    faster = acttail_kernels.largest_faster_step(seg_bounds[-1], k, seg_bounds, keep, device)
-    return faster if max_sparse_tokens is None else min(faster, max_sparse_tokens)
 
 
 class EagerReplay:
