@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 import torch
-from vllm.config import get_current_vllm_config
+from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.platforms import current_platform
@@ -89,11 +89,11 @@ class ActTailConfig(QuantizationConfig):
     def modules(self) -> SparseModules:
         """This worker's sparse modules, made when vLLM builds the model."""
         if self._modules is None:  # before vLLM builds its compile backend, which takes the pass now
-            self._modules = SparseModules(self._make_resolver(), install_dense_range_pass(get_current_vllm_config()))
+            vllm_config = get_current_vllm_config()
+            self._modules = SparseModules(self._make_resolver(vllm_config), install_dense_range_pass(vllm_config))
         return self._modules
 
-    def _make_resolver(self) -> BudgetResolver:
-        vllm_config = get_current_vllm_config()
+    def _make_resolver(self, vllm_config: VllmConfig) -> BudgetResolver:
         model_config = vllm_config.model_config
         architecture = (getattr(model_config.hf_config, "architectures", None) or ["<none>"])[0]
         family_of(architecture, f"model {model_config.model}")  # UnsupportedArchitecture names the supported ones

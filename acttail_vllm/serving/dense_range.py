@@ -36,7 +36,7 @@ def replace_uncounted_calls(graph: fx.Graph) -> int:
     both forms of a functionalized call (vLLM compiles with the first). Returns how many calls it
     replaced."""
     sparse_linear = torch.ops.acttail.sparse_linear.default
-    replaced = 0
+    replaced, freed = 0, set()
     for node in list(graph.nodes):
         if node.target not in (auto_functionalized, auto_functionalized_v2) or node.args[0] is not sparse_linear:
             continue
@@ -61,9 +61,10 @@ def replace_uncounted_calls(graph: fx.Graph) -> int:
             user.replace_all_uses_with(gemm if index == 0 else updated[index - 1])
             graph.erase_node(user)
         graph.erase_node(node)
+        freed.update(updated)
         replaced += 1
-    for node in list(graph.nodes):  # write-backs of buffers no call updates now: copies onto themselves
-        if node.target is aten.copy_.default and node.args[0] is node.args[1]:
+    for node in list(graph.nodes):  # the freed buffers' write-backs are now copies onto themselves
+        if node.target is aten.copy_.default and node.args[0] is node.args[1] and node.args[0] in freed:
             graph.erase_node(node)
     return replaced
 
