@@ -36,6 +36,7 @@ def replace_uncounted_calls(graph: fx.Graph) -> int:
     both forms of a functionalized call (vLLM compiles with the first). Returns how many calls it
     replaced."""
     sparse_linear = torch.ops.acttail.sparse_linear.default
+    written = [arg.name for arg in sparse_linear._schema.arguments if arg.is_write]  # v1's buffer order
     replaced, freed = 0, set()
     for node in list(graph.nodes):
         if node.target not in (auto_functionalized, auto_functionalized_v2) or node.args[0] is not sparse_linear:
@@ -44,7 +45,7 @@ def replace_uncounted_calls(graph: fx.Graph) -> int:
         x, weight, bias = kwargs["x"], kwargs["weight"], kwargs["bias"]
         if node.target is auto_functionalized:
             counts = kwargs["stats"] is not None
-            updated = [kwargs[arg.name] for arg in sparse_linear._schema.arguments if arg.is_write]
+            updated = [kwargs[name] for name in written]
         else:
             counts = kwargs["_stats_base_index"] is not None
             updated = kwargs["_all_bases"]
