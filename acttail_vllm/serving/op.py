@@ -14,12 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy
 import torch
 from torch.library import Library
 
 from acttail_kernels import cpu
 from acttail_vllm.serving.settings import SparsityPolicy
-from acttail_vllm.serving.stats import TokenPath, token_stat
+from acttail_vllm.serving.stats import TOKEN_PATHS, TokenPath, token_stat
 
 if TYPE_CHECKING:
     from acttail_kernels import GemvPath
@@ -207,7 +208,8 @@ def sparse_linear_impl(
         y = _dense_linear(x2, weight, bias, seg_bounds, dense)
     else:
         if not x2.is_cuda:
-            y = cpu.sparse_linear(x2, weight, bias, seg_bounds, seg_keep.tolist(), kernel_path)
+            cpu_keep = seg_keep.tolist()
+            y = cpu.sparse_linear(x2, weight, bias, seg_bounds, cpu_keep, kernel_path)
         elif path is TokenPath.SPARSE_GEMV and sparse_rows is None:
             y = _sparse_kernel(x2, weight, bias, seg_bounds, keep_hint, seg_keep, thr_guess, kernel_path)
         else:
@@ -222,10 +224,10 @@ def sparse_linear_impl(
         sparsified = 0 if path is TokenPath.UNSPARSIFIED else rows if sparse_rows is None else sparse_rows.sum()
         if stats.is_cuda:
             _add_counts(stats, seg_keep.to(torch.int64), sparsified, rows, x2.shape[1], path)
-        elif path is TokenPath.UNSPARSIFIED:  # every channel kept: no budget to read
-            _add_dense_counts(stats.numpy(), len(seg_bounds) - 1, rows, x2.shape[1])
-        else:  # numpy views of the same memory: on a CPU a torch op per update costs more than the layer
-            _add_counts(stats.numpy(), seg_keep.numpy().astype("int64"), int(sparsified), rows, x2.shape[1], path)
+        else:  # one numpy add into a view of the same memory (cpu_increment says why)
+            keep = (0,) * (len(seg_bounds) - 1) if path is TokenPath.UNSPARSIFIED else tuple(cpu_keep)
+            counters = stats.numpy()
+            numpy.add(counters, cpu_increment(keep, int(sparsified), rows, x2.shape[1], path), out=counters)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
@@ -240,11 +242,18 @@ def _add_counts(counters, seg_keep, sparsified, rows: int, in_features: int, pat
     counters[token_stat(TokenPath.UNSPARSIFIED, num_segs)] += rows - sparsified
 
 
-def _add_dense_counts(counters, num_segs: int, rows: int, in_features: int) -> None:
-    """``_add_counts`` of a call left dense, on a CPU's numpy counters: half its numpy operations,
-    which on a CPU cost about as much as a small layer's dense step."""
-    counters[:num_segs] += in_features * rows
-    counters[token_stat(TokenPath.UNSPARSIFIED, num_segs)] += rows
+@functools.lru_cache(maxsize=4096)
+def cpu_increment(
+    keep: tuple[int, ...], sparsified: int, rows: int, in_features: int, path: TokenPath
+) -> numpy.ndarray:
+    """What one CPU call adds to its module's counters (``_add_counts`` into zeros; ``keep`` only
+    matters for sparsified rows), read-only. The op adds it in one numpy operation: right after the
+    layer's GEMM each numpy or torch operation costs a CPU several times what it costs in a tight loop
+    (its code and data no longer in cache), more than a small layer's whole sparse call."""
+    increment = numpy.zeros(len(keep) + len(TOKEN_PATHS), dtype=numpy.int64)
+    _add_counts(increment, numpy.array(keep, dtype=numpy.int64), sparsified, rows, in_features, path)
+    increment.flags.writeable = False
+    return increment
 
 
 @dataclass(frozen=True)
