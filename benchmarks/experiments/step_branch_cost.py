@@ -35,8 +35,10 @@ def build_module(out_sizes: list[int], k: int, limit: int, dtype: torch.dtype):
     from acttail_kernels import cpu
     from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
     from acttail_vllm.serving.linear_method import SparseLinearState
+    from acttail_vllm.serving.op import register_sparse_linear_op
     from acttail_vllm.serving.settings import ActTailSettings
 
+    register_sparse_linear_op()  # as vLLM's plugin does: compiled code calls the op, opaque
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(sum(out_sizes), k, generator=gen) / k**0.5).to(dtype)
     layer = torch.nn.Module()
