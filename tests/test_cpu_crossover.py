@@ -140,6 +140,38 @@ def test_auto_on_a_cpu_sparsifies_what_won_its_race_and_runs_the_rest_as_vllm(
                 assert torch.equal(served, dense)  # a step left dense is dense vLLM's, bit for bit
 
 
+def test_compiled_on_a_cpu_a_module_branches_on_the_step_size_as_its_op_would(monkeypatch):
+    """vLLM compiles one graph for every step size on a CPU: in it a module's steps over its limit run
+    the dense layer and only the others call its op, with the outputs and counts of its eager calls
+    on both sides of the limit."""
+    from acttail_vllm.serving import op as sparse_op
+    from acttail_vllm.serving.stats import ModuleStats, TokenPath
+
+    sparse_op.register_sparse_linear_op()
+    k, sizes, budget, limit = 64, [48, 16], ModuleBudget((16, 32), 64), 2
+    compiled_layer, eager_layer = (cpu_module(0, sizes, k, torch.Generator().manual_seed(1))[0] for _ in range(2))
+    for layer in (compiled_layer, eager_layer):
+        layer.acttail.set_budget(budget, ActTailSettings(sparsity=0.5), limit, counts_stats=True, ever_sparsified=True)
+    gen = torch.Generator().manual_seed(0)
+    steps = [torch.randn(rows, k, generator=gen).to(torch.bfloat16) for rows in (2, 3, 1, 5, 2)]
+    expected = [eager_layer.acttail.sparse_linear(x, eager_layer.weight, None) for x in steps]
+
+    op_calls = []
+    run = sparse_op.CallSite.run
+    monkeypatch.setattr(
+        sparse_op.CallSite, "run", lambda site, x, *args, **kw: op_calls.append(len(x)) or run(site, x, *args, **kw)
+    )
+    state = compiled_layer.acttail
+    compiled = torch.compile(
+        lambda x: state.sparse_linear(x, compiled_layer.weight, None), backend="inductor", dynamic=True, fullgraph=True
+    )
+    for x, eager in zip(steps, expected):
+        torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+    assert op_calls == [2, 1, 2]  # the steps within the limit
+    assert ModuleStats.read(state.stats) == ModuleStats.read(eager_layer.acttail.stats)
+    assert ModuleStats.read(state.stats).tokens[TokenPath.UNSPARSIFIED] == 8
+
+
 @pytest.mark.parametrize("policy", ["auto", "decode"])
 def test_modules_without_room_for_a_second_copy_keep_one(monkeypatch, policy):
     """A module past the room for second copies keeps one copy of its weight: under auto vLLM's

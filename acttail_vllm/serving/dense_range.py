@@ -7,7 +7,7 @@ op call pays the dispatcher and its Python: several microseconds, seven calls a 
 each range of step sizes apart (``compile_ranges_endpoints``) and asks each post-grad pass whether it
 applies to the range (vLLM's fusion passes, ``vllm/compilation/passes``). ``DenseRangePass``
 applies above the largest step any module sparsifies and replaces each op call there with the GEMM
-the op would run (``op._dense_linear`` on CUDA: ``x @ weight`` on the kernel layout [K, N]). The one
+the op would run (``op.dense_linear`` on CUDA: ``x @ weight`` on the kernel layout [K, N]). The one
 call that counts (a GPU's other modules pass no counters) stays, so every step is still counted.
 """
 

@@ -20,7 +20,7 @@ from torch.library import Library
 
 from acttail_kernels import cpu
 from acttail_vllm.serving.settings import SparsityPolicy
-from acttail_vllm.serving.stats import TOKEN_PATHS, TokenPath, token_stat
+from acttail_vllm.serving.stats import TOKEN_PATHS, TokenPath, new_stats, token_stat
 
 if TYPE_CHECKING:
     from acttail_kernels import GemvPath
@@ -58,7 +58,7 @@ def decode_token_mask(num_tokens: int, device: torch.device) -> torch.Tensor | N
 DenseLayer = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def _dense_linear(
+def dense_linear(
     x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seg_bounds: list[int], dense: DenseLayer | None
 ) -> torch.Tensor:
     """The unsparsified layer: ``weight`` in the kernel layout [K, N] on CUDA; on a CPU ``dense``
@@ -205,7 +205,7 @@ def sparse_linear_impl(
     decode_only = policy == SparsityPolicy.DECODE.value
     sparse_rows = decode_token_mask(rows, x2.device) if decode_only and path is not TokenPath.UNSPARSIFIED else None
     if path is TokenPath.UNSPARSIFIED:
-        y = _dense_linear(x2, weight, bias, seg_bounds, dense)
+        y = dense_linear(x2, weight, bias, seg_bounds, dense)
     else:
         if not x2.is_cuda:
             cpu_keep = seg_keep.tolist()
@@ -219,7 +219,7 @@ def sparse_linear_impl(
                 x2, weight, bias, seg_bounds, keep_hint, keep=seg_keep, path=kernel_path, thr_guess=thr_guess
             )
         if sparse_rows is not None:  # prefill rows of a mixed batch stay dense
-            y = torch.where(sparse_rows[:, None], y, _dense_linear(x2, weight, bias, seg_bounds, dense))
+            y = torch.where(sparse_rows[:, None], y, dense_linear(x2, weight, bias, seg_bounds, dense))
     if count_stats:  # only then: each op here is one more kernel per module and step on a GPU
         sparsified = 0 if path is TokenPath.UNSPARSIFIED else rows if sparse_rows is None else sparse_rows.sum()
         if stats.is_cuda:
@@ -308,6 +308,16 @@ def register_call_site(seg_keep: torch.Tensor, site: CallSite) -> None:
     _CALL_SITES[seg_keep.data_ptr()] = site
 
 
+def _call_site(seg_keep: torch.Tensor) -> CallSite:
+    site = _CALL_SITES.get(seg_keep.data_ptr())
+    if site is None:
+        raise RuntimeError(
+            "acttail::sparse_linear got a budget tensor no ActTail module registered (moved or copied "
+            "after its budget was set?): call SparseLinearState.set_budget once the module is on its device"
+        )
+    return site
+
+
 def _registered_sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -316,13 +326,14 @@ def _registered_sparse_linear(
     thr_guess: torch.Tensor,
     stats: torch.Tensor | None,
 ) -> torch.Tensor:
-    site = _CALL_SITES.get(seg_keep.data_ptr())
-    if site is None:
-        raise RuntimeError(
-            "acttail::sparse_linear got a budget tensor no ActTail module registered (moved or copied "
-            "after its budget was set?): call SparseLinearState.set_budget once the module is on its device"
-        )
-    return site.run(x, weight, bias, seg_keep, thr_guess, stats)
+    return _call_site(seg_keep).run(x, weight, bias, seg_keep, thr_guess, stats)
+
+
+def _registered_sparse_linear_counted(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seg_keep: torch.Tensor, thr_guess: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = new_stats(seg_keep.numel())
+    return _call_site(seg_keep).run(x, weight, bias, seg_keep, thr_guess, counts), counts
 
 
 # torch.library's fake (meta) implementation must take the op's exact signature: a deliberate copy.
@@ -338,11 +349,21 @@ def _sparse_linear_fake(
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def _sparse_linear_counted_fake(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, seg_keep: torch.Tensor, thr_guess: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = seg_keep.new_empty(seg_keep.shape[0] + len(TOKEN_PATHS), dtype=torch.int64)
+    return _sparse_linear_fake(x, weight, bias, seg_keep, thr_guess, None), counts
+
+
 def register_sparse_linear_op() -> None:
     """Define ``torch.ops.acttail.sparse_linear(x, weight, bias, seg_keep, thr_guess, stats)`` once
     per process: what compiled code calls (the eager forward calls ``sparse_linear_impl``). A call
     without ``stats`` counts nothing: what a GPU's modules that do not count pass, so that the one
-    that does is the call ``dense_range`` keeps."""
+    that does is the call ``dense_range`` keeps. Also ``sparse_linear_counted(x, weight, bias,
+    seg_keep, thr_guess) -> (y, counts)``, the same call returning what it would add to the counters
+    and updating nothing: a branch of ``torch.cond`` may not update its inputs, and a CPU's selection
+    keeps no threshold (``SparseLinearState.branch_on_step_size``)."""
     if hasattr(torch.ops.acttail, "sparse_linear"):
         return
     from vllm.utils.torch_utils import direct_register_custom_op
@@ -352,5 +373,12 @@ def register_sparse_linear_op() -> None:
         op_func=_registered_sparse_linear,
         mutates_args=["thr_guess", "stats"],
         fake_impl=_sparse_linear_fake,
+        target_lib=_LIB,
+    )
+    direct_register_custom_op(
+        op_name="sparse_linear_counted",
+        op_func=_registered_sparse_linear_counted,
+        mutates_args=[],
+        fake_impl=_sparse_linear_counted_fake,
         target_lib=_LIB,
     )

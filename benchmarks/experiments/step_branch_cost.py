@@ -1,16 +1,15 @@
-"""What a CPU step over a module's token limit pays for going through ActTail's op, against a branch
-on the step size inside the compiled graph (``torch.cond``).
+"""What a CPU step pays for ActTail on a module: through its op, or behind the branch on the step
+size that the linear method compiles (``SparseLinearState.branch_on_step_size``).
 
-vLLM's CPU mode traces one graph for every step size, so a module sparsified at small steps calls
-the op at every step, and the op sends the larger ones to vLLM's dense layer. Here one module as the
-linear method leaves it on a CPU (budget set, policy auto, token limit ``--limit``, counting), its
-step of ``--rows`` tokens compiled with inductor (dynamic step size) three ways, each on vLLM's
-dense layer at that size: ``dense`` calls the dense layer alone (dense vLLM), ``op`` the module's
-compiled call (the shipped route), ``cond`` a ``torch.cond`` on the step size whose dense branch is
-the dense layer and whose sparse branch masks the input (traceable stand-in: the registered op
-updates its counters in place, which a branch may not), with the counts added after the branch.
-One thread, as vLLM's served worker runs on this project's 2-core machine; the three alternate
-every round:
+vLLM's CPU mode traces one graph for every step size, so a module sparsified at small steps is in
+every step's graph. Here one module as the linear method leaves it on a CPU (budget set, policy
+auto, token limit ``--limit``, counting), its step of ``--rows`` tokens compiled with inductor
+(dynamic step size) three ways: ``dense`` calls vLLM's dense layer alone (dense vLLM), ``op`` the
+registered op, which sends a step over the limit to that layer from its Python, and ``branch``
+the module's compiled call as shipped, a ``torch.cond`` on the step size between that layer and
+the op. Over the limit the three compute the same; within it ``op`` and ``branch`` do, and
+``dense`` is the layer they beat or not. One thread, as vLLM's served worker runs on this
+project's 2-core machine; the three alternate every round:
 
     python3 -m benchmarks.experiments.step_branch_cost [--out 1536,1536 --in 576] [--rows 4] [--limit 2]
         [--dtype float32]
@@ -48,36 +47,16 @@ def build_module(out_sizes: list[int], k: int, limit: int, dtype: torch.dtype):
     layer.acttail.add_dense_layer(UnquantizedLinearMethod(), weight.clone(), None)
     budget = ModuleBudget.from_sparsities((0.8,) * len(out_sizes), k)
     layer.acttail.set_budget(budget, ActTailSettings(), limit, counts_stats=True, ever_sparsified=True)
-    return layer, budget
+    return layer
 
 
-def compiled_ways(layer, budget, limit: int):
-    from acttail_kernels import reference
-    from acttail_vllm.serving.stats import TokenPath, new_stats, token_stat
-
+def compiled_ways(layer):
     state = layer.acttail
-    keep, segments = budget.seg_keep[0], len(budget.seg_keep)
-    per_token = {"sparse": new_stats(segments), "dense": new_stats(segments)}  # counters a token adds
-    per_token["sparse"][:segments] = torch.tensor(budget.seg_keep)
-    per_token["sparse"][token_stat(TokenPath.SPARSE_GEMV, segments)] = 1
-    per_token["dense"][:segments] = budget.in_features
-    per_token["dense"][token_stat(TokenPath.UNSPARSIFIED, segments)] = 1
-
-    def sparse_branch(x):
-        return state.dense(x * reference.topk_mask(x, keep), None), per_token["sparse"] * x.shape[0]
-
-    def dense_branch(x):
-        return state.dense(x, None), per_token["dense"] * x.shape[0]
-
-    def cond(x):
-        y, counts = torch.cond(x.shape[0] <= limit, sparse_branch, dense_branch, (x,))
-        state.stats.add_(counts)
-        return y
-
+    op_state = (state.keep, state.thr_guess, state.stats)
     ways = {
         "dense": lambda x: state.dense(x, None),
-        "op": lambda x: state.sparse_linear(x, layer.weight, None),
-        "cond": cond,
+        "op": lambda x: torch.ops.acttail.sparse_linear(x, layer.weight, None, *op_state),
+        "branch": lambda x: state.sparse_linear(x, layer.weight, None),
     }
     return {name: torch.compile(fn, backend="inductor", dynamic=True) for name, fn in ways.items()}
 
@@ -94,14 +73,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
-    layer, budget = build_module([int(n) for n in args.out.split(",")], args.k, args.limit, dtype)
-    ways = compiled_ways(layer, budget, args.limit)
+    layer = build_module([int(n) for n in args.out.split(",")], args.k, args.limit, dtype)
+    ways = compiled_ways(layer)
     x = torch.randn(args.rows, args.k, dtype=dtype)
-    expected = ways["dense"](x)
+    expected = ways["dense" if args.rows > args.limit else "op"](x)
     for name, fn in ways.items():
-        for rows in (1, args.rows):  # both branches traced and run once
+        for rows in (1, args.limit + 1):  # both sides of the limit traced and run once
             fn(torch.randn(rows, args.k, dtype=dtype))
-        torch.testing.assert_close(fn(x), expected, rtol=0, atol=0, msg=f"{name} differs from the dense layer")
+        if name != "dense" or args.rows > args.limit:
+            torch.testing.assert_close(fn(x), expected, rtol=0, atol=0, msg=f"{name} computes another step")
     times: dict[str, list[float]] = {name: [] for name in ways}
     with torch.no_grad():
         for _ in range(args.rounds):
