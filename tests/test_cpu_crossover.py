@@ -140,18 +140,23 @@ def test_auto_on_a_cpu_sparsifies_what_won_its_race_and_runs_the_rest_as_vllm(
                 assert torch.equal(served, dense)  # a step left dense is dense vLLM's, bit for bit
 
 
-def test_compiled_on_a_cpu_a_module_branches_on_the_step_size_as_its_op_would(monkeypatch):
+@pytest.mark.parametrize("policy", ["auto", "all"])
+def test_compiled_on_a_cpu_a_module_branches_on_the_step_size_as_its_op_would(monkeypatch, policy):
     """vLLM compiles one graph for every step size on a CPU: in it a module's steps over its limit run
-    the dense layer and only the others call its op, with the outputs and counts of its eager calls
-    on both sides of the limit."""
+    the unsparsified layer and only the others call its op, with the outputs and counts of its eager
+    calls on both sides of the limit; under auto the limit is the race's and the module keeps vLLM's
+    dense layer, under all it is max_sparse_tokens, here with the GEMV's copy of the weight alone."""
     from acttail_vllm.serving import op as sparse_op
     from acttail_vllm.serving.stats import ModuleStats, TokenPath
 
     sparse_op.register_sparse_linear_op()
     k, sizes, budget, limit = 64, [48, 16], ModuleBudget((16, 32), 64), 2
+    settings = ActTailSettings(sparsity=0.5, policy=policy, max_sparse_tokens=None if policy == "auto" else limit)
     compiled_layer, eager_layer = (cpu_module(0, sizes, k, torch.Generator().manual_seed(1))[0] for _ in range(2))
     for layer in (compiled_layer, eager_layer):
-        layer.acttail.set_budget(budget, ActTailSettings(sparsity=0.5), limit, counts_stats=True, ever_sparsified=True)
+        if policy == "all":  # no room for a second copy
+            layer.acttail.dense_layer = None
+        layer.acttail.set_budget(budget, settings, limit, counts_stats=True, ever_sparsified=True)
     gen = torch.Generator().manual_seed(0)
     steps = [torch.randn(rows, k, generator=gen).to(torch.bfloat16) for rows in (2, 3, 1, 5, 2)]
     expected = [eager_layer.acttail.sparse_linear(x, eager_layer.weight, None) for x in steps]

@@ -182,7 +182,7 @@ class SparseLinearState(torch.nn.Module):
         The limit is traced into the graph, and a graph vLLM loads from its compile cache keeps the
         limit of the server that traced it; the op still applies this server's limit to the steps it
         gets and the counts come from buffers, so such a limit costs speed, never a wrong count."""
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, self.budget.in_features)  # a static width: the op's output width is traced from it
 
         def sparsified(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.ops.acttail.sparse_linear_counted(rows, weight, bias, self.keep, self.thr_guess)
