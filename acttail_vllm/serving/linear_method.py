@@ -2,7 +2,8 @@
 
 Shaped like vLLM's own methods (``fp8.py``, ``awq_triton.py``): weights are loaded as vLLM loads
 them, re-laid out once for the kernels (CUDA) or the CPU paths, and ``apply`` calls the
-``acttail::sparse_linear`` op. On a CPU a module also keeps vLLM's own dense layer (vLLM's
+``acttail::sparse_linear`` op (compiled on a CPU, behind a branch on the step size:
+``SparseLinearState.branch_on_step_size``). On a CPU a module also keeps vLLM's own dense layer (vLLM's
 prepacked copy of the weight for its CPU GEMM) for the steps it leaves dense, as memory allows
 (``SecondCopies``), and a module the policy never sparsifies keeps only that one and runs as in
 dense vLLM.
