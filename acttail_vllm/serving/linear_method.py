@@ -85,10 +85,8 @@ class SparseLinearState(torch.nn.Module):
         self.stats_host = new_stats(num_segments, pin_memory=on_gpu)
         stats = get_accelerator_view_from_cpu_tensor(self.stats_host) if on_gpu else self.stats_host
         self.register_buffer("stats", stats, persistent=False)
-        #: CPU, compiled (``branch_on_step_size``): the most tokens of a step the op sparsifies (None:
-        #: any; set with the budget), and what one token of a larger step adds to the counters
-        #: (zeros where the module does not count)
-        self.step_limit: int | None = None
+        #: CPU, compiled (``branch_on_step_size``): what one token of a step over the module's token
+        #: limit adds to the counters (zeros where the module does not count; set with the budget)
         self.register_buffer("unsparsified_counts", new_stats(num_segments), persistent=False)
 
     def add_dense_layer(self, method: UnquantizedLinearMethod, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -143,7 +141,6 @@ class SparseLinearState(torch.nn.Module):
         self.ever_sparsified = ever_sparsified
         self.compiled_counters = compiled_counters or counts_stats
         self.keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
-        self.step_limit = max_sparse_tokens
         if counts_stats:
             dense_token = cpu_increment((0,) * len(self.out_sizes), 0, 1, budget.in_features, TokenPath.UNSPARSIFIED)
             self.unsparsified_counts.copy_(torch.tensor(dense_token))
@@ -168,7 +165,7 @@ class SparseLinearState(torch.nn.Module):
         without the dispatcher, whose custom-op call costs about as much host time as the op's own
         Python."""
         if torch.compiler.is_compiling():
-            if not x.is_cuda and self.step_limit is not None:
+            if not x.is_cuda and self.call_site.max_sparse_tokens is not None:
                 return self.branch_on_step_size(x, weight, bias)
             counters = self.stats if self.compiled_counters else None
             return torch.ops.acttail.sparse_linear(x, weight, bias, self.keep, self.thr_guess, counters)
@@ -176,9 +173,9 @@ class SparseLinearState(torch.nn.Module):
         return self.call_site.run(x, weight, bias, self.keep, self.thr_guess, counters, count_stats=stats is None)
 
     def branch_on_step_size(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """CPU, compiled: a step of more than ``step_limit`` tokens runs the unsparsified layer inside
-        the compiled graph, a smaller one calls the op. vLLM compiles one graph for every step size on
-        a CPU, and an op call from compiled code costs the Python of its frames and of vLLM's GEMM
+        """CPU, compiled: a step of more tokens than the call site's limit runs the unsparsified layer
+        inside the compiled graph, a smaller one calls the op. vLLM compiles one graph for every step
+        size on a CPU, and an op call from compiled code costs the Python of its frames and of vLLM's GEMM
         wrapper, several times what the branch costs (benchmarks/experiments/step_branch_cost.py).
         The limit is traced into the graph, and a graph vLLM loads from its compile cache keeps the
         limit of the server that traced it; the op still applies this server's limit to the steps it
@@ -189,10 +186,10 @@ class SparseLinearState(torch.nn.Module):
             return torch.ops.acttail.sparse_linear_counted(rows, weight, bias, self.keep, self.thr_guess)
 
         def unsparsified(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            dense = None if self.dense_layer is None else self.dense
-            return dense_linear(rows, weight, bias, self.seg_bounds, dense), self.unsparsified_counts * rows.shape[0]
+            dense = dense_linear(rows, weight, bias, self.seg_bounds, self.call_site.dense)
+            return dense, self.unsparsified_counts * rows.shape[0]
 
-        y, counts = torch.cond(x2.shape[0] <= self.step_limit, sparsified, unsparsified, (x2,))
+        y, counts = torch.cond(x2.shape[0] <= self.call_site.max_sparse_tokens, sparsified, unsparsified, (x2,))
         self.stats.add_(counts)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
