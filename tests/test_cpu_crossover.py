@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from acttail_kernels import cpu, reference
+from acttail_kernels import reference
+from acttail_vllm.dev.cpu_module import cpu_sparse_module
 from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
 from acttail_vllm.serving.cpu_crossover import TimedModule, largest_faster_steps
 from acttail_vllm.serving.settings import ActTailSettings
@@ -58,18 +59,9 @@ def test_each_module_is_sparsified_up_to_the_largest_step_its_gemv_won_at_every_
 
 
 def cpu_module(layer_index: int, out_sizes: list[int], k: int, gen: torch.Generator):
-    """A vLLM-like CPU layer with its ActTail state, as the linear method leaves it after loading."""
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-
-    from acttail_vllm.serving.linear_method import SparseLinearState
-
+    """A vLLM-like CPU gate_up layer with its ActTail state, as the linear method leaves it after loading."""
     proj = DecoderProjection(layer_index, "gate_up_proj", ("gate_proj", "up_proj"))
-    weight = (torch.randn(sum(out_sizes), k, generator=gen) / k**0.5).to(torch.bfloat16)
-    layer = torch.nn.Module()
-    layer.acttail = SparseLinearState(proj, out_sizes, (1, 1), on_gpu=False)
-    layer.weight = torch.nn.Parameter(cpu.prepare_weight(weight, layer.acttail.seg_bounds), requires_grad=False)
-    layer.acttail.add_dense_layer(UnquantizedLinearMethod(), weight.clone(), None)
-    return layer, weight
+    return cpu_sparse_module(proj, out_sizes, k, gen)
 
 
 @pytest.mark.parametrize("with_dense_range", [False, True])

@@ -87,7 +87,8 @@ class SparseLinearState(torch.nn.Module):
         self.register_buffer("stats", stats, persistent=False)
         #: CPU, compiled (``branch_on_step_size``): what one token of a step over the module's token
         #: limit adds to the counters (zeros where the module does not count; set with the budget)
-        self.register_buffer("unsparsified_counts", new_stats(num_segments), persistent=False)
+        unsparsified_counts = None if on_gpu else new_stats(num_segments)
+        self.register_buffer("unsparsified_counts", unsparsified_counts, persistent=False)
 
     def add_dense_layer(self, method: UnquantizedLinearMethod, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """CPU: keep ``weight`` [N, K] as vLLM's unquantized ``method`` keeps a dense layer's (its CPU
@@ -141,10 +142,10 @@ class SparseLinearState(torch.nn.Module):
         self.ever_sparsified = ever_sparsified
         self.compiled_counters = compiled_counters or counts_stats
         self.keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
-        if counts_stats:
+        if self.unsparsified_counts is not None and counts_stats:
             dense_token = cpu_increment((0,) * len(self.out_sizes), 0, 1, budget.in_features, TokenPath.UNSPARSIFIED)
             self.unsparsified_counts.copy_(torch.tensor(dense_token))
-        else:
+        elif self.unsparsified_counts is not None:
             self.unsparsified_counts.zero_()
         self.call_site = CallSite(
             self.seg_bounds,

@@ -29,22 +29,14 @@ import torch
 def build_module(out_sizes: list[int], k: int, limit: int, dtype: torch.dtype):
     """A CPU module with its ActTail state as loading leaves it under policy auto, sparsified up to
     ``limit`` tokens (80% of its inputs dropped) and counting."""
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-
-    from acttail_kernels import cpu
+    from acttail_vllm.dev.cpu_module import cpu_sparse_module
     from acttail_vllm.serving.budgets import DecoderProjection, ModuleBudget
-    from acttail_vllm.serving.linear_method import SparseLinearState
     from acttail_vllm.serving.op import register_sparse_linear_op
     from acttail_vllm.serving.settings import ActTailSettings
 
     register_sparse_linear_op()  # as vLLM's plugin does: compiled code calls the op, opaque
-    gen = torch.Generator().manual_seed(0)
-    weight = (torch.randn(sum(out_sizes), k, generator=gen) / k**0.5).to(dtype)
-    layer = torch.nn.Module()
-    names = tuple(f"seg{i}" for i in range(len(out_sizes)))
-    layer.acttail = SparseLinearState(DecoderProjection(0, "gate_up_proj", names), out_sizes, (1, 1), on_gpu=False)
-    layer.weight = torch.nn.Parameter(cpu.prepare_weight(weight, layer.acttail.seg_bounds), requires_grad=False)
-    layer.acttail.add_dense_layer(UnquantizedLinearMethod(), weight.clone(), None)
+    proj = DecoderProjection(0, "gate_up_proj", tuple(f"seg{i}" for i in range(len(out_sizes))))
+    layer, _ = cpu_sparse_module(proj, out_sizes, k, torch.Generator().manual_seed(0), dtype)
     budget = ModuleBudget.from_sparsities((0.8,) * len(out_sizes), k)
     layer.acttail.set_budget(budget, ActTailSettings(), limit, counts_stats=True, ever_sparsified=True)
     return layer
