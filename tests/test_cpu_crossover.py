@@ -132,6 +132,41 @@ def test_auto_on_a_cpu_sparsifies_what_won_its_race_and_runs_the_rest_as_vllm(
                 assert torch.equal(served, dense)  # a step left dense is dense vLLM's, bit for bit
 
 
+def test_what_the_modules_trace_into_compiled_graphs_is_part_of_vllms_compile_cache_key(monkeypatch):
+    """vLLM keys its compiled graphs, and the artifact a later start reloads, on its own config, which
+    leaves out ActTail's settings and the race; a start whose race came out otherwise traces another
+    graph and must not share the last one's cache folder (there it failed at its first step). So the
+    modules put their choices into ``additional_config``, which vLLM hashes: equal races, equal keys."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from acttail_vllm.serving import linear_method
+    from acttail_vllm.serving.linear_method import SparseModules
+
+    k, sizes, budget = 64, [48, 16], ModuleBudget((16, 32), 64)
+    resolver = SimpleNamespace(
+        profile=None,
+        source=SimpleNamespace(settings=ActTailSettings(sparsity=0.5)),
+        resolve=lambda modules: [budget] * len(modules),
+    )
+
+    def compile_key(race_result: list[int]) -> str:
+        monkeypatch.setattr(linear_method, "largest_faster_steps", lambda timed, dtype: race_result)
+        config = VllmConfig()
+        with set_current_vllm_config(config):
+            modules = SparseModules(resolver)
+            layers = [cpu_module(i, sizes, k, torch.Generator().manual_seed(i))[0] for i in range(3)]
+            for layer in layers:
+                modules.register(layer)
+            assert [modules.loaded(layer) for layer in layers] == [False, False, True]
+        return config.compute_hash()
+
+    first, again, other_limit, other_dense_only = (
+        compile_key(race) for race in ([2, 0, 16], [2, 0, 16], [1, 0, 16], [2, 2, 16])
+    )
+    assert first == again
+    assert len({first, other_limit, other_dense_only, VllmConfig().compute_hash()}) == 4
+
+
 @pytest.mark.parametrize("policy", ["auto", "all"])
 def test_compiled_on_a_cpu_a_module_branches_on_the_step_size_as_its_op_would(monkeypatch, policy):
     """vLLM compiles one graph for every step size on a CPU: in it a module's steps over its limit run

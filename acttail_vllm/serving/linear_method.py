@@ -15,6 +15,7 @@ the ``BudgetResolver`` returns once the last module is loaded.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import itertools
 import logging
 import time
@@ -40,6 +41,8 @@ logger = logging.getLogger(f"vllm.{__name__}")  # under "vllm": vLLM prints it
 #: Step sizes the warm-up runs: up to one past the sparse GEMV's largest batch (16 tokens), after
 #: which every larger step launches the same kernel variants.
 WARM_UP_MAX_ROWS = 17
+#: The entry of vLLM's ``additional_config`` that carries ActTail's part of the compile-cache key.
+COMPILE_KEY = "acttail_traced_choices"
 
 
 class SparseLinearState(torch.nn.Module):
@@ -103,6 +106,13 @@ class SparseLinearState(torch.nn.Module):
     def dense(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The module unsparsified, as dense vLLM runs it (CPU, after ``add_dense_layer``)."""
         return self._dense_method.apply(self.dense_layer, x, None if bias is None else self.dense_layer.bias)
+
+    @property
+    def traced_choices(self) -> tuple[Any, ...]:
+        """What compiled code takes from this module besides its tensors, fixed when it is traced
+        (``ActTailLinearMethod.apply``, ``sparse_linear``): whether it runs the dense layer alone,
+        whether it passes its counters, and its token limit (the CPU's branch)."""
+        return self.dense_only, self.compiled_counters, self.call_site.max_sparse_tokens
 
     @property
     def dense_only(self) -> bool:
@@ -320,12 +330,34 @@ class SparseModules:
             )
             if layer.acttail.dense_only:  # the GEMV's rows are never read: only vLLM's copy stays
                 layer.weight = torch.nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
+        self.key_compiled_graphs()
         if on_gpu:
             self.warm_up()
         else:
             self._log_second_copies(settings.policy)
             return_freed_memory()
         return True
+
+    def key_compiled_graphs(self) -> None:
+        """Make the modules' ``traced_choices`` part of vLLM's compile-cache key, through
+        ``additional_config``, which vLLM hashes. vLLM keys its compiled graphs (and the artifact a
+        later start reloads) on its own config, which leaves out ActTail's settings
+        (``--hf-overrides``, environment) and the CPU's race. A graph traced for other choices takes
+        other inputs: a CPU start whose race came out otherwise, in the same cache folder as the
+        last start, failed at its first step (an IndexError in AOTAutograd's runtime wrapper)."""
+        from vllm.config import get_current_vllm_config_or_none
+
+        config = get_current_vllm_config_or_none()
+        if config is None:
+            return
+        choices = repr([state.traced_choices for state in self.states]).encode()
+        if not isinstance(config.additional_config, dict):
+            logger.warning(
+                "ActTail: --additional-config is not a dict, so ActTail cannot key vLLM's compile cache on "
+                "its modules' choices; set VLLM_DISABLE_COMPILE_CACHE=1 if ActTail's settings change between starts"
+            )
+            return
+        config.additional_config[COMPILE_KEY] = hashlib.sha256(choices).hexdigest()[:16]
 
     def _log_second_copies(self, policy: SparsityPolicy) -> None:
         copies = self.second_copies
