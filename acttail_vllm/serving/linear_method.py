@@ -152,11 +152,12 @@ class SparseLinearState(torch.nn.Module):
         self.ever_sparsified = ever_sparsified
         self.compiled_counters = compiled_counters or counts_stats
         self.keep.copy_(torch.tensor(budget.seg_keep, dtype=torch.int32))
-        if self.unsparsified_counts is not None and counts_stats:
-            dense_token = cpu_increment((0,) * len(self.out_sizes), 0, 1, budget.in_features, TokenPath.UNSPARSIFIED)
-            self.unsparsified_counts.copy_(torch.tensor(dense_token))
-        elif self.unsparsified_counts is not None:
+        if self.unsparsified_counts is not None:  # CPU
             self.unsparsified_counts.zero_()
+            if counts_stats:
+                no_keep = (0,) * len(self.out_sizes)
+                dense_token = cpu_increment(no_keep, 0, 1, budget.in_features, TokenPath.UNSPARSIFIED)
+                self.unsparsified_counts.copy_(torch.tensor(dense_token))
         self.call_site = CallSite(
             self.seg_bounds,
             list(budget.seg_keep),
@@ -188,9 +189,8 @@ class SparseLinearState(torch.nn.Module):
         inside the compiled graph, a smaller one calls the op. vLLM compiles one graph for every step
         size on a CPU, and an op call from compiled code costs the Python of its frames and of vLLM's GEMM
         wrapper, several times what the branch costs (benchmarks/experiments/step_branch_cost.py).
-        The limit is traced into the graph, and a graph vLLM loads from its compile cache keeps the
-        limit of the server that traced it; the op still applies this server's limit to the steps it
-        gets and the counts come from buffers, so such a limit costs speed, never a wrong count."""
+        The limit is traced into the graph, so it is part of vLLM's compile-cache key
+        (``traced_choices``)."""
         x2 = x.reshape(-1, self.budget.in_features)  # a static width: the op's output width is traced from it
 
         def sparsified(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
