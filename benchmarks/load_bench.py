@@ -146,7 +146,11 @@ class RequestRecord(BaseModel):
     """One request as the client saw it (times in seconds from the run's start)."""
 
     sent_s: float
+    #: the first token: vLLM streams a chunk for each, its text empty while the detokenizer holds
+    #: back an incomplete character (random weights' byte tokens)
     ttft_s: float | None = None
+    #: the first chunk with text; later than ``ttft_s`` where the first tokens decode to no text
+    first_text_s: float | None = None
     e2e_s: float
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -311,7 +315,7 @@ async def _stream_one(
     client: openai.AsyncOpenAI, model: str, prompt: str | list[int], max_tokens: int, t0: float
 ) -> RequestRecord:
     sent = time.perf_counter()
-    ttft = None
+    ttft = first_text = None
     usage = None
     stream = await client.completions.create(
         model=model,
@@ -323,8 +327,11 @@ async def _stream_one(
         extra_body={"ignore_eos": True},
     )
     async for chunk in stream:
-        if ttft is None and chunk.choices and chunk.choices[0].text:
-            ttft = time.perf_counter() - sent
+        if chunk.choices:
+            if ttft is None:
+                ttft = time.perf_counter() - sent
+            if first_text is None and chunk.choices[0].text:
+                first_text = time.perf_counter() - sent
         if chunk.usage is not None:
             usage = chunk.usage
     end = time.perf_counter()
@@ -333,6 +340,7 @@ async def _stream_one(
     return RequestRecord(
         sent_s=sent - t0,
         ttft_s=ttft,
+        first_text_s=first_text,
         e2e_s=end - sent,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -26,6 +27,7 @@ from benchmarks.load_bench import (
     LoadSummary,
     RequestRecord,
     ServerRun,
+    _stream_one,
     cpu_shares,
     format_cpu_list,
     format_spread,
@@ -389,6 +391,28 @@ def test_spread_lengths_are_the_same_for_every_run_and_sent_as_asked(monkeypatch
     run = run_load("http://127.0.0.1:9", "m", spec)
     assert asked == lengths  # sent in order, each with its own length
     assert run.completion_tokens == sum(lengths)
+
+
+def test_time_to_first_token_is_the_first_streamed_token_even_when_its_text_is_held_back():
+    # vLLM streams a chunk per token; a byte token that is not yet a whole character comes as ""
+    chunks = [
+        SimpleNamespace(choices=[SimpleNamespace(text="")], usage=None),
+        SimpleNamespace(choices=[SimpleNamespace(text="\u00e9")], usage=None),
+        SimpleNamespace(choices=[], usage=SimpleNamespace(prompt_tokens=3, completion_tokens=2)),
+    ]
+
+    async def stream():
+        for chunk in chunks:
+            await asyncio.sleep(0.03)
+            yield chunk
+
+    async def create(**kwargs):
+        return stream()
+
+    client = SimpleNamespace(completions=SimpleNamespace(create=create))
+    record = asyncio.run(_stream_one(client, "m", "p", 2, time.perf_counter()))
+    assert 0.02 < record.ttft_s < record.first_text_s - 0.02  # the first chunk, not the first text
+    assert record.e2e_s > record.first_text_s and record.completion_tokens == 2
 
 
 def test_open_loop_sends_each_request_at_its_arrival_time_with_at_most_concurrency_in_flight(monkeypatch):
