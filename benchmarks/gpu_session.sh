@@ -94,7 +94,7 @@ serve13b | serve7b)
   shape=${1#serve}
   model=/tmp/llama-2-$shape-shape-tok
   sparsities=${SPARSITIES:-0.5,0.8}
-  util=0.85 name=serve_$shape
+  util=0.85 name=serve_$shape${TAG:+_$TAG}
   if [ -n "${INTERLEAVE:-}" ]; then
     servers=$((1 + ${CONTROL:-0} + $(echo "$sparsities" | tr ',' '\n' | wc -l)))
     util=$($python -c "import sys; print(round(0.85 / int(sys.argv[1]), 2))" "$servers")

@@ -18,7 +18,12 @@ ROUNDS times with the order rotating, so that a drift of the machine falls on ev
 it prints each round's ratio against the dense round beside it, how far one run would stray.
 
 Every request streams (for TTFT), ignores EOS (so both servers generate the same number of tokens)
-and has its own timeout; the run ends after ``--requests`` requests whatever happens to them.
+and has its own timeout; the run ends after ``--requests`` requests whatever happens to them. TTFT
+is the first streamed token, as vLLM counts it: the first chunk, whose text may be empty where the
+detokenizer holds back a byte token that is not yet a whole character. Random weights generate such
+tokens often, and their outputs differ between dense and ActTail, so timing the first text would
+charge a server for the tokens its weights happen to pick; the table says how many first tokens
+streamed no text.
 ``--max-tokens-spread`` varies the requests' lengths (the same lengths on every server), so that
 the streams of a closed loop do not end and restart in lockstep, which makes TTFT depend on whether
 a wave of arrivals lands in one prefill step or two (benchmarks/experiments/lockstep_ttft.py).
@@ -260,6 +265,9 @@ class LoadSummary(BaseModel):
     tpot_s: Percentiles | None
     first_errors: list[str]
     engine: EngineTimes | None = None
+    #: requests whose first token streamed no text, and by how long their first text followed it
+    #: (None: never, within the request)
+    text_lags_s: list[float | None] = Field(default_factory=list)
 
     @classmethod
     def of(cls, label: str, run: LoadRun) -> LoadSummary:
@@ -287,6 +295,12 @@ class LoadSummary(BaseModel):
             tpot_s=Percentiles.of(tpot),
             first_errors=[r.error for r in run.failures[:5]],
             engine=run.engine,
+            text_lags_s=[
+                None if r.first_text_s is None else r.first_text_s - r.ttft_s
+                for r in ok
+                # older reports have no first text: their ttft_s was it
+                if r.ttft_s is not None and "first_text_s" in r.model_fields_set and r.first_text_s != r.ttft_s
+            ],
         )
 
 
@@ -328,10 +342,10 @@ async def _stream_one(
     )
     async for chunk in stream:
         if chunk.choices:
-            if ttft is None:
-                ttft = time.perf_counter() - sent
+            now = time.perf_counter() - sent
+            ttft = now if ttft is None else ttft
             if first_text is None and chunk.choices[0].text:
-                first_text = time.perf_counter() - sent
+                first_text = now
         if chunk.usage is not None:
             usage = chunk.usage
     end = time.perf_counter()
@@ -425,20 +439,35 @@ def format_table(summaries: Sequence[LoadSummary]) -> str:
         "load: concurrency (closed loop) or concurrency@requests/s (open loop); decode tok/s: concurrency / "
         "TPOT p50, the aggregate decode rate of a full batch (closed loop only)"
     )
+    lags = [format_text_lags(s) for s in summaries if s.text_lags_s]
     engine = format_engine_table(summaries)
-    return "\n".join([header, *rows, note, engine] if engine else [header, *rows, note])
+    return "\n".join([header, *rows, note, *lags, *([engine] if engine else [])])
+
+
+def format_text_lags(s: LoadSummary) -> str:
+    """How many of a run's first tokens streamed no text (a client that times the first text would
+    see their TTFT later by the lag)."""
+    lags = [lag for lag in s.text_lags_s if lag is not None]
+    median = f", first text {1000 * float(np.median(lags)):.1f} ms later at the median" if lags else ""
+    never = len(s.text_lags_s) - len(lags)
+    return (
+        f"{s.label} {s.spec.load_name}: {len(s.text_lags_s)} of {s.requests_ok} first tokens streamed no text"
+        f"{median}{f', {never} never any' if never else ''}"
+    )
 
 
 def format_engine_table(summaries: Sequence[LoadSummary]) -> str:
-    """vLLM's own mean times per request, one row per run that has them; beside each non-dense run,
-    its prefill and TTFT means against the dense run at the same concurrency."""
+    """vLLM's own mean times per request, one row per run that has them, and the client's TTFT mean
+    beside its TTFT (their difference is time outside the engine: HTTP, tokenizer, streaming,
+    client); beside each non-dense run, its prefill and TTFT means against the dense run at the same
+    concurrency."""
     have = [s for s in summaries if s.engine is not None]
     if not have:
         return ""
     dense = {s.spec.load: s.engine for s in have if s.label == "dense"}
     header = (
         f"{'label':<13} {'load':>8} {'requests':>8} {'queue':>8} {'prefill':>8} {'TTFT':>8} {'decode':>9} "
-        f"{'vs dense: prefill':>17} {'TTFT':>7}   (ms)"
+        f"{'client TTFT':>11} {'vs dense: prefill':>17} {'TTFT':>7}   (ms)"
     )
     rows = []
     for s in have:
@@ -449,9 +478,12 @@ def format_engine_table(summaries: Sequence[LoadSummary]) -> str:
         rows.append(
             f"{s.label:<13} {s.spec.load_name:>8} {engine.requests:>8} {engine.mean_ms('queue'):>8.1f} "
             f"{engine.mean_ms('prefill'):>8.1f} {engine.mean_ms('ttft'):>8.1f} {engine.mean_ms('decode'):>9.1f} "
-            f"{ratios[0]:>17} {ratios[1]:>7}"
+            f"{'-' if s.ttft_s is None else f'{1000 * s.ttft_s.mean:.1f}':>11} {ratios[0]:>17} {ratios[1]:>7}"
         )
-    note = "vLLM's own means per request (its histograms over the same requests): without HTTP and client"
+    note = (
+        "vLLM's own means per request (its histograms over the same requests): without HTTP and client; "
+        "client TTFT: the client's mean"
+    )
     return "\n".join([header, *rows, note])
 
 

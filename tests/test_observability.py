@@ -413,6 +413,18 @@ def test_time_to_first_token_is_the_first_streamed_token_even_when_its_text_is_h
     record = asyncio.run(_stream_one(client, "m", "p", 2, time.perf_counter()))
     assert 0.02 < record.ttft_s < record.first_text_s - 0.02  # the first chunk, not the first text
     assert record.e2e_s > record.first_text_s and record.completion_tokens == 2
+    records = [
+        record,
+        RequestRecord(sent_s=0.0, ttft_s=0.01, first_text_s=0.01, e2e_s=0.1, completion_tokens=5),
+        RequestRecord(sent_s=0.0, ttft_s=0.01, first_text_s=None, e2e_s=0.1, completion_tokens=5),
+    ]
+    run = LoadRun(url="u", model="m", spec=LoadSpec(concurrency=3), started_at=0.0, duration_s=1.0, records=records)
+    table = format_table([LoadSummary.of("acttail 80%", run)])
+    older = run.model_copy(update={"records": [RequestRecord(sent_s=0.0, ttft_s=0.01, e2e_s=0.1)]})
+    assert "streamed no text" not in format_table([LoadSummary.of("dense", older)])  # no first text kept
+    assert "acttail 80% 3: 2 of 3 first tokens streamed no text, first text " in table
+    lag = float(table.split("first text ")[1].split(" ms")[0])
+    assert abs(lag - 1000 * (record.first_text_s - record.ttft_s)) < 0.1 and table.endswith("1 never any")
 
 
 def test_open_loop_sends_each_request_at_its_arrival_time_with_at_most_concurrency_in_flight(monkeypatch):
@@ -508,6 +520,7 @@ def test_engine_times_are_the_servers_histograms_over_the_runs_requests(monkeypa
     assert acttail.engine.requests == 8 and acttail.engine.mean_ms("prefill") == pytest.approx(300.0)
     table = format_table([pooled("dense", [measured]), acttail]).splitlines()
     assert table[-2].split()[-2:] == ["1.500x", "1.500x"]  # prefill 300 against 200 ms; TTFT the same
+    assert table[-2].split()[-3] == "100.0"  # the client's TTFT mean beside the engine's
 
     pages = iter(["# a server without vLLM's histograms\n"] * 2)
     assert warmed_run("http://x", "m", spec, warmup=0).engine is None
