@@ -20,10 +20,10 @@ it prints each round's ratio against the dense round beside it, how far one run 
 Every request streams (for TTFT), ignores EOS (so both servers generate the same number of tokens)
 and has its own timeout; the run ends after ``--requests`` requests whatever happens to them. TTFT
 is the first streamed token, as vLLM counts it: the first chunk, whose text may be empty where the
-detokenizer holds back a byte token that is not yet a whole character. Random weights generate such
-tokens often, and their outputs differ between dense and ActTail, so timing the first text would
-charge a server for the tokens its weights happen to pick; the table says how many first tokens
-streamed no text.
+detokenizer holds back a byte token that is not yet a whole character. Random weights can pick such
+tokens (a request of the Llama-2-13B shape streamed 170 tokens and no text), and dense and ActTail
+pick different ones, so timing the first text would charge a server for its outputs; the table says
+how many first tokens streamed no text.
 ``--max-tokens-spread`` varies the requests' lengths (the same lengths on every server), so that
 the streams of a closed loop do not end and restart in lockstep, which makes TTFT depend on whether
 a wave of arrivals lands in one prefill step or two (benchmarks/experiments/lockstep_ttft.py).
