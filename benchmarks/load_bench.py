@@ -343,7 +343,8 @@ async def _stream_one(
     async for chunk in stream:
         if chunk.choices:
             now = time.perf_counter() - sent
-            ttft = now if ttft is None else ttft
+            if ttft is None:
+                ttft = now
             if first_text is None and chunk.choices[0].text:
                 first_text = now
         if chunk.usage is not None:

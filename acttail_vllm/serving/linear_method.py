@@ -350,13 +350,13 @@ class SparseModules:
         config = get_current_vllm_config_or_none()
         if config is None:
             return
-        choices = repr([state.traced_choices for state in self.states]).encode()
         if not isinstance(config.additional_config, dict):
             logger.warning(
                 "ActTail: --additional-config is not a dict, so ActTail cannot key vLLM's compile cache on "
                 "its modules' choices; set VLLM_DISABLE_COMPILE_CACHE=1 if ActTail's settings change between starts"
             )
             return
+        choices = repr([state.traced_choices for state in self.states]).encode()
         config.additional_config[COMPILE_KEY] = hashlib.sha256(choices).hexdigest()[:16]
 
     def _log_second_copies(self, policy: SparsityPolicy) -> None:
