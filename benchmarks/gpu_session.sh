@@ -25,7 +25,8 @@
 #   bash benchmarks/gpu_session.sh layout      # dense GEMM on the kernel layout [K, N] vs vLLM's [N, K], M = 16-8192
 #   bash benchmarks/gpu_session.sh stall       # Triton compilations after startup, 1,000 mixed-length requests
 #   bash benchmarks/gpu_session.sh prefill     # a prefill step's wall and GPU time, dense and 80% engines in turn
-#                                              # (ENGINES='dense 0.8 dense 0.8' the order, SHAPE=13b)
+#                                              # (ENGINES='dense 0.8 dense 0.8' the order, SHAPE=13b, PROMPTS=1,4
+#                                              # prompts of 256 tokens a step: 32 fill one of `vllm serve`'s 8,192-token steps)
 #   bash benchmarks/gpu_session.sh decode13b   # vLLM decode tok/s, 13B shape, dense vs s in {0.5,0.7,0.8,0.9}
 #   bash benchmarks/gpu_session.sh decode7b    # the same at the 7B shape
 #   (SPARSITIES=0.5,0.8 / BATCHES=1,16 pick a part; EXTEND=benchmarks/results/h200/decode_13b.json adds
@@ -128,7 +129,7 @@ prefill)
   # computes the budgets (about 50 s at the 13B shape), later ones reuse them from $ACTTAIL_CACHE.
   for s in ${ENGINES:-dense 0.8 dense 0.8}; do
     ACTTAIL_SPARSITY=$s timeout 240 $python -m benchmarks.experiments.prefill_step --shape "${SHAPE:-13b}" \
-      --sparsity "$s" --prompts 1,4 --rounds 30 2>&1 | grep -E "tokens: wall|compile without|ERROR|Traceback" | tee -a "$OUT/prefill_step.txt" \
+      --sparsity "$s" --prompts "${PROMPTS:-1,4}" --rounds 30 2>&1 | grep -E "tokens: wall|compile without|ERROR|Traceback" | tee -a "$OUT/prefill_step.txt" \
       || true  # an engine out of time leaves the others to run
   done
   ;;

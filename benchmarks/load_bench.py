@@ -26,7 +26,9 @@ pick different ones, so timing the first text would charge a server for its outp
 how many first tokens streamed no text.
 ``--max-tokens-spread`` varies the requests' lengths (the same lengths on every server), so that
 the streams of a closed loop do not end and restart in lockstep, which makes TTFT depend on whether
-a wave of arrivals lands in one prefill step or two (benchmarks/experiments/lockstep_ttft.py).
+a wave of arrivals lands in one prefill step or two (benchmarks/experiments/lockstep_ttft.py). A
+closed loop's first ``--concurrency`` requests go out together and their prompts queue for prefill
+at once, so the table also gives the TTFT p50 of that first wave and of the requests after it.
 ``--request-rate`` sends requests at seeded Poisson arrival times instead (open loop, as `vllm bench
 serve --request-rate`; the same times on every server), ``--concurrency`` then capping how many are
 in flight: arrivals no longer wait on the server's own completions, so TTFT compares servers under
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shlex
 import sys
@@ -65,8 +68,8 @@ from itertools import cycle
 from pathlib import Path
 from typing import TypeVar
 
+import aiohttp
 import numpy as np
-import openai
 import requests
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -248,6 +251,28 @@ class Percentiles(BaseModel):
         return cls(mean=float(np.mean(values)), **{f"p{q}": float(v) for q, v in zip(PERCENTILES, p)})
 
 
+class FirstWave(BaseModel):
+    """A closed loop's start: its first ``requests`` requests go out together, so their prompts
+    queue for prefill at once (64 prompts of 256 tokens fill two of vLLM's 8,192-token steps). TTFT
+    of those and of the requests after them, apart."""
+
+    requests: int
+    ttft_s: Percentiles
+    later_ttft_s: Percentiles | None
+
+    @classmethod
+    def of(cls, records: Sequence[RequestRecord]) -> FirstWave | None:
+        """Of a closed loop's successful requests: the first wave is every request sent before any
+        ended (of pooled runs, each run's: a run sends its later requests as its own requests end)."""
+        timed = [r for r in records if r.ttft_s is not None]
+        if not timed:
+            return None
+        first_end = min(r.sent_s + r.e2e_s for r in timed)
+        first = [r.ttft_s for r in timed if r.sent_s < first_end]
+        later = [r.ttft_s for r in timed if r.sent_s >= first_end]
+        return cls(requests=len(first), ttft_s=Percentiles.of(first), later_ttft_s=Percentiles.of(later))
+
+
 class LoadSummary(BaseModel):
     label: str
     url: str
@@ -268,6 +293,8 @@ class LoadSummary(BaseModel):
     #: requests whose first token streamed no text, and by how long their first text followed it
     #: (None: never, within the request)
     text_lags_s: list[float | None] = Field(default_factory=list)
+    #: closed loops of several streams only
+    first_wave: FirstWave | None = None
 
     @classmethod
     def of(cls, label: str, run: LoadRun) -> LoadSummary:
@@ -301,6 +328,7 @@ class LoadSummary(BaseModel):
                 # older reports have no first text: their ttft_s was it
                 if r.ttft_s is not None and "first_text_s" in r.model_fields_set and r.first_text_s != r.ttft_s
             ],
+            first_wave=FirstWave.of(ok) if run.spec.request_rate is None and run.spec.concurrency > 1 else None,
         )
 
 
@@ -326,29 +354,46 @@ class BenchReport(BaseModel):
 
 
 async def _stream_one(
-    client: openai.AsyncOpenAI, model: str, prompt: str | list[int], max_tokens: int, t0: float
+    session: aiohttp.ClientSession, model: str, prompt: str | list[int], max_tokens: int, t0: float
 ) -> RequestRecord:
+    """One streamed completion. Only the chunks up to the first text and the usage chunk are
+    parsed: at 64 streams a client that parsed every chunk (the openai SDK's) spends a whole core on
+    some 5,000 chunks a second and queues them, which adds its own wait to every TTFT
+    (benchmarks/experiments/client_capacity.py)."""
     sent = time.perf_counter()
     ttft = first_text = None
     usage = None
-    stream = await client.completions.create(
-        model=model,
-        prompt=prompt,
-        max_tokens=max_tokens,
-        temperature=0.0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
-    )
-    async for chunk in stream:
-        if chunk.choices:
-            now = time.perf_counter() - sent
-            if ttft is None:
-                ttft = now
-            if first_text is None and chunk.choices[0].text:
-                first_text = now
-        if chunk.usage is not None:
-            usage = chunk.usage
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    async with session.post("/v1/completions", json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {(await response.read())[:300]!r}")
+        async for line in response.content:
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            # JSON escapes a quote inside text, so these keys appear unescaped only as keys
+            if first_text is not None and b'"prompt_tokens"' not in data and b'"error"' not in data:
+                continue
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(f"the server streamed an error: {chunk['error']}")
+            if chunk.get("choices"):
+                now = time.perf_counter() - sent
+                if ttft is None:
+                    ttft = now
+                if first_text is None and chunk["choices"][0].get("text"):
+                    first_text = now
+            usage = chunk.get("usage") or usage
     end = time.perf_counter()
     if usage is None:
         raise RuntimeError("the stream ended without a usage chunk")
@@ -357,15 +402,20 @@ async def _stream_one(
         ttft_s=ttft,
         first_text_s=first_text,
         e2e_s=end - sent,
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
+        prompt_tokens=usage["prompt_tokens"],
+        completion_tokens=usage["completion_tokens"],
     )
 
 
 async def run_load_async(url: str, model: str, spec: LoadSpec) -> LoadRun:
     """Send ``spec.num_requests`` streaming completions, at most ``spec.concurrency`` at a time, each
     no earlier than its arrival time (open loop)."""
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=spec.request_timeout_s)
+    streams = min(spec.concurrency, spec.num_requests)
+    session = aiohttp.ClientSession(
+        base_url=url,
+        connector=aiohttp.TCPConnector(limit=streams),
+        timeout=aiohttp.ClientTimeout(total=spec.request_timeout_s),
+    )
     queue = list(zip(spec.prompt_list(), spec.max_tokens_list(), spec.arrival_times()))[::-1]  # popped: in order
     records: list[RequestRecord] = []
     started_at = time.time()
@@ -379,7 +429,7 @@ async def run_load_async(url: str, model: str, spec: LoadSpec) -> LoadRun:
             sent = time.perf_counter()
             try:
                 record = await asyncio.wait_for(
-                    _stream_one(client, model, prompt, max_tokens, t0), spec.request_timeout_s
+                    _stream_one(session, model, prompt, max_tokens, t0), spec.request_timeout_s
                 )
             except Exception as exc:  # every failure is a result to report, not a reason to stop
                 record = RequestRecord(
@@ -388,9 +438,9 @@ async def run_load_async(url: str, model: str, spec: LoadSpec) -> LoadRun:
             records.append(record)
 
     try:
-        await asyncio.gather(*(worker() for _ in range(min(spec.concurrency, spec.num_requests))))
+        await asyncio.gather(*(worker() for _ in range(streams)))
     finally:
-        await client.close()
+        await session.close()
     return LoadRun(
         url=url, model=model, spec=spec, started_at=started_at, duration_s=time.perf_counter() - t0, records=records
     )
@@ -441,8 +491,24 @@ def format_table(summaries: Sequence[LoadSummary]) -> str:
         "TPOT p50, the aggregate decode rate of a full batch (closed loop only)"
     )
     lags = [format_text_lags(s) for s in summaries if s.text_lags_s]
+    waves = [format_first_wave(s, dense.get(s.spec.load)) for s in summaries if s.first_wave is not None]
     engine = format_engine_table(summaries)
-    return "\n".join([header, *rows, note, *lags, *([engine] if engine else [])])
+    return "\n".join([header, *rows, note, *lags, *waves, *([engine] if engine else [])])
+
+
+def format_first_wave(s: LoadSummary, base: LoadSummary | None) -> str:
+    """TTFT p50 of a closed loop's first wave and of the requests after it, and against dense's."""
+    wave = s.first_wave
+    later = wave.later_ttft_s
+    text = (
+        f"{s.label} {s.spec.load_name}: TTFT p50 of the first wave ({wave.requests} requests sent before any "
+        f"ended) {1000 * wave.ttft_s.p50:.1f} ms, of the {s.requests_ok - wave.requests} after it "
+        + ("-" if later is None else f"{1000 * later.p50:.1f} ms")
+    )
+    dense = None if base is None or base is s else base.first_wave
+    if dense is not None and later is not None and dense.later_ttft_s is not None:
+        text += f" ({wave.ttft_s.p50 / dense.ttft_s.p50:.3f}x and {later.p50 / dense.later_ttft_s.p50:.3f}x dense's)"
+    return text
 
 
 def format_text_lags(s: LoadSummary) -> str:

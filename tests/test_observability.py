@@ -5,6 +5,7 @@ dashboard returns data from a real Prometheus scraping a real vLLM server (with 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import re
@@ -12,10 +13,12 @@ import shutil
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
+import aiohttp
 import pytest
 import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from acttail_vllm.dev.server import VllmServer
 from benchmarks.load_bench import (
@@ -393,26 +396,41 @@ def test_spread_lengths_are_the_same_for_every_run_and_sent_as_asked(monkeypatch
     assert run.completion_tokens == sum(lengths)
 
 
+def _sse(payload: dict | str) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+
+
+async def _stream_from(events: list[bytes], gap_s: float) -> RequestRecord:
+    """``_stream_one`` against a real HTTP server that streams ``events``, ``gap_s`` apart."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        assert (await request.json())["stream"] is True
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await asyncio.sleep(gap_s)
+            await response.write(event)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    async with TestServer(app) as server, aiohttp.ClientSession(base_url=str(server.make_url("/"))) as session:
+        return await _stream_one(session, "m", "p", 3, time.perf_counter())
+
+
 def test_time_to_first_token_is_the_first_streamed_token_even_when_its_text_is_held_back():
     # vLLM streams a chunk per token; a byte token that is not yet a whole character comes as ""
-    chunks = [
-        SimpleNamespace(choices=[SimpleNamespace(text="")], usage=None),
-        SimpleNamespace(choices=[SimpleNamespace(text="\u00e9")], usage=None),
-        SimpleNamespace(choices=[], usage=SimpleNamespace(prompt_tokens=3, completion_tokens=2)),
-    ]
-
-    async def stream():
-        for chunk in chunks:
-            await asyncio.sleep(0.03)
-            yield chunk
-
-    async def create(**kwargs):
-        return stream()
-
-    client = SimpleNamespace(completions=SimpleNamespace(create=create))
-    record = asyncio.run(_stream_one(client, "m", "p", 2, time.perf_counter()))
+    token = {"choices": [{"index": 0, "text": "", "finish_reason": None}], "usage": None}
+    text = {"choices": [{"index": 0, "text": '\u00e9 "prompt_tokens"', "finish_reason": None}], "usage": None}
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3}}
+    events = [_sse(token), _sse(text), _sse(text), _sse(usage), _sse("[DONE]")]
+    record = asyncio.run(_stream_from(events, 0.03))
     assert 0.02 < record.ttft_s < record.first_text_s - 0.02  # the first chunk, not the first text
-    assert record.e2e_s > record.first_text_s and record.completion_tokens == 2
+    assert record.e2e_s > record.first_text_s and (record.prompt_tokens, record.completion_tokens) == (3, 3)
+    with pytest.raises(RuntimeError, match="the server streamed an error: overloaded"):
+        asyncio.run(_stream_from([_sse(text), _sse({"error": "overloaded"})], 0.0))
+    with pytest.raises(RuntimeError, match="without a usage chunk"):
+        asyncio.run(_stream_from([_sse(text), _sse("[DONE]")], 0.0))
     records = [
         record,
         RequestRecord(sent_s=0.0, ttft_s=0.01, first_text_s=0.01, e2e_s=0.1, completion_tokens=5),
@@ -424,7 +442,30 @@ def test_time_to_first_token_is_the_first_streamed_token_even_when_its_text_is_h
     assert "streamed no text" not in format_table([LoadSummary.of("dense", older)])  # no first text kept
     assert "acttail 80% 3: 2 of 3 first tokens streamed no text, first text " in table
     lag = float(table.split("first text ")[1].split(" ms")[0])
-    assert abs(lag - 1000 * (record.first_text_s - record.ttft_s)) < 0.1 and table.endswith("1 never any")
+    assert abs(lag - 1000 * (record.first_text_s - record.ttft_s)) < 0.1 and "1 never any" in table
+
+
+def test_first_wave_is_what_a_closed_loop_sent_before_any_request_ended():
+    def run(ttfts: list[float], spec: LoadSpec | None = None) -> LoadRun:
+        # two streams: requests 0 and 1 sent at once, each next one when one of them has ended
+        sent = [0.0, 0.001, 0.5, 0.6]
+        records = [RequestRecord(sent_s=t, ttft_s=f, e2e_s=0.5, completion_tokens=5) for t, f in zip(sent, ttfts)]
+        spec = spec or LoadSpec(concurrency=2)
+        return LoadRun(url="u", model="m", spec=spec, started_at=0.0, duration_s=1.2, records=records)
+
+    dense = LoadSummary.of("dense", run([0.2, 0.4, 0.05, 0.07]))
+    acttail = LoadSummary.of("acttail 80%", run([0.3, 0.5, 0.05, 0.07]))
+    assert dense.first_wave.requests == 2 and dense.first_wave.ttft_s.p50 == pytest.approx(0.3)
+    assert dense.first_wave.later_ttft_s.p50 == pytest.approx(0.06)
+    assert pooled("dense", [run([0.2, 0.4, 0.05, 0.07])] * 3).first_wave.requests == 6  # each run's first two
+    line = format_table([dense, acttail]).splitlines()[-1]
+    assert line == (
+        "acttail 80% 2: TTFT p50 of the first wave (2 requests sent before any ended) 400.0 ms, "
+        "of the 2 after it 60.0 ms (1.333x and 1.000x dense's)"
+    )
+    open_loop = LoadSpec(concurrency=2, request_rate=5.0)
+    assert LoadSummary.of("dense", run([0.2, 0.4, 0.05, 0.07], open_loop)).first_wave is None  # no wave sent at once
+    assert LoadSummary.of("dense", run([0.2, 0.4, 0.05, 0.07], LoadSpec(concurrency=1))).first_wave is None
 
 
 def test_open_loop_sends_each_request_at_its_arrival_time_with_at_most_concurrency_in_flight(monkeypatch):
