@@ -20,7 +20,8 @@
 #   RATE=2,6,20 Poisson arrivals at those requests/s, one per concurrency, which then caps those in flight;
 #   PIN=1 each server on physical cores of its own, the client on the first core; START=1 the servers started
 #   rotated by one place: runs with START=0,1,2 pooled by `python3 -m benchmarks.load_bench --pool A.json B.json C.json`;
-#   CPUROT=1 with PIN=1 each server on the next server's cores: runs with CPUROT=0,1,2 pooled the same way)
+#   CPUROT=1 with PIN=1 each server on the next server's cores: runs with CPUROT=0,1,2 pooled the same way;
+#   MIN_REQUESTS=24 the fewest requests per concurrency, 4 per stream above: TTFT p50 of 8 single-stream prompts scatters)
 #   bash benchmarks/gpu_session.sh host        # host time per eager op call against the dense layer's
 #   bash benchmarks/gpu_session.sh layout      # dense GEMM on the kernel layout [K, N] vs vLLM's [N, K], M = 16-8192
 #   bash benchmarks/gpu_session.sh stall       # Triton compilations after startup, 1,000 mixed-length requests
@@ -106,7 +107,7 @@ serve13b | serve7b)
     ${CONTROL:+--dense-control} ${PIN:+--pin-cpus} ${START:+--start-rotation $START} ${CPUROT:+--cpu-rotation $CPUROT} \
     --vllm-args "--load-format dummy --dtype bfloat16 --max-model-len 2048 --max-num-seqs 64 \
       --gpu-memory-utilization $util --compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,24,32,48,64]}'" \
-    --concurrency "${CONCURRENCY:-1,4,16,64}" --rounds 4 --prompt-tokens 256 --max-tokens 128 \
+    --concurrency "${CONCURRENCY:-1,4,16,64}" --rounds 4 --min-requests "${MIN_REQUESTS:-24}" --prompt-tokens 256 --max-tokens 128 \
     --max-tokens-spread "${SPREAD:-0}" ${RATE:+--request-rate $RATE} \
     --output "$OUT/$name.json" --server-logs "$OUT/$name" 2>&1 | grep --line-buffered -v "^starting" | tee "$OUT/$name.txt"
   grep -hE "ActTail" "$OUT/$name"/acttail_*.log | cut -c1-300 | tail -12

@@ -862,7 +862,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model-name", help="model name for --url servers (default: what /v1/models lists)")
     parser.add_argument("--requests", type=int, help="requests per concurrency (default: --rounds x concurrency)")
     parser.add_argument(
-        "--rounds", type=int, default=4, help="requests per concurrency = rounds x concurrency, at least 8"
+        "--rounds", type=int, default=4, help="requests per concurrency = rounds x concurrency, at least --min-requests"
+    )
+    parser.add_argument(
+        "--min-requests", type=int, default=8, help="at least this many requests per concurrency (percentiles of few)"
     )
     parser.add_argument("--concurrency", type=_numbers(int), default=[16], help="comma-separated, measured in order")
     parser.add_argument(
@@ -951,7 +954,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     specs = [
         LoadSpec(
-            num_requests=args.requests or max(8, args.rounds * c),
+            num_requests=args.requests or max(args.min_requests, args.rounds * c),
             concurrency=c,
             max_tokens=args.max_tokens,
             max_tokens_spread=args.max_tokens_spread,

@@ -220,6 +220,21 @@ def test_dense_control_is_a_second_dense_server_compared_like_acttail(monkeypatc
     assert "0.500x" in control_row  # compared with dense (2 s against 1 s), as the ActTail servers are
 
 
+def test_each_concurrency_sends_rounds_per_stream_and_at_least_min_requests(monkeypatch):
+    sent = {}
+
+    def bench(args, specs, servers, cpus):
+        sent.update({spec.concurrency: spec.num_requests for spec in specs})
+        return []
+
+    monkeypatch.setattr("benchmarks.load_bench._bench_started_servers", bench)
+    main(["--model", "/m", "--sparsity", "0.8", "--concurrency", "1,4,16", "--rounds", "4", "--min-requests", "24"])
+    assert sent == {1: 24, 4: 24, 16: 64}
+    sent.clear()
+    main(["--model", "/m", "--sparsity", "0.8", "--concurrency", "1,4"])
+    assert sent == {1: 8, 4: 16}  # 4 rounds, at least 8
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
