@@ -6,9 +6,9 @@ only what it times).
 
 The stand-in answers `/v1/completions` with vLLM's stream of chunks (one per token, then usage,
 then ``[DONE]``) from pre-built bytes, in a process of its own, so that it costs little next to the
-client. Whatever TTFT the client reports above ``--ttft-ms`` plus one step is the client's own
-queueing: at 64 streams of 80 tokens/s each it handles about 5,000 chunks a second. Run on the
-machine whose client you want to know (CPU only):
+client. Whatever TTFT the client reports above ``--ttft-ms`` is the client's own queueing: at 64
+streams of 80 tokens/s each it handles about 5,000 chunks a second. Run on the machine whose
+client you want to know (CPU only):
 
     python3 -m benchmarks.experiments.client_capacity --concurrency 1,16,64 --tpot-ms 12 [--client openai]
 """
@@ -42,6 +42,7 @@ MODELS = json.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]}
 
 
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ttft: float, tpot: float, t0: float):
+    # as uvicorn does: with Nagle on, a kept-alive connection's first chunk waited 40 ms for an ACK
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         while True:
