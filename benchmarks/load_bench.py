@@ -29,6 +29,8 @@ the streams of a closed loop do not end and restart in lockstep, which makes TTF
 a wave of arrivals lands in one prefill step or two (benchmarks/experiments/lockstep_ttft.py). A
 closed loop's first ``--concurrency`` requests go out together and their prompts queue for prefill
 at once, so the table also gives the TTFT p50 of that first wave and of the requests after it.
+Each ratio of TTFT p50s comes with a 95% bootstrap interval over the run's requests
+(``ttft_ratio_interval``): how far the requests' own scatter moves it.
 ``--request-rate`` sends requests at seeded Poisson arrival times instead (open loop, as `vllm bench
 serve --request-rate`; the same times on every server), ``--concurrency`` then capping how many are
 in flight: arrivals no longer wait on the server's own completions, so TTFT compares servers under
@@ -295,10 +297,14 @@ class LoadSummary(BaseModel):
     text_lags_s: list[float | None] = Field(default_factory=list)
     #: closed loops of several streams only
     first_wave: FirstWave | None = None
+    #: every successful request's TTFT, for ``ttft_ratio_interval`` (not written to reports: their
+    #: runs keep the records)
+    ttft_sample_s: list[float] = Field(default_factory=list, exclude=True)
 
     @classmethod
     def of(cls, label: str, run: LoadRun) -> LoadSummary:
         ok = [r for r in run.records if r.error is None]
+        ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
         tokens_out = sum(r.completion_tokens for r in ok)
         tokens_all = tokens_out + sum(r.prompt_tokens for r in ok)
         tpot = [
@@ -317,7 +323,7 @@ class LoadSummary(BaseModel):
             requests_per_s=len(ok) / run.duration_s,
             output_tokens_per_s=tokens_out / run.duration_s,
             total_tokens_per_s=tokens_all / run.duration_s,
-            ttft_s=Percentiles.of([r.ttft_s for r in ok if r.ttft_s is not None]),
+            ttft_s=Percentiles.of(ttfts),
             e2e_s=Percentiles.of([r.e2e_s for r in ok]),
             tpot_s=Percentiles.of(tpot),
             first_errors=[r.error for r in run.failures[:5]],
@@ -329,6 +335,7 @@ class LoadSummary(BaseModel):
                 if r.ttft_s is not None and "first_text_s" in r.model_fields_set and r.first_text_s != r.ttft_s
             ],
             first_wave=FirstWave.of(ok) if run.spec.request_rate is None and run.spec.concurrency > 1 else None,
+            ttft_sample_s=ttfts,
         )
 
 
@@ -491,9 +498,39 @@ def format_table(summaries: Sequence[LoadSummary]) -> str:
         "TPOT p50, the aggregate decode rate of a full batch (closed loop only)"
     )
     lags = [format_text_lags(s) for s in summaries if s.text_lags_s]
+    intervals = [
+        format_ttft_interval(s, dense[s.spec.load])
+        for s in summaries
+        if s.spec.load in dense and s is not dense[s.spec.load] and s.ttft_sample_s and dense[s.spec.load].ttft_sample_s
+    ]
     waves = [format_first_wave(s, dense.get(s.spec.load)) for s in summaries if s.first_wave is not None]
     engine = format_engine_table(summaries)
-    return "\n".join([header, *rows, note, *lags, *waves, *([engine] if engine else [])])
+    return "\n".join([header, *rows, note, *lags, *intervals, *waves, *([engine] if engine else [])])
+
+
+def ttft_ratio_interval(
+    sample_s: Sequence[float], base_s: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Bootstrap interval of median(sample) / median(base): where the ratio of TTFT p50s lands when
+    each side's requests are drawn again, with replacement. It holds the request-to-request scatter
+    of one run only; a server's own offset, which two identical servers show, comes on top."""
+    rng = np.random.default_rng(seed)
+
+    def medians(values: Sequence[float]) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        return np.median(rng.choice(values, size=(resamples, len(values))), axis=1)
+
+    low, high = np.quantile(medians(sample_s) / medians(base_s), [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def format_ttft_interval(s: LoadSummary, base: LoadSummary) -> str:
+    low, high = ttft_ratio_interval(s.ttft_sample_s, base.ttft_sample_s)
+    ratio = float(np.median(s.ttft_sample_s) / np.median(base.ttft_sample_s))
+    return (
+        f"{s.label} {s.spec.load_name}: TTFT p50 {ratio:.3f}x dense's; its {len(s.ttft_sample_s)} and dense's "
+        f"{len(base.ttft_sample_s)} requests drawn again put 95% of it within {low:.3f}-{high:.3f}x"
+    )
 
 
 def format_first_wave(s: LoadSummary, base: LoadSummary | None) -> str:

@@ -15,6 +15,7 @@ import sys
 import time
 
 import aiohttp
+import numpy as np
 import pytest
 import yaml
 from aiohttp import web
@@ -41,6 +42,7 @@ from benchmarks.load_bench import (
     pooled,
     run_load,
     summaries_of,
+    ttft_ratio_interval,
     warmed_run,
 )
 from deploy.local_prometheus import LocalPrometheus, finite_values, prometheus_binary
@@ -458,6 +460,31 @@ def test_time_to_first_token_is_the_first_streamed_token_even_when_its_text_is_h
     assert "acttail 80% 3: 2 of 3 first tokens streamed no text, first text " in table
     lag = float(table.split("first text ")[1].split(" ms")[0])
     assert abs(lag - 1000 * (record.first_text_s - record.ttft_s)) < 0.1 and "1 never any" in table
+
+
+def test_ttft_ratio_interval_brackets_a_true_ratio_and_narrows_with_more_requests():
+    rng = np.random.default_rng(1)
+    dense = rng.lognormal(np.log(0.05), 0.3, 400)
+    low, high = ttft_ratio_interval(1.5 * rng.lognormal(np.log(0.05), 0.3, 400), dense)
+    assert 1.3 < low < 1.5 < high < 1.7  # a 1.5x slower server, told apart from an equal one
+    assert ttft_ratio_interval(dense, dense) == ttft_ratio_interval(dense, dense)  # seeded
+    few_low, few_high = ttft_ratio_interval(dense[:24], dense[:24])
+    many_low, many_high = ttft_ratio_interval(dense, dense)
+    assert few_low < many_low < 1 < many_high < few_high
+
+    def run(ttfts) -> LoadRun:
+        records = [RequestRecord(sent_s=0.0, ttft_s=float(t), e2e_s=1.0, completion_tokens=5) for t in ttfts]
+        spec = LoadSpec(concurrency=1)
+        return LoadRun(url="u", model="m", spec=spec, started_at=0.0, duration_s=1.0, records=records)
+
+    summaries = [LoadSummary.of("dense", run(dense)), LoadSummary.of("acttail 80%", run(1.5 * dense))]
+    line = next(line for line in format_table(summaries).splitlines() if "drawn again" in line)
+    assert line == (
+        "acttail 80% 1: TTFT p50 1.500x dense's; its 400 and dense's 400 requests drawn again put 95% of it "
+        f"within {ttft_ratio_interval(1.5 * dense, dense)[0]:.3f}-{ttft_ratio_interval(1.5 * dense, dense)[1]:.3f}x"
+    )
+    assert "drawn again" not in format_table(summaries[:1])
+    assert "ttft_sample_s" not in summaries[0].model_dump_json()  # reports keep the records instead
 
 
 def test_first_wave_is_what_a_closed_loop_sent_before_any_request_ended():
