@@ -54,6 +54,10 @@ apart on an H200, docs/performance.md), so one run cannot tell a server's offset
 table with each report's ratios:
 
     python3 -m benchmarks.load_bench --pool run0.json run1.json run2.json
+
+``--ratios`` reads reports of servers that need not be the same (memory share, pinning, client)
+and prints each report's ratios against its own dense server, in report order, and their
+geometric means, which do not pool requests across servers.
 """
 
 from __future__ import annotations
@@ -644,10 +648,14 @@ def summaries_of(runs: Sequence[ServerRun]) -> list[LoadSummary]:
 
 def format_spread(runs: Sequence[ServerRun], unit: str = "round") -> str:
     """Per label and load, each round's (``unit``'s) output tok/s and TTFT p50 against the dense
-    one of the same number: how far one run's ratio strays."""
+    one of the same number, and the geometric means of those ratios: how far one run's ratio strays,
+    and where the ratios lie taken together."""
     groups = _by_server_and_load(runs)
     rounds = {key: {r.round: LoadSummary.of(r.label, r.run) for r in group} for key, group in groups.items()}
-    lines = [f"per {unit}, against the dense {unit} beside it: out tok/s ratios; TTFT p50 ratios"]
+    lines = [
+        f"per {unit}, against the dense {unit} beside it: out tok/s ratios; TTFT p50 ratios "
+        "(their geometric means: out tok/s, TTFT p50)"
+    ]
     for (label, load), summaries in rounds.items():
         dense = rounds.get(("dense", load), {})
         if label == "dense" or not dense:
@@ -661,8 +669,13 @@ def format_spread(runs: Sequence[ServerRun], unit: str = "round") -> str:
             + " ".join(f"{x:.3f}x" for x in out)
             + "; "
             + " ".join(f"{x:.3f}x" for x in ttft)
+            + f" ({_geometric_mean(out):.3f}x, {_geometric_mean(ttft):.3f}x)"
         )
     return "\n".join(lines)
+
+
+def _geometric_mean(ratios: Sequence[float]) -> float:
+    return float(np.exp(np.mean(np.log(ratios)))) if ratios else float("nan")
 
 
 def _write_report(path: Path, report: BenchReport) -> None:
@@ -670,8 +683,9 @@ def _write_report(path: Path, report: BenchReport) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def read_reports(paths: Sequence[Path]) -> list[BenchReport]:
-    """The ``--output`` reports of runs to pool; they must have run the same vLLM arguments."""
+def read_reports(paths: Sequence[Path], same_servers: bool = True) -> list[BenchReport]:
+    """The ``--output`` reports of runs to pool; with ``same_servers``, they must have run the same
+    vLLM arguments."""
     reports = []
     for path in paths:
         try:
@@ -681,7 +695,7 @@ def read_reports(paths: Sequence[Path]) -> list[BenchReport]:
             raise SystemExit(
                 f"--pool {path}: not a load_bench report ({first_line}); pass files written by --output"
             ) from None
-        if reports[-1].vllm_args != reports[0].vllm_args:
+        if same_servers and reports[-1].vllm_args != reports[0].vllm_args:
             raise SystemExit(
                 f"--pool {path} ran `vllm serve` with {shlex.join(reports[-1].vllm_args)!r}, {paths[0]} with "
                 f"{shlex.join(reports[0].vllm_args)!r}: pool reports of the same servers"
@@ -715,6 +729,15 @@ def format_pool(
         for i, (path, r) in enumerate(zip(paths, reports))
     ]
     return "\n".join([format_table(summaries), *starts, format_spread(per_report, unit="report")])
+
+
+def format_ratios(paths: Sequence[Path], reports: Sequence[BenchReport]) -> str:
+    """Each report's ratios against its own dense server and their geometric means, for reports
+    whose servers differ (memory share, client, pinning), whose requests therefore do not pool."""
+    starts = [
+        f"report {i}: {path}, `vllm serve` {shlex.join(r.vllm_args)}" for i, (path, r) in enumerate(zip(paths, reports))
+    ]
+    return "\n".join([*starts, format_spread(pooled_runs(reports)[1], unit="report")])
 
 
 def format_cpu_list(cpus: Sequence[int]) -> str:
@@ -888,6 +911,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="REPORT",
         help="reports (--output) of earlier runs of the same servers: their runs pooled, and each report's ratios",
     )
+    target.add_argument(
+        "--ratios",
+        type=Path,
+        nargs="+",
+        metavar="REPORT",
+        help="reports (--output) of runs of any servers: each report's ratios, in report order, and their "
+        "geometric means",
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--profile", type=Path, help="ActTail profile JSON for the started ActTail server")
     budget.add_argument(
@@ -964,6 +995,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "so its ratios to dense show what the bench measures between two identical servers",
     )
     args = parser.parse_args(argv)
+    if args.ratios:
+        print(format_ratios(args.ratios, read_reports(args.ratios, same_servers=False)))
+        return
     if args.pool:
         reports = read_reports(args.pool)
         runs, per_report = pooled_runs(reports)

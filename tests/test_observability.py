@@ -383,8 +383,8 @@ def test_pool_prints_runs_of_several_reports_as_one_table_and_each_reports_ratio
     acttail_row = next(line for line in out if line.startswith("acttail 80%")).split()
     assert acttail_row[-1] == "1.250x"  # TTFT p50 over all 8 requests: 0.25 against 0.2
     assert f"report 1: {paths[1]}, started acttail 80% / dense" in out
-    per_report = out[out.index("per report, against the dense report beside it: out tok/s ratios; TTFT p50 ratios") + 1]
-    assert per_report.split()[-2:] == ["2.000x", "1.000x"]
+    per_report = out[next(i for i, line in enumerate(out) if line.startswith("per report, against the dense")) + 1]
+    assert per_report.split()[-4:] == ["2.000x", "1.000x", "(1.000x,", "1.414x)"]  # and the geometric means
     pooled_report = BenchReport.model_validate_json((tmp_path / "pooled.json").read_text())
     assert sorted({r.round for r in pooled_report.runs}) == [0, 1, 2, 3]  # rounds numbered on
 
@@ -393,6 +393,11 @@ def test_pool_prints_runs_of_several_reports_as_one_table_and_each_reports_ratio
     for bad, named in [(other, "pool reports of the same servers"), (tmp_path / "absent.json", "not a load_bench")]:
         with pytest.raises(SystemExit, match=named):
             main(["--pool", str(paths[0]), str(bad)])
+    # reports of servers that do not pool still give each one's ratios to its own dense server
+    main(["--ratios", str(paths[0]), str(other)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == f"report 1: {other}, `vllm serve` --dtype float16"
+    assert out[-1].split()[3:] == ["1.000x", "1.000x;", "2.000x", "2.000x", "(1.000x,", "2.000x)"]
 
 
 def test_spread_lengths_are_the_same_for_every_run_and_sent_as_asked(monkeypatch):
@@ -553,7 +558,8 @@ def test_interleaved_rounds_pool_per_server_and_pair_by_round(tmp_path, capsys):
     ]
     dense, acttail = summaries_of(runs)
     assert (dense.label, dense.duration_s, acttail.label, acttail.duration_s) == ("dense", 5.0, "acttail 80%", 3.0)
-    assert format_spread(runs).splitlines()[1].split()[3:] == ["0.500x", "4.000x;", "1.000x", "3.000x"]
+    ratios = ["0.500x", "4.000x;", "1.000x", "3.000x", "(1.414x,", "1.732x)"]  # then their geometric means
+    assert format_spread(runs).splitlines()[1].split()[3:] == ratios
     report = BenchReport(summaries=[dense, acttail], runs=runs)
     assert BenchReport.model_validate_json(report.model_dump_json()).runs[2].round == 1
 
