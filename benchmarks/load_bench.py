@@ -669,13 +669,13 @@ def format_spread(runs: Sequence[ServerRun], unit: str = "round") -> str:
             + " ".join(f"{x:.3f}x" for x in out)
             + "; "
             + " ".join(f"{x:.3f}x" for x in ttft)
-            + f" ({_geometric_mean(out):.3f}x, {_geometric_mean(ttft):.3f}x)"
+            + f" ({_format_geometric_mean(out)}, {_format_geometric_mean(ttft)})"
         )
     return "\n".join(lines)
 
 
-def _geometric_mean(ratios: Sequence[float]) -> float:
-    return float(np.exp(np.mean(np.log(ratios)))) if ratios else float("nan")
+def _format_geometric_mean(ratios: Sequence[float]) -> str:
+    return f"{float(np.exp(np.mean(np.log(ratios)))):.3f}x" if ratios else "-"  # no TTFT where none streamed
 
 
 def _write_report(path: Path, report: BenchReport) -> None:

@@ -560,6 +560,10 @@ def test_interleaved_rounds_pool_per_server_and_pair_by_round(tmp_path, capsys):
     assert (dense.label, dense.duration_s, acttail.label, acttail.duration_s) == ("dense", 5.0, "acttail 80%", 3.0)
     ratios = ["0.500x", "4.000x;", "1.000x", "3.000x", "(1.414x,", "1.732x)"]  # then their geometric means
     assert format_spread(runs).splitlines()[1].split()[3:] == ratios
+    untimed = [server_run("dense", 0, 1.0, 0.1), server_run("acttail 80%", 0, 2.0, 0.1)]
+    for r in untimed:
+        r.run.records[0].ttft_s = None  # no first token timed: no TTFT ratio to average
+    assert format_spread(untimed).splitlines()[1].split()[3:] == ["0.500x;", "(0.500x,", "-)"]
     report = BenchReport(summaries=[dense, acttail], runs=runs)
     assert BenchReport.model_validate_json(report.model_dump_json()).runs[2].round == 1
 
