@@ -683,9 +683,8 @@ def _write_report(path: Path, report: BenchReport) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def read_reports(paths: Sequence[Path], same_servers: bool = True) -> list[BenchReport]:
-    """The ``--output`` reports of runs to pool; with ``same_servers``, they must have run the same
-    vLLM arguments."""
+def read_reports(paths: Sequence[Path], flag: str) -> list[BenchReport]:
+    """The ``--output`` reports that ``flag`` names."""
     reports = []
     for path in paths:
         try:
@@ -693,14 +692,19 @@ def read_reports(paths: Sequence[Path], same_servers: bool = True) -> list[Bench
         except (OSError, ValueError) as error:
             first_line = str(error).splitlines()[0]
             raise SystemExit(
-                f"--pool {path}: not a load_bench report ({first_line}); pass files written by --output"
+                f"{flag} {path}: not a load_bench report ({first_line}); pass files written by --output"
             ) from None
-        if same_servers and reports[-1].vllm_args != reports[0].vllm_args:
+    return reports
+
+
+def require_same_servers(paths: Sequence[Path], reports: Sequence[BenchReport]) -> None:
+    """Reports whose requests pool must have run the same vLLM arguments."""
+    for path, report in zip(paths, reports):
+        if report.vllm_args != reports[0].vllm_args:
             raise SystemExit(
-                f"--pool {path} ran `vllm serve` with {shlex.join(reports[-1].vllm_args)!r}, {paths[0]} with "
+                f"--pool {path} ran `vllm serve` with {shlex.join(report.vllm_args)!r}, {paths[0]} with "
                 f"{shlex.join(reports[0].vllm_args)!r}: pool reports of the same servers"
             )
-    return reports
 
 
 def pooled_runs(reports: Sequence[BenchReport]) -> tuple[list[ServerRun], list[ServerRun]]:
@@ -996,10 +1000,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.ratios:
-        print(format_ratios(args.ratios, read_reports(args.ratios, same_servers=False)))
+        print(format_ratios(args.ratios, read_reports(args.ratios, "--ratios")))
         return
     if args.pool:
-        reports = read_reports(args.pool)
+        reports = read_reports(args.pool, "--pool")
+        require_same_servers(args.pool, reports)
         runs, per_report = pooled_runs(reports)
         summaries = summaries_of(runs)
         print(format_pool(args.pool, reports, summaries, per_report))

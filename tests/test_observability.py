@@ -398,6 +398,8 @@ def test_pool_prints_runs_of_several_reports_as_one_table_and_each_reports_ratio
     out = capsys.readouterr().out.splitlines()
     assert out[1] == f"report 1: {other}, `vllm serve` --dtype float16"
     assert out[-1].split()[3:] == ["1.000x", "1.000x;", "2.000x", "2.000x", "(1.000x,", "2.000x)"]
+    with pytest.raises(SystemExit, match="--ratios .*absent.json: not a load_bench report"):
+        main(["--ratios", str(paths[0]), str(tmp_path / "absent.json")])
 
 
 def test_spread_lengths_are_the_same_for_every_run_and_sent_as_asked(monkeypatch):
