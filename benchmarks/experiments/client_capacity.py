@@ -23,11 +23,10 @@ import os
 import socket
 import time
 
-import numpy as np
 import openai
 
 from benchmarks import load_bench
-from benchmarks.load_bench import LoadSpec, RequestRecord, run_load
+from benchmarks.load_bench import LoadSpec, LoadSummary, RequestRecord, run_load
 
 
 def _event(data: str) -> bytes:
@@ -150,12 +149,11 @@ def main() -> None:
         run = run_load(f"http://127.0.0.1:{port}", "m", spec)
         if run.failures:
             raise SystemExit(f"{len(run.failures)} requests failed: {run.failures[0].error}")
-        extra = 1e3 * np.asarray([r.ttft_s for r in run.records]) - args.ttft_ms
-        tpot = [1e3 * (r.e2e_s - r.ttft_s) / (r.completion_tokens - 1) for r in run.records]
-        p50, p90, p99 = np.percentile(extra, [50, 90, 99])
+        summary = LoadSummary.of(args.client, run)
+        p50, p90, p99 = (1e3 * getattr(summary.ttft_s, p) - args.ttft_ms for p in ("p50", "p90", "p99"))
         print(
-            f"{concurrency:>7} {len(run.records):>9} {run.completion_tokens / run.duration_s:>9.0f} "
-            f"{p50:>9.1f} {p90:>9.1f} {p99:>9.1f} {np.median(tpot):>9.1f}",
+            f"{concurrency:>7} {len(run.records):>9} {summary.output_tokens_per_s:>9.0f} "
+            f"{p50:>9.1f} {p90:>9.1f} {p99:>9.1f} {1e3 * summary.tpot_s.p50:>9.1f}",
             flush=True,
         )
     server.terminate()
