@@ -21,7 +21,7 @@ from typing import Literal
 import requests
 from pydantic import BaseModel, Field, ValidationError
 
-from acttail_vllm.dev.server import free_port, wait_until_ok
+from acttail_vllm.dev.server import held_port, wait_until_ok
 from deploy.stack import GlobalConfig, PrometheusConfig, ScrapeConfig, StaticConfig
 
 PROMETHEUS_BINARY = "prometheus"
@@ -104,7 +104,8 @@ class LocalPrometheus(PrometheusClient):
         self.targets = list(targets)
         self.scrape_interval_s = scrape_interval_s
         self.startup_timeout_s = startup_timeout_s
-        self.port = free_port()
+        self.port_hold = held_port()
+        self.port = self.port_hold.getsockname()[1]
         super().__init__(f"http://127.0.0.1:{self.port}")
         self.workdir: Path | None = None
         self.process: subprocess.Popen | None = None
@@ -142,9 +143,11 @@ class LocalPrometheus(PrometheusClient):
             0.5,
             lambda why: PrometheusError(f"prometheus {why}:\n{self.log()[-3000:]}"),
         )
+        self.port_hold.close()  # prometheus listens on it now
         return self
 
     def stop(self) -> None:
+        self.port_hold.close()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:

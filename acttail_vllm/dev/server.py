@@ -34,10 +34,16 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def held_port() -> socket.socket:
+    """A socket that holds a free loopback port for a server about to start: bound with SO_REUSEADDR
+    and never listening, so that server (vLLM and Prometheus set SO_REUSEADDR too) can bind and
+    listen there while no other search for a free port draws it. A port looked up and released at
+    once can be drawn again by a second server before the first binds it; both bind, and the /health
+    of whichever listens first answers for both. Close it once the server listens."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 def wait_until_ok(
@@ -72,14 +78,23 @@ class VllmServer:
     args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 600.0
-    port: int = field(default_factory=free_port)
     on_log_line: Callable[[str], None] | None = None
     cpus: frozenset[int] | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
+    port: int = field(init=False)
+    _port_hold: socket.socket | None = field(default_factory=held_port, init=False, repr=False)
     workdir: Path | None = field(default=None, init=False)
     _log_text: str = field(default="", init=False, repr=False)
     _follower: threading.Thread | None = field(default=None, init=False, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.port = self._port_hold.getsockname()[1]
+
+    def _release_port(self) -> None:
+        if self._port_hold is not None:
+            self._port_hold.close()
+            self._port_hold = None
 
     @property
     def url(self) -> str:
@@ -147,8 +162,14 @@ class VllmServer:
                 self._stopping.wait(0.2)
 
     def metrics(self) -> str:
-        """The server's /metrics text: vLLM's metrics and ActTail's."""
-        return requests.get(f"{self.url}/metrics", timeout=10).text
+        """The server's /metrics text: vLLM's metrics and ActTail's. A server that has exited raises
+        ``ServerError`` with the end of its log, not the refused connection."""
+        try:
+            return requests.get(f"{self.url}/metrics", timeout=10).text
+        except requests.ConnectionError as exc:
+            if self.process is not None and self.process.poll() is not None:
+                raise self._error(f"exited with {self.process.returncode}") from exc
+            raise
 
     def settled_token_counts(self) -> dict[str, float]:
         """{path: tokens} of ``acttail_tokens_total`` on /metrics, once two reads a second apart agree
@@ -185,15 +206,20 @@ class VllmServer:
             f"{self.url}/health",
             self.startup_timeout_s,
             1.0,
-            lambda why: ServerError(f"vllm serve {why}:\n{self.log()[-4000:]}\n(whole log: {self.log_path})"),
+            self._error,
         )
+        self._release_port()  # the server listens on it now
         return self
+
+    def _error(self, why: str) -> ServerError:
+        return ServerError(f"vllm serve {why}:\n{self.log()[-4000:]}\n(whole log: {self.log_path})")
 
     def stop(self, keep_files: bool = False) -> None:
         """Stop the server as a service manager would (SIGTERM to vLLM's API server, which shuts its
         engine down; SIGKILL to all of them after 60 s); then remove its temporary directory, or with
         ``keep_files`` leave it and say where it is. Its log stays readable through ``log()``."""
         self._stopping.set()
+        self._release_port()
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
