@@ -21,11 +21,10 @@ lint: $(PY)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# Everything CI runs, on two workers, a test file per worker at a time, each worker and the vLLM
-# servers it starts pinned to its own core (tests/conftest.py): 12.5 min of tests on 2 cores, 16.3
-# unpinned, 32 in one process.
+# Everything CI runs, on two workers, a test file per worker at a time, the files with slow tests
+# first, each worker and the vLLM servers it starts pinned to its own core (tests/conftest.py).
 test: $(PY)
-	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # Without the tests that start vLLM servers.
 test-fast: $(PY)

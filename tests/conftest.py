@@ -26,6 +26,14 @@ def pytest_configure(config) -> None:
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, own))
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files with slow tests first (order within a file kept). Under ``--dist loadfile
+    --no-loadscope-reorder`` the files that start vLLM servers then start first and the quick files
+    fill in at the end, instead of a server file, queued last, running alone on one core."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a cached safetensors directory (built once, ~30 s)."""
