@@ -503,9 +503,9 @@ def format_table(summaries: Sequence[LoadSummary]) -> str:
     )
     lags = [format_text_lags(s) for s in summaries if s.text_lags_s]
     intervals = [
-        format_ttft_interval(s, dense[s.spec.load])
+        format_ttft_interval(s, base)
         for s in summaries
-        if s.spec.load in dense and s is not dense[s.spec.load] and s.ttft_sample_s and dense[s.spec.load].ttft_sample_s
+        if (base := dense.get(s.spec.load)) is not None and s is not base and s.ttft_sample_s and base.ttft_sample_s
     ]
     waves = [format_first_wave(s, dense.get(s.spec.load)) for s in summaries if s.first_wave is not None]
     engine = format_engine_table(summaries)
