@@ -104,8 +104,8 @@ class LocalPrometheus(PrometheusClient):
         self.targets = list(targets)
         self.scrape_interval_s = scrape_interval_s
         self.startup_timeout_s = startup_timeout_s
-        self.port_hold = held_port()
-        self.port = self.port_hold.getsockname()[1]
+        self._port_hold = held_port()
+        self.port = self._port_hold.getsockname()[1]
         super().__init__(f"http://127.0.0.1:{self.port}")
         self.workdir: Path | None = None
         self.process: subprocess.Popen | None = None
@@ -143,11 +143,11 @@ class LocalPrometheus(PrometheusClient):
             0.5,
             lambda why: PrometheusError(f"prometheus {why}:\n{self.log()[-3000:]}"),
         )
-        self.port_hold.close()  # prometheus listens on it now
+        self._port_hold.close()  # prometheus listens on it now
         return self
 
     def stop(self) -> None:
-        self.port_hold.close()
+        self._port_hold.close()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
