@@ -842,7 +842,7 @@ def _keep_server_evidence(args: argparse.Namespace, label: str, server) -> None:
     if args.server_logs:
         args.server_logs.mkdir(parents=True, exist_ok=True)
         name = label.replace(" ", "_").replace("%", "")
-        (args.server_logs / f"{name}.metrics").write_text(requests.get(f"{server.url}/metrics", timeout=30).text)
+        (args.server_logs / f"{name}.metrics").write_text(server.metrics(timeout_s=30))
         (args.server_logs / f"{name}.log").write_text(server.log())
 
 

@@ -161,11 +161,11 @@ class VllmServer:
                     return
                 self._stopping.wait(0.2)
 
-    def metrics(self) -> str:
+    def metrics(self, timeout_s: float = 10.0) -> str:
         """The server's /metrics text: vLLM's metrics and ActTail's. A server that has exited raises
         ``ServerError`` with the end of its log, not the refused connection."""
         try:
-            return requests.get(f"{self.url}/metrics", timeout=10).text
+            return requests.get(f"{self.url}/metrics", timeout=timeout_s).text
         except requests.ConnectionError as exc:
             if self.process is not None and self.process.poll() is not None:
                 raise self._error(f"exited with {self.process.returncode}") from exc
