@@ -3,6 +3,7 @@ exit code and the end of its log."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sys
 
@@ -28,10 +29,15 @@ def test_metrics_of_an_exited_server_raise_with_its_log():
         server.stop()
 
 
-def test_an_exiting_server_never_becomes_healthy():
+def test_an_exiting_server_never_becomes_healthy_and_keeps_its_log():
+    server = ExitingServer("model")
     with pytest.raises(ServerError, match=r"(?s)vllm serve exited with 3:.*engine core died"):
-        with ExitingServer("model"):
+        with server:
             pass
+    try:
+        assert "engine core died" in server.log_path.read_text()
+    finally:
+        shutil.rmtree(server.workdir)
 
 
 def bind_plainly(port: int) -> None:

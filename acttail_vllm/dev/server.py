@@ -82,7 +82,7 @@ class VllmServer:
     cpus: frozenset[int] | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
     port: int = field(init=False)
-    _port_hold: socket.socket | None = field(default_factory=held_port, init=False, repr=False)
+    _port_hold: socket.socket = field(default_factory=held_port, init=False, repr=False)
     workdir: Path | None = field(default=None, init=False)
     _log_text: str = field(default="", init=False, repr=False)
     _follower: threading.Thread | None = field(default=None, init=False, repr=False)
@@ -90,11 +90,6 @@ class VllmServer:
 
     def __post_init__(self) -> None:
         self.port = self._port_hold.getsockname()[1]
-
-    def _release_port(self) -> None:
-        if self._port_hold is not None:
-            self._port_hold.close()
-            self._port_hold = None
 
     @property
     def url(self) -> str:
@@ -208,7 +203,7 @@ class VllmServer:
             1.0,
             self._error,
         )
-        self._release_port()  # the server listens on it now
+        self._port_hold.close()  # the server listens on it now
         return self
 
     def _error(self, why: str) -> ServerError:
@@ -219,7 +214,7 @@ class VllmServer:
         engine down; SIGKILL to all of them after 60 s); then remove its temporary directory, or with
         ``keep_files`` leave it and say where it is. Its log stays readable through ``log()``."""
         self._stopping.set()
-        self._release_port()
+        self._port_hold.close()
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
