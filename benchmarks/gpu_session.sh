@@ -34,7 +34,8 @@
 #   sparsities to an earlier run, reusing its dense numbers: one table in two calls of < 10 min;
 #   OPTIONS='{"max_sparse_tokens": 1}' passes more ActTail options, TAG=name suffixes the result files;
 #   PROMPT=256 prompts of 256 tokens: the first-token columns then compare a served prompt's prefill in the engine)
-#   bash benchmarks/gpu_session.sh gguf-parts  # here: the quality study's GGUFs in parts of < 64 MiB (.gpu/gguf)
+#   bash benchmarks/gpu_session.sh bundle-parts  # here: the vLLM bundle (.gpu/vb1-3) cut into parts that fit beside the checkout
+#   bash benchmarks/gpu_session.sh gguf-parts  # here: the quality study's GGUFs in parts that fit beside the checkout (.gpu/gguf)
 #   bash benchmarks/gpu_session.sh models      # there: join the parts carried to /tmp/gguf, convert to HF dirs
 #   bash benchmarks/gpu_session.sh quality-tune     # after models: acttail's variant chosen on the tuning text
 #   bash benchmarks/gpu_session.sh quality-report   # held-out perplexity (2 texts), controls, multiple choice
@@ -61,7 +62,29 @@ measured() {  # path of this GPU's measured table $1 (kernels/measured/<GPU>/$1)
 print(table_path(sys.argv[1], torch.cuda.get_device_name()))" "$1"
 }
 
+carry_room() {  # bytes one device command may carry beside this checkout's own files: 64 MiB less them, less 1 MiB
+  local tree
+  tree=$(git ls-files -z -c -o --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+  echo $((63 * 1024 * 1024 - tree))
+}
+
 case "${1:-}" in
+bundle-parts)
+  # Here, not on the host: the vLLM bundle's three parts (.gpu/vb1-3 of ../shared/gpu/build_vllm_bundle.sh,
+  # cut at 45 MB) cut again into three equal ones, so that each fits a command beside this checkout and
+  # .gpu/kit; the kit's setup.sh joins them as before.
+  cat .gpu/vb1/part00 .gpu/vb2/part01 .gpu/vb3/part02 > .gpu/bundle.tar.xz
+  part=$(( ($(stat -c %s .gpu/bundle.tar.xz) + 2) / 3 )) room=$(( $(carry_room) - $(du -sb .gpu/kit | cut -f1) ))
+  if [ "$part" -gt "$room" ]; then
+    rm .gpu/bundle.tar.xz
+    echo "bundle-parts: a third of the vLLM bundle ($part bytes) does not fit beside this checkout's files ($room bytes left of 64 MiB); move large untracked files out of the tree" >&2
+    exit 1
+  fi
+  split -b "$part" -d -a 2 .gpu/bundle.tar.xz .gpu/bundle.part
+  mv .gpu/bundle.part00 .gpu/vb1/part00 && mv .gpu/bundle.part01 .gpu/vb2/part01 && mv .gpu/bundle.part02 .gpu/vb3/part02
+  rm .gpu/bundle.tar.xz
+  ls -l .gpu/vb1 .gpu/vb2 .gpu/vb3
+  ;;
 pydantic-wheels)
   # Here, not on the host: the vLLM bundle of ../shared/gpu/build_vllm_bundle.sh holds these wheels.
   rm -rf .gpu/pydantic && mkdir -p .gpu/pydantic
@@ -175,8 +198,8 @@ for name, path in (("smollm2", smollm2_gguf()), ("gemma3", ensure_chunked_gguf(G
                    ("qwen05", ensure_chunked_gguf(QWEN25_CODER_05B))):
     print(name, path, path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
 PY
-  cut -d' ' -f2 .gpu/gguf/MANIFEST | xargs cat | split -b 63000000 -d -a 2 - .gpu/gguf/part.
   cp "${GGUF_WHEEL:?the gguf wheel (pip download gguf)}" .gpu/gguf/
+  cut -d' ' -f2 .gpu/gguf/MANIFEST | xargs cat | split -b $(($(carry_room) - $(du -sb .gpu/gguf | cut -f1))) -d -a 2 - .gpu/gguf/part.
   ls -l .gpu/gguf
   ;;
 models)
