@@ -68,27 +68,27 @@ carry_room() {  # bytes one device command may carry beside this checkout's own 
   echo $((63 * 1024 * 1024 - tree))
 }
 
+vllm_bundle=(.gpu/vb1/part00 .gpu/vb2/part01 .gpu/vb3/part02)  # the parts the kit's setup.sh joins, in order
+
 case "${1:-}" in
 bundle-parts)
-  # Here, not on the host: the vLLM bundle's three parts (.gpu/vb1-3 of ../shared/gpu/build_vllm_bundle.sh,
-  # cut at 45 MB) cut again into three equal ones, so that each fits a command beside this checkout and
-  # .gpu/kit; the kit's setup.sh joins them as before.
-  cat .gpu/vb1/part00 .gpu/vb2/part01 .gpu/vb3/part02 > .gpu/bundle.tar.xz
-  part=$(( ($(stat -c %s .gpu/bundle.tar.xz) + 2) / 3 )) room=$(( $(carry_room) - $(du -sb .gpu/kit | cut -f1) ))
+  # Here, not on the host: the vLLM bundle's three parts (cut at 45 MB by ../shared/gpu/build_vllm_bundle.sh)
+  # cut again into three equal ones, so that each fits a command beside this checkout and .gpu/kit; the
+  # kit's setup.sh joins them as before.
+  part=$(( ($(stat -c %s "${vllm_bundle[@]}" | awk '{s += $1} END {print s}') + 2) / 3 ))
+  room=$(( $(carry_room) - $(du -sb .gpu/kit | cut -f1) ))
   if [ "$part" -gt "$room" ]; then
-    rm .gpu/bundle.tar.xz
     echo "bundle-parts: a third of the vLLM bundle ($part bytes) does not fit beside this checkout's files ($room bytes left of 64 MiB); move large untracked files out of the tree" >&2
     exit 1
   fi
-  split -b "$part" -d -a 2 .gpu/bundle.tar.xz .gpu/bundle.part
-  mv .gpu/bundle.part00 .gpu/vb1/part00 && mv .gpu/bundle.part01 .gpu/vb2/part01 && mv .gpu/bundle.part02 .gpu/vb3/part02
-  rm .gpu/bundle.tar.xz
-  ls -l .gpu/vb1 .gpu/vb2 .gpu/vb3
+  cat "${vllm_bundle[@]}" | split -b "$part" -d -a 2 - .gpu/bundle.part
+  for i in 0 1 2; do mv ".gpu/bundle.part0$i" "${vllm_bundle[$i]}"; done
+  ls -l "${vllm_bundle[@]}"
   ;;
 pydantic-wheels)
   # Here, not on the host: the vLLM bundle of ../shared/gpu/build_vllm_bundle.sh holds these wheels.
   rm -rf .gpu/pydantic && mkdir -p .gpu/pydantic
-  cat .gpu/vb1/part00 .gpu/vb2/part01 .gpu/vb3/part02 | xz -d | tar -x -C .gpu/pydantic --strip-components=1 \
+  cat "${vllm_bundle[@]}" | xz -d | tar -x -C .gpu/pydantic --strip-components=1 \
     --wildcards 'deps/pydantic-2*' 'deps/pydantic_core*' 'deps/annotated_types*' 'deps/typing_inspection*'
   ls .gpu/pydantic
   ;;
