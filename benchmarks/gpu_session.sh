@@ -133,8 +133,8 @@ serve13b | serve7b)
     --concurrency "${CONCURRENCY:-1,4,16,64}" --rounds 4 --min-requests "${MIN_REQUESTS:-24}" --prompt-tokens 256 --max-tokens 128 \
     --max-tokens-spread "${SPREAD:-0}" ${RATE:+--request-rate $RATE} \
     --output "$OUT/$name.json" --server-logs "$OUT/$name" 2>&1 | grep --line-buffered -v "^starting" | tee "$OUT/$name.txt"
-  grep -hE "ActTail" "$OUT/$name"/acttail_*.log | cut -c1-300 | tail -12
-  grep -hE "^acttail_(info|tokens_total)" "$OUT/$name"/acttail_*.metrics
+  gzip -dc "$OUT/$name"/acttail_*.log.gz | grep -E "ActTail" | cut -c1-300 | tail -12
+  gzip -dc "$OUT/$name"/acttail_*.metrics.gz | grep -E "^acttail_(info|tokens_total)"
   ;;
 host)
   $python -m benchmarks.host_overhead 2>&1 | tee "$OUT/host_overhead.txt"

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
 import shlex
@@ -838,12 +839,14 @@ def _pin_cpus(labels: Sequence[str], rotation: int = 0) -> dict[str, list[int]]:
 
 
 def _keep_server_evidence(args: argparse.Namespace, label: str, server) -> None:
-    """Startup log (budgets, CUDA graphs) and final /metrics, under --server-logs."""
+    """Startup log (budgets, CUDA graphs) and final /metrics, under --server-logs; gzipped, since
+    committed results travel with the checkout to every GPU command, whose size is capped."""
     if args.server_logs:
         args.server_logs.mkdir(parents=True, exist_ok=True)
         name = label.replace(" ", "_").replace("%", "")
-        (args.server_logs / f"{name}.metrics").write_text(server.metrics(timeout_s=30))
-        (args.server_logs / f"{name}.log").write_text(server.log())
+        for suffix, text in (("metrics", server.metrics(timeout_s=30)), ("log", server.log())):
+            with gzip.open(args.server_logs / f"{name}.{suffix}.gz", "wt") as out:
+                out.write(text)
 
 
 def _bench_started_servers(

@@ -4,7 +4,9 @@ dashboard returns data from a real Prometheus scraping a real vLLM server (with 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import gzip
 import json
 import math
 import os
@@ -31,6 +33,7 @@ from benchmarks.load_bench import (
     LoadSummary,
     RequestRecord,
     ServerRun,
+    _keep_server_evidence,
     _stream_one,
     cpu_shares,
     format_cpu_list,
@@ -621,6 +624,23 @@ def test_engine_times_are_the_servers_histograms_over_the_runs_requests(monkeypa
     pages = iter(["# a server without vLLM's histograms\n"] * 2)
     assert warmed_run("http://x", "m", spec, warmup=0).engine is None
     assert "vLLM's own" not in format_table([LoadSummary.of("dense", run)])
+
+
+def test_server_evidence_is_kept_gzipped_under_server_logs(tmp_path):
+    class Server:
+        def metrics(self, timeout_s):
+            return 'acttail_tokens_total{path="sparse_gemv"} 7.0\n'
+
+        def log(self):
+            return "ActTail budgets: from the weights\n"
+
+    logs = tmp_path / "serve_13b"
+    _keep_server_evidence(argparse.Namespace(server_logs=logs), "acttail 80%", Server())
+    assert sorted(p.name for p in logs.iterdir()) == ["acttail_80.log.gz", "acttail_80.metrics.gz"]
+    assert gzip.decompress((logs / "acttail_80.metrics.gz").read_bytes()).decode() == Server().metrics(30)
+    assert gzip.decompress((logs / "acttail_80.log.gz").read_bytes()).decode() == Server().log()
+    _keep_server_evidence(argparse.Namespace(server_logs=None), "dense", Server())  # not asked: nothing written
+    assert len(list(logs.iterdir())) == 2
 
 
 # --- the real thing ---------------------------------------------------------------------------
