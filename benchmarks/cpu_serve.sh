@@ -3,7 +3,7 @@
 # the other, for SmolLM2-135M-Instruct (real weights) and the Qwen2.5-0.5B shape (random weights).
 #   bash benchmarks/cpu_serve.sh OUT_DIR [smollm2|qwen0.5b ...]
 # Each writes OUT_DIR/serve_cpu_<model>.{txt,json} (the first line of the .txt is the command) and
-# the servers' logs and final /metrics under OUT_DIR/logs_<model>/.
+# the servers' logs and final /metrics, gzipped, under OUT_DIR/logs_<model>/.
 set -euo pipefail
 out=${1:?OUT_DIR}
 shift

@@ -965,7 +965,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--warmup", type=int, default=8, help="requests sent before measuring (not reported)")
     parser.add_argument("--output", type=Path, help="write the report here as JSON")
-    parser.add_argument("--server-logs", type=Path, help="with --model: keep each server's log and final /metrics here")
+    parser.add_argument(
+        "--server-logs", type=Path, help="with --model: keep each server's log and final /metrics here, gzipped"
+    )
     parser.add_argument(
         "--interleave",
         type=int,
